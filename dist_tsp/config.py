@@ -1,0 +1,238 @@
+"""The run configuration: one typed schema, read from YAML plus dotted overrides, validated here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from dist_tsp.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(UserError):
+    """A one-line message naming the bad config key or file and how to fix it."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Which dataset, how it is split, batched and augmented."""
+
+    name: Literal["digits", "fashion_mnist", "cifar10", "image_folder"] = "digits"
+    root: Path | None = None
+    download: bool = True
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: bool = True
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    image_size: int = Field(32, ge=8)
+
+    @model_validator(mode="after")
+    def _root_where_needed(self) -> DataConfig:
+        if self.name == "image_folder" and self.root is None:
+            raise ValueError("data.root is required for data.name=image_folder (a folder with train/ and test/)")
+        return self
+
+
+class OptimConfig(Section):
+    """An optimizer and its learning-rate schedule."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+class ModelSpec(Section):
+    """A model from the registry by name, with keyword arguments for its constructor."""
+
+    model: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    def _known_model(cls, name: str) -> str:
+        from dist_tsp.models import UnknownModelError, check_model_name
+
+        try:
+            check_model_name(name)
+        except UnknownModelError as error:
+            raise ValueError(str(error)) from None
+        return name
+
+
+class StudentConfig(ModelSpec):
+    """One student: a unique display name and the model it is."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class TeacherConfig(ModelSpec):
+    """The frozen teacher: trained data-parallel first (or loaded), then used in eval mode."""
+
+    model: str = "resnet_cifar"
+    checkpoint: Path | None = None
+    mode: Literal["replicated", "sharded"] = "sharded"
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(name="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine")
+    )
+
+
+class LossConfig(Section):
+    """Weights of L = alpha*CE + beta*T^2*KL(teacher||s) + gamma*sum_j T^2*KL(peer_j||s)."""
+
+    alpha: float = Field(0.1, ge=0.0)
+    beta: float = Field(0.8, ge=0.0)
+    gamma: float = Field(0.1, ge=0.0)
+    temperature: float = Field(10.0, gt=0.0)
+    peer_reduction: Literal["sum", "mean"] = "sum"
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossConfig:
+        if self.alpha == self.beta == self.gamma == 0.0:
+            raise ValueError("loss.alpha, loss.beta and loss.gamma are all 0: set at least one (scratch is alpha=1)")
+        return self
+
+
+class TrainConfig(Section):
+    """How long students train and how often metrics are reduced and logged."""
+
+    epochs: int = Field(5, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    log_every: int = Field(10, gt=0)
+    optimizer: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class TrackingConfig(Section):
+    """Where metrics go besides metrics.jsonl: accelerate's trackers."""
+
+    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    project: str = "dist-tsp"
+    run_name: str | None = None
+    group: str | None = None
+
+
+class RunConfig(Section):
+    """Everything one run needs; saved resolved as config.yaml in output_dir."""
+
+    output_dir: Path = Path("runs/demo")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    students: list[StudentConfig] = Field(min_length=1)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("students")
+    def _unique_names(cls, students: list[StudentConfig]) -> list[StudentConfig]:
+        names = [s.name for s in students]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate student names {duplicates}: give every student a unique name")
+        return students
+
+    @property
+    def student_names(self) -> list[str]:
+        return [s.name for s in self.students]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, for logging and for config.yaml."""
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or nothing), apply `a.b=value` overrides, and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(error))}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig, turning the first validation problem into a one-line ConfigError."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error.errors()[0])) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set a dotted key (`train.epochs=3`, `students.0.model=lenet`) in a nested dict, in place."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} is not key=value: write e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r} has a value that is not valid YAML") from None
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parents):
+        where = ".".join(parents[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+    if isinstance(node, list):
+        node[_list_index(node, leaf, key)] = value
+    else:
+        node[leaf] = value
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override key {where}: use a list index from 0 to {len(items) - 1}")
+    return int(part)
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in problem["loc"]) or "config"
+    if problem["type"] == "extra_forbidden":
+        section, _, name = where.rpartition(".")
+        allowed = _allowed_keys(section)
+        return f"unknown config key {where!r}: allowed keys here are {', '.join(allowed)}"
+    if problem["type"] == "missing":
+        return f"config key {where!r} is required: add it to the YAML file or as {where}=..."
+    message = problem["msg"].removeprefix("Value error, ")
+    shown = problem.get("input")
+    got = "" if isinstance(shown, dict) or shown is None else f" (got {shown!r})"
+    return f"config key {where!r}: {_one_line(message)}{got}"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in section.split(".") if section else []:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation
+        model = getattr(annotation, "__args__", [annotation])[0] if part == "students" else annotation
+    return list(model.model_fields)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with --config)."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

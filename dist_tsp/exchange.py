@@ -1,0 +1,35 @@
+"""The collectives of a training step: the peer all-gather and the metric reduction."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# all_gather_single is the newer name of all_gather_into_tensor (deprecated from torch 2.14).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in a group; None stands for this rank alone."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_gather_cat(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's `local` ([k, ...], same shape everywhere) along dim 0, in group-rank order.
+
+    One collective; the result carries no gradient. Used for the peer logits ([K, B, C] -> [N, B, C])
+    and for the batch-sharded teacher ([B/G, C] -> [B, C]).
+    """
+    local = local.detach().contiguous()
+    if group is None:
+        return local
+    gathered = local.new_empty((group_size(group) * local.shape[0], *local.shape[1:]))
+    _all_gather_single(gathered, local, group=group)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over a group in place (identity for a single rank)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor

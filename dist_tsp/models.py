@@ -1,0 +1,220 @@
+"""Model registry: a name maps to a constructor of an image classifier returning logits [B, num_classes].
+
+The students follow "Offline Knowledge Distillation using Teacher and Peer Learning" (Keras models adapted
+to 3x32x32 inputs); any other torchvision classification model can be built by its torchvision name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torchvision
+from torch import nn
+
+from dist_tsp.errors import UserError
+
+__all__ = ["ModelError", "UnknownModelError", "build_model", "check_model_name", "model_names", "register"]
+
+_Constructor = TypeVar("_Constructor", bound=Callable[..., nn.Module])
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class ModelError(UserError):
+    """A model that cannot be built as configured."""
+
+
+class UnknownModelError(ModelError):
+    """A model name that is neither registered nor a torchvision classification model."""
+
+
+def register(name: str) -> Callable[[_Constructor], _Constructor]:
+    """Decorator: register a constructor called as ``constructor(num_classes=..., **kwargs)`` under ``name``."""
+
+    def decorator(constructor: _Constructor) -> _Constructor:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = constructor
+        return constructor
+
+    return decorator
+
+
+def model_names() -> list[str]:
+    """The registered model names, in registration order (torchvision names are accepted too)."""
+    return list(_REGISTRY)
+
+
+def check_model_name(name: str) -> None:
+    """Raise UnknownModelError unless ``name`` is registered or a torchvision classification model."""
+    if name not in _REGISTRY and name not in torchvision.models.list_models(module=torchvision.models):
+        raise UnknownModelError(
+            f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)} "
+            "or a torchvision classification model name (e.g. resnet18)"
+        )
+
+
+def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build model ``name`` with randomly initialised weights and a ``num_classes``-way head."""
+    check_model_name(name)
+    constructor = _REGISTRY.get(name) or functools.partial(_torchvision_model, name)
+    try:
+        return constructor(num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"cannot build model {name!r} with args {kwargs}: {exc}") from None
+
+
+def _torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """A randomly initialised torchvision classification model; ``kwargs`` go to its builder."""
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _scaled(channels: int, factor: float) -> int:
+    """``channels`` scaled by ``factor``, at least 1."""
+    return max(1, int(channels * factor))
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """A same-padded convolution (no bias) followed by BatchNorm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+@register("lenet")
+class LeNet5(nn.Module):
+    """LeNet-5 for 3x32x32: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, fc 84, fc num_classes, ReLU.
+
+    The second pool is adaptive (to 5x5), identical to a 2x2 max-pool at 32x32 and tolerant of other sizes.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(5),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register("alexnet")
+class AlexNetCifar(nn.Module):
+    """AlexNet for 32x32: 3x3 convs 64-192-384-256-256 (BatchNorm, ReLU), 3 max-pools, two dropout+fc layers.
+
+    ``width`` scales the conv channels, ``hidden`` is the fc width. The last pool is adaptive (to 4x4),
+    identical to a 2x2 max-pool at 32x32.
+    """
+
+    def __init__(self, num_classes: int, width: float = 1.0, hidden: int = 1024, dropout: float = 0.5) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = (_scaled(c, width) for c in (64, 192, 384, 256, 256))
+        self.features = nn.Sequential(
+            _conv_bn_relu(3, c1), nn.MaxPool2d(2),
+            _conv_bn_relu(c1, c2), nn.MaxPool2d(2),
+            _conv_bn_relu(c2, c3),
+            _conv_bn_relu(c3, c4),
+            _conv_bn_relu(c4, c5), nn.AdaptiveMaxPool2d(4),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout), nn.Linear(c5 * 4 * 4, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register("mobilenet")
+class MobileNetV1(nn.Module):
+    """MobileNet v1 for 32x32: a stride-1 stem and 13 depthwise-separable blocks, 4 of them stride 2 (32 -> 2).
+
+    ``width_mult`` is the Keras ``alpha``: it scales every layer's channels.
+    """
+
+    # (output channels, stride) of each depthwise-separable block
+    BLOCKS: tuple[tuple[int, int], ...] = (
+        (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+        (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+    )
+
+    def __init__(self, num_classes: int, width_mult: float = 1.0) -> None:
+        super().__init__()
+        c_in = _scaled(32, width_mult)
+        layers: list[nn.Module] = [_conv_bn_relu(3, c_in)]
+        for channels, stride in self.BLOCKS:
+            c_out = _scaled(channels, width_mult)
+            layers += [_conv_bn_relu(c_in, c_in, stride=stride, groups=c_in), _conv_bn_relu(c_in, c_out, kernel_size=1)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity shortcut, or a 1x1 conv+BN one where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn_relu(c_in, c_out, stride=stride)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+@register("resnet_cifar")
+class ResNetCifar(nn.Module):
+    """CIFAR ResNet (He et al. 2016): a 3x3 stem and 3 stages of (depth - 2) / 6 basic blocks.
+
+    Stage widths are ``width``, 2x and 4x; stages 2 and 3 halve the resolution; adaptive average pooling
+    makes any input size >= 8 work.
+    """
+
+    def __init__(self, num_classes: int, depth: int = 20, width: int = 16) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"resnet_cifar depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        layers: list[nn.Module] = [_conv_bn_relu(3, width)]
+        c_in = width
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks_per_stage):
+                layers.append(_BasicBlock(c_in, c_out, stride=2 if stage > 0 and block == 0 else 1))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register("resnet50")
+def resnet50(num_classes: int, **kwargs) -> nn.Module:
+    """torchvision's ResNet-50, randomly initialised; ``kwargs`` go to ``torchvision.models.resnet50``."""
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)

@@ -1,0 +1,110 @@
+"""Which rank holds which students, and the process groups that follow from it.
+
+W ranks, N students. Either W = N*R (each student on R data-parallel replicas) or N = W*K
+(K students on every rank). Ranks form an (R, G) grid: row = replica index, column = position in
+the peer group. A *peer group* (one row) holds one copy of every student and sees the same batch;
+a *student group* (one column) holds the R replicas of the same students and averages gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from dist_tsp.errors import UserError
+
+
+class PlacementError(UserError):
+    """The launch shape does not fit the student count."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Placement:
+    """The layout of students on ranks, validated at construction."""
+
+    world_size: int
+    rank: int
+    num_students: int
+    replicas: int = field(init=False)
+    students_per_rank: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        w, n = self.world_size, self.num_students
+        if w < 1 or n < 1 or not 0 <= self.rank < w:
+            raise PlacementError(f"invalid placement: rank {self.rank} of {w} ranks, {n} students")
+        if w % n == 0:
+            self.replicas, self.students_per_rank = w // n, 1
+        elif n % w == 0:
+            self.replicas, self.students_per_rank = 1, n // w
+        else:
+            fits = sorted({d for d in range(1, n + 1) if n % d == 0} | {n * 2, n * 3})
+            raise PlacementError(
+                f"{w} processes cannot hold {n} students: launch a number of processes that divides "
+                f"or is a multiple of {n} (e.g. {', '.join(map(str, fits))}) with --num_processes"
+            )
+
+    @property
+    def peer_group_size(self) -> int:
+        """G: ranks in one peer group."""
+        return self.world_size // self.replicas
+
+    @property
+    def replica_index(self) -> int:
+        """Which copy of the ensemble this rank belongs to (selects the data shard)."""
+        return self.rank // self.peer_group_size
+
+    @property
+    def peer_rank(self) -> int:
+        """Position of this rank inside its peer group."""
+        return self.rank % self.peer_group_size
+
+    @property
+    def local_students(self) -> list[int]:
+        """Indices (into the config's student list) of the students this rank trains."""
+        first = self.peer_rank * self.students_per_rank
+        return list(range(first, first + self.students_per_rank))
+
+    def peer_group_ranks(self, replica: int) -> list[int]:
+        g = self.peer_group_size
+        return list(range(replica * g, (replica + 1) * g))
+
+    def student_group_ranks(self, peer_rank: int) -> list[int]:
+        return list(range(peer_rank, self.world_size, self.peer_group_size))
+
+    def check_batch_size(self, batch_size: int, key: str) -> None:
+        """A batch-sharded teacher splits each batch evenly over the peer group."""
+        g = self.peer_group_size
+        if batch_size % g:
+            raise PlacementError(
+                f"{key}={batch_size} is not divisible by the peer group size {g}: "
+                f"use a multiple of {g} or teacher.mode=replicated"
+            )
+
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """Create every subgroup once, on every rank, in the same order (None when single-process)."""
+        if self.world_size == 1:
+            return None
+        assert dist.get_world_size() == self.world_size, "placement built for another world size"
+        return init_device_mesh(
+            device_type, (self.replicas, self.peer_group_size), mesh_dim_names=("replica", "peer")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """The process groups a training step uses; None means "just this rank"."""
+
+    peer: dist.ProcessGroup | None
+    replica: dist.ProcessGroup | None
+    world: dist.ProcessGroup | None
+
+    @classmethod
+    def from_mesh(cls, mesh: DeviceMesh | None) -> Groups:
+        if mesh is None:
+            return cls(peer=None, replica=None, world=None)
+        peer = mesh.get_group("peer") if mesh["peer"].size() > 1 else None
+        replica = mesh.get_group("replica") if mesh["replica"].size() > 1 else None
+        return cls(peer=peer, replica=replica, world=dist.group.WORLD)
+

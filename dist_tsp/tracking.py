@@ -1,0 +1,55 @@
+"""Where metrics go: metrics.jsonl in the run directory and accelerate's trackers (W&B, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from dist_tsp.config import RunConfig
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could log in without asking: an API key in the environment or ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def tracker_settings(cfg: RunConfig) -> str | None:
+    """The accelerate `log_with` value; W&B is switched to offline mode when there are no credentials."""
+    if cfg.tracking.report_to == "none":
+        return None
+    if cfg.tracking.report_to == "wandb" and "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    return cfg.tracking.report_to
+
+
+class Tracker:
+    """Logs one dict per call: appended to metrics.jsonl (main process) and sent to accelerate's trackers."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        if cfg.tracking.report_to != "none":
+            tracking = cfg.tracking
+            wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(cfg.output_dir)}
+            accelerator.init_trackers(tracking.project, config=cfg.to_dict(),
+                                      init_kwargs={"wandb": {k: v for k, v in wandb_args.items() if v is not None}})
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+
+    def finish(self) -> None:
+        self.accelerator.end_training()

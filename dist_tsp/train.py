@@ -1,0 +1,87 @@
+"""Entry point: `accelerate launch dist_tsp/train.py --config FILE [key=value ...]` (or plain `python`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from dist_tsp.config import RunConfig, load_config, save_config
+from dist_tsp.data import Normalizer, load_dataset
+from dist_tsp.errors import UserError
+from dist_tsp.loop import StudentTrainer
+from dist_tsp.placement import Groups, Placement
+from dist_tsp.report import build_results, results_table, write_results
+from dist_tsp.teacher import TeacherLogits, prepare_teacher, teacher_path
+from dist_tsp.tracking import Tracker, tracker_settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides applied after the file, e.g. train.epochs=3 students.0.model=lenet")
+    return parser.parse_args(argv)
+
+
+def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig, Placement]:
+    """Everything that can be checked before a process group or a dataset is touched."""
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
+    if cfg.teacher.mode == "sharded" and cfg.loss.beta > 0:
+        placement.check_batch_size(cfg.data.batch_size, "data.batch_size")
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+        raise UserError(f"output_dir {cfg.output_dir} is a file: choose a directory path")
+    if cfg.teacher.checkpoint is not None and not cfg.teacher.checkpoint.is_file():
+        raise UserError(f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist: fix the path or remove the key to train one")
+    return cfg, placement
+
+
+def run(cfg: RunConfig, placement: Placement) -> dict:
+    """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg),
+                              project_dir=str(cfg.output_dir))
+    if accelerator.mixed_precision not in ("no", "bf16"):
+        raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
+    set_seed(cfg.seed)
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    if accelerator.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    with accelerator.main_process_first():
+        data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
+    normalize = Normalizer(data.mean, data.std, accelerator.device)
+    tracker = Tracker(cfg, accelerator)
+    teacher, teacher_info = None, None
+    if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
+        model, teacher_info = prepare_teacher(cfg, data, normalize, accelerator)
+        teacher = TeacherLogits(model, mode=cfg.teacher.mode, peer_group=groups.peer, peer_rank=placement.peer_rank,
+                                autocast=accelerator.autocast)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker)
+    results = build_results(cfg, teacher_info, trainer.train())
+    if accelerator.is_main_process:
+        write_results(results, cfg.output_dir)
+        print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")
+    tracker.finish()
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg, placement = plan(argv, int(os.environ.get("WORLD_SIZE", "1")), rank)
+        run(cfg, placement)
+    except UserError as error:
+        if rank == 0:
+            print(f"dist-tsp: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The model registry: names, output shapes, kwargs, errors, seeded determinism and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dist_tsp.models import UnknownModelError, build_model, model_names
+
+REGISTERED = ["lenet", "alexnet", "mobilenet", "resnet_cifar", "resnet50"]
+TORCHVISION = ["resnet18", "shufflenet_v2_x0_5"]
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_model_names_lists_exactly_the_registered_models_in_order():
+    assert model_names() == REGISTERED
+
+
+@pytest.mark.parametrize("num_classes", [10, 7])
+@pytest.mark.parametrize("name", REGISTERED + TORCHVISION)
+def test_model_maps_a_32x32_batch_to_logits_of_shape_batch_by_classes(name, num_classes):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, num_classes)
+    assert torch.isfinite(logits).all()
+
+
+def test_resnet_cifar_teacher_accepts_a_larger_64x64_input():
+    model = build_model("resnet_cifar", 10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "small", "large"),
+    [
+        ("alexnet", {"width": 0.5, "hidden": 256}, {}),
+        ("mobilenet", {"width_mult": 0.5}, {"width_mult": 1.0}),
+        ("resnet_cifar", {"depth": 8}, {"depth": 20}),
+        ("resnet_cifar", {"width": 8}, {"width": 16}),
+    ],
+)
+def test_size_kwargs_shrink_the_model_and_keep_the_output_shape(name, small, large):
+    small_model = build_model(name, 10, **small).eval()
+    assert _num_params(small_model) < _num_params(build_model(name, 10, **large))
+    with torch.no_grad():
+        assert small_model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet_cifar_rejects_a_depth_that_is_not_6n_plus_2():
+    with pytest.raises(ValueError, match=r"resnet_cifar depth must be 6n\+2.*got 9"):
+        build_model("resnet_cifar", 10, depth=9)
+
+
+def test_unknown_model_name_raises_unknown_model_error_listing_the_choices():
+    with pytest.raises(UnknownModelError, match=r"^unknown model 'xyz': choose one of lenet, alexnet, .*resnet18"):
+        build_model("xyz", 10)
+    assert issubclass(UnknownModelError, ValueError)
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet_cifar", "resnet18"])
+def test_unexpected_kwarg_raises_a_one_line_value_error_naming_model_and_kwarg(name):
+    with pytest.raises(ValueError, match=rf"model '{name}'.*'bogus'") as info:
+        build_model(name, 10, bogus=1)
+    assert not isinstance(info.value, UnknownModelError)
+    assert "\n" not in str(info.value)
+
+
+def test_torchvision_fallback_cannot_be_given_pretrained_weights():
+    with pytest.raises(ValueError, match=r"model 'resnet18'.*'weights'"):
+        build_model("resnet18", 10, weights="DEFAULT")
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_models_built_under_the_same_seed_have_identical_parameters(name):
+    torch.manual_seed(123)
+    first = build_model(name, 10)
+    torch.manual_seed(123)
+    second = build_model(name, 10)
+    state_a, state_b = first.state_dict(), second.state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+
+
+def test_models_built_under_different_seeds_differ():
+    torch.manual_seed(1)
+    first = build_model("lenet", 10)
+    torch.manual_seed(2)
+    second = build_model("lenet", 10)
+    assert not any(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_backward_gives_a_gradient_to_every_parameter(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10).train()
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    missing = [key for key, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
