@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_tsp.config import ConfigError, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "students: [{name: a, model: lenet}, {name: b, model: lenet}]\n"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_experiment_config_validates(path):
+    if "accelerate" not in path.parts:
+        assert load_config(path).students
+
+
+def test_overrides_set_nested_keys_with_yaml_types(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.epochs=3", "loss.temperature=2.5", "students.1.model=alexnet",
+                                                 "students.1.args={width: 0.5}", "data.augment=false"])
+    assert cfg.train.epochs == 3 and cfg.loss.temperature == 2.5 and cfg.data.augment is False
+    assert cfg.students[1].model == "alexnet" and cfg.students[1].args == {"width": 0.5}
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["output_dir=/tmp/x", "seed=7"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.temprature=3"], r"unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, temperature"),
+    (["bogus=1"], r"unknown config key 'bogus'"),
+    (["students.0.size=3"], r"unknown config key 'students.0.size': allowed keys here are model, args, name"),
+    (["loss.temperature=0"], r"'loss.temperature': Input should be greater than 0 \(got 0\)"),
+    (["loss.alpha=-1"], r"'loss.alpha': Input should be greater than or equal to 0"),
+    (["loss.alpha=0", "loss.beta=0", "loss.gamma=0"], r"all 0: set at least one"),
+    (["train.epochs=abc"], r"'train.epochs': Input should be a valid integer"),
+    (["teacher.mode=cached-ish"], r"'teacher.mode': Input should be 'replicated' or 'sharded'"),
+    (["data.name=mnist"], r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10' or 'image_folder'"),
+    (["students.0.model=resnet9000"], r"unknown model 'resnet9000': choose one of lenet"),
+    (["students.1.name=a"], r"duplicate student names \['a'\]"),
+    (["students.1.name=bad name"], r"'students.1.name': String should match pattern"),
+    (["data.val_fraction=1.0"], r"'data.val_fraction': Input should be less than 1"),
+    (["data.name=image_folder"], r"data.root is required for data.name=image_folder"),
+    (["students=[]"], r"'students': List should have at least 1 item"),
+    (["train.epochs"], r"override 'train.epochs' is not key=value"),
+    (["=3"], r"override '=3' is not key=value"),
+    (["students.5.model=lenet"], r"override key students.5: use a list index from 0 to 1"),
+    (["train.epochs.x=1"], r"train.epochs is a value, not a section"),
+])
+def test_bad_values_fail_with_one_line_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path, MINIMAL + "train: {epochs: 2}\n"), overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_students_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'students' is required"):
+        load_config(write(tmp_path, "seed: 1\n"))
+
+
+def test_missing_and_malformed_files_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist: pass an existing YAML file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"is not valid YAML"):
+        load_config(write(tmp_path, "students: [\n"))
+    with pytest.raises(ConfigError, match=r"must hold a mapping of keys, not list"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_saved_config_is_plain_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    save_config(cfg, tmp_path / "out.yaml")
+    data = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert data["students"][0] == {"model": "lenet", "args": {}, "name": "a"}
+    assert data["teacher"]["mode"] == "sharded"

@@ -1,0 +1,153 @@
+import gzip
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from dist_tsp.config import DataConfig
+from dist_tsp.data import DataError, Normalizer, PeerBatches, load_dataset
+from dist_tsp.placement import Placement
+from tests.multiprocess import run_on_ranks
+
+
+def digits_batches(replica: int, replicas: int, augment: bool = True, seed: int = 0) -> PeerBatches:
+    data = load_dataset(DataConfig(name="digits"), seed=0)
+    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
+    return PeerBatches(data.train, batch_size=32, num_replicas=replicas, replica=replica, seed=seed,
+                       augment=augment, hflip=True, normalize=normalize)
+
+
+def _batch_fingerprints(num_students: int):
+    placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
+    batches = digits_batches(placement.replica_index, placement.replicas)
+    hashes, indices = [], []
+    for epoch in (0, 1):
+        for step, (images, labels) in enumerate(batches.epoch(epoch)):
+            if step == 3:
+                break
+            hashes.append(hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())
+        indices.append(batches.epoch_plan(epoch)[0].flatten().tolist())
+    return {"replica": placement.replica_index, "hashes": hashes, "indices": indices}
+
+
+def test_peer_group_sees_bit_identical_batches_and_replicas_disjoint_shards():
+    results = run_on_ranks(_batch_fingerprints, 4, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
+    assert [r["replica"] for r in results] == [0, 0, 1, 1]
+    assert results[0]["hashes"] == results[1]["hashes"] and results[2]["hashes"] == results[3]["hashes"]
+    assert not set(results[0]["hashes"]) & set(results[2]["hashes"])
+    for epoch in (0, 1):
+        first, second = set(results[0]["indices"][epoch]), set(results[2]["indices"][epoch])
+        assert not first & second
+    assert results[0]["indices"][0] != results[0]["indices"][1]  # reshuffled every epoch
+
+
+def test_batches_depend_only_on_seed_epoch_step_and_replica():
+    a, b = digits_batches(1, 2), digits_batches(1, 2)
+    first = [torch.cat([x.flatten(), y.float()]) for x, y in a.epoch(2)]
+    again = [torch.cat([x.flatten(), y.float()]) for x, y in b.epoch(2)]
+    resumed = [torch.cat([x.flatten(), y.float()]) for x, y in b.epoch(2, start_step=3)]
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    assert all(torch.equal(p, q) for p, q in zip(first[3:], resumed))
+    other_seed = next(iter(digits_batches(1, 2, seed=1).epoch(2)))[0]
+    assert not torch.equal(other_seed, next(iter(a.epoch(2)))[0])
+
+
+def test_augmentation_crops_and_flips_on_the_fly():
+    plain, augmented = digits_batches(0, 1, augment=False), digits_batches(0, 1)
+    _, y_plain = next(iter(plain.epoch(0)))
+    x_aug, y_aug = next(iter(augmented.epoch(0)))
+    assert torch.equal(y_plain, y_aug)
+    shard, offsets, flips = augmented.epoch_plan(0)
+    assert offsets.shape == (*shard.shape, 2) and offsets.min() >= 0 and offsets.max() <= 2 * augmented.pad
+    assert 0.3 < flips.float().mean() < 0.7
+    p, (oy, ox) = augmented.pad, offsets[0, 0].tolist()
+    raw = torch.nn.functional.pad(augmented.data.images[shard[0, 0]], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
+    expected = augmented.normalize((raw.flip(-1) if flips[0, 0] else raw)[None])[0]
+    assert torch.equal(x_aug[0], expected)
+
+
+def test_too_few_images_for_one_batch_is_a_clear_error():
+    data = load_dataset(DataConfig(name="digits"), seed=0)
+    with pytest.raises(DataError, match=r"do not fill one batch of 4096: lower data.batch_size"):
+        PeerBatches(data.train, batch_size=4096, num_replicas=1, replica=0, seed=0, augment=False, hflip=False,
+                    normalize=Normalizer(data.mean, data.std, torch.device("cpu")))
+
+
+def test_digits_is_the_embedded_default_resized_to_rgb_32():
+    data = load_dataset(DataConfig(), seed=0)
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
+    assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10 and data.val is None
+
+
+def test_val_fraction_splits_train_80_20_with_the_seed():
+    full = load_dataset(DataConfig(), seed=0)
+    split = load_dataset(DataConfig(val_fraction=0.2), seed=0)
+    assert len(split.val) == round(0.2 * len(full.train)) and len(split.train) + len(split.val) == len(full.train)
+    assert torch.equal(split.test.labels, full.test.labels)
+    other = load_dataset(DataConfig(val_fraction=0.2), seed=1)
+    assert not torch.equal(split.val.labels, other.val.labels)
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    magic = {3: 0x0803, 1: 0x0801}[array.ndim]
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_with_torchvision(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("t10k", 6)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    data = load_dataset(DataConfig(name="fashion_mnist", root=tmp_path), seed=0)
+    assert data.train.images.shape == (12, 3, 32, 32) and len(data.test) == 6
+    assert data.classes[0] == "T-shirt/top" and data.train.labels.tolist() == [i % 10 for i in range(12)]
+
+
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    with pytest.raises(DataError, match=r"apt-get install dataset-fashion-mnist"):
+        load_dataset(DataConfig(name="fashion_mnist", root=tmp_path), seed=0)
+
+
+def test_cifar10_loads_python_batches_from_root(tmp_path, monkeypatch):
+    import pickle
+
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
+        batch = {"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a: True)  # ours can't match the md5s
+    data = load_dataset(DataConfig(name="cifar10", root=tmp_path, download=False), seed=0)
+    assert data.train.images.shape == (20, 3, 32, 32) and len(data.test) == 4 and data.classes[3] == "c3"
+
+
+def test_cifar10_absent_offline_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match=r"CIFAR-10 not found in .* put cifar-10-batches-py/"):
+        load_dataset(DataConfig(name="cifar10", root=tmp_path, download=False), seed=0)
+
+
+def test_image_folder_loads_and_resizes_class_folders(tmp_path):
+    for split in ("train", "test"):
+        for cls, color in (("cat", 10), ("dog", 200)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 50), (color, i, 0)).save(tmp_path / split / cls / f"{i}.png")
+    data = load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
+    assert data.classes == ["cat", "dog"] and data.train.images.shape == (6, 3, 32, 32)
+    assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_folder_without_test_split_is_reported(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"test not found: data.root needs train/<class>/ and test/<class>/"):
+        load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)

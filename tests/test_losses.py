@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from dist_tsp.losses import tsp_loss
+
+T = 3.0
+
+
+def softmax(row, t=1.0):
+    exps = [math.exp(v / t) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_kl(target, student, t):
+    """T^2 * mean_b sum_c p_target log(p_target / p_student), by hand."""
+    total = 0.0
+    for tr, sr in zip(target, student):
+        p, q = softmax(tr, t), softmax(sr, t)
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return t * t * total / len(target)
+
+
+def hand_ce(student, labels):
+    return sum(-math.log(softmax(row)[y]) for row, y in zip(student, labels)) / len(labels)
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    teacher = torch.randn(4, 5, generator=g, dtype=torch.float64) * 2
+    peers = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 1, 4])
+    return student, teacher, peers, labels
+
+
+def test_each_term_matches_hand_computation(logits):
+    student, teacher, peers, labels = logits
+    out = tsp_loss(student, labels, teacher, peers, alpha=0.1, beta=0.8, gamma=0.1, temperature=T)
+    s = student.tolist()
+    assert out.ce.item() == pytest.approx(hand_ce(s, labels.tolist()), rel=1e-6)
+    assert out.kd.item() == pytest.approx(hand_kl(teacher.tolist(), s, T), rel=1e-6)
+    peer_sum = sum(hand_kl(p.tolist(), s, T) for p in peers)
+    assert out.peer.item() == pytest.approx(peer_sum, rel=1e-6)
+    assert out.total.item() == pytest.approx(0.1 * out.ce.item() + 0.8 * out.kd.item() + 0.1 * peer_sum, rel=1e-6)
+
+
+def test_kl_direction_is_target_given_student(logits):
+    student, teacher, peers, labels = logits
+    out = tsp_loss(student, labels, teacher, peers, alpha=0, beta=1, gamma=0, temperature=T)
+    reverse = hand_kl(student.tolist(), teacher.tolist(), T)
+    assert out.kd.item() != pytest.approx(reverse, rel=1e-3)
+    assert out.kd.item() == pytest.approx(hand_kl(teacher.tolist(), student.tolist(), T), rel=1e-6)
+
+
+def test_temperature_squared_scaling(logits):
+    student, teacher, peers, labels = logits
+    kd = tsp_loss(student, labels, teacher, peers[:0], alpha=0, beta=1, gamma=0, temperature=4.0).kd.item()
+    plain_kl_at_t4 = hand_kl(teacher.tolist(), student.tolist(), 4.0) / 4.0**2
+    assert kd == pytest.approx(16 * plain_kl_at_t4, rel=1e-6)
+
+
+def test_peer_mean_divides_the_sum_by_the_peer_count(logits):
+    student, teacher, peers, labels = logits
+    kw = dict(alpha=0.1, beta=0.8, gamma=0.1, temperature=T)
+    total = tsp_loss(student, labels, teacher, peers, peer_reduction="sum", **kw).peer
+    mean = tsp_loss(student, labels, teacher, peers, peer_reduction="mean", **kw).peer
+    assert mean.item() == pytest.approx(total.item() / 2, rel=1e-9)
+
+
+def test_no_peers_gives_zero_peer_term(logits):
+    student, teacher, _, labels = logits
+    out = tsp_loss(student, labels, teacher, torch.empty(0, 4, 5, dtype=torch.float64), alpha=1, beta=1, gamma=5,
+                   temperature=T)
+    assert out.peer.item() == 0.0
+    assert out.total.item() == pytest.approx(out.ce.item() + out.kd.item(), rel=1e-6)
+
+
+def test_scratch_is_plain_cross_entropy_without_a_teacher(logits):
+    student, _, _, labels = logits
+    out = tsp_loss(student, labels, None, torch.empty(0, 4, 5), alpha=1, beta=0, gamma=0, temperature=T)
+    assert out.total.item() == pytest.approx(torch.nn.functional.cross_entropy(student, labels).item(), rel=1e-6)
+
+
+def test_no_gradient_flows_into_teacher_or_peers(logits):
+    student, teacher, peers, labels = (t.clone().requires_grad_(t.is_floating_point()) for t in logits)
+    tsp_loss(student, labels, teacher, peers, alpha=0.1, beta=0.8, gamma=0.1, temperature=T).total.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None and peers.grad is None
+
+
+def test_missing_teacher_with_positive_beta_is_an_error(logits):
+    student, _, peers, labels = logits
+    with pytest.raises(ValueError, match="teacher_logits is None but beta"):
+        tsp_loss(student, labels, None, peers, alpha=0.1, beta=0.8, gamma=0.1, temperature=T)

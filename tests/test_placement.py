@@ -1,0 +1,64 @@
+import pytest
+import torch.distributed as dist
+
+from dist_tsp.placement import Groups, Placement, PlacementError
+from tests.multiprocess import run_on_ranks
+
+
+@pytest.mark.parametrize("world, students, replicas, per_rank, peer_group", [
+    (3, 3, 1, 1, 3), (4, 2, 2, 1, 2), (1, 3, 1, 3, 1), (6, 3, 2, 1, 3), (2, 4, 1, 2, 2),
+])
+def test_layout_arithmetic(world, students, replicas, per_rank, peer_group):
+    layouts = [Placement(world_size=world, rank=r, num_students=students) for r in range(world)]
+    assert all(p.replicas == replicas and p.students_per_rank == per_rank for p in layouts)
+    assert layouts[0].peer_group_size == peer_group
+    held = sorted(s for p in layouts for s in p.local_students)
+    assert held == sorted(list(range(students)) * replicas)
+
+
+def test_peer_groups_hold_every_student_once_and_replicas_the_same_students():
+    layouts = [Placement(world_size=4, rank=r, num_students=2) for r in range(4)]
+    assert [p.local_students for p in layouts] == [[0], [1], [0], [1]]
+    assert [p.replica_index for p in layouts] == [0, 0, 1, 1]
+    assert layouts[0].peer_group_ranks(1) == [2, 3]
+    assert layouts[0].student_group_ranks(1) == [1, 3]
+
+
+@pytest.mark.parametrize("world, students", [(2, 3), (4, 3), (5, 2), (3, 2)])
+def test_shapes_that_do_not_fit_are_rejected_with_the_fix(world, students):
+    with pytest.raises(PlacementError, match=rf"{world} processes cannot hold {students} students: launch a number"):
+        Placement(world_size=world, rank=0, num_students=students)
+
+
+def test_sharded_teacher_needs_batch_divisible_by_peer_group():
+    placement = Placement(world_size=3, rank=0, num_students=3)
+    placement.check_batch_size(48, "data.batch_size")
+    with pytest.raises(PlacementError, match=r"data.batch_size=50 is not divisible by the peer group size 3"):
+        placement.check_batch_size(50, "data.batch_size")
+
+
+def _group_membership(num_students: int):
+    placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
+    groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    ranks = lambda g: None if g is None else dist.get_process_group_ranks(g)  # noqa: E731
+    return {"peer": ranks(groups.peer), "replica": ranks(groups.replica), "students": placement.local_students}
+
+
+def test_one_student_per_rank_groups_on_three_ranks():
+    results = run_on_ranks(_group_membership, 3, 3)
+    assert [r["peer"] for r in results] == [[0, 1, 2]] * 3
+    assert [r["replica"] for r in results] == [None] * 3
+    assert [r["students"] for r in results] == [[0], [1], [2]]
+
+
+def test_two_replicas_of_two_students_groups_on_four_ranks():
+    results = run_on_ranks(_group_membership, 4, 2)
+    assert [r["peer"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["replica"] for r in results] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [r["students"] for r in results] == [[0], [1], [0], [1]]
+
+
+def test_one_rank_holds_all_three_students():
+    placement = Placement(world_size=1, rank=0, num_students=3)
+    assert placement.local_students == [0, 1, 2]
+    assert Groups.from_mesh(placement.build_mesh("cpu")) == Groups(peer=None, replica=None, world=None)
