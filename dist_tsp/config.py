@@ -73,7 +73,8 @@ class StudentConfig(ModelSpec):
 
 
 class TeacherConfig(ModelSpec):
-    """The frozen teacher: trained data-parallel first (or loaded), then used in eval mode."""
+    """The frozen teacher: loaded from `checkpoint` when that file exists, else trained data-parallel and
+    saved there (default: output_dir/teacher/model.pt); then used in eval mode."""
 
     model: str = "resnet_cifar"
     checkpoint: Path | None = None

@@ -73,15 +73,6 @@ class Placement:
     def student_group_ranks(self, peer_rank: int) -> list[int]:
         return list(range(peer_rank, self.world_size, self.peer_group_size))
 
-    def check_batch_size(self, batch_size: int, key: str) -> None:
-        """A batch-sharded teacher splits each batch evenly over the peer group."""
-        g = self.peer_group_size
-        if batch_size % g:
-            raise PlacementError(
-                f"{key}={batch_size} is not divisible by the peer group size {g}: "
-                f"use a multiple of {g} or teacher.mode=replicated"
-            )
-
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """Create every subgroup once, on every rank, in the same order (None when single-process)."""
         if self.world_size == 1:

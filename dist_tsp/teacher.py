@@ -31,7 +31,7 @@ class TeacherInfo:
 
 
 def teacher_path(cfg: RunConfig) -> Path:
-    """Where the teacher is read from: the configured checkpoint, else the run's own teacher stage."""
+    """Where the teacher lives: loaded from there when present, else trained and saved there."""
     return cfg.teacher.checkpoint or cfg.output_dir / "teacher" / "model.pt"
 
 
@@ -42,6 +42,8 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     model = build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).to(accelerator.device)
     path = teacher_path(cfg)
     if path.is_file():
+        if accelerator.is_main_process:
+            print(f"teacher: loading {path}")
         checkpoint.load_weights(model, checkpoint.load(path, "teacher")["model"], path, "teacher")
     else:
         model = _fit(model, cfg, data, normalize, accelerator)
@@ -95,7 +97,11 @@ class TeacherLogits:
         if not self.sharded:
             with self.autocast():
                 return self.teacher(images)
-        share = images.shape[0] // group_size(self.peer_group)
+        batch = images.shape[0]
+        share = -(-batch // group_size(self.peer_group))  # ceil: the last slice is zero-padded
+        mine = images[self.peer_rank * share : (self.peer_rank + 1) * share]
+        if mine.shape[0] < share:
+            mine = torch.cat([mine, mine.new_zeros((share - mine.shape[0], *mine.shape[1:]))])
         with self.autocast():
-            mine = self.teacher(images[self.peer_rank * share : (self.peer_rank + 1) * share])
-        return all_gather_cat(mine, self.peer_group)
+            logits = self.teacher(mine)
+        return all_gather_cat(logits, self.peer_group)[:batch]

@@ -33,12 +33,8 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
-    if cfg.teacher.mode == "sharded" and cfg.loss.beta > 0:
-        placement.check_batch_size(cfg.data.batch_size, "data.batch_size")
     if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
         raise UserError(f"output_dir {cfg.output_dir} is a file: choose a directory path")
-    if cfg.teacher.checkpoint is not None and not cfg.teacher.checkpoint.is_file():
-        raise UserError(f"teacher.checkpoint {cfg.teacher.checkpoint} does not exist: fix the path or remove the key to train one")
     return cfg, placement
 
 

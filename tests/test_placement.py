@@ -30,13 +30,6 @@ def test_shapes_that_do_not_fit_are_rejected_with_the_fix(world, students):
         Placement(world_size=world, rank=0, num_students=students)
 
 
-def test_sharded_teacher_needs_batch_divisible_by_peer_group():
-    placement = Placement(world_size=3, rank=0, num_students=3)
-    placement.check_batch_size(48, "data.batch_size")
-    with pytest.raises(PlacementError, match=r"data.batch_size=50 is not divisible by the peer group size 3"):
-        placement.check_batch_size(50, "data.batch_size")
-
-
 def _group_membership(num_students: int):
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
