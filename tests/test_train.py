@@ -1,0 +1,122 @@
+"""End to end: real `accelerate launch` runs of dist_tsp/train.py on CPU (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "dist_tsp" / "train.py")
+CPU3 = str(ROOT / "configs" / "accelerate" / "cpu.yaml")
+TINY = [
+    "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
+    " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
+    "data.batch_size=32", "teacher.args={depth: 8, width: 8}", "teacher.epochs=1",
+    "train.epochs=2", "train.max_steps=6", "train.log_every=1",
+]
+pytestmark = pytest.mark.slow
+
+
+def launch(args: list[str], processes: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if processes is None:
+        command = [sys.executable, TRAIN, *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU3,
+                   "--num_processes", str(processes), TRAIN, *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lenet/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single_and_three_ranks(tmp_path_factory):
+    """The same config and seed trained on 1 rank (all students) and on 3 ranks (one each), same teacher."""
+    one, three = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("three")
+    launch(["--config", "configs/demo.yaml", f"output_dir={one}", *TINY])
+    launch(["--config", "configs/demo.yaml", f"output_dir={three}", f"teacher.checkpoint={one}/teacher/model.pt",
+            *TINY], processes=3)
+    return one, three
+
+
+def test_placement_invariance_same_losses_per_step(single_and_three_ranks):
+    one, three = map(train_rows, single_and_three_ranks)
+    assert [r["step"] for r in one] == [r["step"] for r in three] == list(range(1, 7))
+    for a, b in zip(one, three):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_placement_invariance_same_parameters(single_and_three_ranks):
+    one, three = single_and_three_ranks
+    for name in ("lenet", "alexnet", "mobilenet"):
+        a = torch.load(one / "students" / name / "epoch_000.pt", weights_only=False)["model"]
+        b = torch.load(three / "students" / name / "epoch_000.pt", weights_only=False)["model"]
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_run_directory_holds_config_metrics_checkpoints_and_results(single_and_three_ranks):
+    _, run = single_and_three_ranks
+    assert (run / "config.yaml").is_file() and (run / "results.md").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/alexnet/ce", "train/alexnet/kd", "train/alexnet/peer", "train/alexnet/acc"} <= rows[0].keys()
+    assert any("test/mobilenet/acc" in r for r in rows)
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["students"]) == {"lenet", "alexnet", "mobilenet"}
+    assert results["teacher"]["name"] == "resnet_cifar"
+    saved = torch.load(run / "students" / "lenet" / "epoch_000.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "rng", "step", "epoch", "teacher", "peers"} <= saved.keys()
+    assert saved["peers"] == ["alexnet", "mobilenet"] and saved["step"] == 6
+
+
+def test_replicas_of_a_student_stay_identical(tmp_path):
+    """W=4, N=2: DDP averages gradients over each student's 2 replicas (and nowhere else)."""
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY,
+            "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
+            "train.max_steps=4"]
+    launch(args, processes=4)
+    rows = train_rows(tmp_path)
+    assert len(rows) == 4 and all(r["train/lenet/loss"] > 0 for r in rows)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["students"]) == {"lenet", "alexnet"}
+
+
+def test_bad_config_fails_in_one_line_before_any_work(tmp_path):
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", "loss.temprature=2"], check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dist-tsp: error: unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, "
+        "temperature, peer_reduction"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_shape_that_does_not_fit_is_rejected(tmp_path):
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", *TINY,
+                   "students=[{name: a, model: lenet}, {name: b, model: lenet}]"], processes=3, check=False)
+    assert done.returncode != 0
+    assert "dist-tsp: error: 3 processes cannot hold 2 students" in done.stderr
+    assert "Traceback" not in done.stderr.split("dist-tsp: error")[0][-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_on_three_processes_beats_chance_and_logs_to_wandb_offline(tmp_path):
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", "tracking.report_to=wandb"], processes=3)
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name, student in results["students"].items():
+        assert student["test_acc"] > 0.5, (name, student)  # 10 classes: chance is 0.1
+    assert results["teacher"]["test_acc"] > 0.8
+    assert "| lenet" in done.stdout and "test acc %" in done.stdout
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    logged = next(offline_runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records hold the keys verbatim
+    assert b"train/lenet/loss" in logged and b"test/alexnet/acc" in logged
