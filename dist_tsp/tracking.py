@@ -32,6 +32,17 @@ def tracker_settings(cfg: RunConfig) -> str | None:
     return cfg.tracking.report_to
 
 
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """Dotted keys and scalar values (what TensorBoard's hparams accepts); lists and None become text."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
 class Tracker:
     """Logs one dict per call: appended to metrics.jsonl (main process) and sent to accelerate's trackers."""
 
@@ -41,7 +52,7 @@ class Tracker:
         if cfg.tracking.report_to != "none":
             tracking = cfg.tracking
             wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(cfg.output_dir)}
-            accelerator.init_trackers(tracking.project, config=cfg.to_dict(),
+            accelerator.init_trackers(tracking.project, config=flat_config(cfg.to_dict()),
                                       init_kwargs={"wandb": {k: v for k, v in wandb_args.items() if v is not None}})
 
     def log(self, row: dict[str, Any]) -> None:

@@ -79,8 +79,8 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(single_and_t
     assert saved["peers"] == ["alexnet", "mobilenet"] and saved["step"] == 6
 
 
-def test_replicas_of_a_student_stay_identical(tmp_path):
-    """W=4, N=2: DDP averages gradients over each student's 2 replicas (and nowhere else)."""
+def test_two_replicas_per_student_train_and_report_every_student(tmp_path):
+    """W=4, N=2: each student on 2 replicas (DDP over that pair only), peer groups {0,1} and {2,3}."""
     args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY,
             "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
             "train.max_steps=4"]
@@ -120,3 +120,16 @@ def test_demo_on_three_processes_beats_chance_and_logs_to_wandb_offline(tmp_path
     assert len(offline_runs) == 1
     logged = next(offline_runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records hold the keys verbatim
     assert b"train/lenet/loss" in logged and b"test/alexnet/acc" in logged
+
+
+def test_tensorboard_tracker_receives_per_student_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=3",
+            "tracking.report_to=tensorboard"])
+    tags = set()
+    for events in (tmp_path / "dist-tsp").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/lenet/loss", "train/mobilenet/peer", "test/alexnet/acc"} <= tags
