@@ -123,9 +123,8 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool
         )
     with tempfile.TemporaryDirectory() as scratch:
         raw = [extract_archive(str(p), scratch) if p.suffix == ".gz" else str(p) for p in found]
-        tr_x, tr_y, te_x, te_y = read_image_file(raw[0]), read_label_file(raw[1]), read_image_file(raw[2]), read_label_file(raw[3])
-    train = ImageSet(_gray_to_rgb(tr_x), tr_y.long())
-    test = ImageSet(_gray_to_rgb(te_x), te_y.long())
+        train = ImageSet(_gray_to_rgb(read_image_file(raw[0])), read_label_file(raw[1]).long())
+        test = ImageSet(_gray_to_rgb(read_image_file(raw[2])), read_label_file(raw[3]).long())
     return train, test, list(FashionMNIST.classes), True
 
 
@@ -156,7 +155,8 @@ def _image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]
     root = Path(cfg.root)
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise DataError(f"image folder {root / split} not found: data.root needs train/<class>/ and test/<class>/ folders")
+            raise DataError(f"image folder {root / split} not found: "
+                            "data.root needs train/<class>/ and test/<class>/ folders")
     transform = v2.Compose([v2.PILToTensor(), v2.RGB(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
     sets = [ImageFolder(str(root / split), transform=transform) for split in ("train", "test")]
     if sets[0].classes != sets[1].classes:

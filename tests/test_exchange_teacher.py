@@ -23,7 +23,8 @@ def local_logits(student: int) -> torch.Tensor:
 
 def shared_inputs():
     g = torch.Generator().manual_seed(7)
-    return torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, C, (B,), generator=g), torch.randn(B, C, generator=g)
+    images = torch.randn(B, 3, 32, 32, generator=g)
+    return images, torch.randint(0, C, (B,), generator=g), torch.randn(B, C, generator=g)
 
 
 def teacher_model():
