@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,64 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+MANIFEST = "manifest.json"
+
+
+def step_dir(output_dir: Path, step: int, *, partial: bool = False) -> Path:
+    """checkpoints/step_NNNNNNNN (complete) or .../step_NNNNNNNN.partial (being written)."""
+    return output_dir / "checkpoints" / (f"step_{step:08d}" + (".partial" if partial else ""))
+
+
+def student_file(directory: Path, name: str) -> Path:
+    return directory / "students" / f"{name}.pt"
+
+
+def rng_file(directory: Path, name: str, replica: int) -> Path:
+    return directory / "rng" / f"{name}.replica{replica}.pt"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint directories whose manifest was written (the last thing written), oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.glob("step_*") if d.is_dir() and (d / MANIFEST).is_file())
+
+
+def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
+    """Main process, once every rank has written its files: manifest, atomic rename, pruning."""
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, directory / MANIFEST)
+    final = directory.with_name(directory.name.removesuffix(".partial"))
+    os.replace(directory, final)
+    step_checkpoints = [d for d in complete_checkpoints(final.parent.parent) if not read_manifest(d)["epoch_end"]]
+    for old in step_checkpoints[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be read ({error}): "
+                              f"delete {directory} to resume from the one before") from None
+
+
+def differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    """Human-readable `key: old -> new` lines between two JSON-like trees."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(saved.keys() | current.keys())
+                for line in differences(saved.get(key), current.get(key), f"{where}.{key}" if where else key)]
+    return [] if saved == current else [f"{where}: {saved!r} -> {current!r}"]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

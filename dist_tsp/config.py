@@ -111,11 +111,14 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    """How long students train and how often metrics are reduced and logged."""
+    """How long students train, how often metrics are reduced and logged, and how often to checkpoint."""
 
     epochs: int = Field(5, gt=0)
     max_steps: int | None = Field(None, gt=0)
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0)
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -132,6 +135,7 @@ class RunConfig(Section):
     """Everything one run needs; saved resolved as config.yaml in output_dir."""
 
     output_dir: Path = Path("runs/demo")
+    resume: Literal["auto", "force", "off"] = "auto"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -151,6 +155,17 @@ class RunConfig(Section):
     @property
     def student_names(self) -> list[str]:
         return [s.name for s in self.students]
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a checkpoint must agree with to be resumed (not run length, logging or paths)."""
+        tree = self.to_dict()
+        for key in ("output_dir", "resume", "tracking"):
+            tree.pop(key)
+        tree["data"].pop("eval_batch_size")
+        tree["teacher"].pop("mode")
+        for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s"):
+            tree["train"].pop(key)
+        return tree
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, for logging and for config.yaml."""

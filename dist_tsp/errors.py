@@ -3,3 +3,21 @@
 
 class UserError(ValueError):
     """Bad input (config, data, checkpoint, launch shape), with a message naming the fix."""
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose at a step boundary; `exit_code` tells a scheduler what happened."""
+
+    exit_code = 1
+
+
+class Preempted(RunStopped):
+    """SIGTERM or SIGUSR1: a checkpoint was written; rerun the same command to resume."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class NonFiniteLoss(RunStopped):
+    """A NaN or inf loss: stopped before any checkpoint could hold the damage."""
+
+    exit_code = 3

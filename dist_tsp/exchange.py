@@ -28,8 +28,9 @@ def all_gather_cat(local: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     return gathered
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Sum over a group in place (identity for a single rank)."""
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce over a group in place (identity for a single rank)."""
     if group is not None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor

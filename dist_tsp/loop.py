@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -16,8 +18,9 @@ from tqdm.auto import tqdm
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
+from dist_tsp.errors import NonFiniteLoss, Preempted, UserError
 from dist_tsp.evaluation import count_correct
-from dist_tsp.exchange import all_gather_cat, all_reduce_sum
+from dist_tsp.exchange import all_gather_cat, all_reduce
 from dist_tsp.losses import tsp_loss
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
@@ -26,6 +29,7 @@ from dist_tsp.teacher import TeacherInfo, TeacherLogits
 from dist_tsp.tracking import Tracker
 
 TRAIN_METRICS = ("loss", "ce", "kd", "peer", "acc")
+NEVER = float(2**52)  # "no non-finite loss yet" in the first-bad-step tracker
 
 
 class StudentTrainer:
@@ -39,10 +43,10 @@ class StudentTrainer:
 
     def __init__(self, cfg: RunConfig, placement: Placement, groups: Groups, accelerator: Accelerator,
                  data: Dataset, normalize: Normalizer, teacher: TeacherLogits | None,
-                 teacher_info: TeacherInfo | None, tracker: Tracker) -> None:
+                 teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: threading.Event) -> None:
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
         self.data, self.normalize, self.teacher, self.teacher_info = data, normalize, teacher, teacher_info
-        self.tracker = tracker
+        self.tracker, self.stop_requested, self.stop_agreed = tracker, stop_requested, False
         self.names = cfg.student_names
         self.local = placement.local_students
         self.batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=placement.replicas,
@@ -62,6 +66,8 @@ class StudentTrainer:
         self.local_index = torch.tensor(self.local, device=device)
         self.running = torch.zeros(len(self.names), len(TRAIN_METRICS), device=device)
         self.steps_since_log = 0
+        self.device_step = torch.zeros((), device=device)
+        self.first_nonfinite = torch.full((len(self.names),), NEVER, device=device)
 
     def _build_student(self, index: int) -> nn.Module:
         spec = self.cfg.students[index]
@@ -97,27 +103,40 @@ class StudentTrainer:
             self.rng_states[k] = self._current_rng()
 
     def train(self) -> dict[str, dict[str, float]]:
-        """Run every epoch; return each student's final val/test accuracy."""
-        step, accuracies = 0, {}
-        bar = tqdm(total=self.total_steps, desc="students", disable=not self.accelerator.is_main_process)
-        for epoch in range(self.cfg.train.epochs):
-            for images, labels in self.batches.epoch(epoch):
-                self.train_step(images, labels)
-                step += 1
-                bar.update()
-                if step % self.cfg.train.log_every == 0 or step == self.total_steps:
-                    bar.set_postfix(self._log_train(step, epoch), refresh=False)
-                if step == self.total_steps:
-                    break
-            if self.steps_since_log:
-                self._log_train(step, epoch)
-            accuracies = self.evaluate()
-            self.tracker.log({"step": step, "epoch": epoch, **_flatten(accuracies)})
-            self.save(step, epoch)
-            if step == self.total_steps:
+        """Resume from the latest checkpoint if any, run the remaining steps; return final val/test accuracy."""
+        step, accuracies = self.resume(), None
+        with tqdm(total=self.total_steps, initial=step, desc="students",
+                  disable=not self.accelerator.is_main_process) as self.bar:
+            while step < self.total_steps:
+                epoch = step // len(self.batches)
+                step = self._train_epoch(epoch, step)
+                accuracies = self.evaluate()
+                self.tracker.log({"step": step, "epoch": epoch, **_flatten(accuracies)})
+                self.save(step, epoch_end=True)
+                self._stop_if_asked(step)
+        return accuracies if accuracies is not None else self.evaluate()
+
+    def _train_epoch(self, epoch: int, step: int) -> int:
+        """The rest of one epoch from global `step`: log, checkpoint and obey signals at step boundaries."""
+        steps_per_epoch, every = len(self.batches), self.cfg.train.checkpoint_every
+        for images, labels in self.batches.epoch(epoch, start_step=step % steps_per_epoch):
+            self.train_step(images, labels)
+            step += 1
+            self.bar.update()
+            epoch_done = step % steps_per_epoch == 0 or step == self.total_steps
+            checkpoint_due = every is not None and step % every == 0
+            if epoch_done or checkpoint_due or step % self.cfg.train.log_every == 0:
+                self.bar.set_postfix(self._log_train(step, epoch), refresh=False)
+            if epoch_done:
                 break
-        bar.close()
-        return accuracies
+            if checkpoint_due or self.stop_agreed:
+                self.save(step, epoch_end=False)
+                self._stop_if_asked(step)
+        return step
+
+    def _stop_if_asked(self, step: int) -> None:
+        if self.stop_agreed and step < self.total_steps:
+            raise Preempted(f"stopped by a signal at step {step}; checkpoint written: rerun the same command to resume")
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One TSP step for this rank's students on the peer group's batch."""
@@ -143,13 +162,27 @@ class StudentTrainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-        self.running.index_add_(0, self.local_index, torch.stack(rows))
+        rows = torch.stack(rows)
+        self.device_step += 1
+        broken = ~torch.isfinite(rows[:, :4]).all(dim=1)
+        seen = self.first_nonfinite[self.local_index]
+        self.first_nonfinite[self.local_index] = torch.where(broken, torch.minimum(seen, self.device_step), seen)
+        self.running.index_add_(0, self.local_index, rows)
         self.steps_since_log += 1
 
     def _log_train(self, step: int, epoch: int) -> dict[str, str]:
-        """Reduce the running metrics over all ranks (one collective), log them, reset; return a bar summary."""
-        means = all_reduce_sum(self.running, self.groups.world) / (self.steps_since_log * self.placement.replicas)
+        """Reduce the running metrics over all ranks, log them, reset; agree on stopping; return a bar summary.
+
+        Two collectives per log interval: the metric sums, and a max over (stop requested, -first bad step).
+        """
+        means = all_reduce(self.running, self.groups.world) / (self.steps_since_log * self.placement.replicas)
+        control = torch.cat([torch.tensor([float(self.stop_requested.is_set())], device=self.running.device),
+                             -self.first_nonfinite])
+        control = all_reduce(control, self.groups.world, dist.ReduceOp.MAX).tolist()
         values = means.tolist()
+        if min(-c for c in control[1:]) < NEVER:
+            self._raise_nonfinite(values, [-c for c in control[1:]])
+        self.stop_agreed = control[0] > 0
         row: dict[str, Any] = {"step": step, "epoch": epoch}
         for name, student_values in zip(self.names, values):
             row.update({f"train/{name}/{metric}": v for metric, v in zip(TRAIN_METRICS, student_values)})
@@ -157,6 +190,14 @@ class StudentTrainer:
         self.running.zero_()
         self.steps_since_log = 0
         return {name: f"{v[0]:.3f}" for name, v in zip(self.names, values)}
+
+    def _raise_nonfinite(self, values: list[list[float]], first_bad: list[float]) -> None:
+        index = min(range(len(self.names)), key=lambda i: first_bad[i])
+        terms = [m for m, v in zip(TRAIN_METRICS[1:4], values[index][1:4]) if not math.isfinite(v)] or ["total"]
+        kept = checkpoint.complete_checkpoints(self.cfg.output_dir)
+        last = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"non-finite {'/'.join(terms)} loss for student {self.names[index]} at step "
+                            f"{int(first_bad[index])}: stopping; {last} (lower the learning rate or the temperature)")
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Accuracy of every student on val (when split off) and test: {split: {name: acc}}."""
@@ -172,33 +213,70 @@ class StudentTrainer:
         correct[self.local_index] = count_correct(
             models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
             batch_size=self.cfg.data.eval_batch_size, normalize=self.normalize, autocast=self.accelerator.autocast)
-        counts = all_reduce_sum(correct, self.groups.world).tolist()
+        counts = all_reduce(correct, self.groups.world).tolist()
         return {name: c / len(data) for name, c in zip(self.names, counts)}
 
-    def save(self, step: int, epoch: int) -> None:
-        """Per-student checkpoint at the end of an epoch, written by the student's first replica."""
-        if self.placement.replica_index != 0:
+    def save(self, step: int, *, epoch_end: bool) -> None:
+        """Checkpoint every student: model/optimizer/schedule from its first replica, RNG from every replica.
+
+        Files go to checkpoints/step_N.partial/; once every rank is done the main process writes the
+        manifest and renames the directory, so a complete checkpoint is never half-written.
+        """
+        directory = checkpoint.step_dir(self.cfg.output_dir, step, partial=True)
+        if checkpoint.step_dir(self.cfg.output_dir, step).exists():
             return
+        replica = self.placement.replica_index
         for k, index in enumerate(self.local):
             name = self.names[index]
-            payload = {
-                "model": _unwrap(self.students[k]).state_dict(),
-                "optimizer": self.optimizers[k].state_dict(),
-                "scheduler": self.schedules[k].state_dict(),
-                "student": self.cfg.students[index].model_dump(mode="json"),
-                "step": step,
-                "epoch": epoch,
-                "rng": checkpoint.rng_state(),
-                "student_rng": self.rng_states[k],
-                "teacher": None if self.teacher_info is None else self.teacher_info.checkpoint,
-                "peers": [n for n in self.names if n != name],
-                "loss": self.cfg.loss.model_dump(mode="json"),
-            }
-            checkpoint.save_atomic(payload, student_checkpoint(self.cfg.output_dir, name, epoch))
+            if replica == 0:
+                checkpoint.save_atomic({
+                    "model": _unwrap(self.students[k]).state_dict(),
+                    "optimizer": self.optimizers[k].state_dict(),
+                    "scheduler": self.schedules[k].state_dict(),
+                    "student": self.cfg.students[index].model_dump(mode="json"),
+                    "step": step,
+                    "teacher": None if self.teacher_info is None else self.teacher_info.checkpoint,
+                    "peers": [n for n in self.names if n != name],
+                    "loss": self.cfg.loss.model_dump(mode="json"),
+                }, checkpoint.student_file(directory, name))
+            checkpoint.save_atomic({"student_rng": self.rng_states[k], "rng": checkpoint.rng_state()},
+                                   checkpoint.rng_file(directory, name, replica))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.finalize(directory, self._manifest(step, epoch_end), self.cfg.train.keep_last)
 
+    def _manifest(self, step: int, epoch_end: bool) -> dict[str, Any]:
+        teacher = None if self.teacher_info is None else {"checkpoint": self.teacher_info.checkpoint,
+                                                          "sha256": self.teacher_info.sha256}
+        return {"step": step, "epoch": step // len(self.batches), "epoch_end": epoch_end, "students": self.names,
+                "replicas": self.placement.replicas, "teacher": teacher, "config": self.cfg.identity(),
+                "tracker_run_id": self.tracker.run_id}
 
-def student_checkpoint(output_dir: Path, name: str, epoch: int) -> Path:
-    return output_dir / "students" / name / f"epoch_{epoch:03d}.pt"
+    def resume(self) -> int:
+        """Load the latest complete checkpoint in output_dir (if any, and if it is this run's); return its step."""
+        found = checkpoint.complete_checkpoints(self.cfg.output_dir)
+        if self.cfg.resume == "off" or not found:
+            return 0
+        directory = found[-1]
+        manifest = checkpoint.read_manifest(directory)
+        current = self._manifest(manifest["step"], manifest["epoch_end"])
+        differ = checkpoint.differences({k: manifest.get(k) for k in ("students", "replicas", "teacher", "config")},
+                                        {k: current[k] for k in ("students", "replicas", "teacher", "config")})
+        if differ and (self.cfg.resume != "force" or differ[0].startswith(("students", "replicas"))):
+            raise UserError(f"{self.cfg.output_dir} holds a checkpoint of a different run ({'; '.join(differ[:4])}): "
+                            "use another output_dir, or resume=force to continue with the new settings")
+        for k, index in enumerate(self.local):
+            name = self.names[index]
+            state = checkpoint.load(checkpoint.student_file(directory, name), f"student {name}")
+            checkpoint.load_weights(_unwrap(self.students[k]), state["model"], directory, f"student {name}")
+            self.optimizers[k].load_state_dict(state["optimizer"])
+            self.schedules[k].load_state_dict(state["scheduler"])
+            rng = torch.load(checkpoint.rng_file(directory, name, self.placement.replica_index), weights_only=False)
+            self.rng_states[k] = rng["student_rng"]
+        self.tracker.truncate_after(manifest["step"])
+        if self.accelerator.is_main_process:
+            print(f"students: resuming from {directory} (step {manifest['step']})")
+        return manifest["step"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

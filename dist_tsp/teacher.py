@@ -16,7 +16,7 @@ from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, Normalizer, PeerBatches, mixed_seed
 from dist_tsp.evaluation import count_correct
-from dist_tsp.exchange import all_gather_cat, all_reduce_sum, group_size
+from dist_tsp.exchange import all_gather_cat, all_reduce, group_size
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 
@@ -27,6 +27,7 @@ class TeacherInfo:
 
     name: str
     checkpoint: str
+    sha256: str
     test_acc: float
 
 
@@ -41,22 +42,24 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     torch.manual_seed(mixed_seed(cfg.seed, -1))
     model = build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).to(accelerator.device)
     path = teacher_path(cfg)
-    if path.is_file():
+    if not path.is_file():
+        trained = _fit(model, cfg, data, normalize, accelerator)
         if accelerator.is_main_process:
-            print(f"teacher: loading {path}")
-        checkpoint.load_weights(model, checkpoint.load(path, "teacher")["model"], path, "teacher")
-    else:
-        model = _fit(model, cfg, data, normalize, accelerator)
-        if accelerator.is_main_process:
-            checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
+            checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
                                     "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
         accelerator.wait_for_everyone()
+    elif accelerator.is_main_process:
+        print(f"teacher: loading {path}")
+    # Every rank loads the saved file: identical teachers on all ranks (DDP does not sync BatchNorm statistics).
+    checkpoint.load_weights(model, checkpoint.load(path, "teacher")["model"], path, "teacher")
     model.eval().requires_grad_(False)
     correct = count_correct([model], data.test, shard=accelerator.process_index, num_shards=accelerator.num_processes,
                             batch_size=cfg.data.eval_batch_size, normalize=normalize, autocast=accelerator.autocast)
     world = dist.group.WORLD if accelerator.num_processes > 1 else None
-    test_acc = all_reduce_sum(correct, world).item() / len(data.test)
-    return model, TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), test_acc=test_acc)
+    test_acc = all_reduce(correct, world).item() / len(data.test)
+    info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
+                       test_acc=test_acc)
+    return model, info
 
 
 def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator) -> nn.Module:

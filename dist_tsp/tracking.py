@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,12 @@ class Tracker:
     def __init__(self, cfg: RunConfig, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
-        if cfg.tracking.report_to != "none":
+        self.run_id = None
+        if cfg.tracking.report_to != "none" and accelerator.is_main_process:
             tracking = cfg.tracking
-            wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(cfg.output_dir)}
+            self.run_id = _persistent_run_id(Path(cfg.output_dir) / "tracker_run_id")
+            wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(cfg.output_dir),
+                          "id": self.run_id, "resume": "allow"}
             accelerator.init_trackers(tracking.project, config=flat_config(cfg.to_dict()),
                                       init_kwargs={"wandb": {k: v for k, v in wandb_args.items() if v is not None}})
 
@@ -62,5 +66,23 @@ class Tracker:
             file.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run logs them again)."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in rows))
+        os.replace(tmp, self.path)
+
     def finish(self) -> None:
         self.accelerator.end_training()
+
+
+def _persistent_run_id(path: Path) -> str:
+    """The tracker's run id, created once per run directory so a resumed run continues the same W&B run."""
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id

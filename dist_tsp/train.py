@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.data import Normalizer, load_dataset
-from dist_tsp.errors import UserError
+from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_results
@@ -38,10 +41,19 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     return cfg, placement
 
 
-def run(cfg: RunConfig, placement: Placement) -> dict:
+def stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGUSR1 ask for a checkpoint at the next log boundary, then exit code 75 (requeue me)."""
+    requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda *_: requested.set())
+    return requested
+
+
+def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg),
-                              project_dir=str(cfg.output_dir))
+                              project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
@@ -59,7 +71,8 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
         model, teacher_info = prepare_teacher(cfg, data, normalize, accelerator)
         teacher = TeacherLogits(model, mode=cfg.teacher.mode, peer_group=groups.peer, peer_rank=placement.peer_rank,
                                 autocast=accelerator.autocast)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
+                             stop_requested)
     results = build_results(cfg, teacher_info, trainer.train())
     if accelerator.is_main_process:
         write_results(results, cfg.output_dir)
@@ -70,13 +83,18 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
+    stop_requested = stop_on_signals()
     try:
         cfg, placement = plan(argv, int(os.environ.get("WORLD_SIZE", "1")), rank)
-        run(cfg, placement)
+        run(cfg, placement, stop_requested)
     except UserError as error:
         if rank == 0:
             print(f"dist-tsp: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as stopped:
+        if rank == 0:
+            print(f"dist-tsp: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,13 @@
 """End to end: real `accelerate launch` runs of dist_tsp/train.py on CPU (gloo)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "dist_tsp" / "train.py")
-CPU3 = str(ROOT / "configs" / "accelerate" / "cpu.yaml")
-TINY = [
-    "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
-    " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
-    "data.batch_size=32", "teacher.args={depth: 8, width: 8}", "teacher.epochs=1",
-    "train.epochs=2", "train.max_steps=6", "train.log_every=1",
-]
+from tests.runs import TINY, launch, student_state, train_rows
+
 pytestmark = pytest.mark.slow
-
-
-def launch(args: list[str], processes: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if processes is None:
-        command = [sys.executable, TRAIN, *args]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU3,
-                   "--num_processes", str(processes), TRAIN, *args]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
-
-
-def train_rows(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lenet/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +31,7 @@ def test_placement_invariance_same_losses_per_step(single_and_three_ranks):
 def test_placement_invariance_same_parameters(single_and_three_ranks):
     one, three = single_and_three_ranks
     for name in ("lenet", "alexnet", "mobilenet"):
-        a = torch.load(one / "students" / name / "epoch_000.pt", weights_only=False)["model"]
-        b = torch.load(three / "students" / name / "epoch_000.pt", weights_only=False)["model"]
+        a, b = student_state(one, 6, name)["model"], student_state(three, 6, name)["model"]
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
 
@@ -74,8 +45,9 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(single_and_t
     results = json.loads((run / "results.json").read_text())
     assert set(results["students"]) == {"lenet", "alexnet", "mobilenet"}
     assert results["teacher"]["name"] == "resnet_cifar"
-    saved = torch.load(run / "students" / "lenet" / "epoch_000.pt", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "rng", "step", "epoch", "teacher", "peers"} <= saved.keys()
+    saved = student_state(run, 6, "lenet")
+    assert {"model", "optimizer", "scheduler", "step", "teacher", "peers"} <= saved.keys()
+    assert (run / "checkpoints" / "step_00000006" / "rng" / "lenet.replica0.pt").is_file()
     assert saved["peers"] == ["alexnet", "mobilenet"] and saved["step"] == 6
 
 

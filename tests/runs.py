@@ -1,0 +1,60 @@
+"""Launching dist_tsp/train.py from tests: one process with python, or W CPU processes with accelerate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "dist_tsp" / "train.py")
+CPU3 = str(ROOT / "configs" / "accelerate" / "cpu.yaml")
+TINY = [
+    "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
+    " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
+    "data.batch_size=32", "teacher.args={depth: 8, width: 8}", "teacher.epochs=1",
+    "train.epochs=2", "train.max_steps=6", "train.log_every=1",
+]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(args: list[str], processes: int | None = None) -> list[str]:
+    """`python dist_tsp/train.py ARGS` or `accelerate launch --num_processes W ... ARGS`."""
+    if processes is None:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU3,
+            "--num_processes", str(processes), TRAIN, *args]
+
+
+def start(args: list[str], processes: int | None = None) -> subprocess.Popen:
+    """Start a run in its own process group (so a test can signal or kill all of it)."""
+    return subprocess.Popen(command(args, processes), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def launch(args: list[str], processes: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run to the end; raise with the output tails unless it exits 0 (when `check`)."""
+    done = subprocess.run(command(args, processes), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lenet/loss" in r]
+
+
+def last_step(run: Path) -> int:
+    """The highest step logged so far (0 before the first row)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
+
+
+def student_state(run: Path, step: int, name: str) -> dict:
+    import torch
+
+    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "students" / f"{name}.pt", weights_only=False)

@@ -1,0 +1,104 @@
+"""Reliability: exact resume after SIGKILL, signals, non-finite losses, refusing another run's checkpoint."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load
+from tests.runs import TINY, last_step, launch, start, student_state, train_rows
+
+pytestmark = pytest.mark.slow
+STUDENTS = ("lenet", "alexnet", "mobilenet")
+RESUMABLE = [*TINY, "train.max_steps=12", "train.checkpoint_every=2", "train.optimizer.schedule=cosine"]
+
+
+def wait_for_step(run, process, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run) < step:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no step {step} within {timeout}s"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    launch(["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE], processes=3)
+    return run
+
+
+def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *RESUMABLE,
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    kill_at = random.Random().randint(3, 9)
+    process = start(args, processes=3)
+    wait_for_step(tmp_path, process, kill_at)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert last_step(tmp_path) < 12
+    done = launch(args, processes=3)
+    assert "resuming from" in done.stdout
+    for name in STUDENTS:
+        a, b = student_state(uninterrupted, 12, name), student_state(tmp_path, 12, name)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert train_rows(tmp_path) == train_rows(uninterrupted), f"killed at step {kill_at}"
+    results = [json.loads((r / "results.json").read_text())["students"] for r in (uninterrupted, tmp_path)]
+    assert results[0] == results[1]
+
+
+def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=2",
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    launch(args)
+    refused = launch([*args, "train.max_steps=4", "loss.gamma=0.5"], check=False)
+    assert refused.returncode == 2
+    assert "holds a checkpoint of a different run (config.loss.gamma: 0.1 -> 0.5)" in refused.stderr
+    assert "resume=force" in refused.stderr
+    forced = launch([*args, "train.max_steps=4", "loss.gamma=0.5", "resume=force"])
+    assert "resuming from" in forced.stdout and last_step(tmp_path) == 4
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(uninterrupted, tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *RESUMABLE, "train.checkpoint_every=100",
+            "train.max_steps=40", "train.epochs=3", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    process = start(args)
+    wait_for_step(tmp_path, process, 2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-2000:]
+    assert "stopped by a signal at step" in stderr
+    stopped_at = json.loads((complete_checkpoints(tmp_path)[-1] / "manifest.json").read_text())["step"]
+    assert 2 <= stopped_at < 40
+    done = launch(args)
+    assert f"(step {stopped_at})" in done.stdout and last_step(tmp_path) == 40
+
+
+def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=30",
+            "train.optimizer={name: sgd, lr: 1.0e+12}", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    done = launch(args, check=False)
+    assert done.returncode == 3, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("dist-tsp: non-finite ") and " loss for student " in message and " at step " in message
+    assert not complete_checkpoints(tmp_path) or "is kept" in message
+
+
+def test_truncated_checkpoint_is_reported_in_one_line(uninterrupted, tmp_path):
+    source = uninterrupted / "checkpoints" / "step_00000012" / "students" / "lenet.pt"
+    broken = tmp_path / "lenet.pt"
+    broken.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot be read .*truncated or not a dist-tsp checkpoint"):
+        load(broken, "student lenet")
+
+
+def test_a_partial_checkpoint_directory_is_never_resumed(uninterrupted, tmp_path):
+    (tmp_path / "checkpoints" / "step_00000099.partial" / "students").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000099.partial" / "students" / "lenet.pt").write_bytes(b"half")
+    assert complete_checkpoints(tmp_path) == []
+    assert [d.name for d in complete_checkpoints(uninterrupted)][-1] == "step_00000012"
