@@ -102,9 +102,9 @@ class StudentTrainer:
             yield
             self.rng_states[k] = self._current_rng()
 
-    def train(self) -> dict[str, dict[str, float]]:
-        """Resume from the latest checkpoint if any, run the remaining steps; return final val/test accuracy."""
-        step, accuracies = self.resume(), None
+    def train(self, start_step: int = 0) -> dict[str, dict[str, float]]:
+        """Run the steps from `start_step` (see resume) to the end; return final val/test accuracy."""
+        step, accuracies = start_step, None
         with tqdm(total=self.total_steps, initial=step, desc="students",
                   disable=not self.accelerator.is_main_process) as self.bar:
             while step < self.total_steps:

@@ -51,7 +51,12 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     elif accelerator.is_main_process:
         print(f"teacher: loading {path}")
     # Every rank loads the saved file: identical teachers on all ranks (DDP does not sync BatchNorm statistics).
-    checkpoint.load_weights(model, checkpoint.load(path, "teacher")["model"], path, "teacher")
+    saved = checkpoint.load(path, "teacher")
+    if saved.get("num_classes", data.num_classes) != data.num_classes:
+        raise checkpoint.CheckpointError(
+            f"teacher checkpoint {path} predicts {saved['num_classes']} classes but {cfg.data.name} has "
+            f"{data.num_classes}: point teacher.checkpoint to a teacher trained on this dataset")
+    checkpoint.load_weights(model, saved["model"], path, "teacher")
     model.eval().requires_grad_(False)
     correct = count_correct([model], data.test, shard=accelerator.process_index, num_shards=accelerator.num_processes,
                             batch_size=cfg.data.eval_batch_size, normalize=normalize, autocast=accelerator.autocast)

@@ -8,10 +8,12 @@ import signal
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.data import Normalizer, load_dataset
@@ -36,9 +38,17 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
-    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
-        raise UserError(f"output_dir {cfg.output_dir} is a file: choose a directory path")
+    check_writable(cfg.output_dir)
     return cfg, placement
+
+
+def check_writable(output_dir: Path) -> None:
+    """output_dir must be a directory, or creatable inside a writable one."""
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {output_dir}: {existing} is not writable; choose a path you can write")
 
 
 def stop_on_signals() -> threading.Event:
@@ -58,13 +68,12 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
-    if accelerator.is_main_process:
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
     normalize = Normalizer(data.mean, data.std, accelerator.device)
+    if accelerator.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
     teacher, teacher_info = None, None
     if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
@@ -73,7 +82,10 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
                                 autocast=accelerator.autocast)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
                              stop_requested)
-    results = build_results(cfg, teacher_info, trainer.train())
+    start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
+    if accelerator.is_main_process:
+        save_config(cfg, cfg.output_dir / "config.yaml")
+    results = build_results(cfg, teacher_info, trainer.train(start_step))
     if accelerator.is_main_process:
         write_results(results, cfg.output_dir)
         print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")
@@ -81,6 +93,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
     return results
 
 
+@record  # under torchrun/accelerate, the failure summary shows the failing rank's exception
 def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     stop_requested = stop_on_signals()

@@ -4,6 +4,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,3 +104,38 @@ def test_a_partial_checkpoint_directory_is_never_resumed(uninterrupted, tmp_path
     (tmp_path / "checkpoints" / "step_00000099.partial" / "students" / "lenet.pt").write_bytes(b"half")
     assert complete_checkpoints(tmp_path) == []
     assert [d.name for d in complete_checkpoints(uninterrupted)][-1] == "step_00000012"
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from dist_tsp.checkpoint import save_atomic
+version = 0
+while True:
+    version += 1
+    save_atomic({"model": {"w": torch.full((4_000_000,), float(version))}, "version": version}, Path(sys.argv[1]))
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "student.pt"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.3, 1.5))  # lands inside a 16 MB write most of the time
+    writer.kill()
+    writer.wait()
+    saved = load(path, "student")
+    assert saved["version"] >= 1 and bool((saved["model"]["w"] == saved["version"]).all())
+
+
+def test_resumed_run_continues_the_same_wandb_run(uninterrupted, tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=2",
+            "tracking.report_to=wandb", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    launch(args)
+    launch([*args, "train.max_steps=4"])
+    run_ids = {d.name.rsplit("-", 1)[-1] for d in (tmp_path / "wandb").glob("offline-run-*")}
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    assert run_ids == {(tmp_path / "tracker_run_id").read_text().strip()}

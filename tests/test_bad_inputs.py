@@ -1,0 +1,115 @@
+"""Every bad input gets one line naming what is wrong and the fix, before work starts, and touches nothing."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_tsp.errors import UserError
+from dist_tsp.models import build_model
+from dist_tsp.train import plan
+from tests.runs import ROOT, TINY, launch
+
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+# (overrides after --config configs/demo.yaml, world size, expected message)
+BEFORE_ANY_PROCESS_GROUP = [
+    (["students.0.model=resnet9000"], 1, r"unknown model 'resnet9000': choose one of lenet"),
+    (["teacher.model=bogusnet"], 1, r"'teacher.model': unknown model 'bogusnet'"),
+    (["data.name=mnist"], 1, r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10' or 'image_folder'"),
+    (["loss.beta=-0.1"], 1, r"'loss.beta': Input should be greater than or equal to 0"),
+    (["loss.alpha=0", "loss.beta=0", "loss.gamma=0"], 1, r"all 0: set at least one"),
+    (["loss.temperature=-1"], 1, r"'loss.temperature': Input should be greater than 0"),
+    ([], 2, r"2 processes cannot hold 3 students: launch a number of processes that divides or is a multiple of 3"),
+    ([], 4, r"4 processes cannot hold 3 students"),
+    (["students.1.name=lenet"], 1, r"duplicate student names \['lenet'\]: give every student a unique name"),
+    (["train.epoch=3"], 1, r"unknown config key 'train.epoch': allowed keys here are epochs, max_steps"),
+    (["train.epochs=three"], 1, r"'train.epochs': Input should be a valid integer"),
+    (["train.epochs"], 1, r"override 'train.epochs' is not key=value"),
+    (["students.7.model=lenet"], 1, r"override key students.7: use a list index from 0 to 2"),
+    (["loss.peer_reduction=max"], 1, r"'loss.peer_reduction': Input should be 'sum' or 'mean'"),
+    (["data.val_fraction=1.5"], 1, r"'data.val_fraction': Input should be less than 1"),
+    (["data.batch_size=0"], 1, r"'data.batch_size': Input should be greater than 0"),
+    (["data.name=image_folder"], 1, r"data.root is required for data.name=image_folder"),
+    (["resume=maybe"], 1, r"'resume': Input should be 'auto', 'force' or 'off'"),
+    (["train.checkpoint_every=0"], 1, r"'train.checkpoint_every': Input should be greater than 0"),
+    (["output_dir=/etc/hostname"], 1, r"output_dir /etc/hostname: /etc/hostname is a file, not a directory"),
+    (["output_dir=/etc/hostname/run"], 1, r"/etc/hostname is a file, not a directory; choose another path"),
+    (["students=[]"], 1, r"'students': List should have at least 1 item"),
+]
+
+
+@pytest.mark.parametrize("overrides, world, message", BEFORE_ANY_PROCESS_GROUP,
+                         ids=[" ".join(o) or f"world={w}" for o, w, _ in BEFORE_ANY_PROCESS_GROUP])
+def test_rejected_before_any_process_group(overrides, world, message):
+    with pytest.raises(UserError, match=message) as info:
+        plan(["--config", DEMO, *overrides], world, 0)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_or_broken_config_file_is_rejected(tmp_path):
+    with pytest.raises(UserError, match=r"config file .*nope.yaml does not exist"):
+        plan(["--config", str(tmp_path / "nope.yaml")], 1, 0)
+    (tmp_path / "bad.yaml").write_text("students: [\n")
+    with pytest.raises(UserError, match=r"is not valid YAML"):
+        plan(["--config", str(tmp_path / "bad.yaml")], 1, 0)
+
+
+def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10, **args) -> Path:
+    torch.save({"model": build_model(model, num_classes, **args).state_dict(), "num_classes": num_classes}, path)
+    return path
+
+
+def image_folder(root: Path, classes: int) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (40 * c, 9 * i, 0)).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+AFTER_START = {
+    "cifar10 absent offline": (lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
+                               r"CIFAR-10 not found in .*none and data.download is false: put cifar-10-batches-py/"),
+    "fashion-mnist files missing": (lambda t: ["data.name=fashion_mnist", f"data.root={t}"],
+                                    r"Fashion-MNIST file train-images-idx3-ubyte\[.gz\] not found"),
+    "truncated teacher checkpoint": (lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}"],
+                                     r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
+    "teacher of another architecture": (
+        lambda t: [f"teacher.checkpoint={teacher_file(t / 'lenet.pt', 'lenet')}", "teacher.args={depth: 8}"],
+        r"teacher checkpoint .*lenet.pt does not fit the configured model: Error\(s\) in loading state_dict"),
+    "teacher trained on other classes": (
+        lambda t: [f"teacher.checkpoint={teacher_file(t / 't.pt', depth=8)}", "teacher.args={depth: 8}",
+                   "data.name=image_folder", f"data.root={image_folder(t / 'imgs', 2)}", "data.batch_size=4"],
+        r"predicts 10 classes but image_folder has 2: point teacher.checkpoint to a teacher trained on this"),
+    "bad model argument": (lambda t: ["students.0.args={bogus: 1}"],
+                           r"cannot build model 'lenet' with args \{'bogus': 1\}"),
+    "batch larger than the data": (lambda t: ["data.batch_size=5000", "loss.beta=0", "loss.alpha=1"],
+                                   r"do not fill one batch of 5000: lower data.batch_size"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", AFTER_START, ids=list(AFTER_START))
+def test_rejected_before_training_without_touching_outputs(case, tmp_path):
+    overrides, message = AFTER_START[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "config.yaml").write_text("earlier run\n")
+    done = launch(["--config", DEMO, f"output_dir={run}", *TINY, *overrides(tmp_path)], check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist-tsp: error: ")
+    assert re.search(message, last), last
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (run / "config.yaml").read_text() == "earlier run\n"

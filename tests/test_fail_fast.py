@@ -1,0 +1,57 @@
+"""Fail fast: when one rank raises or dies, every rank exits within 60 s and the failing rank is named."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runs import TINY, last_step, launch, start
+
+pytestmark = pytest.mark.slow
+
+
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The worker process with RANK=<rank> training into `run`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or str(run).encode() not in (proc / "cmdline").read_bytes():
+                continue
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_exception_on_rank_1_stops_every_rank_and_names_it(tmp_path):
+    started = time.monotonic()
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY,
+                   "students=[{name: a, model: lenet}, {name: b, model: inception_v3}, {name: c, model: lenet}]"],
+                  processes=3, check=False)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120  # start-up (teacher training included) plus at most 60 s
+    summary = done.stderr[done.stderr.rindex("Root Cause"):]
+    assert "rank      : 1" in summary and "exitcode  : 1" in summary
+
+
+def test_sigkill_of_rank_2_ends_the_job_within_60_seconds(tmp_path):
+    process = start(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=400",
+                     "train.epochs=20"], processes=3)
+    deadline = time.monotonic() + 180
+    while last_step(tmp_path) < 2:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    victim = rank_pid(tmp_path, 2)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - killed < 60
+    assert process.returncode != 0
+    assert "rank      : 2" in stderr and "Signal 9 (SIGKILL)" in stderr
