@@ -119,6 +119,7 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
+    profile: bool = False
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -144,6 +145,10 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("resume", mode="before")
+    def _off_is_not_false(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
     @field_validator("students")
     def _unique_names(cls, students: list[StudentConfig]) -> list[StudentConfig]:
         names = [s.name for s in students]
@@ -163,7 +168,8 @@ class RunConfig(Section):
             tree.pop(key)
         tree["data"].pop("eval_batch_size")
         tree["teacher"].pop("mode")
-        for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s"):
+        for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
+                    "profile"):
             tree["train"].pop(key)
         return tree
 

@@ -25,6 +25,7 @@ from dist_tsp.losses import tsp_loss
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
+from dist_tsp.profiling import StepProfiler
 from dist_tsp.teacher import TeacherInfo, TeacherLogits
 from dist_tsp.tracking import Tracker
 
@@ -67,6 +68,7 @@ class StudentTrainer:
         self.running = torch.zeros(len(self.names), len(TRAIN_METRICS), device=device)
         self.steps_since_log = 0
         self.device_step = torch.zeros((), device=device)
+        self.profiler = StepProfiler(cfg.train.profile, device)
         self.first_nonfinite = torch.full((len(self.names),), NEVER, device=device)
 
     def _build_student(self, index: int) -> nn.Module:
@@ -114,12 +116,16 @@ class StudentTrainer:
                 self.tracker.log({"step": step, "epoch": epoch, **_flatten(accuracies)})
                 self.save(step, epoch_end=True)
                 self._stop_if_asked(step)
+        if self.profiler.enabled:
+            path = self.cfg.output_dir / "profile" / f"rank{self.placement.rank}.json"
+            path.parent.mkdir(exist_ok=True)
+            self.profiler.write(path, self.cfg.data.batch_size, len(self.local))
         return accuracies if accuracies is not None else self.evaluate()
 
     def _train_epoch(self, epoch: int, step: int) -> int:
         """The rest of one epoch from global `step`: log, checkpoint and obey signals at step boundaries."""
         steps_per_epoch, every = len(self.batches), self.cfg.train.checkpoint_every
-        for images, labels in self.batches.epoch(epoch, start_step=step % steps_per_epoch):
+        for images, labels in self.profiler.timed_batches(self.batches.epoch(epoch, step % steps_per_epoch)):
             self.train_step(images, labels)
             step += 1
             self.bar.update()
@@ -141,27 +147,38 @@ class StudentTrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One TSP step for this rank's students on the peer group's batch."""
         loss_cfg = self.cfg.loss
-        teacher_logits = self.teacher(images) if self.teacher is not None and loss_cfg.beta > 0 else None
-        outputs = []
-        for k, student in enumerate(self.students):
-            with self._student_rng(k), self.accelerator.autocast():
-                outputs.append(student(images))
-        logits = torch.stack(outputs)
-        everyone = all_gather_cat(logits, self.groups.peer) if loss_cfg.gamma > 0 else None
-        total, rows = 0.0, []
-        for k, peers in enumerate(self.peer_index):
-            peer_logits = everyone[peers] if everyone is not None else logits.new_empty((0, *logits.shape[1:]))
-            terms = tsp_loss(logits[k], labels, teacher_logits, peer_logits, alpha=loss_cfg.alpha,
-                             beta=loss_cfg.beta, gamma=loss_cfg.gamma, temperature=loss_cfg.temperature,
-                             peer_reduction=loss_cfg.peer_reduction)
-            total = total + terms.total
-            accuracy = (logits[k].argmax(-1) == labels).float().mean()
-            rows.append(torch.stack([*terms, accuracy]).detach())
-        total.backward()
-        for optimizer, schedule in zip(self.optimizers, self.schedules):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+        profiler = self.profiler
+        with profiler.section("teacher"):
+            teacher_logits = self.teacher(images) if self.teacher is not None and loss_cfg.beta > 0 else None
+        with profiler.section("forward"):
+            outputs = []
+            for k, student in enumerate(self.students):
+                with self._student_rng(k), self.accelerator.autocast():
+                    outputs.append(student(images))
+            logits = torch.stack(outputs)
+        everyone = None
+        if loss_cfg.gamma > 0:
+            profiler.wait_for_peers(self.groups.peer)
+            with profiler.section("exchange"):
+                everyone = all_gather_cat(logits, self.groups.peer)
+        with profiler.section("loss"):
+            total, rows = 0.0, []
+            for k, peers in enumerate(self.peer_index):
+                peer_logits = everyone[peers] if everyone is not None else logits.new_empty((0, *logits.shape[1:]))
+                terms = tsp_loss(logits[k], labels, teacher_logits, peer_logits, alpha=loss_cfg.alpha,
+                                 beta=loss_cfg.beta, gamma=loss_cfg.gamma, temperature=loss_cfg.temperature,
+                                 peer_reduction=loss_cfg.peer_reduction)
+                total = total + terms.total
+                accuracy = (logits[k].argmax(-1) == labels).float().mean()
+                rows.append(torch.stack([*terms, accuracy]).detach())
+        with profiler.section("backward"):
+            total.backward()
+        with profiler.section("optimizer"):
+            for optimizer, schedule in zip(self.optimizers, self.schedules):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+        profiler.step_done()
         rows = torch.stack(rows)
         self.device_step += 1
         broken = ~torch.isfinite(rows[:, :4]).all(dim=1)

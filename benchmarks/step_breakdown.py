@@ -1,0 +1,105 @@
+"""Where a training step's time goes: real launches with train.profile=true, one table per configuration.
+
+    python benchmarks/step_breakdown.py                 # CPU: scratch/kd/tsp x replicated/sharded x W=1,2,3
+    python benchmarks/step_breakdown.py --quick         # a tiny version (what CI runs)
+    python benchmarks/step_breakdown.py --gpu           # one GPU: fp32 vs bf16, one process
+
+Each configuration trains the demo's three students for --steps steps from one shared, already
+trained teacher, and every rank reports milliseconds per step for each part of the step
+(dist_tsp/profiling.py), images/s per student and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer")
+PAPER_STUDENTS = ("students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet},"
+                  " {name: mobilenet, model: mobilenet}]")
+METHODS = {"scratch": (1.0, 0.0, 0.0), "kd": (0.1, 0.9, 0.0), "tsp": (0.1, 0.8, 0.1)}
+
+
+def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str]) -> None:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                "--num_processes", str(processes), *extra_launch]
+    if processes > 1 and "--multi_gpu" not in extra_launch:
+        launcher += ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
+    command = [*launcher, str(ROOT / "dist_tsp" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               f"output_dir={output_dir}", "resume=off", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"benchmark run failed ({' '.join(overrides)}):\n{done.stderr[-3000:]}")
+
+
+def profile(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
+
+
+def table(ranks: list[dict]) -> str:
+    rows = [[r, *(f"{p['ms'][s]:.1f}" for s in SECTIONS), f"{p['step_ms']:.1f}",
+             f"{p['images_per_s_per_student']:.0f}", f"{p['peak_mb']:.0f}"] for r, p in enumerate(ranks)]
+    return tabulate(rows, headers=["rank", *SECTIONS, "step ms", "img/s/student", "peak MB"], tablefmt="github")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny: W=1,2, tsp only, a few steps")
+    parser.add_argument("--gpu", action="store_true", help="one GPU, fp32 and bf16")
+    parser.add_argument("--steps", type=int, default=25, help="steps per configuration (3 are warm-up)")
+    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args()
+    steps = 6 if args.quick else args.steps
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-bench-"))
+    common = [f"train.max_steps={steps}", f"train.log_every={steps}", "train.epochs=100", "train.profile=true",
+              "data.batch_size=48"]
+
+    teacher = work / "teacher" / "teacher" / "model.pt"
+    if not teacher.is_file():
+        train(work / "teacher", ["train.max_steps=1", "teacher.epochs=1"], 1, ["--cpu"] if not args.gpu else [])
+    common.append(f"teacher.checkpoint={teacher}")
+
+    if args.gpu:
+        tsp = ["loss.alpha=0.1", "loss.beta=0.8", "loss.gamma=0.1"]
+        configs = [(f"tsp, {label} students, 1 GPU, {mp}", [*tsp, *students], 1, ["--mixed_precision", mp])
+                   for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
+                   for mp in ("no", "bf16")]
+    else:
+        worlds = (1, 3) if args.quick else (1, 2, 3)
+        methods = ("tsp",) if args.quick else tuple(METHODS)
+        configs = []
+        for world in worlds:
+            for method in methods:
+                modes = ("sharded",) if method == "scratch" or args.quick else ("replicated", "sharded")
+                for mode in modes:
+                    alpha, beta, gamma = METHODS[method]
+                    configs.append((f"{method}, teacher {mode}, W={world} CPU",
+                                    [f"loss.alpha={alpha}", f"loss.beta={beta}", f"loss.gamma={gamma}",
+                                     f"teacher.mode={mode}"], world, ["--cpu"] if world == 1 else []))
+
+    summary = []
+    for name, overrides, world, launch_args in configs:
+        run = work / name.replace(", ", "_").replace(" ", "-").replace("=", "")
+        train(run, [*common, *overrides], world, launch_args)
+        ranks = profile(run)
+        print(f"\n### {name}\n\n{table(ranks)}")
+        slowest = max(ranks, key=lambda p: p["step_ms"])
+        summary.append([name, f"{slowest['step_ms']:.1f}", f"{max(p['ms']['teacher'] for p in ranks):.1f}",
+                        f"{max(p['ms']['exchange'] + p['ms']['idle'] for p in ranks):.1f}",
+                        f"{100 * max(p['ms']['data'] / p['step_ms'] for p in ranks):.1f}"])
+    print("\n### Summary (slowest rank)\n")
+    print(tabulate(summary, headers=["configuration", "step ms", "teacher ms", "exchange+idle ms", "data %"],
+                   tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Optional per-step timing of the parts of a training step (train.profile=true); free when off."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer")
+
+
+class StepProfiler:
+    """Wall time per named section, per step, after `warmup` steps.
+
+    When enabled, each section synchronizes the device on entry and exit so that GPU time is
+    charged to the section that queued it; "idle" is a barrier over the peer group just before
+    the exchange, i.e. the time this rank waits for its slowest peer.
+    """
+
+    def __init__(self, enabled: bool, device: torch.device, warmup: int = 3) -> None:
+        self.enabled, self.device, self.warmup = enabled, device, warmup
+        self.totals: dict[str, float] = defaultdict(float)
+        self.steps_seen = 0
+        self._null = contextlib.nullcontext()
+
+    def section(self, name: str) -> contextlib.AbstractContextManager:
+        return self._timed(name) if self.enabled else self._null
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        if self.steps_seen >= self.warmup:
+            self.totals[name] += time.perf_counter() - start
+
+    def timed_batches(self, batches: Iterator) -> Iterator:
+        """Yield from `batches`, charging each next() to "data"."""
+        iterator = iter(batches)
+        while True:
+            with self.section("data"):
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+
+    def wait_for_peers(self, group: dist.ProcessGroup | None) -> None:
+        """When profiling: a barrier over the peer group, charged to "idle" (waiting for the slowest peer)."""
+        if self.enabled and group is not None:
+            with self._timed("idle"):
+                dist.barrier(group=group)
+
+    def step_done(self) -> None:
+        self.steps_seen += int(self.enabled)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def report(self, batch_size: int, students: int) -> dict[str, Any]:
+        """Milliseconds per step by section, images/s per student, and peak memory."""
+        steps = max(1, self.steps_seen - self.warmup)
+        ms = {name: 1000 * self.totals.get(name, 0.0) / steps for name in SECTIONS}
+        step_ms = sum(ms.values())
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"steps": steps, "ms": ms, "step_ms": step_ms, "students": students,
+                "images_per_s_per_student": 1000 * batch_size / step_ms if step_ms else 0.0, "peak_mb": peak_mb}
+
+    def write(self, path: Path, batch_size: int, students: int) -> None:
+        path.write_text(json.dumps(self.report(batch_size, students), indent=2) + "\n")
