@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dist_tsp.config import RunConfig
 from dist_tsp.errors import UserError
 
 
@@ -28,7 +29,7 @@ def save_atomic(payload: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, what: str) -> dict[str, Any]:
+def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
     """Load a checkpoint dict on the CPU; any failure becomes one line naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{what} checkpoint {path} does not exist: check the path")
@@ -37,8 +38,8 @@ def load(path: Path, what: str) -> dict[str, Any]:
     except Exception as error:  # torch raises many types for a damaged file
         raise CheckpointError(f"{what} checkpoint {path} cannot be read ({type(error).__name__}): "
                               "it is truncated or not a dist-tsp checkpoint; delete it or point to another") from None
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"{what} checkpoint {path} has no 'model' entry: not a dist-tsp checkpoint")
+    if not isinstance(payload, dict) or required not in payload:
+        raise CheckpointError(f"{what} checkpoint {path} has no {required!r} entry: not a dist-tsp checkpoint")
     return payload
 
 
@@ -118,3 +119,55 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> Path | None:
+    """The checkpoint directory a run resumes from (None: start at step 0).
+
+    Refuses, with the differences, a checkpoint of another run: other students or replica count
+    (always), other settings or another teacher file (unless resume=force). The teacher is compared
+    only when `teacher_sha` is given and the teacher is used (beta > 0).
+    """
+    found = complete_checkpoints(cfg.output_dir)
+    if cfg.resume == "off" or not found:
+        return None
+    manifest = read_manifest(found[-1])
+    saved = {"students": manifest.get("students"), "replicas": manifest.get("replicas"),
+             "config": manifest.get("config")}
+    current = {"students": cfg.student_names, "replicas": replicas, "config": cfg.identity()}
+    if teacher_sha is not None and cfg.loss.beta > 0:
+        saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")
+        current["teacher_sha256"] = teacher_sha
+    differ = differences(saved, current)
+    fatal = any(line.startswith(("students", "replicas", "config.students")) for line in differ)
+    if fatal:
+        raise UserError(f"{cfg.output_dir} holds a checkpoint of other students or another replica count "
+                        f"({'; '.join(differ[:4])}): use another output_dir, or resume=off to start again")
+    if differ and cfg.resume != "force":
+        raise UserError(f"{cfg.output_dir} holds a checkpoint of a different run ({'; '.join(differ[:4])}): "
+                        "use another output_dir, or resume=force to continue with the new settings")
+    return found[-1]
+
+
+def set_aside(output_dir: Path) -> Path | None:
+    """resume=off: move an earlier run's checkpoints, metrics and results into output_dir/previous-N/."""
+    names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "tracker_run_id")
+    present = [output_dir / n for n in names if (output_dir / n).exists()]
+    if not present:
+        return None
+    number = 1 + max((int(p.name.split("-")[1]) for p in output_dir.glob("previous-*") if p.name[9:].isdigit()),
+                     default=0)
+    target = output_dir / f"previous-{number}"
+    target.mkdir()
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo rng_state(): the global generators as they were when the checkpoint was written."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
-from dist_tsp.errors import NonFiniteLoss, Preempted, UserError
+from dist_tsp.errors import NonFiniteLoss, Preempted
 from dist_tsp.evaluation import count_correct
 from dist_tsp.exchange import all_gather_cat, all_reduce
 from dist_tsp.losses import tsp_loss
@@ -62,7 +62,7 @@ class StudentTrainer:
         )
         self.rng_states = [self._seeded_rng(i) for i in self.local]
         device = accelerator.device
-        self.peer_index = [torch.tensor([j for j in range(len(self.names)) if j != i], device=device)
+        self.peer_index = [torch.tensor([j for j in range(len(self.names)) if j != i], dtype=torch.long, device=device)
                            for i in self.local]
         self.local_index = torch.tensor(self.local, device=device)
         self.running = torch.zeros(len(self.names), len(TRAIN_METRICS), device=device)
@@ -107,6 +107,7 @@ class StudentTrainer:
     def train(self, start_step: int = 0) -> dict[str, dict[str, float]]:
         """Run the steps from `start_step` (see resume) to the end; return final val/test accuracy."""
         step, accuracies = start_step, None
+        self.device_step.fill_(start_step)
         with tqdm(total=self.total_steps, initial=step, desc="students",
                   disable=not self.accelerator.is_main_process) as self.bar:
             while step < self.total_steps:
@@ -219,6 +220,11 @@ class StudentTrainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Accuracy of every student on val (when split off) and test: {split: {name: acc}}."""
         models = [_unwrap(s) for s in self.students]
+        if self.groups.replica is not None:  # BatchNorm statistics are per replica: evaluate replica 0's
+            source = dist.get_global_rank(self.groups.replica, 0)
+            for model in models:
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=source, group=self.groups.replica)
         results = {}
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
@@ -271,25 +277,21 @@ class StudentTrainer:
 
     def resume(self) -> int:
         """Load the latest complete checkpoint in output_dir (if any, and if it is this run's); return its step."""
-        found = checkpoint.complete_checkpoints(self.cfg.output_dir)
-        if self.cfg.resume == "off" or not found:
+        teacher_sha = None if self.teacher_info is None else self.teacher_info.sha256
+        directory = checkpoint.resumable(self.cfg, self.placement.replicas, teacher_sha)
+        if directory is None:
             return 0
-        directory = found[-1]
         manifest = checkpoint.read_manifest(directory)
-        current = self._manifest(manifest["step"], manifest["epoch_end"])
-        differ = checkpoint.differences({k: manifest.get(k) for k in ("students", "replicas", "teacher", "config")},
-                                        {k: current[k] for k in ("students", "replicas", "teacher", "config")})
-        if differ and (self.cfg.resume != "force" or differ[0].startswith(("students", "replicas"))):
-            raise UserError(f"{self.cfg.output_dir} holds a checkpoint of a different run ({'; '.join(differ[:4])}): "
-                            "use another output_dir, or resume=force to continue with the new settings")
         for k, index in enumerate(self.local):
             name = self.names[index]
             state = checkpoint.load(checkpoint.student_file(directory, name), f"student {name}")
             checkpoint.load_weights(_unwrap(self.students[k]), state["model"], directory, f"student {name}")
             self.optimizers[k].load_state_dict(state["optimizer"])
             self.schedules[k].load_state_dict(state["scheduler"])
-            rng = torch.load(checkpoint.rng_file(directory, name, self.placement.replica_index), weights_only=False)
+            rng = checkpoint.load(checkpoint.rng_file(directory, name, self.placement.replica_index),
+                                  f"student {name} RNG", required="student_rng")
             self.rng_states[k] = rng["student_rng"]
+            checkpoint.restore_rng_state(rng["rng"])
         self.tracker.truncate_after(manifest["step"])
         if self.accelerator.is_main_process:
             print(f"students: resuming from {directory} (step {manifest['step']})")

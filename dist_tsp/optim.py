@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable
 
 import torch
@@ -18,8 +20,17 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, tota
     else:
         optimizer_class = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         optimizer = optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Closed-form factors of the step: a resumed run with another length follows its own schedule.
     if cfg.schedule == "cosine":
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+        factor = functools.partial(_cosine, total_steps=max(1, total_steps))
     else:
-        schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return optimizer, schedule
+        factor = _constant
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _cosine(step: int, total_steps: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _constant(step: int) -> float:
+    return 1.0

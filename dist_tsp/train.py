@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.data import Normalizer, load_dataset
 from dist_tsp.errors import RunStopped, UserError
@@ -39,6 +40,7 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     cfg = load_config(args.config, args.overrides)
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     check_writable(cfg.output_dir)
+    checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
     return cfg, placement
 
 
@@ -52,14 +54,14 @@ def check_writable(output_dir: Path) -> None:
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGUSR1 ask for a checkpoint at the next log boundary, then exit code 75 (requeue me)."""
+    """From now on SIGTERM/SIGUSR1 ask for a checkpoint at the next log step, then exit code 75 (requeue me)."""
     requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda *_: requested.set())
     return requested
 
 
-def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
+def run(cfg: RunConfig, placement: Placement) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg),
@@ -73,6 +75,8 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
     normalize = Normalizer(data.mean, data.std, accelerator.device)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume == "off" and (previous := checkpoint.set_aside(cfg.output_dir)):
+            print(f"resume=off: the earlier run's checkpoints and metrics were moved to {previous}")
     accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
     teacher, teacher_info = None, None
@@ -80,8 +84,9 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
         model, teacher_info = prepare_teacher(cfg, data, normalize, accelerator)
         teacher = TeacherLogits(model, mode=cfg.teacher.mode, peer_group=groups.peer, peer_rank=placement.peer_rank,
                                 autocast=accelerator.autocast)
+    # Signals checkpoint from the student phase on; before it (data, teacher) they stop the run as usual.
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
-                             stop_requested)
+                             stop_on_signals())
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
@@ -96,13 +101,17 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
 @record  # under torchrun/accelerate, the failure summary shows the failing rank's exception
 def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    stop_requested = stop_on_signals()
     try:
         cfg, placement = plan(argv, int(os.environ.get("WORLD_SIZE", "1")), rank)
-        run(cfg, placement, stop_requested)
-    except UserError as error:
+    except UserError as error:  # every rank sees the same problem: say it once
         if rank == 0:
             print(f"dist-tsp: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(cfg, placement)
+    except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
+        where = f" (rank {rank})" if placement.world_size > 1 else ""
+        print(f"dist-tsp: error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as stopped:
         if rank == 0:

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load
+from dist_tsp.errors import UserError
+from dist_tsp.train import plan
 from tests.runs import TINY, last_step, launch, start, student_state, train_rows
 
 pytestmark = pytest.mark.slow
@@ -64,6 +66,13 @@ def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, 
     assert "resume=force" in refused.stderr
     forced = launch([*args, "train.max_steps=4", "loss.gamma=0.5", "resume=force"])
     assert "resuming from" in forced.stdout and last_step(tmp_path) == 4
+    with pytest.raises(UserError, match=r"checkpoint of other students .*resume=off to start again"):
+        plan([*args, "students=[{name: lenet, model: lenet}]", "resume=force"], 1, 0)
+    fresh = launch([*args, "resume=off"])
+    assert "moved to" in fresh.stdout and "resuming from" not in fresh.stdout
+    previous = tmp_path / "previous-1"
+    assert (previous / "checkpoints").is_dir() and (previous / "metrics.jsonl").is_file()
+    assert last_step(tmp_path) == 2 and last_step(previous) == 4
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(uninterrupted, tmp_path):

@@ -105,3 +105,10 @@ def test_tensorboard_tracker_receives_per_student_scalars(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/lenet/loss", "train/mobilenet/peer", "test/alexnet/acc"} <= tags
+
+
+def test_a_single_student_learns_from_the_teacher_alone(tmp_path):
+    launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=3",
+            "students=[{name: solo, model: lenet}]"])
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/solo/loss" in r]
+    assert len(rows) == 3 and all(r["train/solo/peer"] == 0.0 and r["train/solo/kd"] > 0 for r in rows)
