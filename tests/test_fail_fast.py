@@ -34,6 +34,7 @@ def test_exception_on_rank_1_stops_every_rank_and_names_it(tmp_path):
     assert time.monotonic() - started < 120  # start-up (teacher training included) plus at most 60 s
     summary = done.stderr[done.stderr.rindex("Root Cause"):]
     assert "rank      : 1" in summary and "exitcode  : 1" in summary
+    assert "RuntimeError: Calculated padded input size" in summary  # the why, through @record
 
 
 def test_sigkill_of_rank_2_ends_the_job_within_60_seconds(tmp_path):
