@@ -82,9 +82,16 @@ class StudentConfig(ModelSpec):
 
 class TeacherConfig(ModelSpec):
     """The frozen teacher: loaded from `checkpoint` when that file exists, else trained data-parallel and
-    saved there (default: output_dir/teacher/model.pt); then used in eval mode."""
+    saved there (default: output_dir/teacher/model.pt); then used in eval mode.
+
+    `weights` starts that training from pretrained weights: `imagenet` (torchvision's weights, downloaded)
+    or a state-dict file; the classifier head is re-initialised for the dataset's classes.
+    `input_scale` resizes the teacher's inputs on the device (paper: 7, 32 -> 224); students keep theirs.
+    """
 
     model: str = "resnet_cifar"
+    weights: str | None = None
+    input_scale: int = Field(1, ge=1, le=16)
     checkpoint: Path | None = None
     mode: Literal["replicated", "sharded"] = "sharded"
     epochs: int = Field(3, gt=0)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from dist_tsp.errors import UserError
 
-__all__ = ["ModelError", "UnknownModelError", "build_model", "check_model_name", "model_names", "register"]
+__all__ = ["ModelError", "UnknownModelError", "build_model", "check_model_name", "load_pretrained", "model_names",
+           "register", "scale_inputs"]
 
 _Constructor = TypeVar("_Constructor", bound=Callable[..., nn.Module])
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -218,3 +221,42 @@ class ResNetCifar(nn.Module):
 def resnet50(num_classes: int, **kwargs) -> nn.Module:
     """torchvision's ResNet-50, randomly initialised; ``kwargs`` go to ``torchvision.models.resnet50``."""
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
+
+
+def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:
+    """Copy pretrained weights into ``model``: ``imagenet`` (torchvision's default weights for ``name``) or a
+    state-dict file. Entries whose shape differs (the classifier head) keep their fresh initialisation; their
+    names are returned."""
+    if weights == "imagenet":
+        try:
+            state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
+        except ValueError:
+            raise ModelError(f"torchvision has no pretrained weights for {name!r}: drop teacher.weights") from None
+        except OSError as error:  # URLError and friends: offline
+            raise ModelError(f"cannot download ImageNet weights for {name!r} ({error}): download them once and "
+                             "set teacher.weights=/path/to/weights.pth") from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(f"teacher.weights file {path} does not exist: give a state-dict file or 'imagenet'")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged file
+            raise ModelError(f"teacher.weights file {path} cannot be read ({type(error).__name__})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ModelError(f"weights {weights} do not fit model {name!r}: unexpected entries {unknown[:3]}")
+    fresh = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    return fresh
+
+
+def scale_inputs(model: nn.Module, factor: int) -> nn.Module:
+    """Make ``model`` resize its input by ``factor`` (bilinear, on the input's device) before its forward."""
+    if factor != 1:
+        model.register_forward_pre_hook(
+            lambda _, args: (F.interpolate(args[0], scale_factor=factor, mode="bilinear", align_corners=False),
+                             *args[1:]))
+    return model

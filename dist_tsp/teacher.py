@@ -17,7 +17,7 @@ from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, Normalizer, PeerBatches, mixed_seed
 from dist_tsp.evaluation import count_correct
 from dist_tsp.exchange import all_gather_cat, all_reduce, group_size
-from dist_tsp.models import build_model
+from dist_tsp.models import build_model, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 
 
@@ -40,8 +40,10 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
                     ) -> tuple[nn.Module, TeacherInfo]:
     """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen."""
     torch.manual_seed(mixed_seed(cfg.seed, -1))
-    model = build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).to(accelerator.device)
     path = teacher_path(cfg)
+    with accelerator.main_process_first():  # a weights download happens once
+        model = build_teacher(cfg, data.num_classes, pretrained=not path.is_file(),
+                              verbose=accelerator.is_main_process).to(accelerator.device)
     if not path.is_file():
         trained = _fit(model, cfg, data, normalize, accelerator)
         if accelerator.is_main_process:
@@ -65,6 +67,16 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
                        test_acc=test_acc)
     return model, info
+
+
+def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose: bool = False) -> nn.Module:
+    """The configured teacher architecture with its input resize, and its pretrained weights if asked for."""
+    model = build_model(cfg.teacher.model, num_classes, **cfg.teacher.args)
+    if pretrained and cfg.teacher.weights is not None:
+        fresh = load_pretrained(model, cfg.teacher.model, cfg.teacher.weights)
+        if verbose:
+            print(f"teacher: {cfg.teacher.weights} weights loaded; re-initialised: {', '.join(fresh) or 'nothing'}")
+    return scale_inputs(model, cfg.teacher.input_scale)
 
 
 def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator) -> nn.Module:

@@ -1,0 +1,67 @@
+"""The paper's teacher recipe: pretrained weights (torchvision's ImageNet ones or a file) and resized inputs."""
+
+import urllib.error
+
+import pytest
+import torch
+
+from dist_tsp.config import validate_config
+from dist_tsp.models import ModelError, build_model
+from dist_tsp.teacher import build_teacher
+from tests.runs import TINY, launch
+
+
+def config(**teacher):
+    return validate_config({"students": [{"name": "a", "model": "lenet"}], "teacher": teacher})
+
+
+def imagenet_like_file(tmp_path, model="resnet18"):
+    torch.manual_seed(1)
+    state = build_model(model, 1000).state_dict()
+    torch.save(state, tmp_path / "weights.pth")
+    return tmp_path / "weights.pth", state
+
+
+def test_weights_file_is_loaded_and_the_head_reinitialised_for_the_classes(tmp_path):
+    path, state = imagenet_like_file(tmp_path)
+    teacher = build_teacher(config(model="resnet18", weights=str(path)), 10, pretrained=True)
+    assert torch.equal(teacher.conv1.weight, state["conv1.weight"])
+    assert torch.equal(teacher.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert teacher.fc.weight.shape == (10, 512)
+
+
+def test_input_scale_resizes_only_the_teachers_input(tmp_path):
+    seen = []
+    teacher = build_teacher(config(model="resnet_cifar", args={"depth": 8}, input_scale=7), 10, pretrained=False)
+    teacher.features[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].shape))
+    assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert seen == [torch.Size([2, 3, 224, 224])]
+
+
+def test_imagenet_weights_offline_say_how_to_use_a_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", offline)
+    with pytest.raises(ModelError, match=r"cannot download ImageNet weights for 'resnet18' .*teacher.weights=/path"):
+        build_teacher(config(model="resnet18", weights="imagenet"), 10, pretrained=True)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("/nonexistent/w.pth", r"teacher.weights file /nonexistent/w.pth does not exist"),
+    ("lenet", r"weights .* do not fit model 'resnet18': unexpected entries"),
+])
+def test_bad_weights_are_reported_in_one_line(tmp_path, weights, message):
+    if weights == "lenet":
+        weights, _ = imagenet_like_file(tmp_path, "lenet")
+    with pytest.raises(ModelError, match=message):
+        build_teacher(config(model="resnet18", weights=str(weights)), 10, pretrained=True)
+
+
+@pytest.mark.slow
+def test_teacher_fine_tunes_from_a_weights_file_at_a_larger_input_size(tmp_path):
+    torch.save(build_model("resnet_cifar", 1000, depth=8, width=8).state_dict(), tmp_path / "w.pth")
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", *TINY, "train.max_steps=2",
+                   f"teacher.weights={tmp_path / 'w.pth'}", "teacher.input_scale=2"])
+    assert "re-initialised: fc.bias, fc.weight" in done.stdout
+    assert (tmp_path / "run" / "results.json").is_file()
