@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,8 +58,7 @@ class Dataset:
 
     def to(self, device: torch.device) -> Dataset:
         val = None if self.val is None else self.val.to(device)
-        return Dataset(self.name, self.train.to(device), val, self.test.to(device), self.classes,
-                       self.mean, self.std, self.hflip)
+        return dataclasses.replace(self, train=self.train.to(device), val=val, test=self.test.to(device))
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
