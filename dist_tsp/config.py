@@ -87,13 +87,18 @@ class TeacherConfig(ModelSpec):
     `weights` starts that training from pretrained weights: `imagenet` (torchvision's weights, downloaded)
     or a state-dict file; the classifier head is re-initialised for the dataset's classes.
     `input_scale` resizes the teacher's inputs on the device (paper: 7, 32 -> 224); students keep theirs.
+    `mode` is how each step gets the teacher's logits (all give the same logits):
+    replicated (every rank runs the whole batch), sharded (1/G of the batch per rank, all-gathered),
+    cached (computed once per epoch's augmented views, stored under `cache_dir`, then read),
+    fsdp / deepspeed (batch-sharded, with the parameters sharded 1/W over the ranks: FSDP2 or ZeRO-3).
     """
 
     model: str = "resnet_cifar"
     weights: str | None = None
     input_scale: int = Field(1, ge=1, le=16)
     checkpoint: Path | None = None
-    mode: Literal["replicated", "sharded"] = "sharded"
+    mode: Literal["replicated", "sharded", "cached", "fsdp", "deepspeed"] = "sharded"
+    cache_dir: Path | None = None
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
     optimizer: OptimConfig = Field(
@@ -174,7 +179,8 @@ class RunConfig(Section):
         for key in ("output_dir", "resume", "tracking"):
             tree.pop(key)
         tree["data"].pop("eval_batch_size")
-        tree["teacher"].pop("mode")
+        for key in ("mode", "cache_dir"):
+            tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
                     "profile"):
             tree["train"].pop(key)

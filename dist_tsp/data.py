@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from dist_tsp.config import DataConfig
 from dist_tsp.errors import UserError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+VIEW_STREAM = 0x5EED  # seeds the per-sample augmentation, apart from the sample order
 
 
 class DataError(UserError):
@@ -185,12 +187,21 @@ class Normalizer:
         return (images.float() - self.mean) / self.std
 
 
+class Batch(NamedTuple):
+    """One step's input: normalized images and labels on the device, and the sample indices on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
 class PeerBatches:
     """One replica's batches: identical on every rank of a peer group, disjoint across replicas.
 
-    The sample order and the augmentation depend only on (seed, epoch, replica, step), never on
-    the rank. Augmentation is a random crop with zero padding plus an optional horizontal flip,
-    done on the device as a single gather per batch.
+    The sample order depends only on (seed, epoch, replica), never on the rank. Augmentation is a
+    random crop with zero padding plus an optional horizontal flip, drawn per sample and epoch from
+    (seed, epoch) alone (so a sample's view is the same whatever the placement, and a teacher-logit
+    cache can replay it), and done on the device as a single gather per batch.
     """
 
     def __init__(self, data: ImageSet, *, batch_size: int, num_replicas: int, replica: int, seed: int,
@@ -208,28 +219,36 @@ class PeerBatches:
     def __len__(self) -> int:
         return len(self.data) // self.num_replicas // self.batch_size
 
-    def epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """This replica's sample indices [steps, B] and crop offsets [steps, B, 2] / flips [steps, B]."""
-        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch))
-        order = torch.randperm(len(self.data), generator=generator)
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """This replica's sample indices for every step of the epoch [steps, B] (on the CPU)."""
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(mixed_seed(self.seed, epoch)))
         steps, b = len(self), self.batch_size
-        shard = order[self.replica :: self.num_replicas][: steps * b].view(steps, b)
-        if not self.augment:
-            return shard, None, None
-        generator.manual_seed(mixed_seed(self.seed, epoch, self.replica))
-        offsets = torch.randint(0, 2 * self.pad + 1, (steps, b, 2), generator=generator)
-        flips = torch.rand(steps, b, generator=generator) < 0.5 if self.hflip else None
-        return shard, offsets, flips
+        return order[self.replica :: self.num_replicas][: steps * b].view(steps, b)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (normalized images, labels) for every step of the epoch from `start_step`."""
+    def epoch_views(self, epoch: int) -> Views | None:
+        """Every sample's crop offset [N, 2] and flip [N] in this epoch, on the data's device (None: no augment)."""
+        if not self.augment:
+            return None
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM))
+        offsets = torch.randint(0, 2 * self.pad + 1, (len(self.data), 2), generator=generator)
+        flips = torch.rand(len(self.data), generator=generator) < 0.5 if self.hflip else None
         device = self.data.images.device
-        shard, offsets, flips = (None if t is None else t.to(device) for t in self.epoch_plan(epoch))
-        for step in range(start_step, len(shard)):
-            images = self.data.images[shard[step]]
-            if offsets is not None:
-                images = self._crop_flip(images, offsets[step], None if flips is None else flips[step])
-            yield self.normalize(images), self.data.labels[shard[step]]
+        return Views(offsets.to(device), None if flips is None else flips.to(device))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """Yield the batches of the epoch from `start_step`."""
+        order, views = self.epoch_order(epoch), self.epoch_views(epoch)
+        shard = order.to(self.data.images.device)
+        for step in range(start_step, len(order)):
+            yield Batch(self.view(shard[step], views), self.data.labels[shard[step]], order[step])
+
+    def view(self, indices: torch.Tensor, views: Views | None) -> torch.Tensor:
+        """The normalized (augmented, when `views` is given) images of samples `indices` (on the data's device)."""
+        images = self.data.images[indices]
+        if views is not None:
+            flips = None if views.flips is None else views.flips[indices]
+            images = self._crop_flip(images, views.offsets[indices], flips)
+        return self.normalize(images)
 
     def _crop_flip(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
         b, c, h, w = images.shape
@@ -241,6 +260,13 @@ class PeerBatches:
         batch = torch.arange(b, device=images.device)[:, None, None, None]
         channel = torch.arange(c, device=images.device)[None, :, None, None]
         return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Views(NamedTuple):
+    """Per-sample augmentation of one epoch: crop offsets [N, 2] and horizontal flips [N] (or None)."""
+
+    offsets: torch.Tensor
+    flips: torch.Tensor | None
 
 
 def eval_batches(data: ImageSet, batch_size: int, normalize: Normalizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

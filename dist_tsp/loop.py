@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
+from dist_tsp.data import Batch, Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
 from dist_tsp.errors import NonFiniteLoss, Preempted
 from dist_tsp.evaluation import count_correct
 from dist_tsp.exchange import all_gather_cat, all_reduce
@@ -26,7 +26,8 @@ from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.profiling import StepProfiler
-from dist_tsp.teacher import TeacherInfo, TeacherLogits
+from dist_tsp.teacher import TeacherInfo
+from dist_tsp.teacher_modes import TeacherLogits
 from dist_tsp.tracking import Tracker
 
 TRAIN_METRICS = ("loss", "ce", "kd", "peer", "acc")
@@ -126,8 +127,10 @@ class StudentTrainer:
     def _train_epoch(self, epoch: int, step: int) -> int:
         """The rest of one epoch from global `step`: log, checkpoint and obey signals at step boundaries."""
         steps_per_epoch, every = len(self.batches), self.cfg.train.checkpoint_every
-        for images, labels in self.profiler.timed_batches(self.batches.epoch(epoch, step % steps_per_epoch)):
-            self.train_step(images, labels)
+        if self._uses_teacher:
+            self.teacher.start_epoch(epoch)
+        for batch in self.profiler.timed_batches(self.batches.epoch(epoch, step % steps_per_epoch)):
+            self.train_step(batch)
             step += 1
             self.bar.update()
             epoch_done = step % steps_per_epoch == 0 or step == self.total_steps
@@ -145,12 +148,17 @@ class StudentTrainer:
         if self.stop_agreed and step < self.total_steps:
             raise Preempted(f"stopped by a signal at step {step}; checkpoint written: rerun the same command to resume")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    @property
+    def _uses_teacher(self) -> bool:
+        return self.teacher is not None and self.cfg.loss.beta > 0
+
+    def train_step(self, batch: Batch) -> None:
         """One TSP step for this rank's students on the peer group's batch."""
         loss_cfg = self.cfg.loss
         profiler = self.profiler
+        images, labels = batch.images, batch.labels
         with profiler.section("teacher"):
-            teacher_logits = self.teacher(images) if self.teacher is not None and loss_cfg.beta > 0 else None
+            teacher_logits = self.teacher(batch) if self._uses_teacher else None
         with profiler.section("forward"):
             outputs = []
             for k, student in enumerate(self.students):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,14 +14,14 @@ from dist_tsp.config import RunConfig
 from dist_tsp.teacher import TeacherInfo
 
 
-def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[str, dict[str, float]]
-                  ) -> dict[str, Any]:
-    """The results.json document: the teacher and every student's final accuracies."""
+def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[str, dict[str, float]],
+                  teacher_cache: dict[str, Any]) -> dict[str, Any]:
+    """The results.json document: the teacher (with its mode, memory and logit cache) and every student's
+    final accuracies."""
     val = accuracies.get("val", {})
     students = {s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": val.get(s.name)}
                 for s in cfg.students}
-    teacher_entry = None if teacher is None else {"name": teacher.name, "test_acc": teacher.test_acc,
-                                                  "checkpoint": teacher.checkpoint}
+    teacher_entry = None if teacher is None else {**dataclasses.asdict(teacher), "cache": teacher_cache or None}
     return {"teacher": teacher_entry, "students": students, "loss": cfg.loss.model_dump(mode="json"),
             "dataset": cfg.data.name, "seed": cfg.seed}
 

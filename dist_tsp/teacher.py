@@ -1,4 +1,4 @@
-"""The teacher: trained data-parallel over every rank (or loaded), then frozen; its logits per step."""
+"""The teacher: trained data-parallel over every rank (or loaded), frozen, evaluated; its logits per step."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Dataset, Normalizer, PeerBatches, mixed_seed
-from dist_tsp.evaluation import count_correct
-from dist_tsp.exchange import all_gather_cat, all_reduce, group_size
+from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, eval_batches, mixed_seed
+from dist_tsp.exchange import all_gather_cat
+from dist_tsp.logit_cache import CachedLogits, cache_key
 from dist_tsp.models import build_model, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
+from dist_tsp.teacher_modes import PARAMETER_SHARDED, RunTeacher, TeacherLogits, local_parameter_bytes, shard_parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,9 @@ class TeacherInfo:
     checkpoint: str
     sha256: str
     test_acc: float
+    mode: str
+    parameter_bytes: int  # the whole teacher's
+    parameter_bytes_per_rank: list[int]  # what each rank holds (1/W of it when parameter-sharded)
 
 
 def teacher_path(cfg: RunConfig) -> Path:
@@ -38,13 +42,17 @@ def teacher_path(cfg: RunConfig) -> Path:
 
 def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
                     ) -> tuple[nn.Module, TeacherInfo]:
-    """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen."""
+    """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen
+    (parameter-sharded in the fsdp and deepspeed modes) with what results.json records about it."""
     torch.manual_seed(mixed_seed(cfg.seed, -1))
     path = teacher_path(cfg)
+    train_it = not path.is_file()
+    sharded_later = cfg.teacher.mode in PARAMETER_SHARDED and accelerator.num_processes > 1
     with accelerator.main_process_first():  # a weights download happens once
-        model = build_teacher(cfg, data.num_classes, pretrained=not path.is_file(),
-                              verbose=accelerator.is_main_process).to(accelerator.device)
-    if not path.is_file():
+        model = build_teacher(cfg, data.num_classes, pretrained=train_it, verbose=accelerator.is_main_process)
+    # A teacher to be parameter-sharded is loaded in host memory: only its shard goes to the device.
+    model.to(accelerator.device if train_it or not sharded_later else "cpu")
+    if train_it:
         trained = _fit(model, cfg, data, normalize, accelerator)
         if accelerator.is_main_process:
             checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
@@ -60,13 +68,40 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
             f"{data.num_classes}: point teacher.checkpoint to a teacher trained on this dataset")
     checkpoint.load_weights(model, saved["model"], path, "teacher")
     model.eval().requires_grad_(False)
-    correct = count_correct([model], data.test, shard=accelerator.process_index, num_shards=accelerator.num_processes,
-                            batch_size=cfg.data.eval_batch_size, normalize=normalize, autocast=accelerator.autocast)
+    full_bytes = local_parameter_bytes(model)
+    if sharded_later:
+        model = shard_parameters(model, cfg.teacher.mode, accelerator.device)
     world = dist.group.WORLD if accelerator.num_processes > 1 else None
-    test_acc = all_reduce(correct, world).item() / len(data.test)
+    on_all_ranks = RunTeacher(model, group=world, sharded=True, autocast=accelerator.autocast)
+    per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world)
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
-                       test_acc=test_acc)
+                       test_acc=_accuracy(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize),
+                       mode=cfg.teacher.mode, parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
     return model, info
+
+
+def _accuracy(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> float:
+    """Test accuracy, each batch split over all ranks (every rank runs the same number of forwards)."""
+    correct = sum((teacher.logits(images).argmax(-1) == labels).sum().item()
+                  for images, labels in eval_batches(test, batch_size, normalize))
+    return correct / len(test)
+
+
+def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, normalize: Normalizer,
+                   peer_group: dist.ProcessGroup | None, accelerator: Accelerator) -> TeacherLogits:
+    """The configured mode's per-step source of teacher logits."""
+    if cfg.teacher.mode != "cached":
+        return RunTeacher(model, group=peer_group, sharded=cfg.teacher.mode != "replicated",
+                          autocast=accelerator.autocast)
+    views = PeerBatches(data.train, batch_size=1, num_replicas=1, replica=0, seed=cfg.seed,
+                        augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
+    world = dist.group.WORLD if accelerator.num_processes > 1 else None
+    return CachedLogits.under(
+        cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
+        cache_key(cfg, info.sha256, views, accelerator.mixed_precision),
+        teacher=RunTeacher(model, group=world, sharded=True, autocast=accelerator.autocast), views=views,
+        batch_size=cfg.data.eval_batch_size, device=accelerator.device,
+        writer=accelerator.is_local_main_process, verbose=accelerator.is_main_process)
 
 
 def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose: bool = False) -> nn.Module:
@@ -90,7 +125,7 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, normalize: Normalizer,
     model.train()
     with tqdm(total=total, desc="teacher", disable=not accelerator.is_main_process) as bar:
         for epoch in range(cfg.teacher.epochs):
-            for images, labels in batches.epoch(epoch):
+            for images, labels, _ in batches.epoch(epoch):
                 with accelerator.autocast():
                     loss = F.cross_entropy(model(images).float(), labels)
                 accelerator.backward(loss)
@@ -101,27 +136,3 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, normalize: Normalizer,
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     return model
-
-
-class TeacherLogits:
-    """Teacher logits for a peer group's batch: computed whole ("replicated") or 1/G per rank and
-    all-gathered ("sharded")."""
-
-    def __init__(self, teacher: nn.Module, *, mode: str, peer_group: dist.ProcessGroup | None, peer_rank: int,
-                 autocast) -> None:
-        self.teacher, self.peer_group, self.peer_rank, self.autocast = teacher, peer_group, peer_rank, autocast
-        self.sharded = mode == "sharded" and group_size(peer_group) > 1
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.sharded:
-            with self.autocast():
-                return self.teacher(images)
-        batch = images.shape[0]
-        share = -(-batch // group_size(self.peer_group))  # ceil: the last slice is zero-padded
-        mine = images[self.peer_rank * share : (self.peer_rank + 1) * share]
-        if mine.shape[0] < share:
-            mine = torch.cat([mine, mine.new_zeros((share - mine.shape[0], *mine.shape[1:]))])
-        with self.autocast():
-            logits = self.teacher(mine)
-        return all_gather_cat(logits, self.peer_group)[:batch]

@@ -22,7 +22,8 @@ from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_results
-from dist_tsp.teacher import TeacherLogits, prepare_teacher, teacher_path
+from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
+from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
 
@@ -40,6 +41,7 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     cfg = load_config(args.config, args.overrides)
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     check_writable(cfg.output_dir)
+    check_teacher_launch(cfg)
     checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
     return cfg, placement
 
@@ -53,6 +55,15 @@ def check_writable(output_dir: Path) -> None:
         raise UserError(f"output_dir {output_dir}: {existing} is not writable; choose a path you can write")
 
 
+def check_teacher_launch(cfg: RunConfig) -> None:
+    """A DeepSpeed accelerate config is for teacher.mode=deepspeed, whose ZeRO settings it must allow."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and cfg.teacher.mode != "deepspeed":
+        raise UserError(f"launched with a DeepSpeed accelerate config but teacher.mode={cfg.teacher.mode}: add "
+                        "teacher.mode=deepspeed, or launch with configs/accelerate/cpu.yaml or gpu.yaml")
+    if cfg.teacher.mode == "deepspeed":
+        deepspeed_zero_settings()
+
+
 def stop_on_signals() -> threading.Event:
     """From now on SIGTERM/SIGUSR1 ask for a checkpoint at the next log step, then exit code 75 (requeue me)."""
     requested = threading.Event()
@@ -63,6 +74,8 @@ def stop_on_signals() -> threading.Event:
 
 def run(cfg: RunConfig, placement: Placement) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
+    # A DeepSpeed accelerate config's ZeRO settings serve the teacher (teacher_modes.py); the students stay on DDP.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg),
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
@@ -82,15 +95,14 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
     teacher, teacher_info = None, None
     if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
         model, teacher_info = prepare_teacher(cfg, data, normalize, accelerator)
-        teacher = TeacherLogits(model, mode=cfg.teacher.mode, peer_group=groups.peer, peer_rank=placement.peer_rank,
-                                autocast=accelerator.autocast)
+        teacher = teacher_logits(cfg, model, teacher_info, data, normalize, groups.peer, accelerator)
     # Signals checkpoint from the student phase on; before it (data, teacher) they stop the run as usual.
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
                              stop_on_signals())
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
-    results = build_results(cfg, teacher_info, trainer.train(start_step))
+    results = build_results(cfg, teacher_info, trainer.train(start_step), teacher.summary() if teacher else {})
     if accelerator.is_main_process:
         write_results(results, cfg.output_dir)
         print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")

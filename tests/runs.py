@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
 CPU3 = str(ROOT / "configs" / "accelerate" / "cpu.yaml")
+DEEPSPEED = str(ROOT / "configs" / "accelerate" / "deepspeed.yaml")
 TINY = [
     "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
     " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
@@ -20,11 +21,11 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def command(args: list[str], processes: int | None = None) -> list[str]:
+def command(args: list[str], processes: int | None = None, accelerate_config: str = CPU3) -> list[str]:
     """`python dist_tsp/train.py ARGS` or `accelerate launch --num_processes W ... ARGS`."""
     if processes is None:
         return [sys.executable, TRAIN, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU3,
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
             "--num_processes", str(processes), TRAIN, *args]
 
 
@@ -34,9 +35,11 @@ def start(args: list[str], processes: int | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def launch(args: list[str], processes: int | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def launch(args: list[str], processes: int | None = None, check: bool = True, accelerate_config: str = CPU3
+           ) -> subprocess.CompletedProcess:
     """Run to the end; raise with the output tails unless it exits 0 (when `check`)."""
-    done = subprocess.run(command(args, processes), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command(args, processes, accelerate_config), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=900)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done

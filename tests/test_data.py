@@ -26,11 +26,11 @@ def _batch_fingerprints(num_students: int):
     batches = digits_batches(placement.replica_index, placement.replicas)
     hashes, indices = [], []
     for epoch in (0, 1):
-        for step, (images, labels) in enumerate(batches.epoch(epoch)):
+        for step, (images, labels, _) in enumerate(batches.epoch(epoch)):
             if step == 3:
                 break
             hashes.append(hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())
-        indices.append(batches.epoch_plan(epoch)[0].flatten().tolist())
+        indices.append(batches.epoch_order(epoch).flatten().tolist())
     return {"replica": placement.replica_index, "hashes": hashes, "indices": indices}
 
 
@@ -47,9 +47,9 @@ def test_peer_group_sees_bit_identical_batches_and_replicas_disjoint_shards():
 
 def test_batches_depend_only_on_seed_epoch_step_and_replica():
     a, b = digits_batches(1, 2), digits_batches(1, 2)
-    first = [torch.cat([x.flatten(), y.float()]) for x, y in a.epoch(2)]
-    again = [torch.cat([x.flatten(), y.float()]) for x, y in b.epoch(2)]
-    resumed = [torch.cat([x.flatten(), y.float()]) for x, y in b.epoch(2, start_step=3)]
+    first = [torch.cat([x.flatten(), y.float()]) for x, y, _ in a.epoch(2)]
+    again = [torch.cat([x.flatten(), y.float()]) for x, y, _ in b.epoch(2)]
+    resumed = [torch.cat([x.flatten(), y.float()]) for x, y, _ in b.epoch(2, start_step=3)]
     assert all(torch.equal(p, q) for p, q in zip(first, again))
     assert all(torch.equal(p, q) for p, q in zip(first[3:], resumed))
     other_seed = next(iter(digits_batches(1, 2, seed=1).epoch(2)))[0]
@@ -58,16 +58,24 @@ def test_batches_depend_only_on_seed_epoch_step_and_replica():
 
 def test_augmentation_crops_and_flips_on_the_fly():
     plain, augmented = digits_batches(0, 1, augment=False), digits_batches(0, 1)
-    _, y_plain = next(iter(plain.epoch(0)))
-    x_aug, y_aug = next(iter(augmented.epoch(0)))
-    assert torch.equal(y_plain, y_aug)
-    shard, offsets, flips = augmented.epoch_plan(0)
-    assert offsets.shape == (*shard.shape, 2) and offsets.min() >= 0 and offsets.max() <= 2 * augmented.pad
+    _, y_plain, i_plain = next(iter(plain.epoch(0)))
+    x_aug, y_aug, i_aug = next(iter(augmented.epoch(0)))
+    assert torch.equal(y_plain, y_aug) and torch.equal(i_plain, i_aug)
+    offsets, flips = augmented.epoch_views(0)
+    assert offsets.shape == (len(augmented.data), 2) and offsets.min() >= 0 and offsets.max() <= 2 * augmented.pad
     assert 0.3 < flips.float().mean() < 0.7
-    p, (oy, ox) = augmented.pad, offsets[0, 0].tolist()
-    raw = torch.nn.functional.pad(augmented.data.images[shard[0, 0]], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
-    expected = augmented.normalize((raw.flip(-1) if flips[0, 0] else raw)[None])[0]
+    sample = i_aug[0]
+    p, (oy, ox) = augmented.pad, offsets[sample].tolist()
+    raw = torch.nn.functional.pad(augmented.data.images[sample], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
+    expected = augmented.normalize((raw.flip(-1) if flips[sample] else raw)[None])[0]
     assert torch.equal(x_aug[0], expected)
+
+
+def test_a_samples_view_depends_on_seed_and_epoch_not_on_the_replica():
+    one, two = digits_batches(0, 1), digits_batches(1, 2)
+    images, _, indices = next(iter(two.epoch(3)))
+    assert torch.equal(images, one.view(indices, one.epoch_views(3)))
+    assert not torch.equal(images, one.view(indices, one.epoch_views(4)))
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error():

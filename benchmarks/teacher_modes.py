@@ -1,0 +1,145 @@
+"""Teacher time per training step and teacher memory per rank, in every teacher.mode, for W = 1, 2, 3.
+
+    python benchmarks/teacher_modes.py                  # CPU, W = 1, 2, 3 (gloo), a ResNet-20 teacher
+    python benchmarks/teacher_modes.py --quick          # tiny (what CI runs)
+    python benchmarks/teacher_modes.py --teacher resnet50 --gpu   # one process per GPU (NCCL)
+
+For each W, one real `accelerate launch` of W processes (one student's place per rank, W peers)
+runs this file with --worker: every mode builds the teacher as a run does (dist_tsp.teacher), then
+times --steps calls for a batch of --batch images (after warm-up), the slowest rank counting. The
+cached mode's one-off cost (computing an epoch of logits over all ranks) is shown apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")
+ADVICE = """Which mode when:
+- cached: the teacher is fixed and the same views recur (sweeps, seeds sharing teacher.cache_dir): the step pays
+  only a read; its one-off cost is one teacher pass per epoch, split over all ranks.
+- sharded (default): the teacher fits every device; each rank runs 1/G of the batch and one all-gather joins it.
+- replicated: a single rank, or a teacher so small that the all-gather costs more than the forward it saves.
+- fsdp / deepspeed: the teacher does not fit one device; each rank holds 1/W of its parameters and gathers them
+  layer by layer in the forward (more communication per step). DeepSpeed adds CPU/NVMe parameter offload."""
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: every mode's teacher time per step and bytes held; rank 0 writes the JSON."""
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from dist_tsp import checkpoint
+    from dist_tsp.config import load_config
+    from dist_tsp.data import Batch, Normalizer, load_dataset
+    from dist_tsp.models import build_model
+    from dist_tsp.placement import Groups, Placement
+    from dist_tsp.teacher import prepare_teacher, teacher_logits
+
+    accelerator = Accelerator(cpu=not args.gpu)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    placement = Placement(world_size=world, rank=rank, num_students=world)
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    teacher_file = args.work_dir / f"{args.teacher}.pt"
+    teacher_args = {"depth": 20, "width": 16} if args.teacher == "resnet_cifar" else {}
+    if accelerator.is_main_process and not teacher_file.is_file():
+        checkpoint.save_atomic({"model": build_model(args.teacher, 10, **teacher_args).state_dict()}, teacher_file)
+    accelerator.wait_for_everyone()
+    students = ", ".join(f"{{name: s{i}, model: lenet}}" for i in range(world))
+    rows = []
+    for mode in args.modes:
+        cfg = load_config(None, [
+            f"students=[{students}]", f"output_dir={args.work_dir / f'W{world}-{mode}'}", f"teacher.model={args.teacher}",
+            f"teacher.args={json.dumps(teacher_args)}", f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
+            f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", f"data.batch_size={args.batch}"])
+        data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
+        normalize = Normalizer(data.mean, data.std, accelerator.device)
+        model, info = prepare_teacher(cfg, data, normalize, accelerator)
+        source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
+        started = time.perf_counter()
+        source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes
+        one_off = time.perf_counter() - started
+        indices = torch.arange(args.batch)
+        batch = Batch(normalize(data.train.images[indices.to(accelerator.device)]), data.train.labels[indices], indices)
+        for _ in range(3):
+            source(batch)
+        synchronize(accelerator.device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            source(batch)
+        synchronize(accelerator.device)
+        step_ms = torch.tensor([1000 * (time.perf_counter() - started) / args.steps], device=accelerator.device)
+        if world > 1:
+            dist.all_reduce(step_ms, op=dist.ReduceOp.MAX)
+        rows.append({"mode": mode, "world": world, "step_ms": step_ms.item(), "one_off_s": one_off,
+                     "bytes_full": info.parameter_bytes, "bytes_per_rank": info.parameter_bytes_per_rank})
+        del model, source
+    if accelerator.is_main_process:
+        (args.work_dir / f"W{world}.json").write_text(json.dumps(rows))
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def launch(world: int, args: argparse.Namespace) -> list[dict]:
+    """One `accelerate launch` of W workers; their rows."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
+                str(world), "--mixed_precision", "no"]
+    launcher += ["--multi_gpu"] if args.gpu and world > 1 else []
+    launcher += [] if args.gpu or world == 1 else ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
+    launcher += ["--cpu"] if not args.gpu and world == 1 else []
+    command = [*launcher, __file__, "--worker", "--work-dir", str(args.work_dir), "--teacher", args.teacher,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes,
+               *(["--gpu"] if args.gpu else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"benchmark launch with W={world} failed:\n{done.stderr[-4000:]}")
+    return json.loads((args.work_dir / f"W{world}.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny: a small teacher, W = 1 and 3, few steps")
+    parser.add_argument("--gpu", action="store_true", help="one process per GPU (NCCL)")
+    parser.add_argument("--teacher", default="resnet_cifar", help="a registry model (default: ResNet-20 for CIFAR)")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128, help="images per step (one peer group's batch)")
+    parser.add_argument("--work-dir", type=Path, help="keep teacher, caches and JSON here (default: a temp folder)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-teacher-bench-"))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.worlds, args.steps, args.batch = [1, 3], 3, 48
+    rows = [row for world in args.worlds for row in launch(world, args)]
+    table = [[r["mode"], r["world"], f"{r['step_ms']:.1f}", f"{r['one_off_s']:.1f}" if r["mode"] == "cached" else "-",
+              f"{r['bytes_full'] / 2**20:.2f}", f"{max(r['bytes_per_rank']) / 2**20:.2f}",
+              f"{max(r['bytes_per_rank']) / r['bytes_full']:.2f}"] for r in sorted(rows, key=lambda r: r["world"])]
+    print(f"Teacher {args.teacher}, batch {args.batch}, {args.steps} timed steps, slowest rank\n")
+    print(tabulate(table, headers=["mode", "W", "teacher ms/step", "cache build s/epoch", "teacher MiB",
+                                   "MiB per rank", "share"], tablefmt="github"))
+    print(f"\n{ADVICE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""teacher.mode=cached: the teacher's logits for every sample's view of an epoch, computed once, then read.
+
+A sample's augmented view depends only on (seed, epoch, sample) (see PeerBatches.epoch_views), so
+the cache replays exactly the view each student sees: the logits of epoch e are computed on the
+views of epoch e, batch-sharded over all ranks, and stored as one memory-mapped .npy per epoch
+(one file in all when augmentation is off). The folder is named by a hash of everything the logits
+depend on (teacher file, teacher model and input scale, training images and labels, augmentation,
+seed, precision), so runs that share `teacher.cache_dir` reuse it and a changed input never
+matches a stale file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from dist_tsp.config import RunConfig
+from dist_tsp.data import Batch, PeerBatches
+from dist_tsp.teacher_modes import RunTeacher
+
+
+def cache_key(cfg: RunConfig, teacher_sha256: str, batches: PeerBatches, mixed_precision: str) -> dict:
+    """Everything the cached logits depend on."""
+    train = batches.data
+    content = hashlib.sha256(train.images.cpu().numpy().tobytes())
+    content.update(train.labels.cpu().numpy().tobytes())
+    return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
+            "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
+            "augment": batches.augment, "hflip": batches.hflip, "pad": batches.pad, "seed": batches.seed,
+            "mixed_precision": mixed_precision}
+
+
+class CachedLogits:
+    """Per step, the cached rows of the batch's samples for the current epoch."""
+
+    def __init__(self, folder: Path, key: dict, teacher: RunTeacher, views: PeerBatches, *, batch_size: int,
+                 device: torch.device, writer: bool, verbose: bool) -> None:
+        """`teacher` must be batch-sharded over all ranks; `writer` ranks store what is computed."""
+        self.folder, self.key, self.teacher, self.views = folder, key, teacher, views
+        self.batch_size, self.device, self.writer, self.verbose = batch_size, device, writer, verbose
+        self.computed: list[int] = []
+        self.reused: list[int] = []
+        self.current: np.ndarray | None = None
+
+    @classmethod
+    def under(cls, root: Path, key: dict, **kwargs) -> CachedLogits:
+        """The cache for `key` inside `root` (a folder per key)."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return cls(root / digest, key, **kwargs)
+
+    def path(self, epoch: int) -> Path:
+        return self.folder / (f"epoch_{epoch:04d}.npy" if self.views.augment else "all_epochs.npy")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Compute the epoch's logits if no run has yet (every rank takes part), then map them."""
+        path = self.path(epoch)
+        exists = torch.tensor([float(path.is_file())])
+        if dist.is_initialized():  # decide together: a rank that sees no file must not compute alone
+            dist.all_reduce(exists, op=dist.ReduceOp.MIN)
+        if exists.item():
+            self.reused.append(epoch)
+        else:
+            self._compute(epoch, path)
+            self.computed.append(epoch)
+        self.current = np.load(path, mmap_mode="r")
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        rows = self.current[batch.indices.numpy()]
+        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+
+    def _compute(self, epoch: int, path: Path) -> None:
+        views = self.views.epoch_views(epoch)
+        size = len(self.views.data)
+        indices = torch.arange(size, device=self.views.data.images.device)
+        chunks = range(0, size, self.batch_size)
+        logits = [self.teacher.logits(self.views.view(indices[i : i + self.batch_size], views)).float().cpu()
+                  for i in tqdm(chunks, desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
+        if self.writer:
+            self._write(torch.cat(logits).numpy(), path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _write(self, logits: np.ndarray, path: Path) -> None:
+        """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key_file = self.folder / "key.json"
+        if not key_file.is_file():
+            _replace(key_file, lambda f: f.write(json.dumps(self.key, indent=1).encode()))
+        _replace(path, lambda f: np.save(f, logits))
+
+    def summary(self) -> dict:
+        """For results.json: where the cache is and which epochs this run computed or reused."""
+        return {"path": str(self.folder), "computed_epochs": self.computed, "reused_epochs": self.reused}
+
+
+def _replace(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

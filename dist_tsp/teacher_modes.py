@@ -1,0 +1,138 @@
+"""How a step gets the frozen teacher's logits for its peer group's batch, in each `teacher.mode`.
+
+- replicated: every rank runs the teacher on the whole batch.
+- sharded: each of the G peer ranks runs 1/G of the batch; one all-gather assembles [B, C].
+- fsdp / deepspeed: sharded as above, and the teacher's parameters are also split 1/W over all
+  ranks (FSDP2 `fully_shard`, or DeepSpeed ZeRO stage 3), gathered layer by layer in the forward.
+- cached: read from a logit cache built once per epoch (dist_tsp/logit_cache.py).
+
+All modes give the same logits; tests/test_teacher_modes.py compares them on 3 ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_tsp.data import Batch
+from dist_tsp.errors import UserError
+from dist_tsp.exchange import all_gather_cat, group_size
+
+PARAMETER_SHARDED = ("fsdp", "deepspeed")
+
+
+class TeacherLogits(Protocol):
+    """The teacher's logits [B, C] for a batch every rank of the peer group holds."""
+
+    def start_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, batch: Batch) -> torch.Tensor: ...
+
+    def summary(self) -> dict: ...
+
+
+class RunTeacher:
+    """Run the teacher every step: on the whole batch, or on this rank's 1/G slice of it and all-gather."""
+
+    def __init__(self, teacher: nn.Module, *, group: dist.ProcessGroup | None, sharded: bool, autocast) -> None:
+        self.teacher, self.group, self.autocast = teacher, group, autocast
+        self.sharded = sharded and group_size(group) > 1
+        self.rank = dist.get_rank(group) if self.sharded else 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Nothing to prepare: the teacher runs every step."""
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        return self.logits(batch.images)
+
+    def summary(self) -> dict:
+        """Nothing cached: results.json's teacher.cache stays empty."""
+        return {}
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of `images` (the same on every rank of the group); every rank of the group must call it."""
+        if not self.sharded:
+            with self.autocast():
+                return self.teacher(images)
+        batch = images.shape[0]
+        share = -(-batch // group_size(self.group))  # ceil: the last slice is zero-padded
+        mine = images[self.rank * share : (self.rank + 1) * share]
+        if mine.shape[0] < share:
+            mine = torch.cat([mine, mine.new_zeros((share - mine.shape[0], *mine.shape[1:]))])
+        with self.autocast():
+            logits = self.teacher(mine)
+        return all_gather_cat(logits, self.group)[:batch]
+
+
+def shard_parameters(teacher: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """Split a frozen teacher's parameters over all ranks (fsdp or deepspeed); other modes keep it whole."""
+    if mode == "fsdp":
+        return _fully_shard(teacher, device)
+    if mode == "deepspeed":
+        return _zero3(teacher, device)
+    return teacher
+
+
+def _fully_shard(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over every rank: each block holding >= 1/16 of the parameters is its own unit (bounded peak)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    total = sum(p.numel() for p in teacher.parameters())
+
+    def shard_blocks(module: nn.Module) -> int:
+        """Make units bottom-up; return the parameters of `module` not yet in a unit."""
+        left = sum(p.numel() for p in module.parameters(recurse=False))
+        left += sum(shard_blocks(child) for child in module.children())
+        if module is not teacher and left * 16 >= total:
+            fully_shard(module, mesh=mesh)
+            return 0
+        return left
+
+    shard_blocks(teacher)
+    fully_shard(teacher, mesh=mesh)
+    return teacher
+
+
+def deepspeed_zero_settings() -> dict:
+    """ZeRO settings from an `accelerate launch` DeepSpeed config (configs/accelerate/deepspeed.yaml), else stage 3."""
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"))
+    if stage != 3:
+        raise UserError(f"teacher.mode=deepspeed shards the teacher's parameters, which needs ZeRO stage 3, but the "
+                        f"accelerate config sets zero_stage: {stage}: set zero_stage: 3")
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    settings = {"stage": 3, "stage3_param_persistence_threshold": 0}  # shard even the small tensors: 1/W per rank
+    if offload != "none":
+        settings["offload_param"] = {"device": offload}
+    return settings
+
+
+def _zero3(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """DeepSpeed ZeRO-3 inference engine over the existing process group (no optimizer)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    engine, *_ = deepspeed.initialize(
+        model=teacher, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": deepspeed_zero_settings()})
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine
+
+
+def local_parameter_bytes(teacher: nn.Module) -> int:
+    """Bytes of teacher parameters this rank holds (its shard when parameter-sharded)."""
+    total = 0
+    for p in teacher.parameters():
+        if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3: the local partition
+            local = p.ds_tensor
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor
+            local = p.to_local()
+        else:
+            local = p
+        total += local.numel() * local.element_size()
+    return total

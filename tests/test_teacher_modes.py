@@ -1,0 +1,159 @@
+"""The five teacher modes on 3 gloo ranks: the same logits as one process running the whole teacher,
+the parameter-sharded modes holding 1/W of the parameters per rank, and the logit cache reused."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_tsp import checkpoint
+from dist_tsp.config import load_config
+from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.models import build_model
+from dist_tsp.placement import Groups, Placement
+from dist_tsp.teacher import prepare_teacher, teacher_logits
+from tests.multiprocess import run_on_ranks
+from tests.runs import DEEPSPEED, TINY, launch, train_rows
+
+WORLD, BATCH, EPOCHS, STEPS = 3, 13, (0, 1), 2  # a batch of 13 over 3 ranks: the last slice is padded
+MODES = ("replicated", "sharded", "fsdp", "deepspeed", "cached")
+
+
+def teacher_file(path):
+    torch.manual_seed(3)
+    model = build_model("resnet_cifar", 10, depth=8, width=8)
+    checkpoint.save_atomic({"model": model.state_dict()}, path)
+    return path
+
+
+def config(tmp, mode: str):
+    return load_config(None, [
+        "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
+        f"output_dir={tmp / mode}", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.mode={mode}",
+        "teacher.args={depth: 8, width: 8}", f"teacher.cache_dir={tmp / 'cache'}", f"data.batch_size={BATCH}",
+        "data.eval_batch_size=100"])
+
+
+def _logits_in_modes(tmp, modes=MODES):
+    """Per mode: the logits of the first steps of two epochs, this rank's teacher bytes, the cache summary."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    placement = Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3)
+    groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    results = {}
+    for mode in modes:
+        cfg = config(tmp, mode)
+        data = load_dataset(cfg.data, cfg.seed)
+        normalize = Normalizer(data.mean, data.std, accelerator.device)
+        model, info = prepare_teacher(cfg, data, normalize, accelerator)
+        source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
+        batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed, augment=True,
+                              hflip=data.hflip, normalize=normalize)
+        logits, images = [], []
+        for epoch in EPOCHS:
+            source.start_epoch(epoch)
+            for step, batch in zip(range(STEPS), batches.epoch(epoch)):
+                logits.append(source(batch))
+                images.append(batch.images)
+        results[mode] = {"logits": torch.stack(logits).numpy(), "images": torch.stack(images).numpy(), "info": info,
+                         "summary": source.summary()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def every_mode(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("modes")
+    teacher_file(tmp / "teacher.pt")
+    return tmp, run_on_ranks(_logits_in_modes, WORLD, tmp, timeout=600)
+
+
+def single_process_logits(images: torch.Tensor, tmp) -> torch.Tensor:
+    model = build_model("resnet_cifar", 10, depth=8, width=8).eval()
+    model.load_state_dict(torch.load(tmp / "teacher.pt")["model"])
+    with torch.no_grad():
+        return torch.stack([model(batch) for batch in images])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_the_single_process_teachers_logits_on_every_rank(every_mode, mode):
+    tmp, ranks = every_mode
+    expected = single_process_logits(torch.from_numpy(ranks[0]["replicated"]["images"]), tmp)
+    for rank in ranks:
+        assert (rank[mode]["images"] == ranks[0]["replicated"]["images"]).all()  # one batch per peer group
+        torch.testing.assert_close(torch.from_numpy(rank[mode]["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
+def test_parameter_sharded_modes_hold_a_third_of_the_teacher_per_rank(every_mode, mode):
+    _, ranks = every_mode
+    info = ranks[0][mode]["info"]
+    held, full = info.parameter_bytes_per_rank, info.parameter_bytes
+    assert all(r[mode]["info"].parameter_bytes_per_rank == held for r in ranks)
+    assert sum(held) >= full  # every parameter is somewhere
+    assert max(held) <= 1.1 * full / WORLD + 4096  # and no rank holds much more than its third (plus padding)
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded", "cached"])
+def test_other_modes_hold_the_whole_teacher_on_every_rank(every_mode, mode):
+    _, ranks = every_mode
+    info = ranks[0][mode]["info"]
+    assert info.parameter_bytes_per_rank == [info.parameter_bytes] * WORLD
+
+
+def test_every_mode_reports_the_same_teacher_accuracy(every_mode):
+    _, ranks = every_mode
+    accuracies = {mode: ranks[0][mode]["info"].test_acc for mode in MODES}
+    assert max(accuracies.values()) - min(accuracies.values()) <= 2 / 360, accuracies  # <= 2 near-ties of 360
+
+
+def test_cache_is_computed_once_per_epoch_then_reused(every_mode):
+    tmp, ranks = every_mode
+    assert ranks[0]["cached"]["summary"]["computed_epochs"] == list(EPOCHS)
+    folder = tmp / "cache"
+    files = sorted(folder.glob("*/epoch_*.npy"))
+    assert [f.name for f in files] == ["epoch_0000.npy", "epoch_0001.npy"]
+    written = {f: f.stat().st_mtime_ns for f in files}
+    again = run_on_ranks(_logits_in_modes, WORLD, tmp, ("cached",))
+    for rank, before in zip(again, ranks):
+        summary = rank["cached"]["summary"]
+        assert summary["computed_epochs"] == [] and summary["reused_epochs"] == list(EPOCHS)
+        assert (rank["cached"]["logits"] == before["cached"]["logits"]).all()
+    assert {f: f.stat().st_mtime_ns for f in files} == written  # not rewritten
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory):
+    """Two accelerate launches (3 ranks) of the same run in cached mode, sharing one cache folder."""
+    tmp = tmp_path_factory.mktemp("cached")
+    common = ["--config", "configs/demo.yaml", *TINY, f"teacher.checkpoint={teacher_file(tmp / 'teacher.pt')}",
+              "teacher.mode=cached", f"teacher.cache_dir={tmp / 'cache'}"]
+    for run in ("first", "second"):
+        launch([*common, f"output_dir={tmp / run}"], processes=3)
+    return tmp
+
+
+def test_cached_mode_run_computes_each_epoch_once_and_a_second_run_reuses_them(cached_runs):
+    first, second = (json.loads((cached_runs / r / "results.json").read_text()) for r in ("first", "second"))
+    assert first["teacher"]["cache"]["computed_epochs"] == [0, 1] and first["teacher"]["cache"]["reused_epochs"] == []
+    assert second["teacher"]["cache"]["computed_epochs"] == [] and second["teacher"]["cache"]["reused_epochs"] == [0, 1]
+    assert first["students"] == second["students"]
+    assert train_rows(cached_runs / "first") == train_rows(cached_runs / "second")
+
+
+def test_deepspeed_accelerate_config_shards_the_teacher_and_trains_like_the_cached_run(cached_runs, tmp_path):
+    args = ["--config", "configs/demo.yaml", *TINY, f"teacher.checkpoint={cached_runs / 'teacher.pt'}",
+            "teacher.mode=deepspeed", f"output_dir={tmp_path}"]
+    launch(args, processes=3, accelerate_config=DEEPSPEED)
+    teacher = json.loads((tmp_path / "results.json").read_text())["teacher"]
+    assert teacher["mode"] == "deepspeed" and max(teacher["parameter_bytes_per_rank"]) < teacher["parameter_bytes"] / 2
+    for a, b in zip(train_rows(cached_runs / "first"), train_rows(tmp_path)):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
+def test_deepspeed_accelerate_config_without_the_deepspeed_mode_is_refused(tmp_path):
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}"], processes=3,
+                  accelerate_config=DEEPSPEED, check=False)
+    assert done.returncode != 0 and "DeepSpeed accelerate config but teacher.mode=sharded" in done.stderr
+    assert not (tmp_path / "run").exists()
