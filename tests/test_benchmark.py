@@ -14,7 +14,21 @@ def test_step_breakdown_quick_mode_prints_a_table_per_configuration(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "### tsp, teacher sharded, W=3 CPU" in done.stdout and "### Summary (slowest rank)" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("|      ")]
-    assert len(rows) == 1 + 3  # W=1: one rank, W=3: three ranks
+    assert len(rows) == 3  # W=3: three ranks
     for row in rows:
         step_ms = float(row.split("|")[10])
         assert step_ms > 0
+
+
+def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_parameter_sharded(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick", "--work-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    modes = ("replicated", "sharded", "cached", "fsdp", "deepspeed")
+    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in done.stdout.splitlines())
+            if len(cells) == 9 and cells[1].strip() in modes}
+    assert set(rows) == set(modes)
+    for mode, cells in rows.items():
+        teacher_ms, share = float(cells[3]), float(cells[7])
+        assert teacher_ms >= 0 and (share < 0.4 if mode in ("fsdp", "deepspeed") else share == 1.0)
+    assert "Which mode when" in done.stdout
