@@ -22,7 +22,8 @@ class StepProfiler:
 
     When enabled, each section synchronizes the device on entry and exit so that GPU time is
     charged to the section that queued it; "idle" is a barrier over the peer group just before
-    the exchange, i.e. the time this rank waits for its slowest peer.
+    the teacher and just before the exchange, i.e. the time this rank waits for its slowest peer
+    (which the teacher's and the exchange's collectives would otherwise absorb).
     """
 
     def __init__(self, enabled: bool, device: torch.device, warmup: int = 3) -> None:
