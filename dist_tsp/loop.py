@@ -157,9 +157,11 @@ class StudentTrainer:
         loss_cfg = self.cfg.loss
         profiler = self.profiler
         images, labels = batch.images, batch.labels
-        profiler.wait_for_peers(self.groups.peer)  # so the teacher's all-gather is not charged the peers' backward
-        with profiler.section("teacher"):
-            teacher_logits = self.teacher(batch) if self._uses_teacher else None
+        teacher_logits = None
+        if self._uses_teacher:
+            profiler.wait_for_peers(self.groups.peer)  # so the teacher's all-gather is not charged the peers' backward
+            with profiler.section("teacher"):
+                teacher_logits = self.teacher(batch)
         with profiler.section("forward"):
             outputs = []
             for k, student in enumerate(self.students):
