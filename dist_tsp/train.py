@@ -17,7 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
-from dist_tsp.data import Normalizer, load_dataset
+from dist_tsp.data import Dataset, Normalizer, load_dataset
 from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
@@ -30,18 +30,25 @@ from dist_tsp.tracking import Tracker, tracker_settings
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="the teacher stage alone: train (or load) and evaluate the teacher, save it to "
+                             "teacher.checkpoint, and stop; any number of processes")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides applied after the file, e.g. train.epochs=3 students.0.model=lenet")
     return parser.parse_args(argv)
 
 
-def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig, Placement]:
-    """Everything that can be checked before a process group or a dataset is touched."""
+def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig, Placement | None]:
+    """Everything that can be checked before a process group or a dataset is touched (no placement for
+    --teacher-only)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     check_writable(cfg.output_dir)
     check_teacher_launch(cfg)
+    if args.teacher_only:
+        check_writable(teacher_path(cfg).parent)
+        return cfg, None
+    placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
     return cfg, placement
 
@@ -72,20 +79,33 @@ def stop_on_signals() -> threading.Event:
     return requested
 
 
-def run(cfg: RunConfig, placement: Placement) -> dict:
-    """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
+def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, Normalizer]:
+    """The process group (through accelerate), the seed, and the dataset on this rank's device."""
     # A DeepSpeed accelerate config's ZeRO settings serve the teacher (teacher_modes.py); the students stay on DDP.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg),
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg) if trackers else None,
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
-    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
-    normalize = Normalizer(data.mean, data.std, accelerator.device)
+    return accelerator, data, Normalizer(data.mean, data.std, accelerator.device)
+
+
+def run_teacher_stage(cfg: RunConfig) -> None:
+    """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
+    accelerator, data, normalize = start(cfg, trackers=False)
+    _, info = prepare_teacher(cfg, data, normalize, accelerator)
+    if accelerator.is_main_process:
+        print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
+
+
+def run(cfg: RunConfig, placement: Placement) -> dict:
+    """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
+    accelerator, data, normalize = start(cfg, trackers=True)
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume == "off" and (previous := checkpoint.set_aside(cfg.output_dir)):
@@ -112,17 +132,20 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
 
 @record  # under torchrun/accelerate, the failure summary shows the failing rank's exception
 def main(argv: list[str] | None = None) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg, placement = plan(argv, int(os.environ.get("WORLD_SIZE", "1")), rank)
+        cfg, placement = plan(argv, world_size, rank)
     except UserError as error:  # every rank sees the same problem: say it once
         if rank == 0:
             print(f"dist-tsp: error: {error}", file=sys.stderr)
         sys.exit(2)
     try:
-        run(cfg, placement)
+        if placement is None:
+            run_teacher_stage(cfg)
+        else:
+            run(cfg, placement)
     except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
-        where = f" (rank {rank})" if placement.world_size > 1 else ""
+        where = f" (rank {rank})" if world_size > 1 else ""
         print(f"dist-tsp: error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as stopped:

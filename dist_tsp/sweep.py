@@ -1,0 +1,120 @@
+"""Sweeps (slurm/sweep.sh): a trials file with one line of config overrides per trial, each trial its own run in
+DIR/trial_N, and one table of every trial's results in DIR/sweep.md and DIR/sweep.csv.
+
+    python -m dist_tsp.sweep trial TRIALS DIR N   # trial N's overrides, one per line (N counts from 1)
+    python -m dist_tsp.sweep collect DIR          # (re)writes DIR/sweep.md and DIR/sweep.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import io
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from dist_tsp.errors import UserError
+
+RECORD = "trials.txt"  # the sweep's own copy of its trials file
+
+
+def read_trials(path: Path) -> list[list[str]]:
+    """Trial N is the N-th line that is not blank or a # comment, split into key=value words like a shell line."""
+    if not path.is_file():
+        raise UserError(f"trials file {path} does not exist: write one line of key=value overrides per trial")
+    trials = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as error:
+            raise UserError(f"{path}:{number}: {error}: quote a value with spaces as a whole word") from None
+        if bad := [w for w in words if "=" not in w]:
+            raise UserError(f"{path}:{number}: {bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
+        if words:
+            trials.append(words)
+    return trials
+
+
+def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
+    """Trial `number`'s overrides; the first trial to start copies the trials file into the sweep directory."""
+    trials = read_trials(trials_file)
+    if not 1 <= number <= len(trials):
+        raise UserError(f"{trials_file} has {len(trials)} trials, so no trial {number}: "
+                        f"submit with --array=1-{len(trials)}")
+    record = sweep_dir / RECORD
+    if not record.is_file():
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(record, trials_file.read_text())
+    elif read_trials(record) != trials:
+        raise UserError(f"{sweep_dir} holds another sweep ({record} differs from {trials_file}): "
+                        "choose another directory")
+    return trials[number - 1]
+
+
+def collect(sweep_dir: Path) -> str:
+    """Write sweep.md and sweep.csv, one row per trial (accuracies in %, `-` until it finishes); return the table."""
+    if not (sweep_dir / RECORD).is_file():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): pass the DIR given to slurm/sweep.sh")
+    with open(sweep_dir / ".sweep.lock", "w") as lock:  # of tasks finishing together, the last one reads every result
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [_row(sweep_dir, n, overrides) for n, overrides in enumerate(read_trials(sweep_dir / RECORD), 1)]
+        keys = list(dict.fromkeys(key for row in rows for key in row["overrides"]))
+        accuracies = list(dict.fromkeys(key for row in rows for key in row["accuracies"]))
+        header = ["trial", *keys, *accuracies]
+        table = [[row["trial"], *(row["overrides"].get(k, "-") for k in keys),
+                  *(row["accuracies"].get(a, "-") for a in accuracies)] for row in rows]
+        shown = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table]
+        markdown = tabulate(shown, headers=header, tablefmt="github", disable_numparse=True)
+        spreadsheet = io.StringIO()
+        csv.writer(spreadsheet, lineterminator="\n").writerows([header, *table])
+        _write_atomic(sweep_dir / "sweep.md", markdown + "\n")
+        _write_atomic(sweep_dir / "sweep.csv", spreadsheet.getvalue())
+    return markdown
+
+
+def _row(sweep_dir: Path, number: int, overrides: list[str]) -> dict[str, Any]:
+    path = sweep_dir / f"trial_{number}" / "results.json"
+    accuracies = {}
+    if path.is_file():
+        results = json.loads(path.read_text())
+        for name, student in results["students"].items():
+            if student["val_acc"] is not None:
+                accuracies[f"{name} val %"] = 100 * student["val_acc"]
+            accuracies[f"{name} test %"] = 100 * student["test_acc"]
+        if results["teacher"] is not None:
+            accuracies["teacher test %"] = 100 * results["teacher"]["test_acc"]
+    return {"trial": number, "overrides": dict(o.split("=", 1) for o in overrides), "accuracies": accuracies}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dist_tsp.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("trial", help="print trial N's overrides, one per line")
+    one.add_argument("trials", type=Path)
+    one.add_argument("dir", type=Path)
+    one.add_argument("number", type=int)
+    commands.add_parser("collect", help="write DIR/sweep.md and DIR/sweep.csv").add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        print("\n".join(trial(args.trials, args.dir, args.number)) if args.command == "trial" else collect(args.dir))
+    except UserError as error:
+        print(f"dist-tsp: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
