@@ -12,9 +12,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def single_and_three_ranks(tmp_path_factory):
-    """The same config and seed trained on 1 rank (all students) and on 3 ranks (one each), same teacher."""
+    """The same config and seed trained on 1 rank (all students, logging to TensorBoard too) and on 3 ranks
+    (one each), same teacher."""
     one, three = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("three")
-    launch(["--config", "configs/demo.yaml", f"output_dir={one}", *TINY])
+    launch(["--config", "configs/demo.yaml", f"output_dir={one}", *TINY, "tracking.report_to=tensorboard"])
     launch(["--config", "configs/demo.yaml", f"output_dir={three}", f"teacher.checkpoint={one}/teacher/model.pt",
             *TINY], processes=3)
     return one, three
@@ -94,13 +95,12 @@ def test_demo_on_three_processes_beats_chance_and_logs_to_wandb_offline(tmp_path
     assert b"train/lenet/loss" in logged and b"test/alexnet/acc" in logged
 
 
-def test_tensorboard_tracker_receives_per_student_scalars(tmp_path):
+def test_tensorboard_tracker_receives_per_student_scalars(single_and_three_ranks):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=3",
-            "tracking.report_to=tensorboard"])
+    one, _ = single_and_three_ranks
     tags = set()
-    for events in (tmp_path / "dist-tsp").rglob("events.out.tfevents.*"):
+    for events in (one / "dist-tsp").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
