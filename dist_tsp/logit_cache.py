@@ -62,7 +62,7 @@ class CachedLogits:
     def start_epoch(self, epoch: int) -> None:
         """Compute the epoch's logits if no run has yet (every rank takes part), then map them."""
         path = self.path(epoch)
-        exists = torch.tensor([float(path.is_file())])
+        exists = torch.tensor([float(path.is_file())], device=self.device)
         if dist.is_initialized():  # decide together: a rank that sees no file must not compute alone
             dist.all_reduce(exists, op=dist.ReduceOp.MIN)
         if exists.item():

@@ -10,9 +10,11 @@ import torch.distributed as dist
 from dist_tsp import checkpoint
 from dist_tsp.config import load_config
 from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.errors import UserError
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.teacher import prepare_teacher, teacher_logits
+from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
 from tests.runs import DEEPSPEED, TINY, launch, train_rows
 
@@ -152,8 +154,11 @@ def test_deepspeed_accelerate_config_shards_the_teacher_and_trains_like_the_cach
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
-def test_deepspeed_accelerate_config_without_the_deepspeed_mode_is_refused(tmp_path):
-    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}"], processes=3,
-                  accelerate_config=DEEPSPEED, check=False)
-    assert done.returncode != 0 and "DeepSpeed accelerate config but teacher.mode=sharded" in done.stderr
+def test_deepspeed_accelerate_config_without_the_deepspeed_mode_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with deepspeed.yaml sets
+    with pytest.raises(UserError, match=r"DeepSpeed accelerate config but teacher.mode=sharded: add teacher.mode="):
+        plan(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}"], 3, 0)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(UserError, match=r"needs ZeRO stage 3, but the accelerate config sets zero_stage: 2"):
+        plan(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", "teacher.mode=deepspeed"], 3, 0)
     assert not (tmp_path / "run").exists()

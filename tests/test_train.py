@@ -83,10 +83,11 @@ def test_launch_shape_that_does_not_fit_is_rejected(tmp_path):
 
 
 def test_demo_on_three_processes_beats_chance_and_logs_to_wandb_offline(tmp_path):
-    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", "tracking.report_to=wandb"], processes=3)
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", "tracking.report_to=wandb",
+                   "teacher.epochs=6", "train.epochs=4"], processes=3)  # the demo, half as long
     results = json.loads((tmp_path / "results.json").read_text())
     for name, student in results["students"].items():
-        assert student["test_acc"] > 0.5, (name, student)  # 10 classes: chance is 0.1
+        assert student["test_acc"] > 0.3, (name, student)  # 10 classes: chance is 0.1; half a demo is short
     assert results["teacher"]["test_acc"] > 0.8
     assert "| lenet" in done.stdout and "test acc %" in done.stdout
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
