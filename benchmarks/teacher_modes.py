@@ -38,34 +38,36 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: every mode's teacher time per step and bytes held; rank 0 writes the JSON."""
     import torch
     import torch.distributed as dist
-    from accelerate import Accelerator
 
     from dist_tsp import checkpoint
     from dist_tsp.config import load_config
-    from dist_tsp.data import Batch, Normalizer, load_dataset
+    from dist_tsp.data import Batch
     from dist_tsp.models import build_model
     from dist_tsp.placement import Groups, Placement
     from dist_tsp.teacher import prepare_teacher, teacher_logits
+    from dist_tsp.train import start
 
-    accelerator = Accelerator(cpu=not args.gpu)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    placement = Placement(world_size=world, rank=rank, num_students=world)
-    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     teacher_file = args.work_dir / f"{args.teacher}.pt"
     teacher_args = {"depth": 20, "width": 16} if args.teacher == "resnet_cifar" else {}
-    if accelerator.is_main_process and not teacher_file.is_file():
-        checkpoint.save_atomic({"model": build_model(args.teacher, 10, **teacher_args).state_dict()}, teacher_file)
-    accelerator.wait_for_everyone()
     students = ", ".join(f"{{name: s{i}, model: lenet}}" for i in range(world))
-    rows = []
-    for mode in args.modes:
-        cfg = load_config(None, [
+
+    def config(mode: str):
+        return load_config(None, [
             f"students=[{students}]", f"output_dir={args.work_dir / f'W{world}-{mode}'}",
             f"teacher.model={args.teacher}", f"teacher.args={json.dumps(teacher_args)}",
             f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
             f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", f"data.batch_size={args.batch}"])
-        data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
-        normalize = Normalizer(data.mean, data.std, accelerator.device)
+
+    accelerator, data, normalize = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
+    placement = Placement(world_size=world, rank=accelerator.process_index, num_students=world)
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    if accelerator.is_main_process and not teacher_file.is_file():
+        checkpoint.save_atomic({"model": build_model(args.teacher, 10, **teacher_args).state_dict()}, teacher_file)
+    accelerator.wait_for_everyone()
+    rows = []
+    for mode in args.modes:
+        cfg = config(mode)
         model, info = prepare_teacher(cfg, data, normalize, accelerator)
         source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
         started = time.perf_counter()
@@ -105,8 +107,7 @@ def launch(world: int, args: argparse.Namespace) -> list[dict]:
     launcher += [] if args.gpu or world == 1 else ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
     launcher += ["--cpu"] if not args.gpu and world == 1 else []
     command = [*launcher, __file__, "--worker", "--work-dir", str(args.work_dir), "--teacher", args.teacher,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes,
-               *(["--gpu"] if args.gpu else [])]
+               "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:

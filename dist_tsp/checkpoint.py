@@ -7,8 +7,10 @@ import json
 import os
 import random
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,12 +23,26 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or not ours."""
 
 
-def save_atomic(payload: Any, path: Path) -> None:
-    """torch.save to `path` so that a reader sees either the old file or the complete new one."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: a reader sees the old
+    file or the complete new one, and concurrent writers (other processes, other nodes) never clash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (see write_atomic)."""
+    write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def save_atomic(payload: Any, path: Path) -> None:
+    """torch.save to `path` atomically (see write_atomic)."""
+    write_atomic(path, lambda file: torch.save(payload, file))
 
 
 def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
@@ -86,9 +102,7 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
     """Main process, once every rank has written its files: manifest, atomic rename, pruning."""
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, directory / MANIFEST)
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     final = directory.with_name(directory.name.removesuffix(".partial"))
     os.replace(directory, final)
     step_checkpoints = [d for d in complete_checkpoints(final.parent.parent) if not read_manifest(d)["epoch_end"]]

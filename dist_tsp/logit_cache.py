@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, PeerBatches
+from dist_tsp.exchange import all_reduce, world_group
 from dist_tsp.teacher_modes import RunTeacher
 
 
@@ -63,8 +63,7 @@ class CachedLogits:
         """Compute the epoch's logits if no run has yet (every rank takes part), then map them."""
         path = self.path(epoch)
         exists = torch.tensor([float(path.is_file())], device=self.device)
-        if dist.is_initialized():  # decide together: a rank that sees no file must not compute alone
-            dist.all_reduce(exists, op=dist.ReduceOp.MIN)
+        all_reduce(exists, world_group(), dist.ReduceOp.MIN)  # decide together: none computes alone
         if exists.item():
             self.reused.append(epoch)
         else:
@@ -85,26 +84,17 @@ class CachedLogits:
                   for i in tqdm(chunks, desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
         if self.writer:
             self._write(torch.cat(logits).numpy(), path)
-        if dist.is_initialized():
+        if world_group() is not None:
             dist.barrier()
 
     def _write(self, logits: np.ndarray, path: Path) -> None:
         """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         key_file = self.folder / "key.json"
         if not key_file.is_file():
-            _replace(key_file, lambda f: f.write(json.dumps(self.key, indent=1).encode()))
-        _replace(path, lambda f: np.save(f, logits))
+            write_text_atomic(key_file, json.dumps(self.key, indent=1))
+        write_atomic(path, lambda f: np.save(f, logits))
 
     def summary(self) -> dict:
         """For results.json: where the cache is and which epochs this run computed or reused."""
         return {"path": str(self.folder), "computed_epochs": self.computed, "reused_epochs": self.reused}
 
-
-def _replace(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.teacher import TeacherInfo
 
@@ -39,7 +39,5 @@ def results_table(results: dict[str, Any], fmt: str = "github") -> str:
 
 def write_results(results: dict[str, Any], output_dir: Path) -> None:
     """results.json (atomically) and results.md beside it."""
-    tmp = output_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, output_dir / "results.json")
+    write_text_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     (output_dir / "results.md").write_text(results_table(results) + "\n")

@@ -12,7 +12,6 @@ import csv
 import fcntl
 import io
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.errors import UserError
 
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
@@ -51,7 +51,7 @@ def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
     record = sweep_dir / RECORD
     if not record.is_file():
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(record, trials_file.read_text())
+        write_text_atomic(record, trials_file.read_text())
     elif read_trials(record) != trials:
         raise UserError(f"{sweep_dir} holds another sweep ({record} differs from {trials_file}): "
                         "choose another directory")
@@ -74,8 +74,8 @@ def collect(sweep_dir: Path) -> str:
         markdown = tabulate(shown, headers=header, tablefmt="github", disable_numparse=True)
         spreadsheet = io.StringIO()
         csv.writer(spreadsheet, lineterminator="\n").writerows([header, *table])
-        _write_atomic(sweep_dir / "sweep.md", markdown + "\n")
-        _write_atomic(sweep_dir / "sweep.csv", spreadsheet.getvalue())
+        write_text_atomic(sweep_dir / "sweep.md", markdown + "\n")
+        write_text_atomic(sweep_dir / "sweep.csv", spreadsheet.getvalue())
     return markdown
 
 
@@ -91,12 +91,6 @@ def _row(sweep_dir: Path, number: int, overrides: list[str]) -> dict[str, Any]:
         if results["teacher"] is not None:
             accuracies["teacher test %"] = 100 * results["teacher"]["test_acc"]
     return {"trial": number, "overrides": dict(o.split("=", 1) for o in overrides), "accuracies": accuracies}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

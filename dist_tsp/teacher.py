@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, eval_batches, mixed_seed
-from dist_tsp.exchange import all_gather_cat
+from dist_tsp.exchange import all_gather_cat, world_group
 from dist_tsp.logit_cache import CachedLogits, cache_key
 from dist_tsp.models import build_model, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
@@ -71,9 +71,8 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     full_bytes = local_parameter_bytes(model)
     if sharded_later:
         model = shard_parameters(model, cfg.teacher.mode, accelerator.device)
-    world = dist.group.WORLD if accelerator.num_processes > 1 else None
-    on_all_ranks = RunTeacher(model, group=world, sharded=True, autocast=accelerator.autocast)
-    per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world)
+    on_all_ranks = RunTeacher(model, group=world_group(), sharded=True, autocast=accelerator.autocast)
+    per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world_group())
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
                        test_acc=_accuracy(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize),
                        mode=cfg.teacher.mode, parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
@@ -82,9 +81,9 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
 
 def _accuracy(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> float:
     """Test accuracy, each batch split over all ranks (every rank runs the same number of forwards)."""
-    correct = sum((teacher.logits(images).argmax(-1) == labels).sum().item()
+    correct = sum((teacher.logits(images).argmax(-1) == labels).sum()
                   for images, labels in eval_batches(test, batch_size, normalize))
-    return correct / len(test)
+    return correct.item() / len(test)  # one read-back
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, normalize: Normalizer,
@@ -95,11 +94,10 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
                           autocast=accelerator.autocast)
     views = PeerBatches(data.train, batch_size=1, num_replicas=1, replica=0, seed=cfg.seed,
                         augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
-    world = dist.group.WORLD if accelerator.num_processes > 1 else None
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
         cache_key(cfg, info.sha256, views, accelerator.mixed_precision),
-        teacher=RunTeacher(model, group=world, sharded=True, autocast=accelerator.autocast), views=views,
+        teacher=RunTeacher(model, group=world_group(), sharded=True, autocast=accelerator.autocast), views=views,
         batch_size=cfg.data.eval_batch_size, device=accelerator.device,
         writer=accelerator.is_local_main_process, verbose=accelerator.is_main_process)
 

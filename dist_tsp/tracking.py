@@ -11,6 +11,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.config import RunConfig
 
 
@@ -71,9 +72,7 @@ class Tracker:
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
         rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in rows))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in rows))
 
     def finish(self) -> None:
         self.accelerator.end_training()

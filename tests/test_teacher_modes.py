@@ -44,11 +44,11 @@ def _logits_in_modes(tmp, modes=MODES):
     accelerator = Accelerator(cpu=True)
     placement = Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3)
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    data = load_dataset(config(tmp, modes[0]).data, seed=0)
+    normalize = Normalizer(data.mean, data.std, accelerator.device)
     results = {}
     for mode in modes:
         cfg = config(tmp, mode)
-        data = load_dataset(cfg.data, cfg.seed)
-        normalize = Normalizer(data.mean, data.std, accelerator.device)
         model, info = prepare_teacher(cfg, data, normalize, accelerator)
         source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
         batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed, augment=True,
