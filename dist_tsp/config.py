@@ -75,9 +75,26 @@ class ModelSpec(Section):
 
 
 class StudentConfig(ModelSpec):
-    """One student: a unique display name and the model it is."""
+    """One student: a unique display name and the model it is.
+
+    `init` starts it from saved weights: a student file of an earlier run
+    (output_dir/checkpoints/step_N/students/<name>.pt). `frozen` makes it a mentor: it is not trained and runs
+    in eval mode, but still teaches the others through the per-step logit exchange (alternate learning).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    init: Path | None = None
+    frozen: bool = False
+
+    @model_validator(mode="after")
+    def _mentor_has_weights(self) -> StudentConfig:
+        if self.init is not None and not self.init.is_file():
+            raise ValueError(f"student {self.name}: init file {self.init} does not exist: point it at a student "
+                             "file of an earlier run (checkpoints/step_N/students/<name>.pt)")
+        if self.frozen and self.init is None:
+            raise ValueError(f"student {self.name} is frozen but has no init: give it the weights it teaches "
+                             "with (init=PATH), or set frozen=false")
+        return self
 
 
 class TeacherConfig(ModelSpec):
@@ -91,6 +108,8 @@ class TeacherConfig(ModelSpec):
     replicated (every rank runs the whole batch), sharded (1/G of the batch per rank, all-gathered),
     cached (computed once per epoch's augmented views, stored under `cache_dir`, then read),
     fsdp / deepspeed (batch-sharded, with the parameters sharded 1/W over the ranks: FSDP2 or ZeRO-3).
+    `channels_last` trains and runs it in the channels-last memory format (faster convolutions on CPUs and
+    GPUs); the parameter-sharded modes run it in the default format.
     """
 
     model: str = "resnet_cifar"
@@ -99,6 +118,7 @@ class TeacherConfig(ModelSpec):
     checkpoint: Path | None = None
     mode: Literal["replicated", "sharded", "cached", "fsdp", "deepspeed"] = "sharded"
     cache_dir: Path | None = None
+    channels_last: bool = True
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
     optimizer: OptimConfig = Field(
@@ -106,14 +126,41 @@ class TeacherConfig(ModelSpec):
     )
 
 
+LOSS_PRESETS = {
+    "scratch": (1.0, 0.0, 0.0),
+    "kd": (0.1, 0.9, 0.0),
+    "tsp": (0.1, 0.8, 0.1),
+    "mentored": (0.1, 0.6, 0.3),  # alternate learning's second phase: the teacher and frozen mentors teach
+    "mutual": (1.0, 0.0, 1.0),  # online mutual learning: no teacher
+}
+
+
 class LossConfig(Section):
-    """Weights of L = alpha*CE + beta*T^2*KL(teacher||s) + gamma*sum_j T^2*KL(peer_j||s)."""
+    """Weights of L = alpha*CE + beta*T^2*KL(teacher||s) + gamma*sum_j T^2*KL(peer_j||s).
+
+    `preset` sets alpha/beta/gamma from LOSS_PRESETS (scratch, kd, tsp, mentored, mutual); a weight given
+    beside it must agree with it.
+    """
 
     alpha: float = Field(0.1, ge=0.0)
     beta: float = Field(0.8, ge=0.0)
     gamma: float = Field(0.1, ge=0.0)
     temperature: float = Field(10.0, gt=0.0)
     peer_reduction: Literal["sum", "mean"] = "sum"
+    preset: Literal["scratch", "kd", "tsp", "mentored", "mutual"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("preset") not in LOSS_PRESETS:
+            return raw
+        weights = dict(zip(("alpha", "beta", "gamma"), LOSS_PRESETS[raw["preset"]]))
+        for key, value in weights.items():
+            if key in raw and raw[key] != value:
+                preset = ", ".join(f"{k}={v:g}" for k, v in weights.items())
+                raise ValueError(f"preset {raw['preset']} sets {preset} but {key}={raw[key]} is also given: drop "
+                                 f"loss.{key}, or drop loss.preset and give all three weights")
+        return {**raw, **weights}
 
     @model_validator(mode="after")
     def _some_weight(self) -> LossConfig:
@@ -167,6 +214,8 @@ class RunConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate student names {duplicates}: give every student a unique name")
+        if all(s.frozen for s in students):
+            raise ValueError("every student is frozen: leave at least one to train (frozen=false)")
         return students
 
     @property
@@ -179,7 +228,7 @@ class RunConfig(Section):
         for key in ("output_dir", "resume", "tracking"):
             tree.pop(key)
         tree["data"].pop("eval_batch_size")
-        for key in ("mode", "cache_dir"):
+        for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
                     "profile"):

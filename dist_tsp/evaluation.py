@@ -1,4 +1,4 @@
-"""Accuracy of several models on one image set, sharded over ranks."""
+"""Predictions of several models on one image set, sharded over ranks."""
 
 from __future__ import annotations
 
@@ -9,21 +9,22 @@ from dist_tsp.data import ImageSet, Normalizer, eval_batches
 
 
 @torch.no_grad()
-def count_correct(models: list[nn.Module], data: ImageSet, *, shard: int, num_shards: int, batch_size: int,
-                  normalize: Normalizer, autocast) -> torch.Tensor:
-    """Correct predictions of each model on the `shard`-th of `num_shards` strided slices of `data`.
-
-    Returns a float tensor [len(models)] on the data's device; sum it over the shards' ranks.
-    """
+def predict(models: list[nn.Module], data: ImageSet, *, shard: int, num_shards: int, batch_size: int,
+            normalize: Normalizer, autocast) -> torch.Tensor:
+    """Each model's predicted class [len(models), len(data)] for the `shard`-th of `num_shards` strided slices of
+    `data` (samples shard, shard + num_shards, ...); -1 elsewhere. Models run in eval mode."""
     part = ImageSet(data.images[shard::num_shards], data.labels[shard::num_shards])
-    correct = torch.zeros(len(models), device=data.images.device)
+    predicted = torch.full((len(models), len(data)), -1, dtype=torch.long, device=data.images.device)
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    for images, labels in eval_batches(part, batch_size, normalize):
+    start = shard
+    for images, _ in eval_batches(part, batch_size, normalize):
+        columns = slice(start, start + num_shards * len(images), num_shards)
         with autocast():
             for k, model in enumerate(models):
-                correct[k] += (model(images).argmax(-1) == labels).sum()
+                predicted[k, columns] = model(images).argmax(-1)
+        start += num_shards * len(images)
     for m, mode in zip(models, modes):
         m.train(mode)
-    return correct
+    return predicted

@@ -19,9 +19,10 @@ from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
 from dist_tsp.errors import NonFiniteLoss, Preempted
-from dist_tsp.evaluation import count_correct
+from dist_tsp.evaluation import predict
 from dist_tsp.exchange import all_gather_cat, all_reduce
-from dist_tsp.losses import tsp_loss
+from dist_tsp.graph import TeachingGraph
+from dist_tsp.losses import graph_terms
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
@@ -35,11 +36,12 @@ NEVER = float(2**52)  # "no non-finite loss yet" in the first-bad-step tracker
 
 
 class StudentTrainer:
-    """Trains the students of `placement.local_students` on this rank (TSP, KD or scratch by the loss weights).
+    """Trains the students of `placement.local_students` on this rank, each learning along the edges of the
+    teaching graph (scratch, KD, TSP, mentored or mutual, by the loss weights and the frozen students).
 
-    Every step: teacher logits for the peer group's batch, each local student's logits, one
-    all-gather of detached logits over the peer group, each student's loss, one backward (gradients
-    averaged over the student's replicas by DDP when R > 1), optimizer steps. Metrics stay on the
+    Every step: teacher logits for the peer group's batch, each local student's logits (frozen mentors in
+    eval mode), one all-gather of detached logits over the peer group, the learners' losses, one backward
+    (gradients averaged over the student's replicas by DDP when R > 1), optimizer steps. Metrics stay on the
     device and are reduced once per log interval.
     """
 
@@ -50,7 +52,9 @@ class StudentTrainer:
         self.data, self.normalize, self.teacher, self.teacher_info = data, normalize, teacher, teacher_info
         self.tracker, self.stop_requested, self.stop_agreed = tracker, stop_requested, False
         self.names = cfg.student_names
+        self.graph = TeachingGraph.from_config(cfg)
         self.local = placement.local_students
+        self.learning = [k for k, i in enumerate(self.local) if not cfg.students[i].frozen]  # positions in local
         self.batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=placement.replicas,
                                    replica=placement.replica_index, seed=cfg.seed, augment=cfg.data.augment,
                                    hflip=data.hflip, normalize=normalize)
@@ -58,24 +62,33 @@ class StudentTrainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.students = [self._build_student(i) for i in self.local]
-        self.optimizers, self.schedules = zip(
-            *(build_optimizer(s.parameters(), cfg.train.optimizer, self.total_steps) for s in self.students)
-        )
+        schedules = [build_optimizer(self.students[k].parameters(), cfg.train.optimizer, self.total_steps)
+                     for k in self.learning]
+        self.optimizers, self.schedules = [o for o, _ in schedules], [s for _, s in schedules]
         self.rng_states = [self._seeded_rng(i) for i in self.local]
         device = accelerator.device
-        self.peer_index = [torch.tensor([j for j in range(len(self.names)) if j != i], dtype=torch.long, device=device)
-                           for i in self.local]
         self.local_index = torch.tensor(self.local, device=device)
+        self.learning_position = torch.tensor(self.learning, dtype=torch.long, device=device)
+        self.learner_index = self.local_index[self.learning_position]
+        self.term_weights = self.graph.term_weights(device)[self.learner_index]
+        self.peer_shares = self.graph.peer_shares(device)[self.learner_index]
         self.running = torch.zeros(len(self.names), len(TRAIN_METRICS), device=device)
         self.steps_since_log = 0
         self.device_step = torch.zeros((), device=device)
         self.profiler = StepProfiler(cfg.train.profile, device)
         self.first_nonfinite = torch.full((len(self.names),), NEVER, device=device)
+        self.test_predictions: torch.Tensor | None = None
 
     def _build_student(self, index: int) -> nn.Module:
+        """The student's model (from its init weights when given); a frozen one in eval mode, never in DDP."""
         spec = self.cfg.students[index]
         torch.manual_seed(mixed_seed(self.cfg.seed, index))
         model = build_model(spec.model, self.data.num_classes, **spec.args).to(self.accelerator.device)
+        if spec.init is not None:
+            what = f"student {spec.name}'s init"
+            checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
+        if spec.frozen:
+            return model.eval().requires_grad_(False)
         if self.groups.replica is None:
             return model
         device_ids = [self.accelerator.device] if self.accelerator.device.type == "cuda" else None
@@ -150,11 +163,10 @@ class StudentTrainer:
 
     @property
     def _uses_teacher(self) -> bool:
-        return self.teacher is not None and self.cfg.loss.beta > 0
+        return self.teacher is not None and self.graph.uses_teacher
 
     def train_step(self, batch: Batch) -> None:
-        """One TSP step for this rank's students on the peer group's batch."""
-        loss_cfg = self.cfg.loss
+        """One step for this rank's students on the peer group's batch."""
         profiler = self.profiler
         images, labels = batch.images, batch.labels
         teacher_logits = None
@@ -165,39 +177,38 @@ class StudentTrainer:
         with profiler.section("forward"):
             outputs = []
             for k, student in enumerate(self.students):
-                with self._student_rng(k), self.accelerator.autocast():
+                with self._student_rng(k), self.accelerator.autocast(), torch.set_grad_enabled(student.training):
                     outputs.append(student(images))
             logits = torch.stack(outputs)
         everyone = None
-        if loss_cfg.gamma > 0:
+        if self.graph.uses_peers:
             profiler.wait_for_peers(self.groups.peer)
             with profiler.section("exchange"):
                 everyone = all_gather_cat(logits, self.groups.peer)
+        self.device_step += 1
+        self.steps_since_log += 1
+        if not self.learning:  # only mentors here: they teach through the exchange and learn nothing
+            profiler.step_done()
+            return
         with profiler.section("loss"):
-            total, rows = 0.0, []
-            for k, peers in enumerate(self.peer_index):
-                peer_logits = everyone[peers] if everyone is not None else logits.new_empty((0, *logits.shape[1:]))
-                terms = tsp_loss(logits[k], labels, teacher_logits, peer_logits, alpha=loss_cfg.alpha,
-                                 beta=loss_cfg.beta, gamma=loss_cfg.gamma, temperature=loss_cfg.temperature,
-                                 peer_reduction=loss_cfg.peer_reduction)
-                total = total + terms.total
-                accuracy = (logits[k].argmax(-1) == labels).float().mean()
-                rows.append(torch.stack([*terms, accuracy]).detach())
+            learning = logits[self.learning_position]
+            terms = graph_terms(learning, labels, teacher_logits, everyone, self.peer_shares,
+                                self.cfg.loss.temperature)
+            per_student = (self.term_weights * terms).sum(dim=1)
+            accuracy = (learning.argmax(-1) == labels).float().mean(dim=1)
+            rows = torch.cat([per_student[:, None], terms, accuracy[:, None]], dim=1).detach()
         with profiler.section("backward"):
-            total.backward()
+            per_student.sum().backward()
         with profiler.section("optimizer"):
             for optimizer, schedule in zip(self.optimizers, self.schedules):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
         profiler.step_done()
-        rows = torch.stack(rows)
-        self.device_step += 1
         broken = ~torch.isfinite(rows[:, :4]).all(dim=1)
-        seen = self.first_nonfinite[self.local_index]
-        self.first_nonfinite[self.local_index] = torch.where(broken, torch.minimum(seen, self.device_step), seen)
-        self.running.index_add_(0, self.local_index, rows)
-        self.steps_since_log += 1
+        seen = self.first_nonfinite[self.learner_index]
+        self.first_nonfinite[self.learner_index] = torch.where(broken, torch.minimum(seen, self.device_step), seen)
+        self.running.index_add_(0, self.learner_index, rows)
 
     def _log_train(self, step: int, epoch: int) -> dict[str, str]:
         """Reduce the running metrics over all ranks, log them, reset; agree on stopping; return a bar summary.
@@ -212,13 +223,14 @@ class StudentTrainer:
         if min(-c for c in control[1:]) < NEVER:
             self._raise_nonfinite(values, [-c for c in control[1:]])
         self.stop_agreed = control[0] > 0
+        learners = {name: v for name, v in zip(self.names, values) if name in self.graph.learners}
         row: dict[str, Any] = {"step": step, "epoch": epoch}
-        for name, student_values in zip(self.names, values):
+        for name, student_values in learners.items():
             row.update({f"train/{name}/{metric}": v for metric, v in zip(TRAIN_METRICS, student_values)})
         self.tracker.log(row)
         self.running.zero_()
         self.steps_since_log = 0
-        return {name: f"{v[0]:.3f}" for name, v in zip(self.names, values)}
+        return {name: f"{v[0]:.3f}" for name, v in learners.items()}
 
     def _raise_nonfinite(self, values: list[list[float]], first_bad: list[float]) -> None:
         index = min(range(len(self.names)), key=lambda i: first_bad[i])
@@ -229,7 +241,8 @@ class StudentTrainer:
                             f"{int(first_bad[index])}: stopping; {last} (lower the learning rate or the temperature)")
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Accuracy of every student on val (when split off) and test: {split: {name: acc}}."""
+        """Accuracy of every student on val (when split off) and test: {split: {name: acc}}; the test predictions
+        are kept in `test_predictions` [N, len(test)]."""
         models = [_unwrap(s) for s in self.students]
         if self.groups.replica is not None:  # BatchNorm statistics are per replica: evaluate replica 0's
             source = dist.get_global_rank(self.groups.replica, 0)
@@ -239,19 +252,23 @@ class StudentTrainer:
         results = {}
         for split, data in (("val", self.data.val), ("test", self.data.test)):
             if data is not None:
-                results[split] = self._accuracy(models, data)
+                predicted = self.predictions(models, data)
+                results[split] = dict(zip(self.names, (predicted == data.labels).float().mean(dim=1).tolist()))
+        self.test_predictions = predicted
         return results
 
-    def _accuracy(self, models: list[nn.Module], data: ImageSet) -> dict[str, float]:
-        correct = torch.zeros(len(self.names), device=self.accelerator.device)
-        correct[self.local_index] = count_correct(
-            models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
-            batch_size=self.cfg.data.eval_batch_size, normalize=self.normalize, autocast=self.accelerator.autocast)
-        counts = all_reduce(correct, self.groups.world).tolist()
-        return {name: c / len(data) for name, c in zip(self.names, counts)}
+    def predictions(self, models: list[nn.Module], data: ImageSet) -> torch.Tensor:
+        """Every student's predicted class for every sample [N, len(data)], on every rank (one all-reduce):
+        each replica predicts its strided share of the samples."""
+        mine = predict(models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
+                       batch_size=self.cfg.data.eval_batch_size, normalize=self.normalize,
+                       autocast=self.accelerator.autocast)
+        everyone = torch.zeros(len(self.names), len(data), dtype=torch.long, device=mine.device)
+        everyone[self.local_index] = mine + 1  # -1 (another replica's sample) becomes 0, the sum's identity
+        return all_reduce(everyone, self.groups.world) - 1
 
     def save(self, step: int, *, epoch_end: bool) -> None:
-        """Checkpoint every student: model/optimizer/schedule from its first replica, RNG from every replica.
+        """Checkpoint every learner: model/optimizer/schedule from its first replica, RNG from every replica.
 
         Files go to checkpoints/step_N.partial/; once every rank is done the main process writes the
         manifest and renames the directory, so a complete checkpoint is never half-written.
@@ -260,19 +277,22 @@ class StudentTrainer:
         if checkpoint.step_dir(self.cfg.output_dir, step).exists():
             return
         replica = self.placement.replica_index
-        for k, index in enumerate(self.local):
+        for position, k in enumerate(self.learning):
+            index = self.local[k]
             name = self.names[index]
             if replica == 0:
                 checkpoint.save_atomic({
                     "model": _unwrap(self.students[k]).state_dict(),
-                    "optimizer": self.optimizers[k].state_dict(),
-                    "scheduler": self.schedules[k].state_dict(),
+                    "optimizer": self.optimizers[position].state_dict(),
+                    "scheduler": self.schedules[position].state_dict(),
                     "student": self.cfg.students[index].model_dump(mode="json"),
                     "step": step,
                     "teacher": None if self.teacher_info is None else self.teacher_info.checkpoint,
-                    "peers": [n for n in self.names if n != name],
+                    "peers": self.graph.sources_of(name),
                     "loss": self.cfg.loss.model_dump(mode="json"),
                 }, checkpoint.student_file(directory, name))
+        for k, index in enumerate(self.local):
+            name = self.names[index]
             checkpoint.save_atomic({"student_rng": self.rng_states[k], "rng": checkpoint.rng_state()},
                                    checkpoint.rng_file(directory, name, replica))
         self.accelerator.wait_for_everyone()
@@ -293,12 +313,14 @@ class StudentTrainer:
         if directory is None:
             return 0
         manifest = checkpoint.read_manifest(directory)
-        for k, index in enumerate(self.local):
-            name = self.names[index]
+        for position, k in enumerate(self.learning):
+            name = self.names[self.local[k]]
             state = checkpoint.load(checkpoint.student_file(directory, name), f"student {name}")
             checkpoint.load_weights(_unwrap(self.students[k]), state["model"], directory, f"student {name}")
-            self.optimizers[k].load_state_dict(state["optimizer"])
-            self.schedules[k].load_state_dict(state["scheduler"])
+            self.optimizers[position].load_state_dict(state["optimizer"])
+            self.schedules[position].load_state_dict(state["scheduler"])
+        for k, index in enumerate(self.local):
+            name = self.names[index]
             rng = checkpoint.load(checkpoint.rng_file(directory, name, self.placement.replica_index),
                                   f"student {name} RNG", required="student_rng")
             self.rng_states[k] = rng["student_rng"]

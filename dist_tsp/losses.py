@@ -18,14 +18,35 @@ class TSPLoss(NamedTuple):
 
 
 def distill_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(target/T) || softmax(student/T)), batch mean; `target_logits` may be [..., B, C].
+    """T^2 * KL(softmax(target/T) || softmax(student/T)), batch mean, over [..., B, C] logits.
 
-    Leading dimensions of `target_logits` beyond [B, C] are kept: [P, B, C] gives P values.
+    Leading dimensions beyond [B, C] broadcast and are kept: targets [P, B, C] and a student [B, C] give P values.
     """
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     target_log_probs = F.log_softmax(target_logits.float() / temperature, dim=-1)
     pointwise = target_log_probs.exp() * (target_log_probs - student_log_probs)
     return pointwise.sum(dim=-1).mean(dim=-1) * temperature**2
+
+
+def graph_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                source_logits: torch.Tensor | None, shares: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The unweighted terms [K, 3] (CE, T^2*KL(teacher||s), sum_j share_j * T^2*KL(source_j||s)) of K students.
+
+    `student_logits` [K, B, C]; `labels` [B]; `teacher_logits` [B, C] or None (its term is then 0);
+    `source_logits` [N, B, C] or None (no student sources), with `shares` [K, N] weighing each source for each
+    student (see graph.TeachingGraph.peer_shares). Teacher and sources are constants: no gradient flows into them.
+    """
+    k, b, c = student_logits.shape
+    zero = student_logits.new_zeros(k, dtype=torch.float32)
+    ce = F.cross_entropy(student_logits.float().reshape(k * b, c), labels.repeat(k), reduction="none")
+    ce = ce.view(k, b).mean(dim=1)
+    kd = zero if teacher_logits is None else distill_kl(teacher_logits.detach(), student_logits, temperature)
+    if source_logits is None or source_logits.shape[0] == 0:
+        peer = zero
+    else:
+        per_source = distill_kl(source_logits.detach().unsqueeze(0), student_logits.unsqueeze(1), temperature)
+        peer = (per_source * shares).sum(dim=1)
+    return torch.stack([ce, kd, peer], dim=1)
 
 
 def tsp_loss(
@@ -49,13 +70,8 @@ def tsp_loss(
         raise ValueError("tsp_loss: teacher_logits is None but beta != 0")
     if peer_reduction not in ("sum", "mean"):
         raise ValueError(f"tsp_loss: peer_reduction must be 'sum' or 'mean', not {peer_reduction!r}")
-    zero = student_logits.new_zeros((), dtype=torch.float32)
-    ce = F.cross_entropy(student_logits.float(), labels)
-    kd = zero if teacher_logits is None else distill_kl(teacher_logits.detach(), student_logits, temperature)
-    if peer_logits.shape[0] == 0:
-        peer = zero
-    else:
-        per_peer = distill_kl(peer_logits.detach(), student_logits, temperature)
-        peer = per_peer.sum() if peer_reduction == "sum" else per_peer.mean()
-    total = alpha * ce + beta * kd + gamma * peer
-    return TSPLoss(total=total, ce=ce, kd=kd, peer=peer)
+    peers = peer_logits.shape[0]
+    shares = student_logits.new_full((1, peers), 1 / peers if peer_reduction == "mean" else 1.0, dtype=torch.float32)
+    ce, kd, peer = graph_terms(student_logits.unsqueeze(0), labels, teacher_logits, peer_logits, shares,
+                               temperature)[0]
+    return TSPLoss(total=alpha * ce + beta * kd + gamma * peer, ce=ce, kd=kd, peer=peer)

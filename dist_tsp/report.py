@@ -1,4 +1,4 @@
-"""results.json and the per-student accuracy table printed at the end of a run."""
+"""results.json, predictions.npz and the per-student accuracy table printed at the end of a run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tabulate import tabulate
 
-from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.teacher import TeacherInfo
 
@@ -19,9 +21,13 @@ def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[
     """The results.json document: the teacher (with its mode, memory and logit cache) and every student's
     final accuracies."""
     val = accuracies.get("val", {})
-    students = {s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": val.get(s.name)}
+    students = {s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": val.get(s.name),
+                         "frozen": s.frozen, "init": None if s.init is None else str(s.init)}
                 for s in cfg.students}
-    teacher_entry = None if teacher is None else {**dataclasses.asdict(teacher), "cache": teacher_cache or None}
+    teacher_entry = None
+    if teacher is not None:
+        teacher_entry = {**dataclasses.asdict(teacher), "cache": teacher_cache or None}
+        del teacher_entry["test_predictions"]  # in predictions.npz
     return {"teacher": teacher_entry, "students": students, "loss": cfg.loss.model_dump(mode="json"),
             "dataset": cfg.data.name, "seed": cfg.seed}
 
@@ -31,7 +37,8 @@ def results_table(results: dict[str, Any], fmt: str = "github") -> str:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
-    rows = [[name, s["model"], pct(s["val_acc"]), pct(s["test_acc"])] for name, s in results["students"].items()]
+    rows = [[f"{name} (frozen)" if s.get("frozen") else name, s["model"], pct(s["val_acc"]), pct(s["test_acc"])]
+            for name, s in results["students"].items()]
     if results["teacher"] is not None:
         rows.append(["(teacher)", results["teacher"]["name"], "-", pct(results["teacher"]["test_acc"])])
     return tabulate(rows, headers=["student", "model", "val acc %", "test acc %"], tablefmt=fmt)
@@ -41,3 +48,13 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
     """results.json (atomically) and results.md beside it."""
     write_text_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     (output_dir / "results.md").write_text(results_table(results) + "\n")
+
+
+def write_predictions(output_dir: Path, names: list[str], students: torch.Tensor, labels: torch.Tensor,
+                      teacher: TeacherInfo | None) -> None:
+    """predictions.npz: the test labels and every student's (and the teacher's) predicted class per test sample."""
+    arrays = {"labels": labels, **dict(zip(names, students))}
+    if teacher is not None:
+        arrays["teacher"] = teacher.test_predictions
+    write_atomic(output_dir / "predictions.npz",
+                 lambda file: np.savez_compressed(file, **{k: v.cpu().numpy() for k, v in arrays.items()}))

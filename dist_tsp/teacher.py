@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ class TeacherInfo:
     mode: str
     parameter_bytes: int  # the whole teacher's
     parameter_bytes_per_rank: list[int]  # what each rank holds (1/W of it when parameter-sharded)
+    test_predictions: torch.Tensor = field(repr=False)  # the predicted class of every test sample
 
 
 def teacher_path(cfg: RunConfig) -> Path:
@@ -52,6 +53,8 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
         model = build_teacher(cfg, data.num_classes, pretrained=train_it, verbose=accelerator.is_main_process)
     # A teacher to be parameter-sharded is loaded in host memory: only its shard goes to the device.
     model.to(accelerator.device if train_it or not sharded_later else "cpu")
+    if cfg.teacher.channels_last and (train_it or not sharded_later):
+        model.to(memory_format=torch.channels_last)
     if train_it:
         trained = _fit(model, cfg, data, normalize, accelerator)
         if accelerator.is_main_process:
@@ -70,20 +73,21 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     model.eval().requires_grad_(False)
     full_bytes = local_parameter_bytes(model)
     if sharded_later:
+        model.to(memory_format=torch.contiguous_format)
         model = shard_parameters(model, cfg.teacher.mode, accelerator.device)
     on_all_ranks = RunTeacher(model, group=world_group(), sharded=True, autocast=accelerator.autocast)
     per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world_group())
+    predicted = _predictions(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize)
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
-                       test_acc=_accuracy(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize),
-                       mode=cfg.teacher.mode, parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
+                       test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
+                       parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist(),
+                       test_predictions=predicted)
     return model, info
 
 
-def _accuracy(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> float:
-    """Test accuracy, each batch split over all ranks (every rank runs the same number of forwards)."""
-    correct = sum((teacher.logits(images).argmax(-1) == labels).sum()
-                  for images, labels in eval_batches(test, batch_size, normalize))
-    return correct.item() / len(test)  # one read-back
+def _predictions(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> torch.Tensor:
+    """The predicted class of every test sample, each batch split over all ranks (same forwards on every rank)."""
+    return torch.cat([teacher.logits(images).argmax(-1) for images, _ in eval_batches(test, batch_size, normalize)])
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, normalize: Normalizer,

@@ -21,7 +21,7 @@ from dist_tsp.data import Dataset, Normalizer, load_dataset
 from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
-from dist_tsp.report import build_results, results_table, write_results
+from dist_tsp.report import build_results, results_table, write_predictions, write_results
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -124,6 +124,7 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
         save_config(cfg, cfg.output_dir / "config.yaml")
     results = build_results(cfg, teacher_info, trainer.train(start_step), teacher.summary() if teacher else {})
     if accelerator.is_main_process:
+        write_predictions(cfg.output_dir, cfg.student_names, trainer.test_predictions, data.test.labels, teacher_info)
         write_results(results, cfg.output_dir)
         print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()

@@ -69,7 +69,7 @@ def test_bad_config_fails_in_one_line_before_any_work(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "dist-tsp: error: unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, "
-        "temperature, peer_reduction"]
+        "temperature, peer_reduction, preset"]
     assert not (tmp_path / "run").exists()
 
 

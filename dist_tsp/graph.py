@@ -1,0 +1,91 @@
+"""Who teaches whom: every student's loss as weighted edges from the labels, the teacher and other students.
+
+Scratch, vanilla KD, TSP, the phases of alternate learning and online mutual learning are presets of this
+one mechanism. A learner s has the edges labels -> s (alpha), teacher -> s (beta) and j -> s for every other
+student j (gamma; the student edges into s are summed, or averaged with peer_reduction=mean). A frozen student (a "mentor", trained in an earlier
+run) has no incoming edges: it only teaches, with its logits computed in eval mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_tsp.config import RunConfig
+
+LABELS, TEACHER = "labels", "teacher"
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """`source` (labels, teacher or a student name) teaches `target` with `weight` in the target's loss."""
+
+    source: str
+    target: str
+    weight: float
+
+    def __str__(self) -> str:
+        return f"{self.source} -> {self.target} ({self.weight:g})"
+
+
+@dataclass(frozen=True, slots=True)
+class TeachingGraph:
+    """The students in config order and the edges into every learner (none into a frozen student)."""
+
+    students: list[str]
+    learners: list[str]
+    edges: list[Edge]
+    peer_reduction: str = "sum"
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> TeachingGraph:
+        loss, names = cfg.loss, cfg.student_names
+        learners = [s.name for s in cfg.students if not s.frozen]
+        edges = []
+        for target in learners:
+            edges += [Edge(LABELS, target, loss.alpha), Edge(TEACHER, target, loss.beta)]
+            edges += [Edge(source, target, loss.gamma) for source in names if source != target]
+        return cls(students=names, learners=learners, edges=[e for e in edges if e.weight > 0],
+                   peer_reduction=loss.peer_reduction)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(e.source == TEACHER for e in self.edges)
+
+    @property
+    def uses_peers(self) -> bool:
+        """True when some student teaches another: the step needs the logit all-gather."""
+        return any(e.source in self.students for e in self.edges)
+
+    def sources_of(self, target: str) -> list[str]:
+        """The students that teach `target`, in config order."""
+        return [e.source for e in self.edges if e.target == target and e.source in self.students]
+
+    def term_weights(self, device: torch.device | None = None) -> torch.Tensor:
+        """[N, 3]: each student's weights of its CE, teacher-KL and peer-KL terms (0 for a frozen student).
+
+        The peer weight is the largest student edge into it; `peer_shares` gives each source's share of it.
+        """
+        weights = torch.zeros(len(self.students), 3, dtype=torch.float64)
+        for edge in self.edges:
+            row = self.students.index(edge.target)
+            column = {LABELS: 0, TEACHER: 1}.get(edge.source, 2)
+            weights[row, column] = max(weights[row, column].item(), edge.weight)
+        return weights.float().to(device)
+
+    def peer_shares(self, device: torch.device | None = None) -> torch.Tensor:
+        """[N, N]: row s, column j = edge j -> s over s's peer weight, divided by s's P sources when averaged."""
+        peer_weight = self.term_weights()[:, 2].double()
+        shares = torch.zeros(len(self.students), len(self.students), dtype=torch.float64)
+        for target in self.learners:
+            row, sources = self.students.index(target), self.sources_of(target)
+            for edge in self.edges:
+                if edge.target == target and edge.source in sources:
+                    share = edge.weight / peer_weight[row] / (len(sources) if self.peer_reduction == "mean" else 1)
+                    shares[row, self.students.index(edge.source)] = share
+        return shares.float().to(device)
+
+    def describe(self) -> str:
+        """One line per learner: who teaches it, with weights (for the log and results.json)."""
+        return "; ".join(", ".join(str(e) for e in self.edges if e.target == t) for t in self.learners)

@@ -1,0 +1,308 @@
+"""The paper's whole protocol from one command, for S seeds, on any dataset and student set.
+
+    launch/protocol.sh --config configs/fashion_mnist.yaml --seeds 3 --out runs/protocol [key=value ...]
+
+One teacher is trained (or loaded) once and shared. Then: a grid over (alpha, beta, gamma) plus scratch on the
+80/20 train/validation split (Table 1), which picks the grid point best for the weakest and for the strongest
+student; and for every seed scratch, vanilla KD, fixed TSP, the tuned TSP points retrained on the full training
+split, and alternate learning rotated over every student (phase 1: the teacher and peer learning teach the
+others; phase 2: the teacher and those now-frozen mentors teach the one left out). Every run is an ordinary
+run directory under --out; a finished run is reused, an interrupted one resumes, so rerunning the command
+continues where it stopped. The report (tables, verdicts, curves, qualitative figures) is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dist_tsp import checkpoint, protocol_report
+from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.config import LOSS_PRESETS, RunConfig, load_config
+from dist_tsp.data import load_dataset
+from dist_tsp.errors import UserError
+from dist_tsp.protocol_report import GridPoint, Row
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("scratch", "kd", "tsp", "tuned", "alternate")
+GRID = ((0.1, 0.8, 0.1), (0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.7, 0.1), (0.2, 0.6, 0.2), (0.2, 0.5, 0.3))
+LABELS = {"scratch": "scratch", "kd": "vanilla KD", "tsp": "TSP (0.1/0.8/0.1)"}
+ALTERNATE_PHASES = ("tsp", "mentored")  # presets: (0.1, 0.8, 0.1), then (0.1, 0.6, 0.3)
+
+
+@dataclass
+class Protocol:
+    """What one protocol directory runs; saved as protocol.json and checked again when the command is rerun."""
+
+    config: str
+    overrides: list[str]
+    seeds: list[int]
+    methods: list[str]
+    grid: list[tuple[float, float, float]]
+    val_fraction: float
+    processes: int
+    accelerate_config: str | None
+    base: RunConfig = field(repr=False, compare=False)
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "base"}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="launch/protocol.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run config every run starts from")
+    parser.add_argument("--out", type=Path, default=Path("runs/protocol"), help="the protocol directory")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (default 3)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    parser.add_argument("--grid", default=" ".join(",".join(f"{w:g}" for w in point) for point in GRID),
+                        help="grid points 'a,b,g a,b,g ...' for the tuned TSP (default: the 6 points of Table 1)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share for the grid (0.2)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes per run (1: every run in this process; more: accelerate launch)")
+    parser.add_argument("--accelerate-config", default=None,
+                        help="accelerate config for --processes > 1 (default: gpu.yaml with a GPU, else cpu.yaml)")
+    return parser.parse_known_args(argv)
+
+
+def plan(argv: list[str] | None) -> tuple[Protocol, Path]:
+    """Parse and validate everything before any run starts."""
+    args, overrides = parse_args(argv)
+    if bad := [o for o in overrides if "=" not in o]:
+        raise UserError(f"{bad[0]!r} is neither an option nor key=value: see launch/protocol.sh --help")
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise UserError(f"--methods: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    try:
+        grid = [tuple(float(w) for w in point.split(",")) for point in args.grid.split()]
+    except ValueError:
+        grid = []
+    if not grid or any(len(point) != 3 or min(point) < 0 for point in grid):
+        raise UserError(f"--grid {args.grid!r}: write points as 'alpha,beta,gamma' separated by spaces, e.g. "
+                        "'0.1,0.8,0.1 0.2,0.6,0.2'")
+    if args.seeds < 1 or args.processes < 1 or not 0 < args.val_fraction < 1:
+        raise UserError("--seeds and --processes must be at least 1 and --val-fraction between 0 and 1")
+    base = load_config(args.config, overrides)
+    needs_peers = {"tsp", "tuned", "alternate"} & set(methods)
+    if needs_peers and len(base.students) < 2:
+        raise UserError(f"{', '.join(sorted(needs_peers))} need at least 2 students; the config has 1: add "
+                        "students or choose --methods scratch,kd")
+    if any(s.frozen for s in base.students):
+        raise UserError("the protocol trains every student: remove frozen from the config's students")
+    accelerate_config = args.accelerate_config
+    if args.processes > 1 and accelerate_config is None:
+        accelerate_config = f"configs/accelerate/{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml"
+    protocol = Protocol(config=args.config, overrides=overrides, seeds=list(range(args.seeds)), methods=methods,
+                        grid=grid, val_fraction=args.val_fraction, processes=args.processes,
+                        accelerate_config=accelerate_config, base=base)
+    record = args.out / "protocol.json"
+    if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(protocol.record())):
+        raise UserError(f"{args.out} holds another protocol ({record} differs): rerun with its options or choose "
+                        "another --out")
+    return protocol, args.out
+
+
+def processes_for(num_students: int, processes: int) -> int:
+    """The most processes, up to `processes`, that can hold `num_students` (W = N*R or N = W*K)."""
+    return max(w for w in range(1, processes + 1) if w % num_students == 0 or num_students % w == 0)
+
+
+def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
+    return ["loss.preset=null", *(f"loss.{k}={w:g}" for k, w in zip(("alpha", "beta", "gamma"), weights))]
+
+
+class Runner:
+    """Runs the protocol's runs one after another (a finished one is reused) and knows where each lives."""
+
+    def __init__(self, protocol: Protocol, out: Path) -> None:
+        self.protocol, self.out = protocol, out
+        self.teacher = protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
+        self.shared = [f"teacher.checkpoint={self.teacher}", "teacher.mode=cached",
+                       f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}"]
+        self.bar: tqdm | None = None
+
+    def run(self, name: str, overrides: list[str], *, num_students: int, teacher_only: bool = False) -> Path:
+        """Run `name` (output_dir = out/name) unless its results exist; return its directory."""
+        directory = self.out / name
+        done = self.teacher.is_file() if teacher_only else (directory / "results.json").is_file()
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+        if not done:
+            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={name.replace('/', '-')}"]
+            args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
+                    f"output_dir={directory}", *overrides] + (["--teacher-only"] if teacher_only else [])
+            self._launch(name, args, processes_for(num_students, self.protocol.processes))
+        if self.bar is not None:
+            self.bar.update()
+        return directory
+
+    def _launch(self, name: str, args: list[str], processes: int) -> None:
+        log = self.out / "logs" / f"{name.replace('/', '-')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as output:
+            if processes == 1:
+                code = _in_process(args, output)
+            else:
+                command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           self.protocol.accelerate_config, "--num_processes", str(processes),
+                           str(ROOT / "dist_tsp" / "train.py"), *args]
+                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if code != 0:
+            tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
+            raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
+                            "Rerun the same command to continue from there")
+
+
+def _in_process(args: list[str], output) -> int:
+    """train.main in this process, its output into `output`; the exit code it would have had."""
+    from dist_tsp import train
+
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            train.main(args)
+        except SystemExit as stop:
+            return stop.code if isinstance(stop.code, int) else 1
+    return 0
+
+
+def student_overrides(students: list[dict]) -> str:
+    return "students=" + json.dumps(students)
+
+
+def final_student_file(run: Path, name: str) -> Path:
+    """The student's weights at the end of a finished run (its last checkpoint)."""
+    return checkpoint.complete_checkpoints(run)[-1] / "students" / f"{name}.pt"
+
+
+def execute(protocol: Protocol, out: Path) -> dict[str, Path]:
+    """Every run of the protocol, then the report; returns the report's files by name."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
+    runner = Runner(protocol, out)
+    students = [s.model_dump(mode="json", exclude_defaults=True) for s in protocol.base.students]
+    names = protocol.base.student_names
+    methods, n = protocol.methods, len(names)
+    total = (1 + ("tuned" in methods) * (1 + len(protocol.grid))
+             + len(protocol.seeds) * (sum(m in methods for m in ("scratch", "kd", "tsp")) + 2 * ("tuned" in methods)
+                                      + 2 * n * ("alternate" in methods)))
+    with tqdm(total=total, desc="protocol", unit="run") as runner.bar:
+        runner.run("teacher", [], num_students=1, teacher_only=True)
+        tuned = tune(runner, protocol, n) if "tuned" in methods else {}
+        runner.bar.total -= len(protocol.seeds) * (2 - len(tuned)) if tuned else 0
+        rows: dict[str, Row] = {}
+        for seed in protocol.seeds:
+            for method in ("scratch", "kd", "tsp"):
+                if method in methods:
+                    run = runner.run(f"seed_{seed}/{method}", [f"seed={seed}", *loss_overrides(LOSS_PRESETS[method])],
+                                     num_students=n)
+                    _add(rows, method, LABELS[method], seed, dict.fromkeys(names, run))
+            for method, (label, weights) in tuned.items():
+                run = runner.run(f"seed_{seed}/{method}", [f"seed={seed}", *loss_overrides(weights)], num_students=n)
+                _add(rows, method, label, seed, dict.fromkeys(names, run))
+            if "alternate" in methods:
+                for last in names:
+                    runs = alternate(runner, seed, students, last)
+                    _add(rows, f"alternate_{last}", f"alternate ({last} last)", seed, runs)
+        runner.bar.set_postfix_str("report")
+        return report(protocol, out, list(rows.values()), tuned)
+
+
+def _add(rows: dict[str, Row], method: str, label: str, seed: int, runs: dict[str, Path]) -> None:
+    rows.setdefault(method, Row(method, label, {})).runs[seed] = runs
+
+
+def tune(runner: Runner, protocol: Protocol, n: int) -> dict[str, tuple[str, tuple[float, float, float]]]:
+    """The grid and scratch on the train/val split (first seed); Table 1; the points chosen for the weakest and
+    the strongest student as {method: (label, weights)} (one method when both choose the same point)."""
+    split = [f"seed={protocol.seeds[0]}", f"data.val_fraction={protocol.val_fraction}"]
+    scratch = runner.run("grid/scratch", [*split, *loss_overrides(LOSS_PRESETS["scratch"])], num_students=n)
+    grid = [GridPoint(*weights, runner.run(f"grid/a{weights[0]:g}_b{weights[1]:g}_g{weights[2]:g}",
+                                           [*split, *loss_overrides(weights)], num_students=n))
+            for weights in protocol.grid]
+    weakest, strongest, chosen = protocol_report.select_grid_points(grid, scratch)
+    protocol_report.write_table1(runner.out, grid, scratch, weakest, strongest, chosen)
+    weights = {role: (point.alpha, point.beta, point.gamma) for role, point in chosen.items()}
+    if weights["weakest"] == weights["strongest"]:
+        return {"tsp_tuned": (f"TSP tuned {_weights(weights['weakest'])} (weakest {weakest}, strongest "
+                              f"{strongest})", weights["weakest"])}
+    return {f"tsp_tuned_{role}": (f"TSP tuned {_weights(w)} ({role}: {student})", w)
+            for (role, w), student in zip(weights.items(), (weakest, strongest))}
+
+
+def _weights(weights: tuple[float, float, float]) -> str:
+    return "/".join(f"{w:g}" for w in weights)
+
+
+def alternate(runner: Runner, seed: int, students: list[dict], last: str) -> dict[str, Path]:
+    """One rotation of alternate learning; returns where each student's result is (phase 1, or 2 for `last`)."""
+    first, second = (loss_overrides(LOSS_PRESETS[phase]) for phase in ALTERNATE_PHASES)
+    others = [s for s in students if s["name"] != last]
+    phase1 = runner.run(f"seed_{seed}/alternate_{last}/phase1", [f"seed={seed}", *first, student_overrides(others)],
+                        num_students=len(others))
+    mentors = [s if s["name"] == last else {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
+               for s in students]
+    phase2 = runner.run(f"seed_{seed}/alternate_{last}/phase2", [f"seed={seed}", *second, student_overrides(mentors)],
+                        num_students=len(students))
+    return {s["name"]: phase2 if s["name"] == last else phase1 for s in students}
+
+
+def report(protocol: Protocol, out: Path, rows: list[Row], tuned: dict) -> dict[str, Path]:
+    """Table 2, the verdicts, Figures 2-5 (and Table 1, written by tune); Table 2 to W&B when it is tracked."""
+    base, names = protocol.base, protocol.base.student_names
+    table2 = protocol_report.write_table2(out, rows, names, base.data.name)
+    protocol_report.write_verdicts(out, protocol_report.verdicts(rows, names))
+    files = {"table2": out / "table2.md", "verdicts": out / "verdicts.md"}
+    if tuned:
+        files["table1"] = out / "table1.md"
+    files.update({p.stem: p for p in protocol_report.plot_curves(out, rows, names)})
+    by_method = {row.method: row.runs[protocol.seeds[0]] for row in rows}
+    if {"scratch", "kd", "tsp"} <= by_method.keys():
+        first = protocol.seeds[0]
+        test = load_dataset(base.data, first)
+        runs = [by_method[m][names[0]] for m in ("kd", "scratch", "kd", "tsp")]
+        files.update({p.stem: p for p in protocol_report.plot_qualitative(out, *runs, names, test.test.images,
+                                                                           test.classes)})
+    if base.tracking.report_to == "wandb":
+        log_table_to_wandb(base, out, table2)
+    print(f"\n{table2}\n\n" + (out / "verdicts.md").read_text())
+    return files
+
+
+def log_table_to_wandb(base: RunConfig, out: Path, table2_markdown: str) -> None:
+    """Table 2 as a W&B table in a summary run of the protocol's group (offline without credentials)."""
+    import csv
+
+    import wandb
+
+    from dist_tsp.tracking import tracker_settings
+
+    tracker_settings(base)  # offline mode when there are no credentials
+    header, *rows = list(csv.reader((out / "table2.csv").read_text().splitlines()))
+    run = wandb.init(project=base.tracking.project, group=out.name, name="table2", job_type="report",
+                     dir=str(out), reinit=True)
+    run.log({"table2": wandb.Table(columns=header, data=rows)})
+    run.summary["table2_markdown"] = table2_markdown
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        protocol, out = plan(argv)
+        files = execute(protocol, out)
+    except UserError as error:
+        print(f"dist-tsp protocol: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print("Written: " + ", ".join(str(p) for p in files.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The paper's whole protocol (scratch, vanilla KD, TSP, grid-tuned TSP, alternate learning) for S seeds, with
+# Tables 1 and 2, verdicts, curves and qualitative figures in one directory. See `launch/protocol.sh --help`.
+#   launch/protocol.sh --config configs/fashion_mnist.yaml --seeds 3 --out runs/protocol
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python3 -m dist_tsp.protocol "$@"
