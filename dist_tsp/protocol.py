@@ -137,7 +137,7 @@ class Runner:
         if self.bar is not None:
             self.bar.set_postfix_str(name)
         if not done:
-            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={name.replace('/', '-')}"]
+            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={run_name(name)}"]
             args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
                     f"output_dir={directory}", *overrides] + (["--teacher-only"] if teacher_only else [])
             self._launch(name, args, processes_for(num_students, self.protocol.processes))
@@ -160,6 +160,13 @@ class Runner:
             tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
             raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
                             "Rerun the same command to continue from there")
+
+
+def run_name(name: str) -> str:
+    """The W&B run name for a run directory name: seed_0/alternate_lenet/phase1 -> alternate_lenet-phase1-seed0."""
+    first, *rest = name.split("/")
+    return "-".join(rest) + "-seed" + first.removeprefix("seed_") if first.startswith("seed_") and rest \
+        else name.replace("/", "-")
 
 
 def _in_process(args: list[str], output) -> int:
@@ -287,11 +294,19 @@ def log_table_to_wandb(base: RunConfig, out: Path, table2_markdown: str) -> None
 
     tracker_settings(base)  # offline mode when there are no credentials
     header, *rows = list(csv.reader((out / "table2.csv").read_text().splitlines()))
+    rows = [[_number(value) for value in row] for row in rows]
     run = wandb.init(project=base.tracking.project, group=out.name, name="table2", job_type="report",
-                     dir=str(out), reinit=True)
+                     dir=str(out))
     run.log({"table2": wandb.Table(columns=header, data=rows)})
     run.summary["table2_markdown"] = table2_markdown
     run.finish()
+
+
+def _number(text: str) -> float | str | None:
+    try:
+        return float(text)
+    except ValueError:
+        return text or None
 
 
 def main(argv: list[str] | None = None) -> None:

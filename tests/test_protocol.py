@@ -1,0 +1,123 @@
+"""The protocol runner: a CI-sized run of the paper's whole protocol (tiny data, 2 seeds), reuse on rerun, W&B,
+its accelerate launches, and the alternate-learning phase with mentors on 3 ranks against 1."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dist_tsp.protocol import main, processes_for
+from tests.runs import ENV, ROOT, launch, train_rows
+
+pytestmark = pytest.mark.slow
+STUDENTS = ("lenet", "alexnet", "mobilenet")
+TINY = ["--config", "configs/demo.yaml", "--grid", "0.1,0.8,0.1 0.2,0.6,0.2",
+        "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
+        " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
+        "data.batch_size=32", "teacher.args={depth: 8, width: 8}", "teacher.epochs=1", "train.epochs=2",
+        "train.max_steps=4", "train.log_every=2"]
+FILES = ("table1.md", "table1.csv", "table2.md", "table2.csv", "verdicts.md", "curves_loss.png",
+         "curves_accuracy.png", "figure4.png", "figure5.png")
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("protocol")
+    main([*TINY, "--out", str(out), "--seeds", "2"])
+    return out
+
+
+def test_one_command_writes_every_table_and_figure(protocol):
+    for name in FILES:
+        assert (protocol / name).stat().st_size > 0, name
+    for name in ("figure4.png", "figure5.png", "curves_loss.png"):
+        assert (protocol / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table2_has_every_method_and_rotation_as_mean_and_std_over_two_seeds(protocol):
+    table = (protocol / "table2.md").read_text()
+    for label in ("scratch", "vanilla KD", "TSP (0.1/0.8/0.1)", "TSP tuned", *(f"alternate ({s} last)" for s in STUDENTS)):
+        assert label in table, label
+    body = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    assert all(line.count("(n=2)") == len(STUDENTS) + 1 for line in body), table  # the students and the teacher
+    assert "paper" not in table  # the paper's numbers are shown for CIFAR-10 only
+
+
+def test_table1_holds_scratch_and_every_grid_point_on_the_validation_split(protocol):
+    table = (protocol / "table1.md").read_text()
+    assert "| scratch" in table and table.count("| grid") == 2 and "weakest (" in table and "strongest (" in table
+    for run in ("scratch", "a0.1_b0.8_g0.1", "a0.2_b0.6_g0.2"):
+        results = json.loads((protocol / "grid" / run / "results.json").read_text())
+        assert all(s["val_acc"] is not None for s in results["students"].values())
+
+
+def test_verdicts_pair_the_seeds(protocol):
+    lines = (protocol / "verdicts.md").read_text().splitlines()
+    for student in STUDENTS:
+        assert any(line.startswith(("- TSP > KD for", "- TSP not > KD for")) and line.split(":")[0].endswith(student)
+                   for line in lines), student
+    assert all("over 2 seeds (holds in" in line for line in lines if line.startswith("- "))
+
+
+def test_alternate_phase_two_trains_only_the_last_student_with_its_mentors_frozen(protocol):
+    phase1 = protocol / "seed_0" / "alternate_lenet" / "phase1"
+    phase2 = protocol / "seed_0" / "alternate_lenet" / "phase2"
+    first, second = (json.loads((p / "results.json").read_text()) for p in (phase1, phase2))
+    assert set(first["students"]) == {"alexnet", "mobilenet"}
+    assert second["students"]["alexnet"]["frozen"] and not second["students"]["lenet"]["frozen"]
+    assert second["loss"]["alpha"] == 0.1 and second["loss"]["beta"] == 0.6 and second["loss"]["gamma"] == 0.3
+    for mentor in ("alexnet", "mobilenet"):  # the mentors teach with phase 1's final weights, unchanged
+        assert second["students"][mentor]["test_acc"] == first["students"][mentor]["test_acc"]
+    rows = train_rows(phase2)
+    assert rows and not any(key.startswith(("train/alexnet", "train/mobilenet")) for row in rows for key in row)
+    assert all(row["train/lenet/peer"] > 0 and row["train/lenet/kd"] > 0 for row in rows)
+
+
+def test_rerunning_reuses_every_finished_run(protocol):
+    finished = {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")}
+    table = (protocol / "table2.md").read_text()
+    done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", *TINY, "--out", str(protocol), "--seeds", "2"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")} == finished
+    assert (protocol / "table2.md").read_text() == table
+
+
+def test_other_options_in_the_same_directory_are_refused_in_one_line(protocol):
+    done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", *TINY, "--out", str(protocol), "--seeds", "3"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"dist-tsp protocol: error: {protocol} holds another protocol ({protocol}/protocol.json differs): rerun "
+        "with its options or choose another --out"]
+
+
+def test_mentored_phase_on_three_ranks_matches_one_process(protocol, tmp_path):
+    """Phase 2 of a rotation relaunched on 3 gloo ranks (one student each, the mentors' logits in the all-gather)
+    gives the same per-step losses as the single-process run."""
+    one = protocol / "seed_0" / "alternate_mobilenet" / "phase2"
+    launch(["--config", str(one / "config.yaml"), f"output_dir={tmp_path}"], processes=3)
+    for a, b in zip(train_rows(one), train_rows(tmp_path), strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+
+
+def test_bad_method_is_refused_before_any_run(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(tmp_path / "p"), "--methods", "scratch,tsp2"])
+    assert stop.value.code == 2 and not (tmp_path / "p").exists()
+
+
+def test_runs_use_the_most_processes_that_fit_their_students():
+    assert [processes_for(n, 3) for n in (1, 2, 3, 4, 6)] == [3, 2, 3, 2, 3]
+
+
+def test_wandb_runs_share_a_group_are_named_for_method_and_seed_and_get_table2(tmp_path):
+    out = tmp_path / "wb"
+    main([*TINY, "--out", str(out), "--seeds", "1", "--methods", "kd", "tracking.report_to=wandb",
+          "--processes", "3"])  # 3 processes: every run is a real accelerate launch
+    logged = next((out / "seed_0" / "kd" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"kd-seed0" in logged and out.name.encode() in logged and b"train/mobilenet/ce" in logged
+    table = json.loads(next((out / "wandb").glob("offline-run-*/files/media/table/table2_*.table.json")).read_text())
+    assert table["columns"][:3] == ["method", "label", "student"]
+    assert {row[2] for row in table["data"]} == {*STUDENTS, "teacher"}
