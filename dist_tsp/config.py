@@ -29,12 +29,17 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Which dataset, how it is split, batched and augmented."""
+    """Which dataset, how it is split, batched and augmented.
+
+    `max_train_samples` keeps a fixed random subset of the training images (the same for every seed), for
+    quick experiments; the validation split, when asked for, is taken from that subset.
+    """
 
     name: Literal["digits", "fashion_mnist", "cifar10", "image_folder"] = "digits"
     root: Path | None = None
     download: bool = True
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_train_samples: int | None = Field(None, gt=0)
     augment: bool = True
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)

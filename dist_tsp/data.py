@@ -18,6 +18,7 @@ from dist_tsp.errors import UserError
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 VIEW_STREAM = 0x5EED  # seeds the per-sample augmentation, apart from the sample order
+SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
 
 
 class DataError(UserError):
@@ -68,6 +69,9 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
               "image_folder": _image_folder}[cfg.name]
     train, test, classes, hflip = loader(cfg)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))
+        train = train.subset(subset[: cfg.max_train_samples].sort().values)
     train, test = (_resized(s, cfg.image_size) for s in (train, test))
     val = None
     if cfg.val_fraction > 0:

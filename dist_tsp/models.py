@@ -170,6 +170,37 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+@register("vgg11_cifar")
+class VGG11Cifar(nn.Module):
+    """VGG-11 (configuration A) for 32x32: 3x3 convs 64-M-128-M-256-256-M-512-512-M-512-512-M with BatchNorm and
+    ReLU, global average pooling and one linear layer.
+
+    ``width`` scales the conv channels. Unlike torchvision's ``vgg11`` (a 25088x4096x4096 classifier, ~130M
+    parameters at 32x32), the head is a single ``Linear(channels, num_classes)``.
+    """
+
+    # conv output channels, or "M" for a 2x2 max-pool
+    LAYERS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for layer in self.LAYERS:
+            if layer == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                c_out = _scaled(layer, width)
+                layers.append(_conv_bn_relu(c_in, c_out))
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 class _BasicBlock(nn.Module):
     """Two 3x3 conv+BN layers with an identity shortcut, or a 1x1 conv+BN one where the shape changes."""
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_text_atomic
@@ -203,10 +204,13 @@ def plot_curves(out: Path, rows: list[Row], students: list[str]) -> list[Path]:
                 seeds = [logs[runs[student]] for runs in row.runs.values() if student in runs]
                 xs, ys = _curve(seeds, key.format(student), x) if seeds else (np.array([]), None)
                 if xs.size:
-                    ax.plot(xs, scale * ys.mean(0), label=row.label)
+                    xs = xs + 1 if x == "epoch" else xs  # accuracy after epoch e is logged with epoch e - 1
+                    ax.plot(xs, scale * ys.mean(0), label=row.label, marker="o" if len(xs) < 30 else None,
+                            markersize=3)
                     if len(ys) > 1:
                         ax.fill_between(xs, scale * ys.min(0), scale * ys.max(0), alpha=0.2)
             ax.set(title=student, xlabel=x, ylabel=ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure.axes[0].legend(fontsize="small")
         paths.append(out / f"{name}.png")
         out.mkdir(parents=True, exist_ok=True)

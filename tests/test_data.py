@@ -100,6 +100,14 @@ def test_val_fraction_splits_train_80_20_with_the_seed():
     assert not torch.equal(split.val.labels, other.val.labels)
 
 
+def test_max_train_samples_keeps_the_same_subset_for_every_seed_and_the_whole_test_set():
+    full = load_dataset(DataConfig(), seed=0)
+    small, other_seed = (load_dataset(DataConfig(max_train_samples=300), seed=s) for s in (0, 1))
+    assert len(small.train) == 300 and torch.equal(small.train.images, other_seed.train.images)
+    assert torch.equal(small.test.labels, full.test.labels)
+    assert len(load_dataset(DataConfig(max_train_samples=300, val_fraction=0.2), seed=0).train) == 240
+
+
 def write_idx(path, array: np.ndarray) -> None:
     magic = {3: 0x0803, 1: 0x0801}[array.ndim]
     header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)

@@ -8,7 +8,7 @@ from torch import nn
 
 from dist_tsp.models import UnknownModelError, build_model, model_names
 
-REGISTERED = ["lenet", "alexnet", "mobilenet", "resnet_cifar", "resnet50"]
+REGISTERED = ["lenet", "alexnet", "mobilenet", "vgg11_cifar", "resnet_cifar", "resnet50"]
 TORCHVISION = ["resnet18", "shufflenet_v2_x0_5"]
 
 
@@ -42,6 +42,7 @@ def test_resnet_cifar_teacher_accepts_a_larger_64x64_input():
     [
         ("alexnet", {"width": 0.5, "hidden": 256}, {}),
         ("mobilenet", {"width_mult": 0.5}, {"width_mult": 1.0}),
+        ("vgg11_cifar", {"width": 0.25}, {}),
         ("resnet_cifar", {"depth": 8}, {"depth": 20}),
         ("resnet_cifar", {"width": 8}, {"width": 16}),
     ],
@@ -51,6 +52,14 @@ def test_size_kwargs_shrink_the_model_and_keep_the_output_shape(name, small, lar
     assert _num_params(small_model) < _num_params(build_model(name, 10, **large))
     with torch.no_grad():
         assert small_model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vgg11_cifar_is_eight_width_scaled_convs_and_one_linear_layer():
+    model = build_model("vgg11_cifar", 10, width=0.25)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert convs == [16, 32, 64, 64, 128, 128, 128, 128]
+    assert linears == [(128, 10)]
 
 
 def test_resnet_cifar_rejects_a_depth_that_is_not_6n_plus_2():
