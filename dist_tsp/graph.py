@@ -2,8 +2,9 @@
 
 Scratch, vanilla KD, TSP, the phases of alternate learning and online mutual learning are presets of this
 one mechanism. A learner s has the edges labels -> s (alpha), teacher -> s (beta) and j -> s for every other
-student j (gamma; the student edges into s are summed, or averaged with peer_reduction=mean). A frozen student (a "mentor", trained in an earlier
-run) has no incoming edges: it only teaches, with its logits computed in eval mode.
+student j (gamma; the student edges into s are summed, or averaged with peer_reduction=mean). A frozen
+student (a "mentor", trained in an earlier run) has no incoming edges: it only teaches, with its logits
+computed in eval mode.
 """
 
 from __future__ import annotations

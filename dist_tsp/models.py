@@ -141,8 +141,21 @@ class AlexNetCifar(nn.Module):
         return self.classifier(self.features(x))
 
 
+class _PooledConvNet(nn.Module):
+    """A stack of convolutional layers, global average pooling and one linear layer (any input size)."""
+
+    def __init__(self, layers: list[nn.Module], channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 @register("mobilenet")
-class MobileNetV1(nn.Module):
+class MobileNetV1(_PooledConvNet):
     """MobileNet v1 for 32x32: a stride-1 stem and 13 depthwise-separable blocks, 4 of them stride 2 (32 -> 2).
 
     ``width_mult`` is the Keras ``alpha``: it scales every layer's channels.
@@ -155,23 +168,17 @@ class MobileNetV1(nn.Module):
     )
 
     def __init__(self, num_classes: int, width_mult: float = 1.0) -> None:
-        super().__init__()
         c_in = _scaled(32, width_mult)
         layers: list[nn.Module] = [_conv_bn_relu(3, c_in)]
         for channels, stride in self.BLOCKS:
             c_out = _scaled(channels, width_mult)
             layers += [_conv_bn_relu(c_in, c_in, stride=stride, groups=c_in), _conv_bn_relu(c_in, c_out, kernel_size=1)]
             c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, c_in, num_classes)
 
 
 @register("vgg11_cifar")
-class VGG11Cifar(nn.Module):
+class VGG11Cifar(_PooledConvNet):
     """VGG-11 (configuration A) for 32x32: 3x3 convs 64-M-128-M-256-256-M-512-512-M-512-512-M with BatchNorm and
     ReLU, global average pooling and one linear layer.
 
@@ -183,7 +190,6 @@ class VGG11Cifar(nn.Module):
     LAYERS: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
     def __init__(self, num_classes: int, width: float = 1.0) -> None:
-        super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for layer in self.LAYERS:
@@ -193,12 +199,7 @@ class VGG11Cifar(nn.Module):
                 c_out = _scaled(layer, width)
                 layers.append(_conv_bn_relu(c_in, c_out))
                 c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, c_in, num_classes)
 
 
 class _BasicBlock(nn.Module):
@@ -219,7 +220,7 @@ class _BasicBlock(nn.Module):
 
 
 @register("resnet_cifar")
-class ResNetCifar(nn.Module):
+class ResNetCifar(_PooledConvNet):
     """CIFAR ResNet (He et al. 2016): a 3x3 stem and 3 stages of (depth - 2) / 6 basic blocks.
 
     Stage widths are ``width``, 2x and 4x; stages 2 and 3 halve the resolution; adaptive average pooling
@@ -227,7 +228,6 @@ class ResNetCifar(nn.Module):
     """
 
     def __init__(self, num_classes: int, depth: int = 20, width: int = 16) -> None:
-        super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"resnet_cifar depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
         blocks_per_stage = (depth - 2) // 6
@@ -237,15 +237,10 @@ class ResNetCifar(nn.Module):
             for block in range(blocks_per_stage):
                 layers.append(_BasicBlock(c_in, c_out, stride=2 if stage > 0 and block == 0 else 1))
                 c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
+        super().__init__(layers, c_in, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 @register("resnet50")

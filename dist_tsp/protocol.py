@@ -100,7 +100,8 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path]:
         raise UserError("the protocol trains every student: remove frozen from the config's students")
     accelerate_config = args.accelerate_config
     if args.processes > 1 and accelerate_config is None:
-        accelerate_config = f"configs/accelerate/{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml"
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        accelerate_config = str(ROOT / "configs" / "accelerate" / f"{kind}.yaml")
     protocol = Protocol(config=args.config, overrides=overrides, seeds=list(range(args.seeds)), methods=methods,
                         grid=grid, val_fraction=args.val_fraction, processes=args.processes,
                         accelerate_config=accelerate_config, base=base)
@@ -155,7 +156,7 @@ class Runner:
                 command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            self.protocol.accelerate_config, "--num_processes", str(processes),
                            str(ROOT / "dist_tsp" / "train.py"), *args]
-                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
         if code != 0:
             tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
             raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "

@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from dist_tsp.errors import UserError
-from dist_tsp.protocol_report import (GridPoint, Row, plot_curves, plot_qualitative, qualitative_indices,
-                                      select_grid_points, verdicts, write_table1, write_table2, write_verdicts)
+from dist_tsp.protocol_report import (
+    GridPoint,
+    Row,
+    plot_curves,
+    plot_qualitative,
+    qualitative_indices,
+    select_grid_points,
+    verdicts,
+    write_table1,
+    write_table2,
+    write_verdicts,
+)
 
 STUDENTS = ["lenet", "alexnet", "mobilenet"]
 
