@@ -37,9 +37,11 @@ SIX_STUDENTS = "students=[" + ", ".join(
     f"{{name: {name}{copy}, model: {name}, args: {args}}}" for copy in ("", "_b")
     for name, args in (("lenet", "{}"), ("alexnet", "{width: 0.25, hidden: 256}"), ("mobilenet", "{width_mult: 0.25}"))
 ) + "]"
-CPU_GRID = [("scratch", "sharded"), *((method, mode) for method in ("kd", "tsp")
-                                      for mode in ("replicated", "sharded", "cached"))]
-QUICK = [("scratch", "sharded"), ("tsp", "cached")]
+# (method, teacher mode, layout): the last row is the TSP-cached row again with the students channels-last
+CPU_GRID = [("scratch", "sharded", ""), *((method, mode, "") for method in ("kd", "tsp")
+                                          for mode in ("replicated", "sharded", "cached")),
+            ("tsp", "cached", " channels-last")]
+QUICK = [("scratch", "sharded", ""), ("tsp", "cached", "")]
 
 
 def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str]) -> None:
@@ -92,10 +94,11 @@ def main() -> None:
                    for mp in ("no", "bf16")]
     else:
         common += [f"teacher.cache_dir={work / 'logit_cache'}", *([] if args.quick else [SIX_STUDENTS])]
-        configs = [(f"{method}, teacher {mode}, W={world} CPU", method_overrides(method, mode), world,
+        configs = [(f"{method}, teacher {mode}{layout}, W={world} CPU",
+                    [*method_overrides(method, mode), *(["train.channels_last=true"] if layout else [])], world,
                     ["--cpu"] if world == 1 else [])
                    for world in ((3,) if args.quick else (1, 2, 3))
-                   for method, mode in (QUICK if args.quick else CPU_GRID)]
+                   for method, mode, layout in (QUICK if args.quick else CPU_GRID)]
 
     summary, measured = [], {}
     for name, overrides, world, launch_args in configs:

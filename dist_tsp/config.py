@@ -175,7 +175,10 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    """How long students train, how often metrics are reduced and logged, and how often to checkpoint."""
+    """How long students train, how often metrics are reduced and logged, and how often to checkpoint.
+
+    `channels_last` runs the students in the channels-last memory format (see benchmarks/step_breakdown.py).
+    """
 
     epochs: int = Field(5, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -184,6 +187,7 @@ class TrainConfig(Section):
     keep_last: int = Field(2, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
     profile: bool = False
+    channels_last: bool = False
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -236,7 +240,7 @@ class RunConfig(Section):
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
-                    "profile"):
+                    "profile", "channels_last"):
             tree["train"].pop(key)
         return tree
 

@@ -84,6 +84,8 @@ class StudentTrainer:
         spec = self.cfg.students[index]
         torch.manual_seed(mixed_seed(self.cfg.seed, index))
         model = build_model(spec.model, self.data.num_classes, **spec.args).to(self.accelerator.device)
+        if self.cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
         if spec.init is not None:
             what = f"student {spec.name}'s init"
             checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     for _ in procs:
         rank, ok, value = queue.get()
         if ok:
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
             failures.append(f"rank {rank}:\n{value}")
     for p in procs:
@@ -50,7 +51,11 @@ def _entry(fn, rank: int, world_size: int, port: int, queue, args) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(*args)))
+        # Serialized, not shared: a tensor sent through the queue shares memory by a file descriptor that is gone
+        # once this process exits, which can be before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
