@@ -48,8 +48,8 @@ def worker(args: argparse.Namespace) -> None:
     from dist_tsp.train import start
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    teacher_file = args.work_dir / f"{args.teacher}.pt"
-    teacher_args = {"depth": 20, "width": 16} if args.teacher == "resnet_cifar" else {}
+    teacher_args = json.loads(args.teacher_args)
+    teacher_file = args.work_dir / f"{args.teacher}-{'-'.join(f'{k}{v}' for k, v in teacher_args.items())}.pt"
     students = ", ".join(f"{{name: s{i}, model: lenet}}" for i in range(world))
 
     def config(mode: str):
@@ -107,6 +107,7 @@ def launch(world: int, args: argparse.Namespace) -> list[dict]:
     launcher += [] if args.gpu or world == 1 else ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
     launcher += ["--cpu"] if not args.gpu and world == 1 else []
     command = [*launcher, __file__, "--worker", "--work-dir", str(args.work_dir), "--teacher", args.teacher,
+               "--teacher-args", args.teacher_args,
                "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -117,9 +118,11 @@ def launch(world: int, args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny: W = 3, a few steps (what CI runs)")
+    parser.add_argument("--quick", action="store_true", help="tiny: W = 3, a small teacher, a few steps (what CI runs)")
     parser.add_argument("--gpu", action="store_true", help="one process per GPU (NCCL)")
     parser.add_argument("--teacher", default="resnet_cifar", help="a registry model (default: ResNet-20 for CIFAR)")
+    parser.add_argument("--teacher-args", default=None,
+                        help='its constructor arguments as JSON (default: {"depth": 20, "width": 16} for resnet_cifar)')
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=20)
@@ -131,13 +134,15 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
         return worker(args)
+    if args.teacher_args is None:
+        args.teacher_args = json.dumps({"depth": 20, "width": 16} if args.teacher == "resnet_cifar" else {})
     if args.quick:
-        args.worlds, args.steps, args.batch = [3], 3, 48
+        args.worlds, args.steps, args.batch, args.teacher_args = [3], 3, 48, '{"depth": 8, "width": 8}'
     rows = [row for world in args.worlds for row in launch(world, args)]
     table = [[r["mode"], r["world"], f"{r['step_ms']:.2f}", f"{r['one_off_s']:.1f}" if r["mode"] == "cached" else "-",
               f"{r['bytes_full'] / 2**20:.2f}", f"{max(r['bytes_per_rank']) / 2**20:.2f}",
               f"{max(r['bytes_per_rank']) / r['bytes_full']:.2f}"] for r in sorted(rows, key=lambda r: r["world"])]
-    print(f"Teacher {args.teacher}, batch {args.batch}, {args.steps} timed steps, slowest rank\n")
+    print(f"Teacher {args.teacher} {args.teacher_args}, batch {args.batch}, {args.steps} timed steps, slowest rank\n")
     print(tabulate(table, headers=["mode", "W", "teacher ms/step", "cache build s/epoch", "teacher MiB",
                                    "MiB per rank", "share"], tablefmt="github"))
     print(f"\n{ADVICE}")

@@ -2,13 +2,11 @@
 its accelerate launches, and the alternate-learning phase with mentors on 3 ranks against 1."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from dist_tsp.protocol import main, processes_for
-from tests.runs import ENV, ROOT, launch, train_rows
+from tests.runs import launch, train_rows
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -78,18 +76,16 @@ def test_alternate_phase_two_trains_only_the_last_student_with_its_mentors_froze
 def test_rerunning_reuses_every_finished_run(protocol):
     finished = {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")}
     table = (protocol / "table2.md").read_text()
-    done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", *TINY, "--out", str(protocol), "--seeds", "2"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    main([*TINY, "--out", str(protocol), "--seeds", "2"])
     assert {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")} == finished
     assert (protocol / "table2.md").read_text() == table
 
 
-def test_other_options_in_the_same_directory_are_refused_in_one_line(protocol):
-    done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", *TINY, "--out", str(protocol), "--seeds", "3"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+def test_other_options_in_the_same_directory_are_refused_in_one_line(protocol, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(protocol), "--seeds", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"dist-tsp protocol: error: {protocol} holds another protocol ({protocol}/protocol.json differs): rerun "
         "with its options or choose another --out"]
 
@@ -113,10 +109,11 @@ def test_runs_use_the_most_processes_that_fit_their_students():
     assert [processes_for(n, 3) for n in (1, 2, 3, 4, 6)] == [3, 2, 3, 2, 3]
 
 
-def test_wandb_runs_share_a_group_are_named_for_method_and_seed_and_get_table2(tmp_path):
+def test_wandb_runs_share_a_group_are_named_for_method_and_seed_and_get_table2(protocol, tmp_path):
     out = tmp_path / "wb"
     main([*TINY, "--out", str(out), "--seeds", "1", "--methods", "kd", "tracking.report_to=wandb",
-          "--processes", "3"])  # 3 processes: every run is a real accelerate launch
+          f"teacher.checkpoint={protocol / 'teacher' / 'model.pt'}",
+          "--processes", "3"])  # 3 processes: the run is a real accelerate launch
     logged = next((out / "seed_0" / "kd" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"kd-seed0" in logged and out.name.encode() in logged and b"train/mobilenet/ce" in logged
     table = json.loads(next((out / "wandb").glob("offline-run-*/files/media/table/table2_*.table.json")).read_text())

@@ -82,18 +82,14 @@ def test_launch_shape_that_does_not_fit_is_rejected(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_demo_on_three_processes_beats_chance_and_logs_to_wandb_offline(tmp_path):
-    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", "tracking.report_to=wandb",
-                   "teacher.epochs=6", "train.epochs=4"], processes=3)  # the demo, half as long
+def test_demo_on_three_processes_beats_chance(tmp_path):
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", "teacher.epochs=6", "train.epochs=3"],
+                  processes=3)  # the demo, about half as long (W&B logging: tests/test_protocol.py)
     results = json.loads((tmp_path / "results.json").read_text())
     for name, student in results["students"].items():
         assert student["test_acc"] > 0.3, (name, student)  # 10 classes: chance is 0.1; half a demo is short
     assert results["teacher"]["test_acc"] > 0.6  # half the demo teacher's epochs
     assert "| lenet" in done.stdout and "test acc %" in done.stdout
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    logged = next(offline_runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records hold the keys verbatim
-    assert b"train/lenet/loss" in logged and b"test/alexnet/acc" in logged
 
 
 def test_tensorboard_tracker_receives_per_student_scalars(single_and_three_ranks):
