@@ -37,10 +37,11 @@ SIX_STUDENTS = "students=[" + ", ".join(
     f"{{name: {name}{copy}, model: {name}, args: {args}}}" for copy in ("", "_b")
     for name, args in (("lenet", "{}"), ("alexnet", "{width: 0.25, hidden: 256}"), ("mobilenet", "{width_mult: 0.25}"))
 ) + "]"
-# (method, teacher mode, layout): the last row is the TSP-cached row again with the students channels-last
+# (method, teacher mode, layout): the last row is the TSP-cached row again with the students in the default
+# layout (train.channels_last=false), the "before" of the channels-last change
 CPU_GRID = [("scratch", "sharded", ""), *((method, mode, "") for method in ("kd", "tsp")
                                           for mode in ("replicated", "sharded", "cached")),
-            ("tsp", "cached", " channels-last")]
+            ("tsp", "cached", " default-layout")]
 QUICK = [("scratch", "sharded", ""), ("tsp", "cached", "")]
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     else:
         common += [f"teacher.cache_dir={work / 'logit_cache'}", *([] if args.quick else [SIX_STUDENTS])]
         configs = [(f"{method}, teacher {mode}{layout}, W={world} CPU",
-                    [*method_overrides(method, mode), *(["train.channels_last=true"] if layout else [])], world,
+                    [*method_overrides(method, mode), *(["train.channels_last=false"] if layout else [])], world,
                     ["--cpu"] if world == 1 else [])
                    for world in ((3,) if args.quick else (1, 2, 3))
                    for method, mode, layout in (QUICK if args.quick else CPU_GRID)]

