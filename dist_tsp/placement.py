@@ -34,16 +34,18 @@ class Placement:
         w, n = self.world_size, self.num_students
         if w < 1 or n < 1 or not 0 <= self.rank < w:
             raise PlacementError(f"invalid placement: rank {self.rank} of {w} ranks, {n} students")
-        if w % n == 0:
-            self.replicas, self.students_per_rank = w // n, 1
-        elif n % w == 0:
-            self.replicas, self.students_per_rank = 1, n // w
-        else:
+        if not self.fits(w, n):
             fits = sorted({d for d in range(1, n + 1) if n % d == 0} | {n * 2, n * 3})
             raise PlacementError(
                 f"{w} processes cannot hold {n} students: launch a number of processes that divides "
                 f"or is a multiple of {n} (e.g. {', '.join(map(str, fits))}) with --num_processes"
             )
+        self.replicas, self.students_per_rank = (w // n, 1) if w % n == 0 else (1, n // w)
+
+    @staticmethod
+    def fits(world_size: int, num_students: int) -> bool:
+        """W = N*R (R replicas per student) or N = W*K (K students per rank)."""
+        return world_size % num_students == 0 or num_students % world_size == 0
 
     @property
     def peer_group_size(self) -> int:

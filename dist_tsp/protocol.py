@@ -29,6 +29,7 @@ from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.config import LOSS_PRESETS, RunConfig, load_config
 from dist_tsp.data import load_dataset
 from dist_tsp.errors import UserError
+from dist_tsp.placement import Placement
 from dist_tsp.protocol_report import GridPoint, Row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path]:
 
 def processes_for(num_students: int, processes: int) -> int:
     """The most processes, up to `processes`, that can hold `num_students` (W = N*R or N = W*K)."""
-    return max(w for w in range(1, processes + 1) if w % num_students == 0 or num_students % w == 0)
+    return max(w for w in range(1, processes + 1) if Placement.fits(w, num_students))
 
 
 def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
