@@ -79,14 +79,9 @@ class TeachingGraph:
         """[N, N]: row s, column j = edge j -> s over s's peer weight, divided by s's P sources when averaged."""
         peer_weight = self.term_weights()[:, 2].double()
         shares = torch.zeros(len(self.students), len(self.students), dtype=torch.float64)
-        for target in self.learners:
-            row, sources = self.students.index(target), self.sources_of(target)
-            for edge in self.edges:
-                if edge.target == target and edge.source in sources:
-                    share = edge.weight / peer_weight[row] / (len(sources) if self.peer_reduction == "mean" else 1)
-                    shares[row, self.students.index(edge.source)] = share
+        for edge in self.edges:
+            if edge.source in self.students:
+                row = self.students.index(edge.target)
+                count = len(self.sources_of(edge.target)) if self.peer_reduction == "mean" else 1
+                shares[row, self.students.index(edge.source)] = edge.weight / peer_weight[row] / count
         return shares.float().to(device)
-
-    def describe(self) -> str:
-        """One line per learner: who teaches it, with weights (for the log and results.json)."""
-        return "; ".join(", ".join(str(e) for e in self.edges if e.target == t) for t in self.learners)
