@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 import torch.distributed as dist
 
@@ -31,6 +33,18 @@ def all_gather_cat(local: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     gathered = local.new_empty((group_size(group) * local.shape[0], *local.shape[1:]))
     _all_gather_single(gathered, local, group=group)
     return gathered
+
+
+def all_gather_cat_parts(parts: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """`all_gather_cat` of each of `parts` in a single collective: one message per rank, the parts flattened
+    side by side (in their common promoted dtype for the trip, each returned in its own)."""
+    if group is None:
+        return [part.detach() for part in parts]
+    common = reduce(torch.promote_types, (part.dtype for part in parts))
+    message = torch.cat([part.detach().reshape(-1).to(common) for part in parts])
+    gathered = all_gather_cat(message[None], group)  # [G, message]
+    columns = gathered.split([part.numel() for part in parts], dim=1)
+    return [c.reshape(-1, *part.shape[1:]).to(part.dtype) for c, part in zip(columns, parts)]
 
 
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None,

@@ -20,7 +20,7 @@ from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, ImageSet, Normalizer, PeerBatches, mixed_seed
 from dist_tsp.errors import NonFiniteLoss, Preempted
 from dist_tsp.evaluation import predict
-from dist_tsp.exchange import all_gather_cat, all_reduce
+from dist_tsp.exchange import all_gather_cat_parts, all_reduce
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.losses import graph_terms
 from dist_tsp.models import build_model
@@ -28,7 +28,7 @@ from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.profiling import StepProfiler
 from dist_tsp.teacher import TeacherInfo
-from dist_tsp.teacher_modes import TeacherLogits
+from dist_tsp.teacher_modes import RunTeacher, TeacherLogits
 from dist_tsp.tracking import Tracker
 
 TRAIN_METRICS = ("loss", "ce", "kd", "peer", "acc")
@@ -40,7 +40,8 @@ class StudentTrainer:
     teaching graph (scratch, KD, TSP, mentored or mutual, by the loss weights and the frozen students).
 
     Every step: teacher logits for the peer group's batch, each local student's logits (frozen mentors in
-    eval mode), one all-gather of detached logits over the peer group, the learners' losses, one backward
+    eval mode), one all-gather of detached logits over the peer group (carrying the batch-sharded teacher's
+    slices too, so that a TSP step has one collective), the learners' losses, one backward
     (gradients averaged over the student's replicas by DDP when R > 1), optimizer steps. Metrics stay on the
     device and are reduced once per log interval.
     """
@@ -53,6 +54,9 @@ class StudentTrainer:
         self.tracker, self.stop_requested, self.stop_agreed = tracker, stop_requested, False
         self.names = cfg.student_names
         self.graph = TeachingGraph.from_config(cfg)
+        # the sharded teacher's group is the peer group: its slices can ride in the peer all-gather
+        self.teacher_slices_in_exchange = (isinstance(teacher, RunTeacher) and teacher.gathers_slices
+                                           and self.graph.uses_peers)
         self.local = placement.local_students
         self.learning = [k for k, i in enumerate(self.local) if not cfg.students[i].frozen]  # positions in local
         self.batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=placement.replicas,
@@ -171,11 +175,14 @@ class StudentTrainer:
         """One step for this rank's students on the peer group's batch."""
         profiler = self.profiler
         images, labels = batch.images, batch.labels
-        teacher_logits = None
+        teacher_logits = teacher_slice = None
         if self._uses_teacher:
             profiler.wait_for_peers(self.groups.peer)  # so the teacher's all-gather is not charged the peers' backward
             with profiler.section("teacher"):
-                teacher_logits = self.teacher(batch)
+                if self.teacher_slices_in_exchange:
+                    teacher_slice = self.teacher.local_logits(images)
+                else:
+                    teacher_logits = self.teacher(batch)
         with profiler.section("forward"):
             outputs = []
             for k, student in enumerate(self.students):
@@ -186,7 +193,10 @@ class StudentTrainer:
         if self.graph.uses_peers:
             profiler.wait_for_peers(self.groups.peer)
             with profiler.section("exchange"):
-                everyone = all_gather_cat(logits, self.groups.peer)
+                parts = [logits] if teacher_slice is None else [logits, teacher_slice]
+                everyone, *teacher_slices = all_gather_cat_parts(parts, self.groups.peer)
+                if teacher_slices:
+                    teacher_logits = self.teacher.assemble(teacher_slices[0], len(labels))
         self.device_step += 1
         self.steps_since_log += 1
         if not self.learning:  # only mentors here: they teach through the exchange and learn nothing

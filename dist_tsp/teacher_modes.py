@@ -36,12 +36,16 @@ class TeacherLogits(Protocol):
 
 
 class RunTeacher:
-    """Run the teacher every step: on the whole batch, or on this rank's 1/G slice of it and all-gather."""
+    """Run the teacher every step: on the whole batch, or on this rank's 1/G slice of it and all-gather.
+
+    A step with a peer exchange calls `local_logits` and `assemble` instead of `__call__`, so that the slices
+    travel in the peer all-gather rather than in a collective of their own (`gathers_slices`).
+    """
 
     def __init__(self, teacher: nn.Module, *, group: dist.ProcessGroup | None, sharded: bool, autocast) -> None:
         self.teacher, self.group, self.autocast = teacher, group, autocast
-        self.sharded = sharded and group_size(group) > 1
-        self.rank = dist.get_rank(group) if self.sharded else 0
+        self.gathers_slices = sharded and group_size(group) > 1
+        self.rank = dist.get_rank(group) if self.gathers_slices else 0
 
     def start_epoch(self, epoch: int) -> None:
         """Nothing to prepare: the teacher runs every step."""
@@ -53,20 +57,30 @@ class RunTeacher:
         """Nothing cached: results.json's teacher.cache stays empty."""
         return {}
 
-    @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of `images` (the same on every rank of the group); every rank of the group must call it."""
-        if not self.sharded:
+        mine = self.local_logits(images)
+        if not self.gathers_slices:
+            return mine
+        return self.assemble(all_gather_cat(mine, self.group), images.shape[0])
+
+    @torch.no_grad()
+    def local_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """This rank's part: the whole batch's logits, or (sharded) its 1/G slice's, the last slice zero-padded."""
+        if not self.gathers_slices:
             with self.autocast():
                 return self.teacher(images)
-        batch = images.shape[0]
-        share = -(-batch // group_size(self.group))  # ceil: the last slice is zero-padded
+        share = -(-images.shape[0] // group_size(self.group))  # ceil
         mine = images[self.rank * share : (self.rank + 1) * share]
         if mine.shape[0] < share:
             mine = torch.cat([mine, mine.new_zeros((share - mine.shape[0], *mine.shape[1:]))])
         with self.autocast():
-            logits = self.teacher(mine)
-        return all_gather_cat(logits, self.group)[:batch]
+            return self.teacher(mine)
+
+    @staticmethod
+    def assemble(gathered: torch.Tensor, batch: int) -> torch.Tensor:
+        """The batch's logits [B, C] from every rank's `local_logits`, gathered in group-rank order."""
+        return gathered[:batch]
 
 
 def shard_parameters(teacher: nn.Module, mode: str, device: torch.device) -> nn.Module:

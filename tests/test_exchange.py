@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_tsp.exchange import all_gather_cat
+from dist_tsp.exchange import all_gather_cat, all_gather_cat_parts
 from dist_tsp.losses import tsp_loss
 from dist_tsp.placement import Groups, Placement
 from tests.multiprocess import run_on_ranks
@@ -67,3 +67,21 @@ def test_two_students_per_rank_gather_and_losses_match():
     for rank, result in enumerate(results):
         assert torch.equal(result["gathered"], expected)
         assert result["losses"] == pytest.approx({s: reference[s] for s in (2 * rank, 2 * rank + 1)}, rel=1e-6)
+
+
+def _gather_parts_together_and_apart():
+    """A bf16 [2, B, C] part and an fp32 [5, C] part, gathered in one collective and each on its own."""
+    rank = dist.get_rank()
+    logits = torch.randn(2, B, C, generator=torch.Generator().manual_seed(rank)).bfloat16()
+    teacher_slice = torch.randn(5, C, generator=torch.Generator().manual_seed(50 + rank))
+    together = all_gather_cat_parts([logits, teacher_slice], dist.group.WORLD)
+    apart = [all_gather_cat(part, dist.group.WORLD) for part in (logits, teacher_slice)]
+    return together, apart
+
+
+def test_parts_gathered_in_one_collective_equal_separate_gathers_in_their_own_dtypes():
+    for together, apart in run_on_ranks(_gather_parts_together_and_apart, WORLD):
+        assert [t.dtype for t in together] == [torch.bfloat16, torch.float32]
+        assert [t.shape for t in together] == [(2 * WORLD, B, C), (5 * WORLD, C)]
+        for mine, reference in zip(together, apart):
+            assert torch.equal(mine, reference)
