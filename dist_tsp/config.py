@@ -178,7 +178,8 @@ class TrainConfig(Section):
     """How long students train, how often metrics are reduced and logged, and how often to checkpoint.
 
     `channels_last` runs the students in the channels-last memory format (21-24 % faster steps on CPU in
-    benchmarks/step_breakdown.py).
+    benchmarks/step_breakdown.py). `compile` compiles each student's forward and backward with `torch.compile`
+    (the first steps wait for the compiler; see the README's benchmarks for when it pays).
     """
 
     epochs: int = Field(5, gt=0)
@@ -189,6 +190,7 @@ class TrainConfig(Section):
     collective_timeout_s: float = Field(600.0, gt=0)
     profile: bool = False
     channels_last: bool = True
+    compile: bool = False
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -241,7 +243,7 @@ class RunConfig(Section):
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
-                    "profile", "channels_last"):
+                    "profile", "channels_last", "compile"):
             tree["train"].pop(key)
         return tree
 

@@ -84,7 +84,8 @@ class StudentTrainer:
         self.test_predictions: torch.Tensor | None = None
 
     def _build_student(self, index: int) -> nn.Module:
-        """The student's model (from its init weights when given); a frozen one in eval mode, never in DDP."""
+        """The student's model (from its init weights when given); a frozen one in eval mode, never in DDP;
+        compiled when train.compile is set."""
         spec = self.cfg.students[index]
         torch.manual_seed(mixed_seed(self.cfg.seed, index))
         model = build_model(spec.model, self.data.num_classes, **spec.args).to(self.accelerator.device)
@@ -94,11 +95,13 @@ class StudentTrainer:
             what = f"student {spec.name}'s init"
             checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
         if spec.frozen:
-            return model.eval().requires_grad_(False)
-        if self.groups.replica is None:
-            return model
-        device_ids = [self.accelerator.device] if self.accelerator.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.groups.replica)
+            model.eval().requires_grad_(False)
+        elif self.groups.replica is not None:
+            device_ids = [self.accelerator.device] if self.accelerator.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids, process_group=self.groups.replica)
+        if self.cfg.train.compile:
+            model.compile()  # in place: the module, its state_dict keys and DDP's wrapping are unchanged
+        return model
 
     def _seeded_rng(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A private generator state per student (dropout etc.), independent of its rank-mates."""
