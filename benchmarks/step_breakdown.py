@@ -2,7 +2,8 @@
 
     python benchmarks/step_breakdown.py                 # CPU: scratch, kd/tsp x replicated/sharded/cached, W=1,2,3
     python benchmarks/step_breakdown.py --quick         # a tiny version (what CI runs)
-    python benchmarks/step_breakdown.py --gpu           # one GPU: fp32 vs bf16, one process
+    python benchmarks/step_breakdown.py --gpu           # one GPU: fp32 vs bf16 (+ default layout, compiled)
+    python benchmarks/step_breakdown.py --only "tsp, teacher sharded"   # the configurations named so
 
 Each configuration trains six students (the demo's three, twice; on GPU the demo's three) for
 --steps steps from one shared teacher of the demo's shape, and every rank reports milliseconds per
@@ -37,11 +38,14 @@ SIX_STUDENTS = "students=[" + ", ".join(
     f"{{name: {name}{copy}, model: {name}, args: {args}}}" for copy in ("", "_b")
     for name, args in (("lenet", "{}"), ("alexnet", "{width: 0.25, hidden: 256}"), ("mobilenet", "{width_mult: 0.25}"))
 ) + "]"
-# (method, teacher mode, layout): the last row is the TSP-cached row again with the students in the default
-# layout (train.channels_last=false), the "before" of the channels-last change
+# A variant of a configuration: its label and overrides. "default layout" is the "before" of the channels-last
+# default (train.channels_last=false); "compiled" is train.compile=true.
+VARIANTS = {"": [], " students default-layout": ["train.channels_last=false"],
+            " students compiled": ["train.compile=true"]}
+# (method, teacher mode, variant)
 CPU_GRID = [("scratch", "sharded", ""), *((method, mode, "") for method in ("kd", "tsp")
                                           for mode in ("replicated", "sharded", "cached")),
-            ("tsp", "cached", " default-layout")]
+            ("tsp", "cached", " students default-layout"), ("tsp", "cached", " students compiled")]
 QUICK = [("scratch", "sharded", ""), ("tsp", "cached", "")]
 
 
@@ -72,9 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny (what CI runs): the demo's 3 students on W=3, scratch and tsp cached, 5 steps")
-    parser.add_argument("--gpu", action="store_true", help="one GPU, fp32 and bf16")
+    parser.add_argument("--gpu", action="store_true", help="one GPU: fp32 and bf16, and bf16 with the students in the "
+                        "default layout or compiled")
     parser.add_argument("--steps", type=int, default=25, help="steps per configuration (3 are warm-up)")
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--only", metavar="TEXT", help="run only the configurations whose name contains TEXT, "
+                        "e.g. 'tsp, teacher sharded'")
     args = parser.parse_args()
     steps = 5 if args.quick else args.steps
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-bench-"))
@@ -93,13 +100,17 @@ def main() -> None:
         configs = [(f"tsp, {label} students, 1 GPU, {mp}", [*tsp, *students], 1, ["--mixed_precision", mp])
                    for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
                    for mp in ("no", "bf16")]
+        configs += [(f"tsp, {label} students, 1 GPU, bf16{variant}", [*tsp, *students, *VARIANTS[variant]], 1,
+                     ["--mixed_precision", "bf16"])
+                    for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
+                    for variant in (" students default-layout", " students compiled")]
     else:
         common += [f"teacher.cache_dir={work / 'logit_cache'}", *([] if args.quick else [SIX_STUDENTS])]
-        configs = [(f"{method}, teacher {mode}{layout}, W={world} CPU",
-                    [*method_overrides(method, mode), *(["train.channels_last=false"] if layout else [])], world,
-                    ["--cpu"] if world == 1 else [])
+        configs = [(f"{method}, teacher {mode}{variant}, W={world} CPU",
+                    [*method_overrides(method, mode), *VARIANTS[variant]], world, ["--cpu"] if world == 1 else [])
                    for world in ((3,) if args.quick else (1, 2, 3))
-                   for method, mode, layout in (QUICK if args.quick else CPU_GRID)]
+                   for method, mode, variant in (QUICK if args.quick else CPU_GRID)]
+    configs = [config for config in configs if args.only is None or args.only in config[0]]
 
     summary, measured = [], {}
     for name, overrides, world, launch_args in configs:
