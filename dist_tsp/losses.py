@@ -17,15 +17,20 @@ class TSPLoss(NamedTuple):
     peer: torch.Tensor
 
 
-def distill_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(target/T) || softmax(student/T)), batch mean, over [..., B, C] logits.
+def weighted_kl(source_logits: torch.Tensor, weights: torch.Tensor, student_log_probs: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """sum_s weights[k, s] * T^2 * KL(softmax(source_s/T) || student_k), batch mean, for each of K students.
 
-    Leading dimensions beyond [B, C] broadcast and are kept: targets [P, B, C] and a student [B, C] give P values.
+    `source_logits` [S, B, C] (constants: no gradient flows into them); `weights` [K, S]; `student_log_probs`
+    [K, B, C] at temperature T. KL(p||q) = sum p log p - sum p log q is linear in p, so the sum over sources
+    goes through their weighted mixture: no [K, S, B, C] pairs are formed.
     """
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    target_log_probs = F.log_softmax(target_logits.float() / temperature, dim=-1)
-    pointwise = target_log_probs.exp() * (target_log_probs - student_log_probs)
-    return pointwise.sum(dim=-1).mean(dim=-1) * temperature**2
+    source_log_probs = F.log_softmax(source_logits.detach().float() / temperature, dim=-1)
+    source_probs = source_log_probs.exp()
+    neg_entropy = (source_probs * source_log_probs).sum(dim=-1).mean(dim=-1)  # [S]
+    mixture = torch.einsum("ks,sbc->kbc", weights, source_probs)
+    cross_entropy = (mixture * student_log_probs).sum(dim=-1).mean(dim=-1)  # [K]
+    return (weights @ neg_entropy - cross_entropy) * temperature**2
 
 
 def graph_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -40,12 +45,13 @@ def graph_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logi
     zero = student_logits.new_zeros(k, dtype=torch.float32)
     ce = F.cross_entropy(student_logits.float().reshape(k * b, c), labels.repeat(k), reduction="none")
     ce = ce.view(k, b).mean(dim=1)
-    kd = zero if teacher_logits is None else distill_kl(teacher_logits.detach(), student_logits, temperature)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kd = zero if teacher_logits is None else weighted_kl(teacher_logits.unsqueeze(0), zero.new_ones(k, 1),
+                                                         student_log_probs, temperature)
     if source_logits is None or source_logits.shape[0] == 0:
         peer = zero
     else:
-        per_source = distill_kl(source_logits.detach().unsqueeze(0), student_logits.unsqueeze(1), temperature)
-        peer = (per_source * shares).sum(dim=1)
+        peer = weighted_kl(source_logits, shares.float(), student_log_probs, temperature)
     return torch.stack([ce, kd, peer], dim=1)
 
 

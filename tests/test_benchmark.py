@@ -33,3 +33,11 @@ def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_pa
         teacher_ms, share = float(cells[3]), float(cells[7])
         assert teacher_ms >= 0 and (share < 0.4 if mode in ("fsdp", "deepspeed") else share == 1.0)
     assert "Which mode when" in done.stdout
+
+
+def test_loss_fusion_quick_mode_prints_both_timings_after_checking_the_losses_agree():
+    done = subprocess.run([sys.executable, "benchmarks/loss_fusion.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    cells = [line.split("|") for line in done.stdout.splitlines() if line.startswith("|   3 |")]
+    assert len(cells) == 1 and float(cells[0][5]) > 0 and float(cells[0][6]) > 0

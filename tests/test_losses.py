@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dist_tsp.losses import tsp_loss
+from dist_tsp.losses import graph_terms, tsp_loss
 
 T = 3.0
 
@@ -95,3 +95,23 @@ def test_missing_teacher_with_positive_beta_is_an_error(logits):
     student, _, peers, labels = logits
     with pytest.raises(ValueError, match="teacher_logits is None but beta"):
         tsp_loss(student, labels, None, peers, alpha=0.1, beta=0.8, gamma=0.1, temperature=T)
+
+
+def test_several_students_terms_equal_each_pairs_kl_weighted_by_its_share():
+    g = torch.Generator().manual_seed(1)
+    students, sources, teacher = torch.randn(3, 4, 5, generator=g), torch.randn(4, 4, 5, generator=g), torch.randn(
+        4, 5, generator=g)
+    labels, shares = torch.tensor([0, 3, 1, 4]), torch.rand(3, 4, generator=g)
+    terms = graph_terms(students, labels, teacher, sources, shares, T)
+    for k in range(3):
+        s = students[k].tolist()
+        assert terms[k, 0].item() == pytest.approx(hand_ce(s, labels.tolist()), rel=1e-5)
+        assert terms[k, 1].item() == pytest.approx(hand_kl(teacher.tolist(), s, T), rel=1e-5)
+        expected = sum(shares[k, j].item() * hand_kl(sources[j].tolist(), s, T) for j in range(4))
+        assert terms[k, 2].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_student_learning_from_its_own_logits_gets_a_zero_kl():
+    student = torch.randn(1, 64, 1000, generator=torch.Generator().manual_seed(2)) * 5
+    terms = graph_terms(student, torch.zeros(64, dtype=torch.long), student[0], student, torch.ones(1, 1), T)
+    assert terms[0, 1:].abs().max().item() < 1e-5
