@@ -255,15 +255,15 @@ class PeerBatches:
         return self.normalize(images)
 
     def _crop_flip(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        """Each sample's crop (and flip) of the zero-padded images, as one gather over the flattened pixels."""
         b, c, h, w = images.shape
         padded = F.pad(images, (self.pad,) * 4)
         rows = offsets[:, 0, None] + torch.arange(h, device=images.device)
         cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
         if flips is not None:
             cols = torch.where(flips[:, None], cols.flip(1), cols)
-        batch = torch.arange(b, device=images.device)[:, None, None, None]
-        channel = torch.arange(c, device=images.device)[None, :, None, None]
-        return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+        pixels = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w)
+        return padded.flatten(2).gather(2, pixels.expand(b, c, h * w)).view(b, c, h, w)
 
 
 class Views(NamedTuple):

@@ -64,11 +64,12 @@ def test_augmentation_crops_and_flips_on_the_fly():
     offsets, flips = augmented.epoch_views(0)
     assert offsets.shape == (len(augmented.data), 2) and offsets.min() >= 0 and offsets.max() <= 2 * augmented.pad
     assert 0.3 < flips.float().mean() < 0.7
-    sample = i_aug[0]
-    p, (oy, ox) = augmented.pad, offsets[sample].tolist()
-    raw = torch.nn.functional.pad(augmented.data.images[sample], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
-    expected = augmented.normalize((raw.flip(-1) if flips[sample] else raw)[None])[0]
-    assert torch.equal(x_aug[0], expected)
+    assert flips[i_aug].any() and not flips[i_aug].all()
+    p = augmented.pad
+    for image, sample in zip(x_aug, i_aug.tolist()):
+        oy, ox = offsets[sample].tolist()
+        raw = torch.nn.functional.pad(augmented.data.images[sample], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
+        assert torch.equal(image, augmented.normalize((raw.flip(-1) if flips[sample] else raw)[None])[0])
 
 
 def test_a_samples_view_depends_on_seed_and_epoch_not_on_the_replica():
