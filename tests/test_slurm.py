@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,19 @@ class Job:
             time.sleep(0.2)
         return state
 
+    def release(self, deadline: float) -> None:
+        """Start a requeued job now, not after Slurm's 2-minute hold, once its new run cannot be taken for the first:
+        the first run's processes are gone and the clock is past the second of the requeue (SubmitTime). slurmd
+        refuses a launch credential stamped, in whole seconds, no later than the first run's kill request ("Job N
+        already killed, do not launch batch job"); slurmctld made that request before it set SubmitTime."""
+        while job_processes(self.id):
+            assert time.monotonic() < deadline, job_processes(self.id)
+            time.sleep(0.2)
+        requeued = datetime.fromisoformat(self.cluster.job(self.id)["SubmitTime"]).timestamp()
+        while time.time() < requeued + 1:
+            time.sleep(0.05)
+        self.cluster.run("scontrol", "update", f"JobId={self.id}", "StartTime=now")
+
     def log(self) -> str:
         return "".join(path.read_text(errors="replace") for path in sorted(self.log_dir.glob(f"slurm-{self.id}_*.out")))
 
@@ -111,10 +125,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(clus
     requeued = job.state_when(lambda state: state["JobState"] not in ("RUNNING", "COMPLETING"))
     assert (requeued["JobState"], requeued["Restarts"]) == ("PENDING", "1"), job
     stopped_at = json.loads((complete_checkpoints(run)[-1] / "manifest.json").read_text())["step"]
-    while job_processes(job.id):  # Slurm holds a requeued job for 2 minutes, time for the first run to go away
-        assert time.monotonic() < deadline, job_processes(job.id)
-        time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+    job.release(deadline)
     # Followed with scontrol: Slurm 22.05's sbatch --wait may return 1 while a job requeues itself.
     final = job.state_when(lambda state: state["JobState"] not in RUNNING)
     assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), job
