@@ -24,10 +24,7 @@ def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[
     students = {s.name: {"model": s.model, "test_acc": accuracies["test"][s.name], "val_acc": val.get(s.name),
                          "frozen": s.frozen, "init": None if s.init is None else str(s.init)}
                 for s in cfg.students}
-    teacher_entry = None
-    if teacher is not None:
-        teacher_entry = {**dataclasses.asdict(teacher), "cache": teacher_cache or None}
-        del teacher_entry["test_predictions"]  # in predictions.npz
+    teacher_entry = None if teacher is None else {**dataclasses.asdict(teacher), "cache": teacher_cache or None}
     return {"teacher": teacher_entry, "students": students, "loss": cfg.loss.model_dump(mode="json"),
             "dataset": cfg.data.name, "seed": cfg.seed}
 
@@ -51,10 +48,10 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
 
 
 def write_predictions(output_dir: Path, names: list[str], students: torch.Tensor, labels: torch.Tensor,
-                      teacher: TeacherInfo | None) -> None:
+                      teacher: torch.Tensor | None) -> None:
     """predictions.npz: the test labels and every student's (and the teacher's) predicted class per test sample."""
     arrays = {"labels": labels, **dict(zip(names, students))}
     if teacher is not None:
-        arrays["teacher"] = teacher.test_predictions
+        arrays["teacher"] = teacher
     write_atomic(output_dir / "predictions.npz",
                  lambda file: np.savez_compressed(file, **{k: v.cpu().numpy() for k, v in arrays.items()}))

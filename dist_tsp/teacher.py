@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,6 @@ class TeacherInfo:
     mode: str
     parameter_bytes: int  # the whole teacher's
     parameter_bytes_per_rank: list[int]  # what each rank holds (1/W of it when parameter-sharded)
-    test_predictions: torch.Tensor = field(repr=False)  # the predicted class of every test sample
 
 
 def teacher_path(cfg: RunConfig) -> Path:
@@ -43,8 +42,16 @@ def teacher_path(cfg: RunConfig) -> Path:
 
 def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
                     ) -> tuple[nn.Module, TeacherInfo]:
+    """`prepare_teacher_and_predictions` for the callers that need no test predictions."""
+    model, info, _ = prepare_teacher_and_predictions(cfg, data, normalize, accelerator)
+    return model, info
+
+
+def prepare_teacher_and_predictions(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
+                                    ) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
     """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen
-    (parameter-sharded in the fsdp and deepspeed modes) with what results.json records about it."""
+    (parameter-sharded in the fsdp and deepspeed modes) with what results.json records about it and its
+    predicted class of every test sample."""
     torch.manual_seed(mixed_seed(cfg.seed, -1))
     path = teacher_path(cfg)
     train_it = not path.is_file()
@@ -80,9 +87,8 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     predicted = _predictions(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize)
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
                        test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
-                       parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist(),
-                       test_predictions=predicted)
-    return model, info
+                       parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
+    return model, info, predicted
 
 
 def _predictions(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_predictions, write_results
-from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
+from dist_tsp.teacher import prepare_teacher, prepare_teacher_and_predictions, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
@@ -112,9 +112,9 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
             print(f"resume=off: the earlier run's checkpoints and metrics were moved to {previous}")
     accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
-    teacher, teacher_info = None, None
+    teacher, teacher_info, teacher_predictions = None, None, None
     if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
-        model, teacher_info = prepare_teacher(cfg, data, normalize, accelerator)
+        model, teacher_info, teacher_predictions = prepare_teacher_and_predictions(cfg, data, normalize, accelerator)
         teacher = teacher_logits(cfg, model, teacher_info, data, normalize, groups.peer, accelerator)
     # Signals checkpoint from the student phase on; before it (data, teacher) they stop the run as usual.
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
@@ -124,7 +124,8 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
         save_config(cfg, cfg.output_dir / "config.yaml")
     results = build_results(cfg, teacher_info, trainer.train(start_step), teacher.summary() if teacher else {})
     if accelerator.is_main_process:
-        write_predictions(cfg.output_dir, cfg.student_names, trainer.test_predictions, data.test.labels, teacher_info)
+        write_predictions(cfg.output_dir, cfg.student_names, trainer.test_predictions, data.test.labels,
+                          teacher_predictions)
         write_results(results, cfg.output_dir)
         print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()
