@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.errors import UserError
+from dist_tsp.report import write_table
 
 PAPER = {"scratch": {"alexnet": 60.54, "lenet": 56.5, "mobilenet": 78.16},
          "kd": {"alexnet": 61.52, "lenet": 58.02, "mobilenet": 80.75},
@@ -73,17 +72,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _csv(header: list[str], rows: list[list]) -> str:
-    buffer = io.StringIO()
-    rounded = [[round(v, 4) if isinstance(v, float) else v for v in row] for row in rows]
-    csv.writer(buffer, lineterminator="\n").writerows([header, *rounded])
-    return buffer.getvalue()
-
-
-def _write(out: Path, name: str, markdown: str, header: list[str], rows: list[list]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{name}.md", markdown + "\n")
-    write_text_atomic(out / f"{name}.csv", _csv(header, rows))
+def _csv_cells(rows: list[list]) -> list[list]:
+    """The rows as the CSV files hold them: None as an empty cell, floats to 4 decimals."""
+    return [["" if v is None else round(v, 4) if isinstance(v, float) else v for v in row] for row in rows]
 
 
 def select_grid_points(grid: list[GridPoint], scratch: Path) -> tuple[str, str, dict[str, GridPoint]]:
@@ -109,7 +100,7 @@ def write_table1(out: Path, grid: list[GridPoint], scratch: Path, weakest: str, 
     header = ["run", "alpha", "beta", "gamma", *(f"{s} val acc %" for s in students), "chosen for"]
     markdown = (tabulate(rows, headers=header, tablefmt="github", floatfmt=".2f", missingval="-")
                 + f"\n\nWeakest student (lowest scratch val accuracy): {weakest}; strongest: {strongest}.")
-    _write(out, "table1", markdown, header, [["" if v is None else v for v in row] for row in rows])
+    write_table(out, "table1", markdown, header, _csv_cells(rows))
     return markdown
 
 
@@ -145,8 +136,8 @@ def write_table2(out: Path, rows: list[Row], students: list[str], dataset: str) 
                 mean, std = _mean_std(list(values.values()))
                 csv_rows.append([row.method, row.label, student, *(values.get(seed, "") for seed in seeds), mean,
                                  "" if std is None else std, paper.get(row.method, {}).get(student, "")])
-    _write(out, "table2", markdown, ["method", "label", "student", *(f"seed {s}" for s in seeds), "mean", "std",
-                                     "paper"], csv_rows)
+    write_table(out, "table2", markdown, ["method", "label", "student", *(f"seed {s}" for s in seeds), "mean", "std",
+                                          "paper"], _csv_cells(csv_rows))
     return markdown
 
 

@@ -1,11 +1,14 @@
-"""results.json, predictions.npz and the per-student accuracy table printed at the end of a run."""
+"""results.json, predictions.npz and the per-student accuracy table printed at the end of a run; the markdown and
+CSV tables of sweeps and of the protocol."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,7 +16,9 @@ from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
-from dist_tsp.teacher import TeacherInfo
+
+if TYPE_CHECKING:  # importing the teacher (accelerate, torchvision) would slow `python -m dist_tsp.sweep`
+    from dist_tsp.teacher import TeacherInfo
 
 
 def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[str, dict[str, float]],
@@ -55,3 +60,12 @@ def write_predictions(output_dir: Path, names: list[str], students: torch.Tensor
         arrays["teacher"] = teacher
     write_atomic(output_dir / "predictions.npz",
                  lambda file: np.savez_compressed(file, **{k: v.cpu().numpy() for k, v in arrays.items()}))
+
+
+def write_table(directory: Path, name: str, markdown: str, header: list[str], rows: list[list]) -> None:
+    """name.md (the markdown table) and name.csv (header and rows) in `directory`, each written atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spreadsheet = io.StringIO()
+    csv.writer(spreadsheet, lineterminator="\n").writerows([header, *rows])
+    write_text_atomic(directory / f"{name}.md", markdown + "\n")
+    write_text_atomic(directory / f"{name}.csv", spreadsheet.getvalue())

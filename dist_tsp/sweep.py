@@ -8,9 +8,7 @@ DIR/trial_N, and one table of every trial's results in DIR/sweep.md and DIR/swee
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
-import io
 import json
 import shlex
 import sys
@@ -21,6 +19,7 @@ from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.errors import UserError
+from dist_tsp.report import write_table
 
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
 
@@ -72,10 +71,7 @@ def collect(sweep_dir: Path) -> str:
                   *(row["accuracies"].get(a, "-") for a in accuracies)] for row in rows]
         shown = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table]
         markdown = tabulate(shown, headers=header, tablefmt="github", disable_numparse=True)
-        spreadsheet = io.StringIO()
-        csv.writer(spreadsheet, lineterminator="\n").writerows([header, *table])
-        write_text_atomic(sweep_dir / "sweep.md", markdown + "\n")
-        write_text_atomic(sweep_dir / "sweep.csv", spreadsheet.getvalue())
+        write_table(sweep_dir, "sweep", markdown, header, table)
     return markdown
 
 
