@@ -32,12 +32,19 @@ class Edge:
 
 @dataclass(frozen=True, slots=True)
 class TeachingGraph:
-    """The students in config order and the edges into every learner (none into a frozen student)."""
+    """The students in config order and the edges into every learner (none into a frozen student); the student
+    edges into one learner share one weight, its peer weight."""
 
     students: list[str]
     learners: list[str]
     edges: list[Edge]
     peer_reduction: str = "sum"
+
+    def __post_init__(self) -> None:
+        for target in self.learners:
+            weights = sorted({e.weight for e in self.edges if e.target == target and e.source in self.students})
+            if len(weights) > 1:
+                raise ValueError(f"the student edges into {target} weigh {weights}: give them one peer weight")
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> TeachingGraph:
@@ -64,24 +71,17 @@ class TeachingGraph:
         return [e.source for e in self.edges if e.target == target and e.source in self.students]
 
     def term_weights(self, device: torch.device | None = None) -> torch.Tensor:
-        """[N, 3]: each student's weights of its CE, teacher-KL and peer-KL terms (0 for a frozen student).
-
-        The peer weight is the largest student edge into it; `peer_shares` gives each source's share of it.
-        """
-        weights = torch.zeros(len(self.students), 3, dtype=torch.float64)
+        """[N, 3]: each student's weights of its CE, teacher-KL and peer-KL terms (0 for a frozen student)."""
+        weights = torch.zeros(len(self.students), 3)
         for edge in self.edges:
-            row = self.students.index(edge.target)
-            column = {LABELS: 0, TEACHER: 1}.get(edge.source, 2)
-            weights[row, column] = max(weights[row, column].item(), edge.weight)
-        return weights.float().to(device)
+            weights[self.students.index(edge.target), {LABELS: 0, TEACHER: 1}.get(edge.source, 2)] = edge.weight
+        return weights.to(device)
 
     def peer_shares(self, device: torch.device | None = None) -> torch.Tensor:
-        """[N, N]: row s, column j = edge j -> s over s's peer weight, divided by s's P sources when averaged."""
-        peer_weight = self.term_weights()[:, 2].double()
-        shares = torch.zeros(len(self.students), len(self.students), dtype=torch.float64)
+        """[N, N]: row s, column j = 1 when student j teaches s, 1/P (s's P sources) when averaged."""
+        shares = torch.zeros(len(self.students), len(self.students))
         for edge in self.edges:
             if edge.source in self.students:
-                row = self.students.index(edge.target)
                 count = len(self.sources_of(edge.target)) if self.peer_reduction == "mean" else 1
-                shares[row, self.students.index(edge.source)] = edge.weight / peer_weight[row] / count
-        return shares.float().to(device)
+                shares[self.students.index(edge.target), self.students.index(edge.source)] = 1 / count
+        return shares.to(device)
