@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for mode in args.modes:
         cfg = config(mode)
-        model, info = prepare_teacher(cfg, data, normalize, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
         source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
         started = time.perf_counter()
         source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes

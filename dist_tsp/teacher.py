@@ -41,14 +41,7 @@ def teacher_path(cfg: RunConfig) -> Path:
 
 
 def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
-                    ) -> tuple[nn.Module, TeacherInfo]:
-    """`prepare_teacher_and_predictions` for the callers that need no test predictions."""
-    model, info, _ = prepare_teacher_and_predictions(cfg, data, normalize, accelerator)
-    return model, info
-
-
-def prepare_teacher_and_predictions(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
-                                    ) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
+                    ) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
     """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen
     (parameter-sharded in the fsdp and deepspeed modes) with what results.json records about it and its
     predicted class of every test sample."""

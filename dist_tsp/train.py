@@ -22,7 +22,7 @@ from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_predictions, write_results
-from dist_tsp.teacher import prepare_teacher, prepare_teacher_and_predictions, teacher_logits, teacher_path
+from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
@@ -97,7 +97,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, Normali
 def run_teacher_stage(cfg: RunConfig) -> None:
     """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
     accelerator, data, normalize = start(cfg, trackers=False)
-    _, info = prepare_teacher(cfg, data, normalize, accelerator)
+    _, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
@@ -114,7 +114,7 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
     tracker = Tracker(cfg, accelerator)
     teacher, teacher_info, teacher_predictions = None, None, None
     if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
-        model, teacher_info, teacher_predictions = prepare_teacher_and_predictions(cfg, data, normalize, accelerator)
+        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, normalize, accelerator)
         teacher = teacher_logits(cfg, model, teacher_info, data, normalize, groups.peer, accelerator)
     # Signals checkpoint from the student phase on; before it (data, teacher) they stop the run as usual.
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,

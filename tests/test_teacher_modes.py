@@ -49,7 +49,7 @@ def _logits_in_modes(tmp, modes=MODES):
     results = {}
     for mode in modes:
         cfg = config(tmp, mode)
-        model, info = prepare_teacher(cfg, data, normalize, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
         source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
         batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed, augment=True,
                               hflip=data.hflip, normalize=normalize)
