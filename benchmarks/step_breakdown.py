@@ -4,6 +4,7 @@
     python benchmarks/step_breakdown.py --quick         # a tiny version (what CI runs)
     python benchmarks/step_breakdown.py --gpu           # one GPU: fp32 vs bf16 (+ default layout, compiled)
     python benchmarks/step_breakdown.py --only "tsp, teacher sharded"   # the configurations named so
+    python benchmarks/step_breakdown.py --rounds 3      # every configuration 3 times, medians
 
 Each configuration trains six students (the demo's three, twice; on GPU the demo's three) for
 --steps steps from one shared teacher of the demo's shape, and every rank reports milliseconds per
@@ -17,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -80,8 +83,10 @@ def main() -> None:
                         "default layout or compiled")
     parser.add_argument("--steps", type=int, default=25, help="steps per configuration (3 are warm-up)")
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--only", metavar="TEXT", help="run only the configurations whose name contains TEXT, "
-                        "e.g. 'tsp, teacher sharded'")
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, "
+                        "interleaved, and report each number's median (for a machine with noisy neighbours)")
+    parser.add_argument("--only", metavar="TEXT", nargs="+", help="run only the configurations whose name contains "
+                        "one of the TEXTs, e.g. 'tsp, teacher sharded'")
     args = parser.parse_args()
     steps = 5 if args.quick else args.steps
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-bench-"))
@@ -110,14 +115,19 @@ def main() -> None:
                     [*method_overrides(method, mode), *VARIANTS[variant]], world, ["--cpu"] if world == 1 else [])
                    for world in ((3,) if args.quick else (1, 2, 3))
                    for method, mode, variant in (QUICK if args.quick else CPU_GRID)]
-    configs = [config for config in configs if args.only is None or args.only in config[0]]
+    configs = [config for config in configs if args.only is None or any(t in config[0] for t in args.only)]
 
+    rounds: dict[str, list[list[dict]]] = {name: [] for name, *_ in configs}
+    for round_index in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every config
+        for name, overrides, world, launch_args in configs:
+            run = work / name.replace(", ", "_").replace(" ", "-").replace("=", "")
+            if args.rounds > 1:
+                run = run / f"round{round_index}"
+            train(run, [*common, *overrides], world, launch_args)
+            rounds[name].append(profile(run))
     summary, measured = [], {}
-    for name, overrides, world, launch_args in configs:
-        run = work / name.replace(", ", "_").replace(" ", "-").replace("=", "")
-        train(run, [*common, *overrides], world, launch_args)
-        ranks = profile(run)
-        measured[name] = ranks
+    for name, per_round in rounds.items():
+        ranks = measured[name] = median_ranks(per_round)
         print(f"\n### {name}\n\n{table(ranks)}")
         slowest = max(ranks, key=lambda p: p["step_ms"])
         summary.append([name, f"{slowest['step_ms']:.1f}", f"{max(p['ms']['teacher'] for p in ranks):.1f}",
@@ -129,6 +139,15 @@ def main() -> None:
     if not args.gpu:
         print("\n### Targets\n")
         print(tabulate(targets(measured), headers=["target", "W", "measured", "limit", "met"], tablefmt="github"))
+
+
+def median_ranks(per_round: list[list[dict]]) -> list[dict]:
+    """Each rank's report with every number the median over the rounds."""
+    def median_of(values: list) -> Any:
+        return {key: median_of([v[key] for v in values]) for key in values[0]} if isinstance(values[0], dict) \
+            else statistics.median(values)
+
+    return [median_of(list(reports)) for reports in zip(*per_round)]
 
 
 def method_overrides(method: str, mode: str) -> list[str]:
