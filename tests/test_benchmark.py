@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 
@@ -41,3 +42,14 @@ def test_loss_fusion_quick_mode_prints_both_timings_after_checking_the_losses_ag
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     cells = [line.split("|") for line in done.stdout.splitlines() if line.startswith("|   3 |")]
     assert len(cells) == 1 and float(cells[0][5]) > 0 and float(cells[0][6]) > 0
+
+
+def test_rounds_report_each_number_as_its_median_over_the_rounds():
+    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "benchmarks" / "step_breakdown.py")
+    step_breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_breakdown)
+    rounds = [[{"ms": {"teacher": t, "loss": 1.0}, "step_ms": s},
+               {"ms": {"teacher": 0.0, "loss": loss}, "step_ms": 9.0}]
+              for t, s, loss in ((3.0, 10.0, 2.0), (1.0, 30.0, 4.0), (2.0, 20.0, 3.0))]
+    assert step_breakdown.median_ranks(rounds) == [{"ms": {"teacher": 2.0, "loss": 1.0}, "step_ms": 20.0},
+                                                  {"ms": {"teacher": 0.0, "loss": 3.0}, "step_ms": 9.0}]
