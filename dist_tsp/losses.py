@@ -25,12 +25,13 @@ def weighted_kl(source_logits: torch.Tensor, weights: torch.Tensor, student_log_
     [K, B, C] at temperature T. KL(p||q) = sum p log p - sum p log q is linear in p, so the sum over sources
     goes through their weighted mixture: no [K, S, B, C] pairs are formed.
     """
-    source_log_probs = F.log_softmax(source_logits.detach().float() / temperature, dim=-1)
+    # The two sums are close (both about -log C at a high T) and their difference is small: float64 keeps it exact.
+    source_log_probs = F.log_softmax(source_logits.detach().float() / temperature, dim=-1).double()
     source_probs = source_log_probs.exp()
     neg_entropy = (source_probs * source_log_probs).sum(dim=-1).mean(dim=-1)  # [S]
-    mixture = torch.einsum("ks,sbc->kbc", weights, source_probs)
-    cross_entropy = (mixture * student_log_probs).sum(dim=-1).mean(dim=-1)  # [K]
-    return (weights @ neg_entropy - cross_entropy) * temperature**2
+    mixture = torch.einsum("ks,sbc->kbc", weights.double(), source_probs)
+    cross_entropy = (mixture * student_log_probs.double()).sum(dim=-1).mean(dim=-1)  # [K]
+    return ((weights.double() @ neg_entropy - cross_entropy) * temperature**2).float()
 
 
 def graph_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
