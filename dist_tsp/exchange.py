@@ -40,6 +40,8 @@ def all_gather_cat_parts(parts: list[torch.Tensor], group: dist.ProcessGroup | N
     side by side (in their common promoted dtype for the trip, each returned in its own)."""
     if group is None:
         return [part.detach() for part in parts]
+    if len(parts) == 1:  # nothing to pack: no flattening copy
+        return [all_gather_cat(parts[0], group)]
     common = reduce(torch.promote_types, (part.dtype for part in parts))
     message = torch.cat([part.detach().reshape(-1).to(common) for part in parts])
     gathered = all_gather_cat(message[None], group)  # [G, message]

@@ -70,18 +70,19 @@ def test_two_students_per_rank_gather_and_losses_match():
 
 
 def _gather_parts_together_and_apart():
-    """A bf16 [2, B, C] part and an fp32 [5, C] part, gathered in one collective and each on its own."""
+    """A bf16 [2, B, C] part and an fp32 [5, C] part, gathered in one collective and each on its own (and the
+    first again as the only part)."""
     rank = dist.get_rank()
     logits = torch.randn(2, B, C, generator=torch.Generator().manual_seed(rank)).bfloat16()
     teacher_slice = torch.randn(5, C, generator=torch.Generator().manual_seed(50 + rank))
     together = all_gather_cat_parts([logits, teacher_slice], dist.group.WORLD)
     apart = [all_gather_cat(part, dist.group.WORLD) for part in (logits, teacher_slice)]
-    return together, apart
+    return together + all_gather_cat_parts([logits], dist.group.WORLD), apart + apart[:1]
 
 
 def test_parts_gathered_in_one_collective_equal_separate_gathers_in_their_own_dtypes():
     for together, apart in run_on_ranks(_gather_parts_together_and_apart, WORLD):
-        assert [t.dtype for t in together] == [torch.bfloat16, torch.float32]
-        assert [t.shape for t in together] == [(2 * WORLD, B, C), (5 * WORLD, C)]
+        assert [t.dtype for t in together] == [torch.bfloat16, torch.float32, torch.bfloat16]
+        assert [t.shape for t in together] == [(2 * WORLD, B, C), (5 * WORLD, C), (2 * WORLD, B, C)]
         for mine, reference in zip(together, apart):
             assert torch.equal(mine, reference)
