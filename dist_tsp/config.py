@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -279,7 +279,11 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set a dotted key (`train.epochs=3`, `students.0.model=lenet`) in a nested dict, in place."""
+    """Set a dotted key (`train.epochs=3`, `students.0.model=lenet`) in a nested dict, in place.
+
+    Only the named key changes: a section the dict lacks starts as its field's default (teacher.optimizer: the
+    SGD recipe), not as its class's. A mapping value (`train.optimizer={name: sgd}`) replaces the key whole.
+    """
     key, sep, text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r} is not key=value: write e.g. train.epochs=3")
@@ -289,18 +293,37 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} has a value that is not valid YAML") from None
     *parents, leaf = key.split(".")
     node: Any = raw
+    model: type[BaseModel] | None = RunConfig  # the section class of `node` (of its items, for a list)
     for depth, part in enumerate(parents):
         where = ".".join(parents[: depth + 1])
         if isinstance(node, list):
             node = node[_list_index(node, part, where)]
         else:
-            node = node.setdefault(part, {})
+            node = node.setdefault(part, _default_section(model, part))
+            model = _section_class(model, part)
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override {override!r}: {where} is a value, not a section")
     if isinstance(node, list):
         node[_list_index(node, leaf, key)] = value
     else:
         node[leaf] = value
+
+
+def _section_class(model: type[BaseModel] | None, part: str) -> type[BaseModel] | None:
+    """The section class of `model`'s field `part` (for a list, its items'), or None if it is no section."""
+    field = model.model_fields.get(part) if model else None
+    annotation = field.annotation if field else None
+    if get_origin(annotation) is list:
+        annotation = get_args(annotation)[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _default_section(model: type[BaseModel] | None, part: str) -> dict[str, Any]:
+    """`model`'s field `part` by default, as only what differs from its class's defaults (so no loss weight
+    is pinned beside a later loss.preset); {} if the field is no section or has no default."""
+    field = model.model_fields.get(part) if model else None
+    default = field.get_default(call_default_factory=True) if field else None
+    return default.model_dump(exclude_defaults=True) if isinstance(default, BaseModel) else {}
 
 
 def _list_index(items: list, part: str, where: str) -> int:
@@ -326,10 +349,8 @@ def _describe(problem: dict[str, Any]) -> str:
 def _allowed_keys(section: str) -> list[str]:
     model: type[BaseModel] = RunConfig
     for part in section.split(".") if section else []:
-        if part.isdigit():
-            continue
-        annotation = model.model_fields[part].annotation
-        model = getattr(annotation, "__args__", [annotation])[0] if part == "students" else annotation
+        if not part.isdigit():
+            model = _section_class(model, part)
     return list(model.model_fields)
 
 

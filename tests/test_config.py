@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_tsp.config import ConfigError, load_config, save_config
+from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,6 +28,65 @@ def test_overrides_set_nested_keys_with_yaml_types(tmp_path):
                                                  "students.1.args={width: 0.5}", "data.augment=false"])
     assert cfg.train.epochs == 3 and cfg.loss.temperature == 2.5 and cfg.data.augment is False
     assert cfg.students[1].model == "alexnet" and cfg.students[1].args == {"width": 0.5}
+
+
+# One key in every nested section, each to a value neither the files below nor the defaults give it.
+ONE_KEY_OVERRIDES = ["data.batch_size=16", "loss.temperature=3.0", "tracking.project=other", "teacher.epochs=2",
+                     "train.log_every=3", "teacher.optimizer.lr=0.2", "train.optimizer.lr=0.2",
+                     "students.1.model=mobilenet", "students.1.args.width=0.5"]
+# MINIMAL plus every section, each with some key but not the overridden one.
+EVERY_SECTION = MINIMAL + """data: {augment: false}
+loss: {peer_reduction: mean}
+tracking: {group: g}
+teacher: {batch_size: 16, optimizer: {momentum: 0.8}}
+train: {epochs: 2, optimizer: {momentum: 0.8}}
+"""
+FILES = {"no_sections": MINIMAL, "every_section": EVERY_SECTION, "demo": CONFIGS / "demo.yaml",
+         "tsp": CONFIGS / "paper" / "tsp.yaml"}
+
+
+def config_file(tmp_path, name: str) -> Path:
+    return FILES[name] if isinstance(FILES[name], Path) else write(tmp_path, FILES[name])
+
+
+def with_key(tree: dict, key: str, value) -> dict:
+    """A copy of a resolved config with the dotted `key` set to `value`."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))
+    *parents, leaf = [int(part) if part.isdigit() else part for part in key.split(".")]
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return tree
+
+
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("override", ONE_KEY_OVERRIDES)
+def test_dotted_override_changes_only_the_key_it_names(tmp_path, file, override):
+    path = config_file(tmp_path, file)
+    key, _, text = override.partition("=")
+    before = load_config(path, []).to_dict()
+    expected = with_key(before, key, yaml.safe_load(text))
+    assert expected != before
+    assert load_config(path, [override]).to_dict() == expected
+
+
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("override, value", [
+    ("teacher.args={}", {}),
+    ("train.optimizer={name: sgd, lr: 0.1}", OptimConfig(name="sgd", lr=0.1).model_dump(mode="json")),
+    ("teacher.optimizer={lr: 0.1}", OptimConfig(lr=0.1).model_dump(mode="json")),
+    ("students.1.args={hidden: 64}", {"hidden": 64}),
+])
+def test_mapping_override_replaces_the_key_whole(tmp_path, file, override, value):
+    path = config_file(tmp_path, file)
+    expected = with_key(load_config(path, []).to_dict(), override.partition("=")[0], value)
+    assert load_config(path, [override]).to_dict() == expected
+
+
+def test_loss_override_on_a_file_without_loss_pins_no_weight(tmp_path):
+    loss = load_config(write(tmp_path, MINIMAL), ["loss.temperature=4", "loss.preset=kd"]).loss
+    assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (0.1, 0.9, 0.0, 4.0)
 
 
 def test_resolved_config_round_trips(tmp_path):
