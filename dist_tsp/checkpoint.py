@@ -1,4 +1,5 @@
-"""Checkpoint files: written atomically (temporary name, then rename), read with a clear error."""
+"""Checkpoint files: written atomically (temporary name, then rename), read with weights_only=True (nothing in a
+file runs) and a one-line error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import random
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,32 +46,64 @@ def save_atomic(payload: Any, path: Path) -> None:
     write_atomic(path, lambda file: torch.save(payload, file))
 
 
-def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU; any failure becomes one line naming the file."""
+# What RNG files written before issue 13 hold besides tensors and plain containers: numpy's random state, a
+# uint32 numpy array (rebuilt by numpy.core... in numpy 1, numpy._core... in numpy 2). Allowed only while reading.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+OLD_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                   *((_RECONSTRUCT, f"{package}.multiarray._reconstruct") for package in ("numpy.core", "numpy._core"))]
+
+
+def read(path: Path, what: str) -> Any:
+    """torch.load on the CPU with weights_only=True: tensors and plain containers only, nothing in the file runs.
+    Any failure becomes one line naming the file (`what` names its role, e.g. "teacher checkpoint")."""
     if not path.is_file():
-        raise CheckpointError(f"{what} checkpoint {path} does not exist: check the path")
+        raise CheckpointError(f"{what} {path} does not exist: check the path")
+    with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged file
+            if unsafe := _unsafe_globals(path):
+                raise CheckpointError(
+                    f"{what} {path} holds objects other than tensors and plain containers ({', '.join(unsafe[:3])}), "
+                    "so it was not loaded and none of its code ran: if you trust it, re-save it as a plain state "
+                    "dict, torch.save({'model': model.state_dict()}, path)") from None
+            raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}): it is truncated or not a "
+                                  "dist-tsp checkpoint; delete it or point to another") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a torch.save file would import that weights_only refuses (read, never run)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{what} checkpoint {path} cannot be read ({type(error).__name__}): "
-                              "it is truncated or not a dist-tsp checkpoint; delete it or point to another") from None
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch.save zip file: nothing to list
+        return []
+
+
+def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
+    """Load a checkpoint dict safely (see read) and check it has its `required` entry."""
+    payload = read(path, f"{what} checkpoint")
     if not isinstance(payload, dict) or required not in payload:
         raise CheckpointError(f"{what} checkpoint {path} has no {required!r} entry: not a dist-tsp checkpoint")
     return payload
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """load_state_dict with a one-line error when the architecture does not match."""
+def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
+    """load_state_dict with a one-line error when the entry is no state dict or does not fit the architecture."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} checkpoint {path} holds a {type(state).__name__} under 'model', not a state "
+                              "dict: save it as torch.save({'model': model.state_dict()}, path)")
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
+        first = " ".join(str(error).split())[:300]
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {first}") from None
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random number generator the run uses."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random number generator the run uses, as tensors and plain containers (weights_only-safe)."""
+    name, key, *position = np.random.get_state()  # key: an array of 624 uint32, kept as an int64 tensor
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *position),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -181,7 +214,8 @@ def set_aside(output_dir: Path) -> Path | None:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Undo rng_state(): the global generators as they were when the checkpoint was written."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *position = state["numpy"]  # key: a tensor, or a numpy array in files written before issue 13
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *position))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

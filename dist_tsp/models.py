@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from dist_tsp.checkpoint import read
 from dist_tsp.errors import UserError
 
 __all__ = ["ModelError", "UnknownModelError", "build_model", "check_model_name", "load_pretrained", "model_names",
@@ -265,10 +266,7 @@ def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:
         path = Path(weights)
         if not path.is_file():
             raise ModelError(f"teacher.weights file {path} does not exist: give a state-dict file or 'imagenet'")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a damaged file
-            raise ModelError(f"teacher.weights file {path} cannot be read ({type(error).__name__})") from None
+        state = read(path, "teacher.weights file")
         state = state.get("model", state) if isinstance(state, dict) else state
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
