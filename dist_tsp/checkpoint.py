@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import socket
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,8 +96,8 @@ def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> N
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        first = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {first}") from None
+        problems = textwrap.shorten(str(error), 300, placeholder=" ...")
+        raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -60,4 +60,4 @@ def last_step(run: Path) -> int:
 def student_state(run: Path, step: int, name: str) -> dict:
     import torch
 
-    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "students" / f"{name}.pt", weights_only=False)
+    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "students" / f"{name}.pt", weights_only=True)

@@ -1,0 +1,163 @@
+"""Loading a checkpoint never runs code from it: every file is read with weights_only=True, anything else is
+refused in one line, and checkpoints written before that (tests/fixtures/checkpoint_7b9954e) still resume."""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_tsp.checkpoint import restore_rng_state, rng_state, save_atomic
+from dist_tsp.checkpoint import load as load_checkpoint
+from tests.runs import launch, student_state
+
+OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
+OLD_STEP = OLD / "checkpoints" / "step_00000002"
+TEACHER = OLD / "teacher" / "model.pt"
+ALEXNET = "{name: alexnet, model: alexnet, args: {width: 0.0625, hidden: 16}"
+REFUSED = "holds objects other than tensors and plain containers"
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def copy_old_run(target: Path) -> list[str]:
+    """Copy the fixture's run directory to `target`; return the arguments that resume it."""
+    shutil.copytree(OLD, target)
+    return ["--config", str(target / "config.yaml"), f"output_dir={target}"]
+
+
+def fresh_run(target: Path) -> list[str]:
+    """The fixture's tiny settings in a new output_dir."""
+    return ["--config", str(OLD / "config.yaml"), f"output_dir={target}"]
+
+
+def one_line_error(args: list[str]) -> str:
+    """Run the real command; it must exit 2 with exactly one line on stderr, which is returned."""
+    done = launch(args, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-tsp: error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+def _as_teacher(evil, tmp):
+    return [*fresh_run(tmp / "run"), f"teacher.checkpoint={evil}"], evil
+
+
+def _as_teacher_weights(evil, tmp):
+    return [*fresh_run(tmp / "run"), f"teacher.weights={evil}"], evil
+
+
+def _as_student_init(evil, tmp):
+    return [*fresh_run(tmp / "run"), f"teacher.checkpoint={TEACHER}", f"students=[{ALEXNET}, init: {evil}}}]"], evil
+
+
+def _as_resumed_student(evil, tmp):
+    args = copy_old_run(tmp / "run")
+    return args, shutil.copy(evil, tmp / "run" / "checkpoints" / "step_00000002" / "students" / "alexnet.pt")
+
+
+def _as_resumed_rng(evil, tmp):
+    args = copy_old_run(tmp / "run")
+    return args, shutil.copy(evil, tmp / "run" / "checkpoints" / "step_00000002" / "rng" / "alexnet.replica0.pt")
+
+
+MALICIOUS_AS = {"teacher.checkpoint": _as_teacher, "teacher.weights": _as_teacher_weights,
+                "student init": _as_student_init, "resumed student file": _as_resumed_student,
+                "resumed RNG file": _as_resumed_rng}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", MALICIOUS_AS)
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_without_running_it(role, tmp_path):
+    marker = tmp_path / "pwned.txt"
+    torch.save({"model": Payload(f"echo PWNED > {marker}")}, tmp_path / "evil.pt")
+    args, named = MALICIOUS_AS[role](tmp_path / "evil.pt", tmp_path)
+    line = one_line_error(args)
+    assert not marker.exists()
+    assert f" {named} {REFUSED} (posix.system)" in line and "re-save it as a plain state dict" in line, line
+
+
+WRONG_MODEL = {  # what the 'model' entry of a teacher checkpoint becomes, and the message expected
+    "a dict of strings": (lambda state: dict.fromkeys(state, "weights"), r"expected torch.Tensor .* <class 'str'>"),
+    "a tensor of the wrong shape": (lambda state: {**state, next(iter(state)): torch.zeros(7, 7)},
+                                    r"size mismatch for .*torch.Size\(\[7, 7\]\)"),
+    "a tensor, not a state dict": (lambda state: torch.zeros(3), r"holds a Tensor under 'model', not a state dict"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", WRONG_MODEL)
+def test_a_model_entry_of_the_wrong_type_or_shape_is_one_line(case, tmp_path):
+    change, message = WRONG_MODEL[case]
+    state = torch.load(TEACHER, weights_only=True)["model"]
+    torch.save({"model": change(state), "num_classes": 10}, tmp_path / "bad.pt")
+    line = one_line_error([*fresh_run(tmp_path / "run"), f"teacher.checkpoint={tmp_path / 'bad.pt'}"])
+    assert f"teacher checkpoint {tmp_path / 'bad.pt'}" in line, line
+    assert re.search(message, line), line
+
+
+def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
+    random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached gaussian as well
+    save_atomic(rng_state(), tmp_path / "rng.pt")
+    drawn = (random.random(), np.random.normal(), np.random.random(), torch.rand(3))
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rng.pt") == []
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), np.random.normal(), np.random.random(), torch.rand(3))
+    assert drawn[:3] == again[:3] and torch.equal(drawn[3], again[3])
+
+
+def test_an_rng_file_written_before_the_fix_restores_numpys_state():
+    saved = load_checkpoint(OLD_STEP / "rng" / "alexnet.replica0.pt", "student alexnet RNG", required="student_rng")
+    name, key, *position = saved["rng"]["numpy"]
+    assert isinstance(key, np.ndarray)  # the old format, allowed only for this
+    restore_rng_state(saved["rng"])
+    now_name, now_key, *now_position = np.random.get_state()
+    assert (now_name, now_position) == (name, position) and np.array_equal(now_key, key)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {row["step"]: row["train/alexnet/loss"] for row in rows if "train/alexnet/loss" in row}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """The fixture's step-2 checkpoint, written by 7b9954e, resumed to step 4 by this code."""
+    run = tmp_path_factory.mktemp("old") / "run"
+    done = launch(copy_old_run(run))
+    return run, done
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_the_fix_resumes_to_the_end_as_the_old_run_went_on(resumed):
+    run, done = resumed
+    assert "resuming from" in done.stdout and "(step 2)" in done.stdout
+    old, new = losses(OLD), losses(run)
+    assert sorted(new) == [1, 2, 3, 4]
+    for step in (3, 4):  # dropout draws from the restored student generator: other states give other losses
+        assert new[step] == pytest.approx(old[step], rel=1e-5)
+    assert json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_files_save_writes_load_with_weights_only_and_no_allow_list(resumed):
+    run, _ = resumed
+    files = sorted((run / "checkpoints" / "step_00000004").rglob("*.pt"))
+    assert [f.parent.name for f in files] == ["rng", "students"]
+    assert all(torch.serialization.get_unsafe_globals_in_checkpoint(f) == [] for f in files)
+    assert set(student_state(run, 4, "alexnet")) >= {"model", "optimizer", "scheduler"}
+    assert torch.load(files[0], weights_only=True)["rng"]["numpy"][1].dtype == torch.int64
