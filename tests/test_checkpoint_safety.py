@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,8 @@ def fresh_run(target: Path) -> list[str]:
     return ["--config", str(OLD / "config.yaml"), f"output_dir={target}"]
 
 
-def one_line_error(args: list[str]) -> str:
-    """Run the real command; it must exit 2 with exactly one line on stderr, which is returned."""
-    done = launch(args, check=False)
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    """The run must have exited 2 with exactly one line on stderr, which is returned."""
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("dist-tsp: error: "), done.stderr[-3000:]
@@ -86,8 +86,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_without_running
     marker = tmp_path / "pwned.txt"
     torch.save({"model": Payload(f"echo PWNED > {marker}")}, tmp_path / "evil.pt")
     args, named = MALICIOUS_AS[role](tmp_path / "evil.pt", tmp_path)
-    line = one_line_error(args)
+    done = launch(args, check=False)
     assert not marker.exists()
+    line = one_line_error(done)
     assert f" {named} {REFUSED} (posix.system)" in line and "re-save it as a plain state dict" in line, line
 
 
@@ -105,7 +106,8 @@ def test_a_model_entry_of_the_wrong_type_or_shape_is_one_line(case, tmp_path):
     change, message = WRONG_MODEL[case]
     state = torch.load(TEACHER, weights_only=True)["model"]
     torch.save({"model": change(state), "num_classes": 10}, tmp_path / "bad.pt")
-    line = one_line_error([*fresh_run(tmp_path / "run"), f"teacher.checkpoint={tmp_path / 'bad.pt'}"])
+    line = one_line_error(launch([*fresh_run(tmp_path / "run"), f"teacher.checkpoint={tmp_path / 'bad.pt'}"],
+                                 check=False))
     assert f"teacher checkpoint {tmp_path / 'bad.pt'}" in line, line
     assert re.search(message, line), line
 
