@@ -51,7 +51,7 @@ class StudentTrainer:
                  teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: threading.Event) -> None:
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
         self.data, self.normalize, self.teacher, self.teacher_info = data, normalize, teacher, teacher_info
-        self.tracker, self.stop_requested, self.stop_agreed = tracker, stop_requested, False
+        self.tracker, self.stop_vote, self.stop_agreed = tracker, StopVote(stop_requested, groups.control), False
         self.names = cfg.student_names
         self.graph = TeachingGraph.from_config(cfg)
         # the sharded teacher's group is the peer group: its slices can ride in the peer all-gather
@@ -152,13 +152,17 @@ class StudentTrainer:
         if self._uses_teacher:
             self.teacher.start_epoch(epoch)
         for batch in self.profiler.timed_batches(self.batches.epoch(epoch, step % steps_per_epoch)):
+            self.stop_vote.start()  # beside the step: every rank learns whether any was asked to stop
             self.train_step(batch)
+            self.stop_agreed = self.stop_vote.result()
             step += 1
             self.bar.update()
             epoch_done = step % steps_per_epoch == 0 or step == self.total_steps
             checkpoint_due = every is not None and step % every == 0
             if epoch_done or checkpoint_due or step % self.cfg.train.log_every == 0:
                 self.bar.set_postfix(self._log_train(step, epoch), refresh=False)
+            elif self.stop_agreed:
+                self._raise_if_nonfinite()  # the checkpoint below keeps the metrics summed since the last log step
             if epoch_done:
                 break
             if checkpoint_due or self.stop_agreed:
@@ -226,18 +230,13 @@ class StudentTrainer:
         self.running.index_add_(0, self.learner_index, rows)
 
     def _log_train(self, step: int, epoch: int) -> dict[str, str]:
-        """Reduce the running metrics over all ranks, log them, reset; agree on stopping; return a bar summary.
+        """Stop on a non-finite loss; reduce the running metrics over all ranks, log them, reset; return a bar summary.
 
-        Two collectives per log interval: the metric sums, and a max over (stop requested, -first bad step).
+        Two collectives per log interval: every student's first bad step, and the metric sums.
         """
+        self._raise_if_nonfinite()
         means = all_reduce(self.running, self.groups.world) / (self.steps_since_log * self.placement.replicas)
-        control = torch.cat([torch.tensor([float(self.stop_requested.is_set())], device=self.running.device),
-                             -self.first_nonfinite])
-        control = all_reduce(control, self.groups.world, dist.ReduceOp.MAX).tolist()
         values = means.tolist()
-        if min(-c for c in control[1:]) < NEVER:
-            self._raise_nonfinite(values, [-c for c in control[1:]])
-        self.stop_agreed = control[0] > 0
         learners = {name: v for name, v in zip(self.names, values) if name in self.graph.learners}
         row: dict[str, Any] = {"step": step, "epoch": epoch}
         for name, student_values in learners.items():
@@ -247,9 +246,15 @@ class StudentTrainer:
         self.steps_since_log = 0
         return {name: f"{v[0]:.3f}" for name, v in learners.items()}
 
-    def _raise_nonfinite(self, values: list[list[float]], first_bad: list[float]) -> None:
+    def _raise_if_nonfinite(self) -> None:
+        """NonFiniteLoss, naming the student, step and term, when a loss was NaN or inf since the last log step:
+        before any checkpoint could keep the damage."""
+        first_bad = all_reduce(self.first_nonfinite.clone(), self.groups.world, dist.ReduceOp.MIN).tolist()
+        if min(first_bad) == NEVER:
+            return
         index = min(range(len(self.names)), key=lambda i: first_bad[i])
-        terms = [m for m, v in zip(TRAIN_METRICS[1:4], values[index][1:4]) if not math.isfinite(v)] or ["total"]
+        sums = all_reduce(self.running.clone(), self.groups.world)[index].tolist()
+        terms = [m for m, v in zip(TRAIN_METRICS[1:4], sums[1:4]) if not math.isfinite(v)] or ["total"]
         kept = checkpoint.complete_checkpoints(self.cfg.output_dir)
         last = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written yet"
         raise NonFiniteLoss(f"non-finite {'/'.join(terms)} loss for student {self.names[index]} at step "
@@ -283,7 +288,8 @@ class StudentTrainer:
         return all_reduce(everyone, self.groups.world) - 1
 
     def save(self, step: int, *, epoch_end: bool) -> None:
-        """Checkpoint every learner: model/optimizer/schedule from its first replica, RNG from every replica.
+        """Checkpoint every learner: model/optimizer/schedule from its first replica, RNG and the metrics summed since
+        the last log step (a signal's checkpoint may fall between two) from every replica.
 
         Files go to checkpoints/step_N.partial/; once every rank is done the main process writes the
         manifest and renames the directory, so a complete checkpoint is never half-written.
@@ -308,7 +314,8 @@ class StudentTrainer:
                 }, checkpoint.student_file(directory, name))
         for k, index in enumerate(self.local):
             name = self.names[index]
-            checkpoint.save_atomic({"student_rng": self.rng_states[k], "rng": checkpoint.rng_state()},
+            checkpoint.save_atomic({"student_rng": self.rng_states[k], "rng": checkpoint.rng_state(),
+                                    "metrics_since_log": self.running[index]},
                                    checkpoint.rng_file(directory, name, replica))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -319,7 +326,7 @@ class StudentTrainer:
                                                           "sha256": self.teacher_info.sha256}
         return {"step": step, "epoch": step // len(self.batches), "epoch_end": epoch_end, "students": self.names,
                 "replicas": self.placement.replicas, "teacher": teacher, "config": self.cfg.identity(),
-                "tracker_run_id": self.tracker.run_id}
+                "tracker_run_id": self.tracker.run_id, "steps_since_log": self.steps_since_log}
 
     def resume(self) -> int:
         """Load the latest complete checkpoint in output_dir (if any, and if it is this run's); return its step."""
@@ -340,10 +347,37 @@ class StudentTrainer:
                                   f"student {name} RNG", required="student_rng")
             self.rng_states[k] = rng["student_rng"]
             checkpoint.restore_rng_state(rng["rng"])
+            if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
+                self.running[index] = rng["metrics_since_log"]
+        self.steps_since_log = manifest.get("steps_since_log", 0)
         self.tracker.truncate_after(manifest["step"])
         if self.accelerator.is_main_process:
             print(f"students: resuming from {directory} (step {manifest['step']})")
         return manifest["step"]
+
+
+class StopVote:
+    """Whether every rank stops after this step: asked every step without holding it up or reading the device.
+
+    A rank votes 1 once a stop was requested (SIGTERM, SIGUSR1). The votes meet in a MAX all-reduce of one CPU value
+    over the gloo `control` group, started before the step and read after it, so that it runs beside the step, and
+    every rank stops after the same step: the one after the step that the signal interrupted.
+    """
+
+    def __init__(self, requested: threading.Event, group: dist.ProcessGroup | None) -> None:
+        self.requested, self.group = requested, group
+        self.vote = torch.zeros(1)
+        self.pending: dist.Work | None = None
+
+    def start(self) -> None:
+        self.vote.fill_(float(self.requested.is_set()))
+        if self.group is not None:
+            self.pending = dist.all_reduce(self.vote, dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+    def result(self) -> bool:
+        if self.pending is not None:
+            self.pending.wait()
+        return self.vote.item() > 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -87,11 +87,13 @@ class Placement:
 
 @dataclass(frozen=True, slots=True)
 class Groups:
-    """The process groups a training step uses; None means "just this rank"."""
+    """The process groups a training step uses; None means "just this rank". `control` spans every rank on gloo
+    whatever the device, for host-side agreements (the stop vote) that must not wait for the device."""
 
     peer: dist.ProcessGroup | None
     replica: dist.ProcessGroup | None
     world: dist.ProcessGroup | None
+    control: dist.ProcessGroup | None = None
 
     @classmethod
     def from_mesh(cls, mesh: DeviceMesh | None) -> Groups:
@@ -99,5 +101,5 @@ class Groups:
             return cls(peer=None, replica=None, world=None)
         peer = mesh.get_group("peer") if mesh["peer"].size() > 1 else None
         replica = mesh.get_group("replica") if mesh["replica"].size() > 1 else None
-        return cls(peer=peer, replica=replica, world=dist.group.WORLD)
+        return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=dist.new_group(backend="gloo"))
 

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.data import Dataset, Normalizer, load_dataset
 from dist_tsp.errors import RunStopped, UserError
+from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_predictions, write_results
@@ -71,12 +74,19 @@ def check_teacher_launch(cfg: RunConfig) -> None:
         deepspeed_zero_settings()
 
 
-def stop_on_signals() -> threading.Event:
-    """From now on SIGTERM/SIGUSR1 ask for a checkpoint at the next log step, then exit code 75 (requeue me)."""
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Inside, SIGTERM/SIGUSR1 ask for a checkpoint, then exit code 75 (requeue me): the student phase stops after the
+    step that follows the signal, and a signal that comes before it (data, teacher) is kept until its first step.
+    After, they are ignored: the run is over, and dist-tsp-launch repeats them until its workers have exited."""
     requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: requested.set())
-    return requested
+    try:
+        yield requested
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, Normalizer]:
@@ -102,7 +112,7 @@ def run_teacher_stage(cfg: RunConfig) -> None:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
 
-def run(cfg: RunConfig, placement: Placement) -> dict:
+def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     accelerator, data, normalize = start(cfg, trackers=True)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
@@ -116,9 +126,8 @@ def run(cfg: RunConfig, placement: Placement) -> dict:
     if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
         model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, normalize, accelerator)
         teacher = teacher_logits(cfg, model, teacher_info, data, normalize, groups.peer, accelerator)
-    # Signals checkpoint from the student phase on; before it (data, teacher) they stop the run as usual.
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
-                             stop_on_signals())
+                             stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
@@ -145,12 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         if placement is None:
             run_teacher_stage(cfg)
         else:
-            run(cfg, placement)
+            with stop_on_signals() as stop_requested:
+                run(cfg, placement, stop_requested)
     except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
         where = f" (rank {rank})" if world_size > 1 else ""
         print(f"dist-tsp: error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as stopped:
+        if hand_over(stopped):
+            return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
         if rank == 0:
             print(f"dist-tsp: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)

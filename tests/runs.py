@@ -1,4 +1,5 @@
-"""Launching dist_tsp/train.py from tests: one process with python, or W CPU processes with accelerate."""
+"""Launching dist_tsp/train.py from tests: one process with python, or W CPU processes with `accelerate launch` or
+dist-tsp-launch (`launcher="dist-tsp"`)."""
 
 import json
 import os
@@ -19,27 +20,29 @@ TINY = [
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LAUNCHERS = {"accelerate": "accelerate.commands.launch", "dist-tsp": "dist_tsp.launch"}
 
 
-def command(args: list[str], processes: int | None = None, accelerate_config: str = CPU3) -> list[str]:
-    """`python dist_tsp/train.py ARGS` or `accelerate launch --num_processes W ... ARGS`."""
+def command(args: list[str], processes: int | None = None, accelerate_config: str = CPU3,
+            launcher: str = "accelerate") -> list[str]:
+    """`python dist_tsp/train.py ARGS`, or `accelerate launch --num_processes W ... ARGS` (or dist-tsp-launch)."""
     if processes is None:
         return [sys.executable, TRAIN, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+    return [sys.executable, "-m", LAUNCHERS[launcher], "--config_file", accelerate_config,
             "--num_processes", str(processes), TRAIN, *args]
 
 
-def start(args: list[str], processes: int | None = None) -> subprocess.Popen:
+def start(args: list[str], processes: int | None = None, launcher: str = "accelerate") -> subprocess.Popen:
     """Start a run in its own process group (so a test can signal or kill all of it)."""
-    return subprocess.Popen(command(args, processes), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen(command(args, processes, launcher=launcher), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def launch(args: list[str], processes: int | None = None, check: bool = True, accelerate_config: str = CPU3
-           ) -> subprocess.CompletedProcess:
+def launch(args: list[str], processes: int | None = None, check: bool = True, accelerate_config: str = CPU3,
+           launcher: str = "accelerate") -> subprocess.CompletedProcess:
     """Run to the end; raise with the output tails unless it exits 0 (when `check`)."""
-    done = subprocess.run(command(args, processes, accelerate_config), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(command(args, processes, accelerate_config, launcher), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=900)
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
@@ -55,6 +58,19 @@ def last_step(run: Path) -> int:
     if not path.is_file():
         return 0
     return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
+
+
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The worker process with RANK=<rank> training into `run`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or str(run).encode() not in (proc / "cmdline").read_bytes():
+                continue
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
 
 
 def student_state(run: Path, step: int, name: str) -> dict:

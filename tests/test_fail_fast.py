@@ -3,26 +3,12 @@
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.runs import TINY, last_step, launch, start
+from tests.runs import LAUNCHERS, TINY, last_step, launch, rank_pid, start
 
 pytestmark = pytest.mark.slow
-
-
-def rank_pid(run: Path, rank: int) -> int | None:
-    """The worker process with RANK=<rank> training into `run`."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or str(run).encode() not in (proc / "cmdline").read_bytes():
-                continue
-            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                return int(proc.name)
-        except OSError:
-            continue
-    return None
 
 
 def test_exception_on_rank_1_stops_every_rank_and_names_it(tmp_path):
@@ -37,9 +23,10 @@ def test_exception_on_rank_1_stops_every_rank_and_names_it(tmp_path):
     assert "RuntimeError: Calculated padded input size" in summary  # the why, through @record
 
 
-def test_sigkill_of_rank_2_ends_the_job_within_60_seconds(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigkill_of_rank_2_ends_the_job_within_60_seconds(tmp_path, launcher):
     process = start(["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=400",
-                     "train.epochs=20"], processes=3)
+                     "train.epochs=20"], processes=3, launcher=launcher)
     deadline = time.monotonic() + 180
     while last_step(tmp_path) < 2:
         assert process.poll() is None and time.monotonic() < deadline

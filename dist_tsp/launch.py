@@ -1,0 +1,131 @@
+"""`dist-tsp-launch` (`python -m dist_tsp.launch`): `accelerate launch` with the same arguments, for runs that a
+scheduler stops with SIGTERM or SIGUSR1.
+
+Under plain `accelerate launch`, torchrun's agent turns SIGTERM into a traceback and kills its workers 30 s later
+whatever they are doing, and SIGUSR1 kills it. Here the agent ignores both, and this process passes them on to the
+workers (also when only it was signalled), which stop together after their next step with a checkpoint. A deliberate
+stop (`RunStopped`: that one, or a non-finite loss) reaches this process through a file, so the workers end with 0,
+torchrun reports no failure, and this process prints the stop's one line and exits with its code (75: rerun to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from dist_tsp.errors import Preempted, RunStopped
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops all at once)
+STOP_FILE = "DIST_TSP_STOP_FILE"  # environment variable: where a worker leaves a deliberate stop for this launcher
+TERM_GRACE_S = 25  # after SIGTERM, the workers' time to checkpoint: inside Slurm's default KillWait (30 s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(launch(sys.argv[1:] if argv is None else argv))
+
+
+def launch(args: list[str]) -> int:
+    """Run `accelerate launch ARGS` to its end; return its exit code, or the code of the workers' deliberate stop."""
+    received: dict[int, float] = {}  # signal -> when it first came
+    agent: subprocess.Popen | None = None
+
+    def pass_on(signum: int, _frame: object) -> None:
+        received.setdefault(signum, time.monotonic())
+        if agent is not None:
+            _signal_workers(agent, signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, pass_on)
+    with tempfile.TemporaryDirectory(prefix="dist-tsp-launch-") as tmp:
+        stop_file = Path(tmp) / "stop.json"
+        env = {**os.environ, STOP_FILE: str(stop_file), "PET_SIGNALS_TO_HANDLE": AGENT_SIGNALS}
+        agent = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], env=env,
+                                 preexec_fn=_ignore_stop_signals)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the agent as well: it stops the workers
+        code = _wait(agent, received)
+        if code is None:
+            print(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s (still loading the data or the teacher?),"
+                  " so the workers were stopped: rerun the same command to resume from the last checkpoint",
+                  file=sys.stderr)
+            return Preempted.exit_code
+        if code == 0 and stop_file.is_file():
+            stopped = json.loads(stop_file.read_text())
+            print(f"dist-tsp: {stopped['message']}", file=sys.stderr)
+            return stopped["exit_code"]
+        return code
+
+
+def hand_over(stopped: RunStopped) -> bool:
+    """In a worker of dist-tsp-launch: leave a deliberate stop to the launcher, which reports it once with its exit
+    code (True); False under any other launcher."""
+    path = os.environ.get(STOP_FILE)
+    if not path:
+        return False
+    from dist_tsp.checkpoint import write_text_atomic  # not at the top: the launcher itself never imports torch
+
+    # every rank of the node writes the same record, atomically
+    write_text_atomic(Path(path), json.dumps({"exit_code": stopped.exit_code, "message": str(stopped)}))
+    return True
+
+
+def _ignore_stop_signals() -> None:
+    """In the agent, before it starts: SIGTERM and SIGUSR1 are this launcher's to pass on (its workers inherit the
+    disposition until train.py installs its handlers, and the launcher says it again until they have)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _wait(agent: subprocess.Popen, received: dict[int, float]) -> int | None:
+    """The agent's exit code (128 + N when signal N ended it), passing every stop signal received on to the workers
+    once a second until then; None when they were still running TERM_GRACE_S after SIGTERM and were killed."""
+    while True:
+        try:
+            code = agent.wait(timeout=1)
+            return code if code >= 0 else 128 - code
+        except subprocess.TimeoutExpired:
+            pass
+        terminated = received.get(signal.SIGTERM)
+        if terminated is not None and time.monotonic() - terminated > TERM_GRACE_S:
+            _kill(agent)
+            return None
+        for signum in list(received):
+            _signal_workers(agent, signum)
+
+
+def _workers(agent: subprocess.Popen) -> list[psutil.Process]:
+    """The processes the agent started: torchrun's workers (not their own children, e.g. compile workers)."""
+    try:
+        return psutil.Process(agent.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_workers(agent: subprocess.Popen, signum: int) -> None:
+    for worker in _workers(agent):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.send_signal(signum)
+
+
+def _kill(agent: subprocess.Popen) -> None:
+    """SIGKILL the agent, then its workers: the agent first, so that it reports nothing."""
+    workers = _workers(agent)
+    agent.kill()
+    agent.wait()
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(workers, timeout=10)
+
+
+if __name__ == "__main__":
+    main()

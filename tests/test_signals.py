@@ -1,0 +1,148 @@
+"""Signals as a cluster sends them, on 3 ranks through dist-tsp-launch: SIGTERM or SIGUSR1 to the workers only, to the
+launcher only, or to the whole process group (Slurm's preemption). Every form ends with a complete checkpoint before
+the launcher returns, exit 75 and one line, within 30 s of the signal even with no log step in sight, and a rerun
+that ends bitwise equal to a run that was never stopped."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from dist_tsp.checkpoint import complete_checkpoints, read_manifest
+from dist_tsp.launch import TERM_GRACE_S
+from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
+
+pytestmark = pytest.mark.slow
+STEPS = 40  # inside the first epoch (44 steps of digits): no epoch end before the last step
+ARGS = ["--config", "configs/demo.yaml", *TINY, f"train.max_steps={STEPS}", "train.log_every=1000",
+        "train.optimizer.schedule=cosine"]  # one log step, the last: a signal never waits for one
+STUDENTS = ("lenet", "alexnet", "mobilenet")
+PROGRESS = re.compile(rf"students:.*\b(\d+)/{STEPS}\b")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference")
+    launch([*ARGS, f"output_dir={run}"], processes=3, launcher="dist-tsp")
+    return run
+
+
+class Watched:
+    """A dist-tsp-launch run on 3 ranks, its output read as it comes (rank 0's progress bar tells the step)."""
+
+    def __init__(self, run, reference):
+        self.run = run
+        self.process = start([*ARGS, f"output_dir={run}", f"teacher.checkpoint={reference}/teacher/model.pt"],
+                             processes=3, launcher="dist-tsp")
+        self.stdout, self.stderr = [], []
+        self.readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+                        for lines, stream in ((self.stdout, self.process.stdout), (self.stderr, self.process.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    def step(self) -> int:
+        return max((int(m[1]) for line in list(self.stderr) if (m := PROGRESS.search(line))), default=0)
+
+    def wait_until(self, ready, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.process.poll() is None, "".join(self.stderr)[-3000:]
+            assert time.monotonic() < deadline, f"not ready within {timeout} s"
+            time.sleep(0.05)
+
+    def workers(self) -> list[int]:
+        return [pid for rank in range(3) if (pid := rank_pid(self.run, rank)) is not None]
+
+    def wait(self) -> tuple[int, float, str]:
+        """Exit code, seconds since this call, stderr."""
+        started = time.monotonic()
+        code = self.process.wait(timeout=120)
+        took = time.monotonic() - started
+        for reader in self.readers:
+            reader.join(10)
+        return code, took, "".join(self.stderr)
+
+
+def deliver(watched: Watched, form: str, signum: signal.Signals) -> None:
+    if form == "workers":
+        for pid in watched.workers():
+            os.kill(pid, signum)
+    elif form == "launcher":
+        watched.process.send_signal(signum)
+    else:
+        os.killpg(watched.process.pid, signum)
+
+
+def assert_stopped_in_one_line(code: int, stderr: str, step: int) -> None:
+    assert code == 75, stderr[-3000:]
+    message = f"dist-tsp: stopped by a signal at step {step}; checkpoint written: rerun the same command to resume"
+    assert stderr.strip().splitlines()[-1] == message, stderr[-3000:]
+    assert "Traceback" not in stderr and "Root Cause" not in stderr and stderr.count("dist-tsp:") == 1
+
+
+def assert_bitwise_equal(run, reference) -> None:
+    for name in STUDENTS:
+        a, b = student_state(reference, STEPS, name), student_state(run, STEPS, name)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        for key, state in a["optimizer"]["state"].items():
+            assert all(torch.equal(v, b["optimizer"]["state"][key][k]) for k, v in state.items()), name
+    assert train_rows(run) == train_rows(reference)
+    results = [json.loads((r / "results.json").read_text())["students"] for r in (reference, run)]
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("form, signum", [("workers", signal.SIGTERM), ("launcher", signal.SIGUSR1),
+                                          ("group", signal.SIGTERM)])
+def test_a_signal_stops_every_rank_after_the_next_step_with_a_checkpoint_then_the_rerun_ends_bitwise_equal(
+        reference, tmp_path, form, signum):
+    watched = Watched(tmp_path, reference)
+    watched.wait_until(lambda: watched.step() >= 3)
+    at = watched.step()
+    deliver(watched, form, signum)
+    code, took, stderr = watched.wait()
+    stopped_at = read_manifest(complete_checkpoints(tmp_path)[-1])["step"]  # complete when the launcher returned
+    assert watched.workers() == []  # none left to finish it later
+    assert_stopped_in_one_line(code, stderr, stopped_at)
+    assert at < stopped_at <= at + 4 and took < 30, (at, stopped_at, took)
+    rerun = launch([*ARGS, f"output_dir={tmp_path}", f"teacher.checkpoint={reference}/teacher/model.pt"],
+                   processes=3, launcher="dist-tsp")
+    assert f"(step {stopped_at})" in rerun.stdout
+    assert_bitwise_equal(tmp_path, reference)
+
+
+def test_a_signal_before_the_student_phase_stops_it_after_its_first_step(reference, tmp_path):
+    watched = Watched(tmp_path, reference)
+    watched.wait_until(lambda: len(watched.workers()) == 3)  # starting: they ignore it, and hear it again later
+    watched.process.send_signal(signal.SIGUSR1)
+    code, _, stderr = watched.wait()
+    assert_stopped_in_one_line(code, stderr, 1)
+
+
+SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
+
+
+def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    launcher = psutil.Popen([sys.executable, "-m", "dist_tsp.launch", "--config_file", CPU3, "--num_processes", "2",
+                             str(script)], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(workers := [p for p in launcher.children(recursive=True) if str(script) in p.cmdline()]) < 2:
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = launcher.communicate(timeout=60)
+    assert TERM_GRACE_S <= time.monotonic() - signalled < 30
+    assert launcher.returncode == 75
+    assert stderr.strip().splitlines()[-1].startswith(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s")
+    assert "Traceback" not in stderr
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
