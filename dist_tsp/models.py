@@ -19,8 +19,8 @@ from torch import nn
 from dist_tsp.checkpoint import read
 from dist_tsp.errors import UserError
 
-__all__ = ["ModelError", "UnknownModelError", "build_model", "check_model_name", "load_pretrained", "model_names",
-           "register", "scale_inputs"]
+__all__ = ["ModelError", "SubsampledPointwiseConv2d", "UnknownModelError", "build_model", "check_model_name",
+           "load_pretrained", "model_names", "register", "scale_inputs", "subsample_strided_pointwise"]
 
 _Constructor = TypeVar("_Constructor", bound=Callable[..., nn.Module])
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -61,13 +61,45 @@ def check_model_name(name: str) -> None:
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build model ``name`` with randomly initialised weights and a ``num_classes``-way head."""
+    """Build model ``name`` with randomly initialised weights and a ``num_classes``-way head (its strided 1x1
+    convolutions as SubsampledPointwiseConv2d)."""
     check_model_name(name)
     constructor = _REGISTRY.get(name) or functools.partial(_torchvision_model, name)
     try:
-        return constructor(num_classes=num_classes, **kwargs)
+        model = constructor(num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"cannot build model {name!r} with args {kwargs}: {exc}") from None
+    return subsample_strided_pointwise(model)
+
+
+ONEDNN_CHANNEL_BLOCK = 16  # the widest input-channel block of oneDNN's f32 1x1 kernels (AVX-512; AVX2 has 8)
+
+
+class SubsampledPointwiseConv2d(nn.Conv2d):
+    """A strided 1x1 convolution that, on the CPU, subsamples its input and then runs at unit stride: the same
+    numbers, parameters and state_dict as ``nn.Conv2d``.
+
+    oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution on channels-last inputs with fewer
+    input channels than its block (16 with AVX-512, 8 with AVX2) writes past its workspace: a segmentation fault
+    with AVX-512, a hang or wrong gradients with AVX2 (oneDNN issue 6035). A unit-stride 1x1 convolution never
+    takes that path. Wider convolutions keep the strided kernel, which is faster.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type != "cpu":
+            return super().forward(input)
+        rows, columns = self.stride
+        return F.conv2d(input[:, :, ::rows, ::columns], self.weight, self.bias, 1, 0, self.dilation, self.groups)
+
+
+def subsample_strided_pointwise(model: nn.Module) -> nn.Module:
+    """Make every strided, unpadded 1x1 ``nn.Conv2d`` of ``model`` with fewer input channels per group than
+    ONEDNN_CHANNEL_BLOCK a SubsampledPointwiseConv2d, in place (same parameters, hooks and state_dict keys)."""
+    for module in model.modules():
+        if (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride != (1, 1)
+                and module.padding == (0, 0) and module.in_channels // module.groups < ONEDNN_CHANNEL_BLOCK):
+            module.__class__ = SubsampledPointwiseConv2d
+    return model
 
 
 def _torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
