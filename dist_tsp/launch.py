@@ -25,7 +25,7 @@ import psutil
 from dist_tsp.errors import Preempted, RunStopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops all at once)
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops at once)
 STOP_FILE = "DIST_TSP_STOP_FILE"  # environment variable: where a worker leaves a deliberate stop for this launcher
 TERM_GRACE_S = 25  # after SIGTERM, the workers' time to checkpoint: inside Slurm's default KillWait (30 s)
 

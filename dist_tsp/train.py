@@ -1,4 +1,5 @@
-"""Entry point: `accelerate launch dist_tsp/train.py --config FILE [key=value ...]` (or plain `python`)."""
+"""Entry point: `dist-tsp-launch dist_tsp/train.py --config FILE [key=value ...]` (accelerate launch's arguments,
+and clean stops on SIGTERM/SIGUSR1); plain `accelerate launch` or `python` work too."""
 
 from __future__ import annotations
 
@@ -131,7 +132,12 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
-    results = build_results(cfg, teacher_info, trainer.train(start_step), teacher.summary() if teacher else {})
+    try:
+        accuracies = trainer.train(start_step)
+    except RunStopped:
+        tracker.finish()  # every rank stopped after the same step: end the process groups too (gloo may abort at exit)
+        raise
+    results = build_results(cfg, teacher_info, accuracies, teacher.summary() if teacher else {})
     if accelerator.is_main_process:
         write_predictions(cfg.output_dir, cfg.student_names, trainer.test_predictions, data.test.labels,
                           teacher_predictions)

@@ -3,4 +3,5 @@
 # scikit-learn's digits, offline. Extra arguments are config overrides, e.g. output_dir=runs/mine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec accelerate launch --config_file configs/accelerate/cpu.yaml dist_tsp/train.py --config configs/demo.yaml "$@"
+exec python3 -m dist_tsp.launch --config_file configs/accelerate/cpu.yaml dist_tsp/train.py \
+  --config configs/demo.yaml "$@"

@@ -11,5 +11,6 @@ else
   accelerate_config=configs/accelerate/cpu.yaml
 fi
 for method in tsp kd scratch; do
-  accelerate launch --config_file "$accelerate_config" dist_tsp/train.py --config "configs/paper/$method.yaml" "$@"
+  python3 -m dist_tsp.launch --config_file "$accelerate_config" dist_tsp/train.py \
+    --config "configs/paper/$method.yaml" "$@"
 done

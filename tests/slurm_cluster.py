@@ -144,7 +144,8 @@ class LocalSlurm:
             "SelectTypeParameters=CR_Core", "SchedulerType=sched/backfill", "MpiDefault=none", "MailProg=/bin/true",
             "EnforcePartLimits=ALL",  # an impossible request fails at submission instead of pending forever
             "ReturnToService=2", "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/none", "InactiveLimit=0", "KillWait=5",
+            "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/none", "InactiveLimit=0",
+            "KillWait=30",  # Slurm's default: what a job has between SIGTERM (scancel, preemption) and SIGKILL
             # sbatch --wait polls every 2 s only while MinJobAge <= 5, but may then miss the exit code of an
             # array task that ended long before the last one (the project's shared notes keep 300 for that).
             "MinJobAge=5",

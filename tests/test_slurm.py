@@ -131,8 +131,35 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(clus
     assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), job
     job.process.wait(30)
     log = job.log()
-    assert "USR1: checkpointing at the next log step, then requeueing" in log and "restart 1:" in log
+    assert "USR1: checkpointing after the next step, then requeueing" in log and "restart 1:" in log
     assert re.search(rf"resuming from \S+ \(step {stopped_at}\)", log) and 2 <= stopped_at < STEPS
+    reference, reference_job = one_node
+    assert reference_job.wait() == 0, reference_job
+    assert results(run)["students"] == results(reference)["students"]
+    assert train_rows(run) == train_rows(reference)
+
+
+def test_scancel_checkpoints_without_a_requeue_and_the_same_command_resumes(cluster, teacher, one_node, tmp_path):
+    run = tmp_path / "run"
+    args = run_args(teacher[0], f"output_dir={run}")
+    job = Job(cluster, tmp_path, "peer.sh", *args, processes_per_node=1)
+    deadline = time.monotonic() + 180
+    while last_step(run) < 2:
+        assert job.process.poll() is None and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    cluster.run("scancel", job.id)  # as preemption does: SIGTERM to the batch shell and every step, SIGKILL later
+    job.wait()  # as soon as the job is cancelled, with 0: its processes are still stopping
+    while job_processes(job.id):
+        assert time.monotonic() < deadline, job_processes(job.id)
+        time.sleep(0.2)
+    assert cluster.job(job.id)["Restarts"] == "0", job  # scancel is not undone by a requeue
+    stopped_at = json.loads((complete_checkpoints(run)[-1] / "manifest.json").read_text())["step"]
+    log = job.log()
+    assert "dist-tsp: TERM: the workers stopped (exit 75): rerun the same command to resume" in log, job
+    assert "Traceback" not in log and "Killed" not in log and 2 <= stopped_at < STEPS
+    again = Job(cluster, tmp_path, "peer.sh", *args, processes_per_node=1)
+    assert again.wait() == 0, again
+    assert re.search(rf"resuming from \S+ \(step {stopped_at}\)", again.log())
     reference, reference_job = one_node
     assert reference_job.wait() == 0, reference_job
     assert results(run)["students"] == results(reference)["students"]
