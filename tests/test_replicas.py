@@ -1,0 +1,156 @@
+"""Replicas (R > 1): one student on W = 2 gloo ranks (R = 2, one student per rank) trains as one model.
+
+The ranks run the project's StudentTrainer (as a run does, with DDP over the student's replica group) from an init
+file written here. Both replicas hold the same parameters after every step, and the first step's update is the
+one a single process computes from the mean of the two replicas' losses on their own batches (PeerBatches with
+num_replicas=2, replica=0 and 1): the gradients are averaged over the replicas, not summed, not kept apart.
+"""
+
+import json
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_tsp.config import load_config
+from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.models import build_model
+from tests.multiprocess import run_on_ranks
+
+WORLD, STEPS, LR = 2, 4, 0.05
+TEACHER_ARGS = {"depth": 8, "width": 8}
+STUDENT, STUDENT_ARGS = "vgg11_cifar", {"width": 0.125}
+
+
+def config(tmp):
+    """One student with BatchNorm (VGG-11 at 1/8 width: its batch statistics are each replica's own), KD at T=10,
+    plain SGD (no momentum, so that one step's update is -lr times the gradient: a sum of the replicas' gradients
+    would show as twice their mean, where Adam's first step would hide it)."""
+    return load_config(None, [
+        f"output_dir={tmp / 'run'}", "data.batch_size=32", "loss.preset=kd", "loss.temperature=10",
+        f"students=[{{name: solo, model: {STUDENT}, args: {json.dumps(STUDENT_ARGS)}, init: {tmp / 'solo.pt'}}}]",
+        f"train.optimizer={{name: sgd, lr: {LR}, momentum: 0.0}}", f"teacher.checkpoint={tmp / 'teacher.pt'}",
+        f"teacher.args={json.dumps(TEACHER_ARGS)}"])
+
+
+def teacher_model(tmp):
+    model = build_model("resnet_cifar", 10, **TEACHER_ARGS)
+    model.load_state_dict(torch.load(tmp / "teacher.pt", weights_only=True)["model"])
+    return model.eval().requires_grad_(False)
+
+
+def parameters(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _train_replicas(tmp):
+    """On each rank: the trainer's STEPS steps; its parameters after each step and its first batch's indices."""
+    from accelerate import Accelerator
+
+    from dist_tsp.loop import StudentTrainer
+    from dist_tsp.placement import Groups, Placement
+    from dist_tsp.teacher_modes import RunTeacher
+    from dist_tsp.tracking import Tracker
+
+    cfg = config(tmp)
+    accelerator = Accelerator(cpu=True)
+    placement = Placement(world_size=WORLD, rank=dist.get_rank(), num_students=1)
+    assert (placement.replicas, placement.replica_index) == (2, dist.get_rank())
+    groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    data = load_dataset(cfg.data, cfg.seed)
+    normalize = Normalizer(data.mean, data.std, accelerator.device)
+    teacher = RunTeacher(teacher_model(tmp), group=groups.peer, sharded=True, autocast=accelerator.autocast)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, None,
+                             Tracker(cfg, accelerator), threading.Event())
+    (student,) = trainer.students
+    model = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+    after, first = [], None
+    for _, batch in zip(range(STEPS), trainer.batches.epoch(0)):
+        first = batch.indices.clone() if first is None else first
+        trainer.train_step(batch)
+        after.append(parameters(model))
+    return {"after": after, "first_indices": first}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replicas")
+    torch.manual_seed(1)
+    torch.save({"model": build_model("resnet_cifar", 10, **TEACHER_ARGS).state_dict()}, tmp / "teacher.pt")
+    torch.save({"model": build_model(STUDENT, 10, **STUDENT_ARGS).state_dict()}, tmp / "solo.pt")
+    return tmp, run_on_ranks(_train_replicas, WORLD, tmp)
+
+
+def test_the_replicas_train_on_disjoint_batches(replicas):
+    _, ranks = replicas
+    first = [set(r["first_indices"].tolist()) for r in ranks]
+    assert len(first[0]) == len(first[1]) == 32 and not first[0] & first[1]
+
+
+def test_both_replicas_hold_identical_parameters_after_every_step(replicas):
+    tmp, ranks = replicas
+    start = torch.load(tmp / "solo.pt", weights_only=True)["model"]
+    for step in range(STEPS):
+        a, b = ranks[0]["after"][step], ranks[1]["after"][step]
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (step + 1, name)
+    assert any(not torch.equal(ranks[0]["after"][-1][k], start[k]) for k in start if k in ranks[0]["after"][-1])
+
+
+@contextmanager
+def one_thread():
+    """The ranks' thread count (tests/multiprocess.py): the same summation order in the BatchNorm statistics."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kd_loss(logits, labels, teacher_logits, alpha, beta, t):
+    """alpha * CE + beta * T^2 * KL(softmax(teacher/T) || softmax(student/T)), batch mean, written out here."""
+    log_q = logits / t - torch.logsumexp(logits / t, dim=-1, keepdim=True)
+    log_p = teacher_logits / t - torch.logsumexp(teacher_logits / t, dim=-1, keepdim=True)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    return alpha * F.cross_entropy(logits, labels) + beta * t * t * kl
+
+
+def test_first_update_is_sgd_on_the_mean_of_the_two_replicas_losses(replicas):
+    """One process: the init weights, replica 0's and replica 1's first batches, loss = (L_0 + L_1) / 2, backward,
+    p - lr * grad; the distributed parameters after step 1 agree to 1e-5 relative, and their update to 3e-5 of its
+    largest entry."""
+    tmp, ranks = replicas
+    cfg = config(tmp)
+    data = load_dataset(cfg.data, cfg.seed)
+    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
+    start = torch.load(tmp / "solo.pt", weights_only=True)["model"]
+    model = build_model(STUDENT, 10, **STUDENT_ARGS)
+    model.load_state_dict(start)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    teacher = teacher_model(tmp)
+    losses = []
+    with one_thread():
+        for replica in range(WORLD):
+            batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=WORLD, replica=replica,
+                                  seed=cfg.seed, augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
+            batch = next(batches.epoch(0))
+            assert torch.equal(batch.indices, ranks[replica]["first_indices"])
+            with torch.no_grad():
+                teacher_logits = teacher(batch.images)
+            losses.append(kd_loss(model.train()(batch.images), batch.labels, teacher_logits, cfg.loss.alpha,
+                                  cfg.loss.beta, cfg.loss.temperature))
+        (sum(losses) / WORLD).backward()
+    for name, p in model.named_parameters():
+        expected = p.detach() - LR * p.grad
+        got = ranks[0]["after"][0][name]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, msg=f"{name} after step 1")
+        # the update itself, relative to its largest entry: a sum over the replicas would be off by 100 %, one
+        # replica's own gradient by tens of %; rounding through the BatchNorm layers' backward gives about 6e-6
+        update, expected_update = got - start[name], expected - start[name]
+        assert (update - expected_update).abs().max() <= 3e-5 * expected_update.abs().max(), name
