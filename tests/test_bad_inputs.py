@@ -1,6 +1,10 @@
 """Every bad input gets one line naming what is wrong and the fix, before work starts, and touches nothing."""
 
+import os
 import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -9,7 +13,7 @@ import torch
 from dist_tsp.errors import UserError
 from dist_tsp.models import build_model
 from dist_tsp.train import plan
-from tests.runs import ROOT, TINY, launch
+from tests.runs import ENV, ROOT, TINY, command, launch
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -54,6 +58,82 @@ def test_missing_or_broken_config_file_is_rejected(tmp_path):
     (tmp_path / "bad.yaml").write_text("students: [\n")
     with pytest.raises(UserError, match=r"is not valid YAML"):
         plan(["--config", str(tmp_path / "bad.yaml")], 1, 0)
+
+
+@pytest.mark.xfail(strict=True, raises=SystemExit, reason=(
+    "argparse's own errors exit 2 with its usage line and `train.py: error: ...` (two lines, another prefix): "
+    "parse_args in dist_tsp/train.py should raise UserError instead (e.g. an ArgumentParser whose error() does)"))
+def test_unknown_option_is_rejected_in_one_line():
+    with pytest.raises(UserError, match=r"unrecognized arguments: --confg"):
+        plan(["--config", DEMO, "--confg"], 1, 0)
+
+
+# The same cases through the real command, `python dist_tsp/train.py --config ... output_dir=RUN ...`, where RUN is
+# a copy of a run directory that the real command wrote (checkpoint, metrics, config, teacher). A case with world
+# size W runs as torchrun starts rank 0 (RANK, WORLD_SIZE, ...; the check comes before any process group exists);
+# one more runs another rank of the same launch, which exits 2 in silence: the line is said once, by rank 0.
+EXISTING_RUN = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
+# case -> (overrides, world size, rank, expected line or None for no line)
+COMMAND_CASES = {
+    **{" ".join(o) or f"world={w}": (o, w, 0, m) for o, w, m in BEFORE_ANY_PROCESS_GROUP},
+    "world=4 rank 3": ([], 4, 3, None),
+}
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file's bytes, mode and mtime, and every folder's entries, mode and mtime, under `root`."""
+    state = {}
+    for folder, _, files in os.walk(root):
+        stat = os.stat(folder)
+        state[os.path.relpath(folder, root)] = (sorted(os.listdir(folder)), stat.st_mode, stat.st_mtime_ns)
+        for name in files:
+            path = Path(folder, name)
+            stat = path.stat()
+            state[str(path.relative_to(root))] = (path.read_bytes(), stat.st_mode, stat.st_mtime_ns)
+    return state
+
+
+def _run_case(case: str, folder: Path) -> dict:
+    """One case's command against a fresh copy of the existing run: what it printed, and the run before and after."""
+    overrides, world, rank, _ = COMMAND_CASES[case]
+    run = folder / "run"
+    shutil.copytree(EXISTING_RUN, run)
+    argv = command(["--config", DEMO, f"output_dir={run}", *overrides])
+    env = ENV if world == 1 else {**ENV, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                                  "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": "29599", "TORCHELASTIC_RUN_ID": "bad-inputs"}
+    before = snapshot(run)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return {"done": done, "before": before, "after": snapshot(run)}
+
+
+@pytest.fixture(scope="module")
+def commands(request, tmp_path_factory) -> dict:
+    """The selected cases' commands, two at a time (each is about 4.5 CPU seconds of imports)."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_the_command_exits_2_with_one_line_touching_nothing"]
+    tmp = tmp_path_factory.mktemp("commands")
+    with ThreadPoolExecutor(2) as pool:
+        return {case: pool.submit(_run_case, case, tmp / f"case{n}") for n, case in enumerate(selected)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_the_command_exits_2_with_one_line_touching_nothing(commands, case):
+    result = commands[case].result()
+    done, (_, world, rank, message) = result["done"], COMMAND_CASES[case]
+    output = (f"rank {rank} of {world}: exit {done.returncode}\nstdout:\n{done.stdout[-2000:]}\n"
+              f"stderr:\n{done.stderr[-3000:]}")
+    assert done.returncode == 2, output
+    assert done.stdout == "", output
+    if message is None:
+        assert done.stderr == "", output
+    else:
+        assert done.stderr.endswith("\n") and len(done.stderr.splitlines()) == 1, output
+        assert done.stderr.startswith("dist-tsp: error: ") and re.search(message, done.stderr), output
+    before, after = result["before"], result["after"]
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    assert not changed, f"changed in the existing run directory: {changed}"
 
 
 def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10, **args) -> Path:
