@@ -1,11 +1,17 @@
+import itertools
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
+from dist_tsp.placement import Placement
+from dist_tsp.sweep import read_trials
+from dist_tsp.train import parse_args
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def write(tmp_path, text: str) -> Path:
@@ -17,10 +23,84 @@ def write(tmp_path, text: str) -> Path:
 MINIMAL = "students: [{name: a, model: lenet}, {name: b, model: lenet}]\n"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
+ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))  # W&B sweep files
+EXPERIMENTS = sorted(set(CONFIGS.rglob("*.yaml")) - set(ACCELERATE) - set(SWEEPS))
+TRIALS = sorted((ROOT / "slurm").glob("*.txt"))  # slurm/sweep.sh's trials files
+DEMO = CONFIGS / "demo.yaml"
+
+
+def test_the_shipped_files_are_found():  # (an empty list of parameters would only skip the tests below)
+    assert EXPERIMENTS and ACCELERATE and SWEEPS and TRIALS
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_shipped_experiment_config_validates(path):
-    if not {"accelerate", "sweeps"} & set(path.parts):  # accelerate's configs and W&B sweep files are not run configs
-        assert load_config(path).students
+    assert load_config(path).students
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_every_accelerate_config_loads_with_accelerates_loader_and_fits_the_shipped_students(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(path))  # what `accelerate launch --config_file` reads: raises on unknown keys
+    assert isinstance(config, ClusterConfig)  # (not a SageMaker config)
+    options = {action.dest: action for action in launch_command_parser()._actions}
+    for section in ("deepspeed_config", "fsdp_config", "dynamo_config"):  # copied into launch options by name
+        unknown = [key for key in getattr(config, section) if key not in options]
+        assert not unknown, f"{section}: {unknown} are not `accelerate launch` options, so accelerate ignores them"
+    assert config.mixed_precision in options["mixed_precision"].choices
+    assert config.mixed_precision in ("no", "bf16")  # what dist_tsp/train.py accepts
+    assert config.num_processes % config.num_machines == 0
+    for students in {len(load_config(p).students) for p in EXPERIMENTS}:  # every shipped run config fits the world
+        Placement(world_size=config.num_processes, rank=0, num_students=students)
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["zero_stage"] == 3  # teacher.mode=deepspeed refuses any other stage
+
+
+def sweep_points(sweep: dict) -> list[dict]:
+    """Every combination of the sweep's listed parameter values (a W&B grid; a sample of the other methods)."""
+    parameters = sweep["parameters"]
+    choices = [parameters[n]["values"] if "values" in parameters[n] else [parameters[n]["value"]] for n in parameters]
+    return [dict(zip(parameters, values, strict=True)) for values in itertools.product(*choices)]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_sweep_file_gives_valid_configs_logging_its_metric(path):
+    """What the W&B agent passes to the program (its `command`, then each grid point as the agent writes it),
+    read by dist_tsp's own parsers: a misspelt key or a bad value fails here (tests/test_sweep_file.py runs the
+    command itself for tsp_grid.yaml)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = yaml.safe_load(path.read_text())
+    assert sweep["method"] in ("grid", "random", "bayes") and sweep["metric"]["goal"] in ("minimize", "maximize")
+    assert (ROOT / sweep["program"]).is_file()
+    words = shlex.split(" ".join(word for word in sweep["command"] if not word.startswith("${")))
+    start = words.index("--config")  # the program's own arguments: --config FILE key=value ...
+    fixed = words[start:start + 2] + [word for word in words[start + 2:] if "=" in word]
+    points = sweep_points(sweep)
+    assert points
+    for point in points:
+        agent = create_sweep_command_args({"args": {name: {"value": value} for name, value in point.items()}})
+        args = parse_args([*fixed, *agent["args_no_hyphens"]])
+        cfg = load_config(ROOT / args.config, args.overrides)
+        for name, value in point.items():
+            section = cfg.to_dict()
+            for part in name.split("."):  # the point reached its key
+                section = section[part]
+            assert section == value if not isinstance(value, dict) else value.items() <= section.items(), name
+        assert sweep["metric"]["name"] in {f"val/{s}/acc" for s in cfg.student_names}  # a metric the run logs,
+        assert cfg.data.val_fraction > 0  # on a validation split
+
+
+@pytest.mark.parametrize("path", TRIALS, ids=lambda p: p.name)
+def test_every_trials_file_gives_valid_configs(path):
+    trials = read_trials(path)  # dist_tsp.sweep's own reader, as slurm/sweep.sh uses it
+    assert trials
+    for overrides in trials:
+        load_config(DEMO, overrides)
 
 
 def test_overrides_set_nested_keys_with_yaml_types(tmp_path):
