@@ -1,8 +1,9 @@
 """Signals as a cluster sends them, on 3 ranks through dist-tsp-launch: SIGTERM or SIGUSR1 to the workers only, to the
-launcher only, or to the whole process group (Slurm's preemption). Every form ends with a complete checkpoint before
+launcher only, or to every process of the run (Slurm's preemption). Every form ends with a complete checkpoint before
 the launcher returns, exit 75 and one line, within 30 s of the signal even with no log step in sight, and a rerun
 that ends bitwise equal to a run that was never stopped."""
 
+import contextlib
 import json
 import os
 import re
@@ -15,9 +16,13 @@ import time
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from dist_tsp.launch import TERM_GRACE_S
+from dist_tsp.loop import StopVote
+from dist_tsp.placement import Groups, Placement
+from tests.multiprocess import run_on_ranks
 from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
 
 pytestmark = pytest.mark.slow
@@ -38,10 +43,10 @@ def reference(tmp_path_factory):
 class Watched:
     """A dist-tsp-launch run on 3 ranks, its output read as it comes (rank 0's progress bar tells the step)."""
 
-    def __init__(self, run, reference):
+    def __init__(self, run, reference, *overrides: str):
         self.run = run
-        self.process = start([*ARGS, f"output_dir={run}", f"teacher.checkpoint={reference}/teacher/model.pt"],
-                             processes=3, launcher="dist-tsp")
+        self.process = start([*ARGS, f"output_dir={run}", f"teacher.checkpoint={reference}/teacher/model.pt",
+                              *overrides], processes=3, launcher="dist-tsp")
         self.stdout, self.stderr = [], []
         self.readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
                         for lines, stream in ((self.stdout, self.process.stdout), (self.stderr, self.process.stderr))]
@@ -72,13 +77,15 @@ class Watched:
 
 
 def deliver(watched: Watched, form: str, signum: signal.Signals) -> None:
-    if form == "workers":
+    """To the workers, to the launcher, or to all: the launcher's process group (it and torchrun's agent) and every
+    worker, as Slurm does; torchrun starts each worker in a session of its own."""
+    if form == "launcher":
+        watched.process.send_signal(signum)
+    if form == "all":
+        os.killpg(watched.process.pid, signum)
+    if form in ("workers", "all"):
         for pid in watched.workers():
             os.kill(pid, signum)
-    elif form == "launcher":
-        watched.process.send_signal(signum)
-    else:
-        os.killpg(watched.process.pid, signum)
 
 
 def assert_stopped_in_one_line(code: int, stderr: str, step: int) -> None:
@@ -99,19 +106,38 @@ def assert_bitwise_equal(run, reference) -> None:
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("form, signum", [("workers", signal.SIGTERM), ("launcher", signal.SIGUSR1),
-                                          ("group", signal.SIGTERM)])
-def test_a_signal_stops_every_rank_after_the_next_step_with_a_checkpoint_then_the_rerun_ends_bitwise_equal(
-        reference, tmp_path, form, signum):
-    watched = Watched(tmp_path, reference)
-    watched.wait_until(lambda: watched.step() >= 3)
-    at = watched.step()
-    deliver(watched, form, signum)
-    code, took, stderr = watched.wait()
-    stopped_at = read_manifest(complete_checkpoints(tmp_path)[-1])["step"]  # complete when the launcher returned
-    assert watched.workers() == []  # none left to finish it later
-    assert_stopped_in_one_line(code, stderr, stopped_at)
-    assert at < stopped_at <= at + 4 and took < 30, (at, stopped_at, took)
+def _votes(requesting_rank: int) -> tuple[str, list[bool]]:
+    """Four steps' stop votes on this rank; `requesting_rank` is asked to stop in the middle of the second."""
+    placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=3)
+    groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    requested = threading.Event()
+    vote, agreed = StopVote(requested, groups.control), []
+    for step in range(4):
+        vote.start()
+        if step == 1 and dist.get_rank() == requesting_rank:
+            requested.set()
+        agreed.append(vote.result())
+    return dist.get_backend(groups.control), agreed
+
+
+def test_every_rank_agrees_to_stop_after_the_step_that_follows_a_signal_to_one_of_them():
+    assert run_on_ranks(_votes, 3, 2) == [("gloo", [False, False, True, True])] * 3
+
+
+def test_each_form_stops_every_rank_within_30_s_with_a_checkpoint_and_the_reruns_end_bitwise_equal(
+        reference, tmp_path):
+    """One run, stopped three times (each rerun resumes the stop before), then run to its end."""
+    stopped_at = 0
+    for form, signum in (("workers", signal.SIGTERM), ("launcher", signal.SIGUSR1), ("all", signal.SIGTERM)):
+        watched = Watched(tmp_path, reference)
+        watched.wait_until(lambda: watched.step() >= stopped_at + 3)
+        at = watched.step()
+        deliver(watched, form, signum)
+        code, took, stderr = watched.wait()
+        stopped_at = read_manifest(complete_checkpoints(tmp_path)[-1])["step"]  # complete when the launcher returned
+        assert watched.workers() == [], form  # none left to finish it later
+        assert_stopped_in_one_line(code, stderr, stopped_at)
+        assert at < stopped_at < STEPS and took < 30, (form, at, stopped_at, took)
     rerun = launch([*ARGS, f"output_dir={tmp_path}", f"teacher.checkpoint={reference}/teacher/model.pt"],
                    processes=3, launcher="dist-tsp")
     assert f"(step {stopped_at})" in rerun.stdout
@@ -126,6 +152,16 @@ def test_a_signal_before_the_student_phase_stops_it_after_its_first_step(referen
     assert_stopped_in_one_line(code, stderr, 1)
 
 
+def test_a_signal_after_a_nonfinite_loss_between_log_steps_stops_with_exit_3_and_no_checkpoint(reference, tmp_path):
+    watched = Watched(tmp_path, reference, "train.optimizer={name: sgd, lr: 1.0e+12}")
+    watched.wait_until(lambda: watched.step() >= 3)
+    watched.process.send_signal(signal.SIGUSR1)
+    code, _, stderr = watched.wait()
+    assert code == 3, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("dist-tsp: non-finite ") and "Traceback" not in stderr
+    assert complete_checkpoints(tmp_path) == []  # the signal's checkpoint would have kept the damage
+
+
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
 
 
@@ -134,15 +170,31 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
     script.write_text(SLEEPER)
     launcher = psutil.Popen([sys.executable, "-m", "dist_tsp.launch", "--config_file", CPU3, "--num_processes", "2",
                              str(script)], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while len(workers := [p for p in launcher.children(recursive=True) if str(script) in p.cmdline()]) < 2:
-        assert time.monotonic() < deadline and launcher.poll() is None
-        time.sleep(0.1)
-    launcher.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    _, stderr = launcher.communicate(timeout=60)
-    assert TERM_GRACE_S <= time.monotonic() - signalled < 30
-    assert launcher.returncode == 75
-    assert stderr.strip().splitlines()[-1].startswith(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s")
-    assert "Traceback" not in stderr
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(started := processes_running(launcher, script)) < 3:  # the agent and its two workers
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        assert TERM_GRACE_S <= time.monotonic() - signalled < 30
+        assert launcher.returncode == 75
+        assert stderr.strip().splitlines()[-1].startswith(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s")
+        assert "Traceback" not in stderr
+        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:  # torchrun starts every worker in a session of its own
+        for process in (launcher, *started):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def processes_running(launcher: psutil.Popen, script) -> list[psutil.Process]:
+    """The launcher's descendants whose command line names `script`."""
+    found = []
+    for process in launcher.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if str(script) in process.cmdline():
+                found.append(process)
+    return found
