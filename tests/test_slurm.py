@@ -166,6 +166,21 @@ def test_scancel_checkpoints_without_a_requeue_and_the_same_command_resumes(clus
     assert train_rows(run) == train_rows(reference)
 
 
+def test_term_to_the_batch_shell_alone_checkpoints_and_the_job_exits_75(cluster, teacher, tmp_path):
+    run = tmp_path / "run"
+    job = Job(cluster, tmp_path, "peer.sh", *run_args(teacher[0], f"output_dir={run}"), processes_per_node=1)
+    deadline = time.monotonic() + 180
+    while last_step(run) < 2:
+        assert job.process.poll() is None and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    cluster.run("scancel", "--batch", "--signal=TERM", job.id)  # srun, had it been passed TERM, would kill the step
+    assert job.wait() == 75, job
+    stopped_at = json.loads((complete_checkpoints(run)[-1] / "manifest.json").read_text())["step"]
+    log = job.log()
+    assert f"dist-tsp: stopped by a signal at step {stopped_at}; checkpoint written" in log, job
+    assert "Killed" not in log and "restart 1:" not in log
+
+
 def test_one_node_job_writes_complete_results(one_node):
     run, job = one_node
     assert job.wait() == 0, job
