@@ -3,9 +3,10 @@ scheduler stops with SIGTERM or SIGUSR1.
 
 Under plain `accelerate launch`, torchrun's agent turns SIGTERM into a traceback and kills its workers 30 s later
 whatever they are doing, and SIGUSR1 kills it. Here the agent ignores both, and this process passes them on to the
-workers (also when only it was signalled), which stop together after their next step with a checkpoint. A deliberate
-stop (`RunStopped`: that one, or a non-finite loss) reaches this process through a file, so the workers end with 0,
-torchrun reports no failure, and this process prints the stop's one line and exits with its code (75: rerun to resume).
+workers, which torchrun starts in sessions of their own (a signal to the launcher's process group misses them). They
+stop together after their next step with a checkpoint. A deliberate stop (`RunStopped`: that one, or a non-finite loss)
+reaches this process through a file, so the workers end with 0, torchrun reports no failure, and this process prints
+the stop's one line and exits with its code (75: rerun to resume).
 """
 
 from __future__ import annotations
