@@ -9,6 +9,7 @@ a *student group* (one column) holds the R replicas of the same students and ave
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -96,10 +97,12 @@ class Groups:
     control: dist.ProcessGroup | None = None
 
     @classmethod
-    def from_mesh(cls, mesh: DeviceMesh | None) -> Groups:
+    def from_mesh(cls, mesh: DeviceMesh | None, timeout: timedelta | None = None) -> Groups:
+        """Every group from the mesh; `control` with the run's collective `timeout` (torch's default when None)."""
         if mesh is None:
             return cls(peer=None, replica=None, world=None)
         peer = mesh.get_group("peer") if mesh["peer"].size() > 1 else None
         replica = mesh.get_group("replica") if mesh["replica"].size() > 1 else None
-        return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=dist.new_group(backend="gloo"))
+        control = dist.new_group(backend="gloo", timeout=timeout)
+        return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=control)
 

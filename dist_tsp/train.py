@@ -116,7 +116,8 @@ def run_teacher_stage(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     accelerator, data, normalize = start(cfg, trackers=True)
-    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type),
+                              timedelta(seconds=cfg.train.collective_timeout_s))
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume == "off" and (previous := checkpoint.set_aside(cfg.output_dir)):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import psutil
 import pytest
@@ -106,10 +107,14 @@ def assert_bitwise_equal(run, reference) -> None:
     assert results[0] == results[1]
 
 
-def _votes(requesting_rank: int) -> tuple[str, list[bool]]:
-    """Four steps' stop votes on this rank; `requesting_rank` is asked to stop in the middle of the second."""
+VOTE_TIMEOUT_S = 3
+
+
+def _votes(requesting_rank: int) -> tuple[str, list[bool], float | None]:
+    """Four steps' stop votes on this rank, `requesting_rank` asked to stop in the middle of the second; then a fifth
+    vote that rank 2 never casts: after how many seconds the others' raised (None on rank 2)."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=3)
-    groups = Groups.from_mesh(placement.build_mesh("cpu"))
+    groups = Groups.from_mesh(placement.build_mesh("cpu"), timedelta(seconds=VOTE_TIMEOUT_S))
     requested = threading.Event()
     vote, agreed = StopVote(requested, groups.control), []
     for step in range(4):
@@ -117,11 +122,30 @@ def _votes(requesting_rank: int) -> tuple[str, list[bool]]:
         if step == 1 and dist.get_rank() == requesting_rank:
             requested.set()
         agreed.append(vote.result())
-    return dist.get_backend(groups.control), agreed
+    if dist.get_rank() == 2:
+        time.sleep(VOTE_TIMEOUT_S + 5)  # alive and silent, as a stuck rank
+        return dist.get_backend(groups.control), agreed, None
+    vote.start()
+    started = time.monotonic()
+    try:
+        vote.result()
+    except RuntimeError:
+        return dist.get_backend(groups.control), agreed, time.monotonic() - started
+    return dist.get_backend(groups.control), agreed, None
 
 
-def test_every_rank_agrees_to_stop_after_the_step_that_follows_a_signal_to_one_of_them():
-    assert run_on_ranks(_votes, 3, 2) == [("gloo", [False, False, True, True])] * 3
+@pytest.fixture(scope="module")
+def votes():
+    return run_on_ranks(_votes, 3, 2)
+
+
+def test_every_rank_agrees_to_stop_after_the_step_that_follows_a_signal_to_one_of_them(votes):
+    assert [(backend, agreed) for backend, agreed, _ in votes] == [("gloo", [False, False, True, True])] * 3
+
+
+def test_a_rank_that_stops_voting_makes_the_others_raise_after_the_collective_timeout(votes):
+    raised_after = [seconds for _, _, seconds in votes[:2]]
+    assert all(seconds is not None and VOTE_TIMEOUT_S - 0.5 < seconds < VOTE_TIMEOUT_S + 3 for seconds in raised_after)
 
 
 def test_each_form_stops_every_rank_within_30_s_with_a_checkpoint_and_the_reruns_end_bitwise_equal(
