@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queues
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+POLL_S = 0.2  # how often the parent looks at the ranks while it waits for their results
+FAILURE_GRACE_S = 5.0  # after a rank raised, the others' time to report too (they may wait for it in a collective)
 
 
 def free_port() -> int:
@@ -21,28 +26,67 @@ def free_port() -> int:
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
-    """Call `fn(*args)` on `world_size` spawned processes joined in a gloo group; results by rank."""
+    """Call `fn(*args)` on `world_size` spawned processes joined in a gloo group; results by rank.
+
+    Raises AssertionError, after killing the ranks still running, when a rank raised (with its traceback), exited
+    without a result (with its exit code), or when the ranks have not all given their result within `timeout` s."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, queue, args)) for rank in range(world_size)]
     for p in procs:
         p.start()
+    finished = False
+    try:
+        results, failures, problem = _collect(procs, queue, timeout)
+        finished = not failures and not problem
+    finally:
+        for p in procs:
+            if finished:
+                p.join(30)  # every rank gave its result: let it leave its process group
+            if p.is_alive():
+                p.kill()
+            p.join()
+        queue.close()
+    if not finished:
+        raise AssertionError("\n".join([*(f"rank {r}:\n{value}" for r, value in sorted(failures.items())),
+                                        *([problem] if problem else [])]))
+    return [results[r] for r in range(world_size)]
+
+
+def _collect(procs: list, queue, timeout: float) -> tuple[dict[int, Any], dict[int, str], str | None]:
+    """Wait for every rank's result; stop at once when a rank dies without one, FAILURE_GRACE_S after a rank
+    raised, or after `timeout` s. Returns the results, the tracebacks and what went wrong otherwise."""
     results: dict[int, Any] = {}
-    failures = []
-    for _ in procs:
-        rank, ok, value = queue.get()
+    failures: dict[int, str] = {}
+    start = time.monotonic()
+    first_failure = None
+    seen_dead: set[int] = set()
+    while len(results) + len(failures) < len(procs):
+        try:
+            rank, ok, value = queue.get(timeout=POLL_S)
+        except queues.Empty:
+            missing = [r for r in range(len(procs)) if r not in results and r not in failures]
+            # A rank flushes what it sent before it exits, so one seen dead a whole poll ago sent nothing.
+            if silent := [r for r in missing if r in seen_dead]:
+                alive = [r for r in missing if r not in silent]
+                return results, failures, "; ".join(
+                    [*(f"rank {r} exited with code {procs[r].exitcode} without a result" for r in silent),
+                     *([f"ranks {alive} were still running: killed"] if alive else [])])
+            seen_dead = {r for r in missing if procs[r].exitcode is not None}
+            now = time.monotonic()
+            if first_failure is not None and now - first_failure > FAILURE_GRACE_S:
+                return results, failures, (f"ranks {missing} gave no result {FAILURE_GRACE_S:g} s after rank "
+                                           f"{min(failures)} raised: killed (waiting for it in a collective?)")
+            if now - start > timeout:
+                return results, failures, (f"ranks {missing} gave no result within {timeout:g} s: killed (hung?)")
+            continue
         if ok:
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
-            failures.append(f"rank {rank}:\n{value}")
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    if failures:
-        raise AssertionError("\n".join(failures))
-    return [results[r] for r in range(world_size)]
+            failures[rank] = value
+            first_failure = first_failure or time.monotonic()
+    return results, failures, None
 
 
 def _entry(fn, rank: int, world_size: int, port: int, queue, args) -> None:
