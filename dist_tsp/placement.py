@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dist_tsp.errors import UserError
@@ -76,14 +77,24 @@ class Placement:
     def student_group_ranks(self, peer_rank: int) -> list[int]:
         return list(range(peer_rank, self.world_size, self.peer_group_size))
 
-    def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """Create every subgroup once, on every rank, in the same order (None when single-process)."""
+    def build_mesh(self, device_type: str, timeout: timedelta | None = None) -> DeviceMesh | None:
+        """Create every subgroup once, on every rank, in the same order (None when single-process); their
+        collectives raise after `timeout` (torch's default, 30 min, when None: a new group does not inherit the
+        world group's)."""
         if self.world_size == 1:
             return None
         assert dist.get_world_size() == self.world_size, "placement built for another world size"
-        return init_device_mesh(
-            device_type, (self.replicas, self.peer_group_size), mesh_dim_names=("replica", "peer")
-        )
+        names = ("replica", "peer")
+        override = None if timeout is None else {name: _backend_options(device_type, timeout) for name in names}
+        return init_device_mesh(device_type, (self.replicas, self.peer_group_size), mesh_dim_names=names,
+                                backend_override=override)
+
+
+def _backend_options(device_type: str, timeout: timedelta) -> C10dBackend.Options:
+    """Options for a new group of the device's backend (NCCL on CUDA, gloo otherwise) with `timeout`."""
+    options = dist.ProcessGroupNCCL.Options() if device_type == "cuda" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -31,8 +32,15 @@ from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """An unknown or malformed option is a UserError: one line, exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}: see --help")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = _ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
     parser.add_argument("--teacher-only", action="store_true",
                         help="the teacher stage alone: train (or load) and evaluate the teacher, save it to "
@@ -116,8 +124,8 @@ def run_teacher_stage(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     accelerator, data, normalize = start(cfg, trackers=True)
-    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type),
-                              timedelta(seconds=cfg.train.collective_timeout_s))
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume == "off" and (previous := checkpoint.set_aside(cfg.output_dir)):
@@ -164,15 +172,25 @@ def main(argv: list[str] | None = None) -> None:
             with stop_on_signals() as stop_requested:
                 run(cfg, placement, stop_requested)
     except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
-        where = f" (rank {rank})" if world_size > 1 else ""
-        print(f"dist-tsp: error{where}: {error}", file=sys.stderr)
+        print(f"dist-tsp: error{_where(rank, world_size)}: {error}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
+        if "timed out" not in str(error).lower():
+            raise
+        print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than "
+              f"train.collective_timeout_s={cfg.train.collective_timeout_s:g} s: another rank is stuck or gone "
+              "(its own error, if any, is above)", file=sys.stderr)
+        sys.exit(1)
     except RunStopped as stopped:
         if hand_over(stopped):
             return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
         if rank == 0:
             print(f"dist-tsp: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+
+
+def _where(rank: int, world_size: int) -> str:
+    return f" (rank {rank})" if world_size > 1 else ""
 
 
 if __name__ == "__main__":

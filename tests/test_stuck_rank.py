@@ -116,8 +116,6 @@ def test_each_other_rank_says_it_timed_out_and_after_how_long(stuck_run):
         assert any(named.search(line) for line in lines), (rank, stderr[-3000:])
 
 
-@pytest.mark.xfail(strict=True, reason="dist_tsp/train.py prints a collective timeout as a traceback of gloo's "
-                                       "message; it should say one line naming train.collective_timeout_s")
 def test_the_error_is_one_line_naming_train_collective_timeout_s(stuck_run):
     """What it should be, as other errors are: `dist-tsp: error (rank R): ...`, naming the key and its value."""
     stderr = stuck_run["stderr"]
@@ -127,8 +125,6 @@ def test_the_error_is_one_line_naming_train_collective_timeout_s(stuck_run):
     assert any("train.collective_timeout_s" in line and value.search(line) for line in ours), stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="the peer and replica groups of a layout with replicas (mesh subgroups) and the "
-                                       "stop vote's control group are created without a timeout: torch's 30 min")
 def test_with_replicas_every_other_rank_exits_non_zero_within_the_collective_timeout(tmp_path):
     """4 ranks, 2 students on 2 replicas each: the peer all-gather and the gradient all-reduce are over subgroups.
     Metrics are reduced over all ranks only at the epoch end here (train.log_every=1000), so that no collective over
