@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,23 @@ TINY = [
 ]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONPATH: the launched runs import this checkout's dist_tsp, whichever one pip installed.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The launched runs' and the test ranks' thread count (one), so that a computation here adds in their order:
+    train-mode BatchNorm turns the last bits of another summation order into 1e-4 relative differences."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 LAUNCHERS = {"accelerate": "accelerate.commands.launch", "dist-tsp": "dist_tsp.launch"}
 
 

@@ -9,7 +9,6 @@ KL written out by hand, so a weighting or scaling bug anywhere between the batch
 
 import copy
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 from dist_tsp.config import load_config
 from dist_tsp.data import Normalizer, PeerBatches, load_dataset
 from dist_tsp.models import build_model
-from tests.runs import launch, student_state
+from tests.runs import launch, one_thread, student_state
 
 pytestmark = pytest.mark.slow
 
@@ -97,19 +96,6 @@ def ce64(logits, labels):
     return -log_softmax64(logits)[torch.arange(len(labels)), labels].mean().item()
 
 
-@contextmanager
-def like_the_run(cfg):
-    """One thread (tests/runs.py launches with OMP_NUM_THREADS=1), so that the students' forwards here add in the
-    run's order: train-mode BatchNorm over a deep student turns the last bits of a different summation order into
-    1e-4 relative differences of the logits (more in the channels-last layout, train.channels_last)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def by_hand(first_step):
     """Every student's ce, kd, peer, loss and acc at step 1, recomputed from the run's config, the batch stream,
@@ -120,7 +106,7 @@ def by_hand(first_step):
     teacher = build_model(cfg.teacher.model, 10, **cfg.teacher.args)
     teacher.load_state_dict(torch.load(cfg.teacher.checkpoint, weights_only=True)["model"])
     logits = {}
-    with torch.no_grad(), like_the_run(cfg):
+    with torch.no_grad(), one_thread():
         teacher_logits = teacher.eval()(batch.images)
         for spec in cfg.students:
             model = build_model(spec.model, 10, **spec.args)

@@ -8,7 +8,6 @@ num_replicas=2, replica=0 and 1): the gradients are averaged over the replicas, 
 
 import json
 import threading
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from dist_tsp.config import load_config
 from dist_tsp.data import Normalizer, PeerBatches, load_dataset
 from dist_tsp.models import build_model
 from tests.multiprocess import run_on_ranks
+from tests.runs import one_thread
 
 WORLD, STEPS, LR = 2, 4, 0.05
 TEACHER_ARGS = {"depth": 8, "width": 8}
@@ -99,17 +99,6 @@ def test_both_replicas_hold_identical_parameters_after_every_step(replicas):
         for name in a:
             assert torch.equal(a[name], b[name]), (step + 1, name)
     assert any(not torch.equal(ranks[0]["after"][-1][k], start[k]) for k in start if k in ranks[0]["after"][-1])
-
-
-@contextmanager
-def one_thread():
-    """The ranks' thread count (tests/multiprocess.py): the same summation order in the BatchNorm statistics."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def kd_loss(logits, labels, teacher_logits, alpha, beta, t):

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load
+from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load, read_manifest
 from dist_tsp.errors import UserError
 from dist_tsp.train import plan
 from tests.runs import TINY, last_step, launch, start, student_state, train_rows
@@ -92,12 +93,16 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(uninterrupted, tmp_
 
 def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_path):
     args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=30",
-            "train.optimizer={name: sgd, lr: 1.0e+12}", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+            "train.checkpoint_every=1", "train.optimizer={name: sgd, lr: 1.0e+12}",
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
     done = launch(args, check=False)
     assert done.returncode == 3, done.stderr[-2000:]
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("dist-tsp: non-finite ") and " loss for student " in message and " at step " in message
-    assert not complete_checkpoints(tmp_path) or "is kept" in message
+    found = re.fullmatch(r"dist-tsp: non-finite \S+ loss for student \S+ at step (\d+): stopping; the last good "
+                         r"checkpoint (\S+) is kept \(.*\)", message)
+    assert found, message
+    kept = complete_checkpoints(tmp_path)  # one per step before the blow-up, none at or after it
+    assert kept and str(kept[-1]) == found[2] and read_manifest(kept[-1])["step"] == int(found[1]) - 1, message
 
 
 def test_truncated_checkpoint_is_reported_in_one_line(uninterrupted, tmp_path):

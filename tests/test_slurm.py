@@ -114,13 +114,20 @@ def one_node(cluster, teacher, tmp_path_factory):
                               processes_per_node=1)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(cluster, teacher, one_node, tmp_path):
+def peer_job_at_step_2(cluster, teacher, tmp_path) -> tuple[Path, list[str], Job, float]:
+    """A one-process-per-node peer.sh job once it has logged step 2: its run, its arguments, the job, a deadline."""
     run = tmp_path / "run"
-    job = Job(cluster, tmp_path, "peer.sh", *run_args(teacher[0], f"output_dir={run}"), processes_per_node=1)
+    args = run_args(teacher[0], f"output_dir={run}")
+    job = Job(cluster, tmp_path, "peer.sh", *args, processes_per_node=1)
     deadline = time.monotonic() + 180
     while last_step(run) < 2:
         assert job.process.poll() is None and time.monotonic() < deadline, job
         time.sleep(0.1)
+    return run, args, job, deadline
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(cluster, teacher, one_node, tmp_path):
+    run, _, job, deadline = peer_job_at_step_2(cluster, teacher, tmp_path)
     cluster.run("scancel", "--batch", "--signal=USR1", job.id)  # what #SBATCH --signal=B:USR1@N sends
     requeued = job.state_when(lambda state: state["JobState"] not in ("RUNNING", "COMPLETING"))
     assert (requeued["JobState"], requeued["Restarts"]) == ("PENDING", "1"), job
@@ -140,13 +147,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(clus
 
 
 def test_scancel_checkpoints_without_a_requeue_and_the_same_command_resumes(cluster, teacher, one_node, tmp_path):
-    run = tmp_path / "run"
-    args = run_args(teacher[0], f"output_dir={run}")
-    job = Job(cluster, tmp_path, "peer.sh", *args, processes_per_node=1)
-    deadline = time.monotonic() + 180
-    while last_step(run) < 2:
-        assert job.process.poll() is None and time.monotonic() < deadline, job
-        time.sleep(0.1)
+    run, args, job, deadline = peer_job_at_step_2(cluster, teacher, tmp_path)
     cluster.run("scancel", job.id)  # as preemption does: SIGTERM to the batch shell and every step, SIGKILL later
     job.wait()  # as soon as the job is cancelled, with 0: its processes are still stopping
     while job_processes(job.id):
@@ -167,12 +168,7 @@ def test_scancel_checkpoints_without_a_requeue_and_the_same_command_resumes(clus
 
 
 def test_term_to_the_batch_shell_alone_checkpoints_and_the_job_exits_75(cluster, teacher, tmp_path):
-    run = tmp_path / "run"
-    job = Job(cluster, tmp_path, "peer.sh", *run_args(teacher[0], f"output_dir={run}"), processes_per_node=1)
-    deadline = time.monotonic() + 180
-    while last_step(run) < 2:
-        assert job.process.poll() is None and time.monotonic() < deadline, job
-        time.sleep(0.1)
+    run, _, job, _ = peer_job_at_step_2(cluster, teacher, tmp_path)
     cluster.run("scancel", "--batch", "--signal=TERM", job.id)  # srun, had it been passed TERM, would kill the step
     assert job.wait() == 75, job
     stopped_at = json.loads((complete_checkpoints(run)[-1] / "manifest.json").read_text())["step"]
