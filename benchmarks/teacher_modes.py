@@ -90,6 +90,7 @@ def worker(args: argparse.Namespace) -> None:
         del model, source
     if accelerator.is_main_process:
         (args.work_dir / f"W{world}.json").write_text(json.dumps(rows))
+    accelerator.end_training()  # ends the process groups: gloo may abort at exit with groups still open
 
 
 def synchronize(device) -> None:

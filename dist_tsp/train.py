@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than "
               f"train.collective_timeout_s={cfg.train.collective_timeout_s:g} s: another rank is stuck or gone "
-              "(its own error, if any, is above)", file=sys.stderr)
-        sys.exit(1)
+              "(its own error, if any, is above)", file=sys.stderr, flush=True)
+        os._exit(1)  # its groups hold work that can never complete: their destructors would abort (SIGABRT)
     except RunStopped as stopped:
         if hand_over(stopped):
             return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
