@@ -3,10 +3,12 @@ dist-tsp-launch (`launcher="dist-tsp"`)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,15 @@ def command(args: list[str], processes: int | None = None, accelerate_config: st
             "--num_processes", str(processes), TRAIN, *args]
 
 
-def start(args: list[str], processes: int | None = None, launcher: str = "accelerate") -> subprocess.Popen:
-    """Start a run in its own process group (so a test can signal or kill all of it)."""
-    return subprocess.Popen(command(args, processes, launcher=launcher), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+def start(args: list[str], processes: int | None = None, launcher: str = "accelerate",
+          pause_after_checkpoint: Path | None = None) -> subprocess.Popen:
+    """Start a run in its own process group. With `pause_after_checkpoint` (a checkpoint directory), the process
+    that completes that checkpoint stops itself right after (tests/pause_after_checkpoint)."""
+    env = ENV
+    if pause_after_checkpoint is not None:
+        env = {**ENV, "PAUSE_AFTER_CHECKPOINT": str(pause_after_checkpoint),
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_after_checkpoint"), ENV["PYTHONPATH"]])}
+    return subprocess.Popen(command(args, processes, launcher=launcher), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -78,17 +86,47 @@ def last_step(run: Path) -> int:
     return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
 
 
-def rank_pid(run: Path, rank: int) -> int | None:
-    """The worker process with RANK=<rank> training into `run`."""
+def worker_pids(run: Path) -> dict[int, int]:
+    """{rank: pid} of the worker processes training into `run`."""
+    pids = {}
     for proc in Path("/proc").iterdir():
         try:
             if not proc.name.isdigit() or str(run).encode() not in (proc / "cmdline").read_bytes():
                 continue
-            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                return int(proc.name)
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-    return None
+        ranks = [int(v.split(b"=", 1)[1]) for v in environ if v.startswith(b"RANK=")]
+        if ranks:
+            pids[ranks[0]] = int(proc.name)
+    return pids
+
+
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The worker process with RANK=<rank> training into `run`."""
+    return worker_pids(run).get(rank)
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): its state in /proc/PID/stat is T."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def kill_run(process: subprocess.Popen, run: Path, timeout: float = 60) -> None:
+    """SIGKILL a launched run: the launcher's process group and every worker, which torchrun starts in sessions of
+    their own (a signal to the launcher's group misses them); return once none is left."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + timeout
+    while pids := list(worker_pids(run).values()):
+        assert time.monotonic() < deadline, f"workers {pids} outlived SIGKILL"
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def student_state(run: Path, step: int, name: str) -> dict:

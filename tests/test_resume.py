@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load, read_manifest
+from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load, read_manifest, step_dir
 from dist_tsp.errors import UserError
 from dist_tsp.train import plan
-from tests.runs import TINY, last_step, launch, start, student_state, train_rows
+from tests.runs import TINY, is_stopped, kill_run, last_step, launch, rank_pid, start, student_state, train_rows
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -43,8 +43,7 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
     kill_at = random.Random().randint(3, 9)
     process = start(args, processes=3)
     wait_for_step(tmp_path, process, kill_at)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_run(process, tmp_path)
     assert last_step(tmp_path) < 12
     done = launch(args, processes=3)
     assert "resuming from" in done.stdout
@@ -54,6 +53,58 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
         assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert train_rows(tmp_path) == train_rows(uninterrupted), f"killed at step {kill_at}"
     results = [json.loads((r / "results.json").read_text())["students"] for r in (uninterrupted, tmp_path)]
+    assert results[0] == results[1]
+
+
+STEPS_PER_EPOCH = 8
+LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on every replica), the kill
+    "2 students per rank, all killed after the epoch's last step": (
+        "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
+        " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}, {name: lenet2, model: lenet}]",
+        2, 256, STEPS_PER_EPOCH, "group"),
+    "2 replicas, one rank killed after a checkpoint step inside the epoch": (
+        "[{name: lenet, model: lenet}, {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
+        4, 512, 4, "rank 3"),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tmp_path, layout):
+    """K = 2 students per rank or R = 2 replicas, logging every 3 steps, a checkpoint every 4: SIGKILL to every
+    process or to one rank right after a checkpoint (the main process pauses once it is complete); the rerun
+    resumes from it and ends as if never killed."""
+    students, processes, images, kill_after, victim = LAYOUTS[layout]
+    args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
+            "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
+            "train.log_every=3", "train.optimizer.schedule=cosine", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
+    launch([*args, f"output_dir={reference}"], processes=processes)
+    args.append(f"output_dir={run}")
+    process = start(args, processes=processes, pause_after_checkpoint=step_dir(run, kill_after))
+    deadline = time.monotonic() + 300
+    while not is_stopped(main := rank_pid(run, 0) or 0):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"checkpoint {kill_after} not reached in 300 s"
+        time.sleep(0.05)
+    if victim == "group":
+        kill_run(process, run)
+    else:
+        os.kill(rank_pid(run, int(victim.split()[1])), signal.SIGKILL)
+        os.kill(main, signal.SIGCONT)  # it finds a rank gone at the next step's collectives
+        assert process.wait(timeout=120) != 0
+    assert [read_manifest(d)["step"] for d in complete_checkpoints(run)][-1] == kill_after
+    done = launch(args, processes=processes)
+    assert f"(step {kill_after})" in done.stdout, done.stdout[-2000:]
+    for name in re.findall(r"name: (\w+)", students):
+        a, b = (student_state(r, 2 * STEPS_PER_EPOCH, name) for r in (reference, run))
+        assert a["model"].keys() == b["model"].keys(), name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys(), name
+        for key, state in a["optimizer"]["state"].items():
+            assert all(torch.equal(v, b["optimizer"]["state"][key][s]) for s, v in state.items()), name
+    assert [r["step"] for r in train_rows(run)] == [3, 4, 6, 8, 9, 12, 15, 16]
+    assert train_rows(run) == train_rows(reference)
+    results = [json.loads((r / "results.json").read_text())["students"] for r in (reference, run)]
     assert results[0] == results[1]
 
 
