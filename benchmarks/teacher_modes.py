@@ -45,6 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     from dist_tsp.models import build_model
     from dist_tsp.placement import Groups, Placement
     from dist_tsp.teacher import prepare_teacher, teacher_logits
+    from dist_tsp.teacher_modes import gathered_logits
     from dist_tsp.train import start
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -69,18 +70,18 @@ def worker(args: argparse.Namespace) -> None:
     for mode in args.modes:
         cfg = config(mode)
         model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
-        source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
+        source = teacher_logits(cfg, model, info, data, normalize, accelerator)
         started = time.perf_counter()
         source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes
         one_off = time.perf_counter() - started
         indices = torch.arange(args.batch)
         batch = Batch(normalize(data.train.images[indices.to(accelerator.device)]), data.train.labels[indices], indices)
         for _ in range(3):
-            source(batch)
+            gathered_logits(source, batch, groups.peer)
         synchronize(accelerator.device)
         started = time.perf_counter()
         for _ in range(args.steps):
-            source(batch)
+            gathered_logits(source, batch, groups.peer)
         synchronize(accelerator.device)
         step_ms = torch.tensor([1000 * (time.perf_counter() - started) / args.steps], device=accelerator.device)
         if world > 1:

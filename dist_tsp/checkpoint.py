@@ -174,7 +174,7 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> 
 
     Refuses, with the differences, a checkpoint of another run: other students or replica count
     (always), other settings or another teacher file (unless resume=force). The teacher is compared
-    only when `teacher_sha` is given and the teacher is used (beta > 0).
+    only when `teacher_sha` is given (by a run whose students learn from the teacher).
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
@@ -183,7 +183,7 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> 
     saved = {"students": manifest.get("students"), "replicas": manifest.get("replicas"),
              "config": manifest.get("config")}
     current = {"students": cfg.student_names, "replicas": replicas, "config": cfg.identity()}
-    if teacher_sha is not None and cfg.loss.beta > 0:
+    if teacher_sha is not None:
         saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")
         current["teacher_sha256"] = teacher_sha
     differ = differences(saved, current)

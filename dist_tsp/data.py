@@ -273,7 +273,8 @@ class Views(NamedTuple):
     flips: torch.Tensor | None
 
 
-def eval_batches(data: ImageSet, batch_size: int, normalize: Normalizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(data: ImageSet, batch_size: int, normalize: Normalizer) -> Iterator[Batch]:
     """The whole set in order, unaugmented."""
     for start in range(0, len(data), batch_size):
-        yield normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]
+        end = min(start + batch_size, len(data))
+        yield Batch(normalize(data.images[start:end]), data.labels[start:end], torch.arange(start, end))

@@ -19,7 +19,8 @@ def predict(models: list[nn.Module], data: ImageSet, *, shard: int, num_shards: 
     for m in models:
         m.eval()
     start = shard
-    for images, _ in eval_batches(part, batch_size, normalize):
+    for batch in eval_batches(part, batch_size, normalize):
+        images = batch.images
         columns = slice(start, start + num_shards * len(images), num_shards)
         with autocast():
             for k, model in enumerate(models):

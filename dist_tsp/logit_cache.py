@@ -24,7 +24,7 @@ from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, PeerBatches
 from dist_tsp.exchange import all_reduce, world_group
-from dist_tsp.teacher_modes import RunTeacher
+from dist_tsp.teacher_modes import RunTeacher, gathered_logits
 
 
 def cache_key(cfg: RunConfig, teacher_sha256: str, batches: PeerBatches, mixed_precision: str) -> dict:
@@ -39,7 +39,8 @@ def cache_key(cfg: RunConfig, teacher_sha256: str, batches: PeerBatches, mixed_p
 
 
 class CachedLogits:
-    """Per step, the cached rows of the batch's samples for the current epoch."""
+    """Per step, the cached rows of the batch's samples for the current epoch: nothing to add to the step's
+    all-gather."""
 
     def __init__(self, folder: Path, key: dict, teacher: RunTeacher, views: PeerBatches, *, batch_size: int,
                  device: torch.device, writer: bool, verbose: bool) -> None:
@@ -71,7 +72,10 @@ class CachedLogits:
             self.computed.append(epoch)
         self.current = np.load(path, mmap_mode="r")
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def contribution(self, batch: Batch, group: dist.ProcessGroup | None) -> None:
+        """Every rank reads the rows itself."""
+
+    def logits(self, batch: Batch, gathered: None) -> torch.Tensor:
         rows = self.current[batch.indices.numpy()]
         return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
@@ -80,12 +84,16 @@ class CachedLogits:
         size = len(self.views.data)
         indices = torch.arange(size, device=self.views.data.images.device)
         chunks = range(0, size, self.batch_size)
-        logits = [self.teacher.logits(self.views.view(indices[i : i + self.batch_size], views)).float().cpu()
+        logits = [gathered_logits(self.teacher, self._batch(indices[i : i + self.batch_size], views),
+                                  world_group()).float().cpu()
                   for i in tqdm(chunks, desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
         if self.writer:
             self._write(torch.cat(logits).numpy(), path)
         if world_group() is not None:
             dist.barrier()
+
+    def _batch(self, indices: torch.Tensor, views: torch.Tensor) -> Batch:
+        return Batch(self.views.view(indices, views), self.views.data.labels[indices], indices.cpu())
 
     def _write(self, logits: np.ndarray, path: Path) -> None:
         """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""

@@ -189,7 +189,7 @@ def student_overrides(students: list[dict]) -> str:
 
 def final_student_file(run: Path, name: str) -> Path:
     """The student's weights at the end of a finished run (its last checkpoint)."""
-    return checkpoint.complete_checkpoints(run)[-1] / "students" / f"{name}.pt"
+    return checkpoint.student_file(checkpoint.complete_checkpoints(run)[-1], name)
 
 
 def execute(protocol: Protocol, out: Path) -> dict[str, Path]:

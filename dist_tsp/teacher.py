@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
@@ -19,7 +18,14 @@ from dist_tsp.exchange import all_gather_cat, world_group
 from dist_tsp.logit_cache import CachedLogits, cache_key
 from dist_tsp.models import build_model, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
-from dist_tsp.teacher_modes import PARAMETER_SHARDED, RunTeacher, TeacherLogits, local_parameter_bytes, shard_parameters
+from dist_tsp.teacher_modes import (
+    PARAMETER_SHARDED,
+    RunTeacher,
+    TeacherLogits,
+    gathered_logits,
+    local_parameter_bytes,
+    shard_parameters,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +81,9 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     if sharded_later:
         model.to(memory_format=torch.contiguous_format)
         model = shard_parameters(model, cfg.teacher.mode, accelerator.device)
-    on_all_ranks = RunTeacher(model, group=world_group(), sharded=True, autocast=accelerator.autocast)
     per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world_group())
-    predicted = _predictions(on_all_ranks, data.test, cfg.data.eval_batch_size, normalize)
+    sharded = RunTeacher(model, sharded=True, autocast=accelerator.autocast)
+    predicted = _predictions(sharded, data.test, cfg.data.eval_batch_size, normalize)
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
                        test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
                        parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
@@ -86,21 +92,21 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
 
 def _predictions(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> torch.Tensor:
     """The predicted class of every test sample, each batch split over all ranks (same forwards on every rank)."""
-    return torch.cat([teacher.logits(images).argmax(-1) for images, _ in eval_batches(test, batch_size, normalize)])
+    return torch.cat([gathered_logits(teacher, batch, world_group()).argmax(-1)
+                      for batch in eval_batches(test, batch_size, normalize)])
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, normalize: Normalizer,
-                   peer_group: dist.ProcessGroup | None, accelerator: Accelerator) -> TeacherLogits:
+                   accelerator: Accelerator) -> TeacherLogits:
     """The configured mode's per-step source of teacher logits."""
     if cfg.teacher.mode != "cached":
-        return RunTeacher(model, group=peer_group, sharded=cfg.teacher.mode != "replicated",
-                          autocast=accelerator.autocast)
+        return RunTeacher(model, sharded=cfg.teacher.mode != "replicated", autocast=accelerator.autocast)
     views = PeerBatches(data.train, batch_size=1, num_replicas=1, replica=0, seed=cfg.seed,
                         augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
         cache_key(cfg, info.sha256, views, accelerator.mixed_precision),
-        teacher=RunTeacher(model, group=world_group(), sharded=True, autocast=accelerator.autocast), views=views,
+        teacher=RunTeacher(model, sharded=True, autocast=accelerator.autocast), views=views,
         batch_size=cfg.data.eval_batch_size, device=accelerator.device,
         writer=accelerator.is_local_main_process, verbose=accelerator.is_main_process)
 

@@ -1,7 +1,7 @@
 """How a step gets the frozen teacher's logits for its peer group's batch, in each `teacher.mode`.
 
 - replicated: every rank runs the teacher on the whole batch.
-- sharded: each of the G peer ranks runs 1/G of the batch; one all-gather assembles [B, C].
+- sharded: each of the G peer ranks runs 1/G of the batch; the step's all-gather assembles [B, C].
 - fsdp / deepspeed: sharded as above, and the teacher's parameters are also split 1/W over all
   ranks (FSDP2 `fully_shard`, or DeepSpeed ZeRO stage 3), gathered layer by layer in the forward.
 - cached: read from a logit cache built once per epoch (dist_tsp/logit_cache.py).
@@ -26,61 +26,62 @@ PARAMETER_SHARDED = ("fsdp", "deepspeed")
 
 
 class TeacherLogits(Protocol):
-    """The teacher's logits [B, C] for a batch every rank of the peer group holds."""
+    """The teacher's logits [B, C] for a batch that every rank of a group holds, in two calls around the step's
+    all-gather over that group: what this rank adds to it (`contribution`, possibly nothing), then the batch's
+    logits from what the all-gather brought back (`logits`)."""
 
     def start_epoch(self, epoch: int) -> None: ...
 
-    def __call__(self, batch: Batch) -> torch.Tensor: ...
+    def contribution(self, batch: Batch, group: dist.ProcessGroup | None) -> torch.Tensor | None: ...
+
+    def logits(self, batch: Batch, gathered: torch.Tensor | None) -> torch.Tensor: ...
 
     def summary(self) -> dict: ...
 
 
+def gathered_logits(teacher: TeacherLogits, batch: Batch, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The batch's logits outside a training step: the contribution's own all-gather between the two calls."""
+    mine = teacher.contribution(batch, group)
+    return teacher.logits(batch, None if mine is None else all_gather_cat(mine, group))
+
+
 class RunTeacher:
-    """Run the teacher every step: on the whole batch, or on this rank's 1/G slice of it and all-gather.
+    """Run the teacher every step: on the whole batch (replicated), or on this rank's 1/G slice of it, the slices
+    joined by the all-gather (sharded, when the group has G > 1 ranks)."""
 
-    A step with a peer exchange calls `local_logits` and `assemble` instead of `__call__`, so that the slices
-    travel in the peer all-gather rather than in a collective of their own (`gathers_slices`).
-    """
-
-    def __init__(self, teacher: nn.Module, *, group: dist.ProcessGroup | None, sharded: bool, autocast) -> None:
-        self.teacher, self.group, self.autocast = teacher, group, autocast
-        self.gathers_slices = sharded and group_size(group) > 1
-        self.rank = dist.get_rank(group) if self.gathers_slices else 0
+    def __init__(self, teacher: nn.Module, *, sharded: bool, autocast) -> None:
+        self.teacher, self.sharded, self.autocast = teacher, sharded, autocast
 
     def start_epoch(self, epoch: int) -> None:
         """Nothing to prepare: the teacher runs every step."""
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        return self.logits(batch.images)
 
     def summary(self) -> dict:
         """Nothing cached: results.json's teacher.cache stays empty."""
         return {}
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of `images` (the same on every rank of the group); every rank of the group must call it."""
-        mine = self.local_logits(images)
-        if not self.gathers_slices:
-            return mine
-        return self.assemble(all_gather_cat(mine, self.group), images.shape[0])
-
-    @torch.no_grad()
-    def local_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """This rank's part: the whole batch's logits, or (sharded) its 1/G slice's, the last slice zero-padded."""
-        if not self.gathers_slices:
-            with self.autocast():
-                return self.teacher(images)
-        share = -(-images.shape[0] // group_size(self.group))  # ceil
-        mine = images[self.rank * share : (self.rank + 1) * share]
+    def contribution(self, batch: Batch, group: dist.ProcessGroup | None) -> torch.Tensor | None:
+        """Sharded over G > 1 ranks: the logits of this rank's 1/G slice of the batch, the last slice zero-padded."""
+        size = group_size(group)
+        if not self.sharded or size == 1:
+            return None
+        images = batch.images
+        share = -(-images.shape[0] // size)  # ceil
+        rank = dist.get_rank(group)
+        mine = images[rank * share : (rank + 1) * share]
         if mine.shape[0] < share:
             mine = torch.cat([mine, mine.new_zeros((share - mine.shape[0], *mine.shape[1:]))])
-        with self.autocast():
-            return self.teacher(mine)
+        return self._forward(mine)
 
-    @staticmethod
-    def assemble(gathered: torch.Tensor, batch: int) -> torch.Tensor:
-        """The batch's logits [B, C] from every rank's `local_logits`, gathered in group-rank order."""
-        return gathered[:batch]
+    def logits(self, batch: Batch, gathered: torch.Tensor | None) -> torch.Tensor:
+        """The gathered slices (in group-rank order) cut to the batch, or the whole batch's forward."""
+        if gathered is None:
+            return self._forward(batch.images)
+        return gathered[: batch.images.shape[0]]
+
+    @torch.no_grad()
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.teacher(images)
 
 
 def shard_parameters(teacher: nn.Module, mode: str, device: torch.device) -> nn.Module:

@@ -23,6 +23,7 @@ from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.data import Dataset, Normalizer, load_dataset
 from dist_tsp.errors import RunStopped, UserError
+from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
@@ -133,22 +134,23 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
     accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
     teacher, teacher_info, teacher_predictions = None, None, None
-    if cfg.loss.beta > 0 or teacher_path(cfg).is_file():
+    # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
+    if TeachingGraph.from_config(cfg).uses_teacher or teacher_path(cfg).is_file():
         model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, normalize, accelerator)
-        teacher = teacher_logits(cfg, model, teacher_info, data, normalize, groups.peer, accelerator)
+        teacher = teacher_logits(cfg, model, teacher_info, data, normalize, accelerator)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
                              stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
     try:
-        accuracies = trainer.train(start_step)
+        evaluation = trainer.train(start_step)
     except RunStopped:
         tracker.finish()  # every rank stopped after the same step: end the process groups too (gloo may abort at exit)
         raise
-    results = build_results(cfg, teacher_info, accuracies, teacher.summary() if teacher else {})
+    results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
     if accelerator.is_main_process:
-        write_predictions(cfg.output_dir, cfg.student_names, trainer.test_predictions, data.test.labels,
+        write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
                           teacher_predictions)
         write_results(results, cfg.output_dir)
         print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")

@@ -132,4 +132,6 @@ def kill_run(process: subprocess.Popen, run: Path, timeout: float = 60) -> None:
 def student_state(run: Path, step: int, name: str) -> dict:
     import torch
 
-    return torch.load(run / "checkpoints" / f"step_{step:08d}" / "students" / f"{name}.pt", weights_only=True)
+    from dist_tsp.checkpoint import step_dir, student_file
+
+    return torch.load(student_file(step_dir(run, step), name), weights_only=True)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_tsp.checkpoint import restore_rng_state, rng_state, save_atomic
 from dist_tsp.checkpoint import load as load_checkpoint
+from dist_tsp.checkpoint import restore_rng_state, rng_state, save_atomic
 from tests.runs import launch, student_state
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"

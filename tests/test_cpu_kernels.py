@@ -13,8 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from dist_tsp.models import (ResNetCifar, SubsampledPointwiseConv2d, build_model, scale_inputs,
-                             subsample_strided_pointwise)
+from dist_tsp.models import (
+    ResNetCifar,
+    SubsampledPointwiseConv2d,
+    build_model,
+    scale_inputs,
+    subsample_strided_pointwise,
+)
 from tests.runs import ENV, ROOT
 
 # The shortcut of resnet_cifar width 8 at input_scale 2, as oneDNN's verbose log names it:
@@ -53,7 +58,7 @@ def pointwise_gradients(batch: int, c_in: int, c_out: int, size: int, memory_for
 
 
 def test_the_faulting_shapes_give_the_float64_gradients_in_channels_last():
-    in_child(f"""
+    in_child("""
 import torch
 from tests.test_cpu_kernels import FAULTING_SHAPES, pointwise_gradients
 for shape in FAULTING_SHAPES:

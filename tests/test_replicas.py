@@ -62,11 +62,12 @@ def _train_replicas(tmp):
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
     data = load_dataset(cfg.data, cfg.seed)
     normalize = Normalizer(data.mean, data.std, accelerator.device)
-    teacher = RunTeacher(teacher_model(tmp), group=groups.peer, sharded=True, autocast=accelerator.autocast)
+    teacher = RunTeacher(teacher_model(tmp), sharded=True, autocast=accelerator.autocast)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, None,
                              Tracker(cfg, accelerator), threading.Event())
     (student,) = trainer.students
-    model = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+    assert isinstance(student.model, torch.nn.parallel.DistributedDataParallel)
+    model = student.module
     after, first = [], None
     for _, batch in zip(range(STEPS), trainer.batches.epoch(0)):
         first = batch.indices.clone() if first is None else first

@@ -76,7 +76,8 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     students, processes, images, kill_after, victim = LAYOUTS[layout]
     args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
             "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
-            "train.log_every=3", "train.optimizer.schedule=cosine", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+            "train.log_every=3", "train.optimizer.schedule=cosine",
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
     launch([*args, f"output_dir={reference}"], processes=processes)
     args.append(f"output_dir={run}")

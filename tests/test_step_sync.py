@@ -26,7 +26,7 @@ def trainer(tmp_path):
     accelerator = Accelerator(cpu=True)
     data = load_dataset(cfg.data, cfg.seed)
     normalize = Normalizer(data.mean, data.std, accelerator.device)
-    teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), group=None, sharded=True,
+    teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
                           data, normalize, teacher, None, Tracker(cfg, accelerator), threading.Event())

@@ -15,6 +15,7 @@ from dist_tsp.errors import UserError
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.teacher import prepare_teacher, teacher_logits
+from dist_tsp.teacher_modes import gathered_logits
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
 from tests.runs import DEEPSPEED, TINY, launch, train_rows
@@ -58,12 +59,12 @@ def _logits_in_modes(tmp, modes=MODES):
     for mode in modes:
         cfg = config(tmp, mode)
         model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
-        source = teacher_logits(cfg, model, info, data, normalize, groups.peer, accelerator)
+        source = teacher_logits(cfg, model, info, data, normalize, accelerator)
         logits, images = [], []
         for epoch, batches in first_batches(cfg, data, normalize).items():
             source.start_epoch(epoch)
             for batch in batches:
-                logits.append(source(batch))
+                logits.append(gathered_logits(source, batch, groups.peer))
                 images.append(batch.images)
         results[mode] = {"logits": torch.stack(logits).numpy(), "images": torch.stack(images).numpy(), "info": info,
                          "summary": source.summary()}

@@ -1,0 +1,90 @@
+"""The student phase's checkpoints: what every rank writes into one, and resuming from the latest (the files and
+their layout are dist_tsp/checkpoint.py's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate import Accelerator
+
+from dist_tsp import checkpoint
+from dist_tsp.config import RunConfig
+from dist_tsp.graph import TeachingGraph
+from dist_tsp.placement import Placement
+from dist_tsp.run_control import RunControl
+from dist_tsp.students import LocalStudent
+from dist_tsp.teacher import TeacherInfo
+from dist_tsp.tracking import Tracker
+
+
+class Checkpointer:
+    """Writes and reads checkpoints/step_N/: every learner's model, optimizer and schedule (from its first replica),
+    every local student's random state and metrics summed since the last log step (from every replica), and the
+    manifest that identifies the run."""
+
+    def __init__(self, cfg: RunConfig, placement: Placement, graph: TeachingGraph, teacher_info: TeacherInfo | None,
+                 tracker: Tracker, accelerator: Accelerator, steps_per_epoch: int) -> None:
+        self.cfg, self.placement, self.graph, self.teacher_info = cfg, placement, graph, teacher_info
+        self.tracker, self.accelerator, self.steps_per_epoch = tracker, accelerator, steps_per_epoch
+
+    def save(self, step: int, students: list[LocalStudent], control: RunControl, *, epoch_end: bool) -> None:
+        """Every rank writes its files into checkpoints/step_N.partial/; once all are done the main process writes the
+        manifest and renames the directory, so a complete checkpoint is never half-written."""
+        directory = checkpoint.step_dir(self.cfg.output_dir, step, partial=True)
+        if checkpoint.step_dir(self.cfg.output_dir, step).exists():
+            return
+        replica = self.placement.replica_index
+        for student in students:
+            if student.learns and replica == 0:
+                checkpoint.save_atomic({
+                    "model": student.module.state_dict(),
+                    "optimizer": student.optimizer.state_dict(),
+                    "scheduler": student.schedule.state_dict(),
+                    "student": self.cfg.students[student.index].model_dump(mode="json"),
+                    "step": step,
+                    "teacher": None if self.teacher_info is None else self.teacher_info.checkpoint,
+                    "peers": self.graph.sources_of(student.name),
+                    "loss": self.cfg.loss.model_dump(mode="json"),
+                }, checkpoint.student_file(directory, student.name))
+        for student in students:
+            checkpoint.save_atomic({"student_rng": student.random_state, "rng": checkpoint.rng_state(),
+                                    "metrics_since_log": control.running[student.index]},
+                                   checkpoint.rng_file(directory, student.name, replica))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.finalize(directory, self._manifest(step, epoch_end, control), self.cfg.train.keep_last)
+
+    def _manifest(self, step: int, epoch_end: bool, control: RunControl) -> dict[str, Any]:
+        teacher = None if self.teacher_info is None else {"checkpoint": self.teacher_info.checkpoint,
+                                                          "sha256": self.teacher_info.sha256}
+        return {"step": step, "epoch": step // self.steps_per_epoch, "epoch_end": epoch_end,
+                "students": self.cfg.student_names, "replicas": self.placement.replicas, "teacher": teacher,
+                "config": self.cfg.identity(), "tracker_run_id": self.tracker.run_id,
+                "steps_since_log": control.steps_since_log}
+
+    def resume(self, students: list[LocalStudent], control: RunControl) -> int:
+        """Load the latest complete checkpoint in output_dir (if any, and if it is this run's); return its step."""
+        used_teacher = self.teacher_info is not None and self.graph.uses_teacher
+        directory = checkpoint.resumable(self.cfg, self.placement.replicas,
+                                         self.teacher_info.sha256 if used_teacher else None)
+        if directory is None:
+            return 0
+        manifest = checkpoint.read_manifest(directory)
+        for student in students:
+            if student.learns:
+                state = checkpoint.load(checkpoint.student_file(directory, student.name), f"student {student.name}")
+                checkpoint.load_weights(student.module, state["model"], directory, f"student {student.name}")
+                student.optimizer.load_state_dict(state["optimizer"])
+                student.schedule.load_state_dict(state["scheduler"])
+        for student in students:
+            rng = checkpoint.load(checkpoint.rng_file(directory, student.name, self.placement.replica_index),
+                                  f"student {student.name} RNG", required="student_rng")
+            student.random_state = rng["student_rng"]
+            checkpoint.restore_rng_state(rng["rng"])
+            if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
+                control.running[student.index] = rng["metrics_since_log"]
+        control.steps_since_log = manifest.get("steps_since_log", 0)
+        self.tracker.truncate_after(manifest["step"])
+        if self.accelerator.is_main_process:
+            print(f"students: resuming from {directory} (step {manifest['step']})")
+        return manifest["step"]

@@ -1,0 +1,99 @@
+"""This rank's students, one record each: its model, its optimizer and schedule when it learns, its random state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_tsp import checkpoint
+from dist_tsp.config import RunConfig
+from dist_tsp.data import mixed_seed
+from dist_tsp.models import build_model
+from dist_tsp.optim import build_optimizer
+from dist_tsp.placement import Groups, Placement
+
+RandomState = tuple[torch.Tensor, torch.Tensor | None]  # the CPU generator's state, and the device's on CUDA
+
+
+@dataclass(eq=False)
+class LocalStudent:
+    """One student this rank holds. A learner has an optimizer and a schedule; a frozen mentor has neither and only
+    teaches. `random_state` is its private generator state (dropout etc.), independent of its rank-mates."""
+
+    name: str
+    index: int  # in the config's student list, which is also its row in the peer exchange
+    model: nn.Module  # wrapped in DDP when the student has replicas
+    optimizer: torch.optim.Optimizer | None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None
+    random_state: RandomState
+
+    @property
+    def learns(self) -> bool:
+        return self.optimizer is not None
+
+    @property
+    def module(self) -> nn.Module:
+        """The model without its DDP wrapper: what checkpoints and evaluation use."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    @contextmanager
+    def generating(self, device: torch.device) -> Iterator[None]:
+        """Run with this student's random state on the global generators, and keep where it got to."""
+        with torch.random.fork_rng(devices=_generator_devices(device)):
+            cpu, cuda = self.random_state
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, device)
+            yield
+            self.random_state = _current_random_state(device)
+
+
+def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, device: torch.device,
+                         num_classes: int, total_steps: int) -> list[LocalStudent]:
+    """The students of `placement.local_students`, in config order, built on `device`."""
+    students = []
+    for index in placement.local_students:
+        spec = cfg.students[index]
+        model = _build_model(cfg, index, groups, device, num_classes)
+        optimizer, schedule = (None, None) if spec.frozen else build_optimizer(model.parameters(), cfg.train.optimizer,
+                                                                               total_steps)
+        with torch.random.fork_rng(devices=_generator_devices(device)):
+            torch.manual_seed(mixed_seed(cfg.seed, index, placement.replica_index))
+            random_state = _current_random_state(device)
+        students.append(LocalStudent(spec.name, index, model, optimizer, schedule, random_state))
+    return students
+
+
+def _build_model(cfg: RunConfig, index: int, groups: Groups, device: torch.device, num_classes: int) -> nn.Module:
+    """The student's model (from its init weights when given); a frozen one in eval mode, never in DDP;
+    compiled when train.compile is set."""
+    spec = cfg.students[index]
+    torch.manual_seed(mixed_seed(cfg.seed, index))
+    model = build_model(spec.model, num_classes, **spec.args).to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if spec.init is not None:
+        what = f"student {spec.name}'s init"
+        checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
+    if spec.frozen:
+        model.eval().requires_grad_(False)
+    elif groups.replica is not None:
+        device_ids = [device] if device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids, process_group=groups.replica)
+    if cfg.train.compile:
+        model.compile()  # in place: the module, its state_dict keys and DDP's wrapping are unchanged
+    return model
+
+
+def _generator_devices(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+def _current_random_state(device: torch.device) -> RandomState:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
