@@ -28,14 +28,14 @@ from typing import Any
 from tabulate import tabulate
 
 from dist_tsp import checkpoint
-from dist_tsp.config import load_config
+from dist_tsp.config import LOSS_PRESETS, load_config
 from dist_tsp.models import build_model
+from dist_tsp.profiling import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer")
 PAPER_STUDENTS = ("students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet},"
                   " {name: mobilenet, model: mobilenet}]")
-METHODS = {"scratch": (1.0, 0.0, 0.0), "kd": (0.1, 0.9, 0.0), "tsp": (0.1, 0.8, 0.1)}
+METHODS = {method: LOSS_PRESETS[method] for method in ("scratch", "kd", "tsp")}
 # Six students (the demo's three, twice) fit W = 1, 2 and 3: 6, 3 or 2 students per rank.
 SIX_STUDENTS = "students=[" + ", ".join(
     f"{{name: {name}{copy}, model: {name}, args: {args}}}" for copy in ("", "_b")

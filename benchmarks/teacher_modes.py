@@ -23,8 +23,9 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from dist_tsp.config import TEACHER_MODES
+
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")
 ADVICE = """Which mode when:
 - cached: the teacher is fixed and the same views recur (sweeps, seeds sharing teacher.cache_dir): the step pays
   only a read; its one-off cost is one teacher pass per epoch, split over all ranks.
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--teacher-args", default=None,
                         help='its constructor arguments as JSON (default: {"depth": 20, "width": 16} for resnet_cifar)')
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(TEACHER_MODES), choices=TEACHER_MODES)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=128, help="images per step (one peer group's batch)")
     parser.add_argument("--work-dir", type=Path, help="keep teacher, caches and JSON here (default: a temp folder)")

@@ -102,6 +102,9 @@ class StudentConfig(ModelSpec):
         return self
 
 
+TEACHER_MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")  # see dist_tsp/teacher_modes.py
+
+
 class TeacherConfig(ModelSpec):
     """The frozen teacher: loaded from `checkpoint` when that file exists, else trained data-parallel and
     saved there (default: output_dir/teacher/model.pt); then used in eval mode.
@@ -121,7 +124,7 @@ class TeacherConfig(ModelSpec):
     weights: str | None = None
     input_scale: int = Field(1, ge=1, le=16)
     checkpoint: Path | None = None
-    mode: Literal["replicated", "sharded", "cached", "fsdp", "deepspeed"] = "sharded"
+    mode: Literal[TEACHER_MODES] = "sharded"
     cache_dir: Path | None = None
     channels_last: bool = True
     epochs: int = Field(3, gt=0)
@@ -152,7 +155,7 @@ class LossConfig(Section):
     gamma: float = Field(0.1, ge=0.0)
     temperature: float = Field(10.0, gt=0.0)
     peer_reduction: Literal["sum", "mean"] = "sum"
-    preset: Literal["scratch", "kd", "tsp", "mentored", "mutual"] | None = None
+    preset: Literal[tuple(LOSS_PRESETS)] | None = None
 
     @model_validator(mode="before")
     @classmethod

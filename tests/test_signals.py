@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from dist_tsp.launch import TERM_GRACE_S
-from dist_tsp.run_control import StopVote
 from dist_tsp.placement import Groups, Placement
+from dist_tsp.run_control import StopVote
 from tests.multiprocess import run_on_ranks
 from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
 
