@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from dist_tsp import checkpoint
     from dist_tsp.config import load_config
-    from dist_tsp.data import Batch
+    from dist_tsp.data import eval_batches
     from dist_tsp.models import build_model
     from dist_tsp.placement import Groups, Placement
     from dist_tsp.teacher import prepare_teacher, teacher_logits
@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
             f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
             f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", f"data.batch_size={args.batch}"])
 
-    accelerator, data, normalize = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
+    accelerator, data = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
     placement = Placement(world_size=world, rank=accelerator.process_index, num_students=world)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
     if accelerator.is_main_process and not teacher_file.is_file():
@@ -70,13 +70,12 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for mode in args.modes:
         cfg = config(mode)
-        model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
-        source = teacher_logits(cfg, model, info, data, normalize, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, accelerator)
+        source = teacher_logits(cfg, model, info, data, accelerator)
         started = time.perf_counter()
         source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes
         one_off = time.perf_counter() - started
-        indices = torch.arange(args.batch)
-        batch = Batch(normalize(data.train.images[indices.to(accelerator.device)]), data.train.labels[indices], indices)
+        batch = next(eval_batches(data.train, args.batch, data.normalize))  # the first training images
         for _ in range(3):
             gathered_logits(source, batch, groups.peer)
         synchronize(accelerator.device)

@@ -54,6 +54,10 @@ class Dataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hflip: bool
+    normalize: Normalizer = dataclasses.field(init=False)  # the training images' statistics, on their device
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "normalize", Normalizer(self.mean, self.std, self.train.images.device))
 
     @property
     def num_classes(self) -> int:

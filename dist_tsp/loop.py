@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from dist_tsp import checkpoint
 from dist_tsp.checkpointer import Checkpointer
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Batch, Dataset, ImageSet, Normalizer, PeerBatches
+from dist_tsp.data import Batch, Dataset, ImageSet, PeerBatches
 from dist_tsp.errors import Preempted
 from dist_tsp.evaluation import predict
 from dist_tsp.exchange import all_gather_cat_parts, all_reduce
@@ -47,15 +47,15 @@ class StudentTrainer:
     """
 
     def __init__(self, cfg: RunConfig, placement: Placement, groups: Groups, accelerator: Accelerator,
-                 data: Dataset, normalize: Normalizer, teacher: TeacherLogits | None,
+                 data: Dataset, teacher: TeacherLogits | None,
                  teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: threading.Event) -> None:
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
-        self.data, self.normalize, self.tracker = data, normalize, tracker
+        self.data, self.tracker = data, tracker
         self.graph = TeachingGraph.from_config(cfg)
         self.teacher = teacher if self.graph.uses_teacher else None
         self.batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=placement.replicas,
                                    replica=placement.replica_index, seed=cfg.seed, augment=cfg.data.augment,
-                                   hflip=data.hflip, normalize=normalize)
+                                   hflip=data.hflip, normalize=data.normalize)
         self.total_steps = cfg.train.epochs * len(self.batches)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -201,7 +201,7 @@ class StudentTrainer:
         """Every student's predicted class for every sample [N, len(data)], on every rank (one all-reduce):
         each replica predicts its strided share of the samples."""
         mine = predict(models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
-                       batch_size=self.cfg.data.eval_batch_size, normalize=self.normalize,
+                       batch_size=self.cfg.data.eval_batch_size, normalize=self.data.normalize,
                        autocast=self.accelerator.autocast)
         everyone = torch.zeros(len(self.cfg.student_names), len(data), dtype=torch.long, device=mine.device)
         everyone[[s.index for s in self.students]] = mine + 1  # -1 (another replica's sample): 0, the sum's identity

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Dataset, ImageSet, Normalizer, PeerBatches, eval_batches, mixed_seed
+from dist_tsp.data import Dataset, PeerBatches, eval_batches, mixed_seed
 from dist_tsp.exchange import all_gather_cat, world_group
 from dist_tsp.logit_cache import CachedLogits, cache_key
 from dist_tsp.models import build_model, load_pretrained, scale_inputs
@@ -46,7 +46,7 @@ def teacher_path(cfg: RunConfig) -> Path:
     return cfg.teacher.checkpoint or cfg.output_dir / "teacher" / "model.pt"
 
 
-def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator
+def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator
                     ) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
     """Load the teacher if its checkpoint exists, else train it on all ranks and save it; return it frozen
     (parameter-sharded in the fsdp and deepspeed modes) with what results.json records about it and its
@@ -62,7 +62,7 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
     if cfg.teacher.channels_last and (train_it or not sharded_later):
         model.to(memory_format=torch.channels_last)
     if train_it:
-        trained = _fit(model, cfg, data, normalize, accelerator)
+        trained = _fit(model, cfg, data, accelerator)
         if accelerator.is_main_process:
             checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
                                     "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
@@ -83,26 +83,26 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, normalize: Normalizer, accele
         model = shard_parameters(model, cfg.teacher.mode, accelerator.device)
     per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), world_group())
     sharded = RunTeacher(model, sharded=True, autocast=accelerator.autocast)
-    predicted = _predictions(sharded, data.test, cfg.data.eval_batch_size, normalize)
+    predicted = _predictions(sharded, data, cfg.data.eval_batch_size)
     info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
                        test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
                        parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
     return model, info, predicted
 
 
-def _predictions(teacher: RunTeacher, test: ImageSet, batch_size: int, normalize: Normalizer) -> torch.Tensor:
+def _predictions(teacher: RunTeacher, data: Dataset, batch_size: int) -> torch.Tensor:
     """The predicted class of every test sample, each batch split over all ranks (same forwards on every rank)."""
     return torch.cat([gathered_logits(teacher, batch, world_group()).argmax(-1)
-                      for batch in eval_batches(test, batch_size, normalize)])
+                      for batch in eval_batches(data.test, batch_size, data.normalize)])
 
 
-def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, normalize: Normalizer,
-                   accelerator: Accelerator) -> TeacherLogits:
+def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, accelerator: Accelerator
+                   ) -> TeacherLogits:
     """The configured mode's per-step source of teacher logits."""
     if cfg.teacher.mode != "cached":
         return RunTeacher(model, sharded=cfg.teacher.mode != "replicated", autocast=accelerator.autocast)
     views = PeerBatches(data.train, batch_size=1, num_replicas=1, replica=0, seed=cfg.seed,
-                        augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
+                        augment=cfg.data.augment, hflip=data.hflip, normalize=data.normalize)
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
         cache_key(cfg, info.sha256, views, accelerator.mixed_precision),
@@ -121,11 +121,11 @@ def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose
     return scale_inputs(model, cfg.teacher.input_scale)
 
 
-def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, normalize: Normalizer, accelerator: Accelerator) -> nn.Module:
+def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerator) -> nn.Module:
     """Plain data-parallel training of one model over all ranks (DDP through accelerate)."""
     batches = PeerBatches(data.train, batch_size=cfg.teacher.batch_size, num_replicas=accelerator.num_processes,
                           replica=accelerator.process_index, seed=mixed_seed(cfg.seed, -1), augment=cfg.data.augment,
-                          hflip=data.hflip, normalize=normalize)
+                          hflip=data.hflip, normalize=data.normalize)
     total = cfg.teacher.epochs * len(batches)
     optimizer, schedule = build_optimizer(model.parameters(), cfg.teacher.optimizer, total)
     model = accelerator.prepare_model(model)

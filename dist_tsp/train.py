@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
-from dist_tsp.data import Dataset, Normalizer, load_dataset
+from dist_tsp.data import Dataset, load_dataset
 from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
@@ -99,7 +99,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, signal.SIG_IGN)
 
 
-def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, Normalizer]:
+def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     """The process group (through accelerate), the seed, and the dataset on this rank's device."""
     # A DeepSpeed accelerate config's ZeRO settings serve the teacher (teacher_modes.py); the students stay on DDP.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
@@ -111,20 +111,20 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, Normali
     set_seed(cfg.seed)
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
-    return accelerator, data, Normalizer(data.mean, data.std, accelerator.device)
+    return accelerator, data
 
 
 def run_teacher_stage(cfg: RunConfig) -> None:
     """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
-    accelerator, data, normalize = start(cfg, trackers=False)
-    _, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
+    accelerator, data = start(cfg, trackers=False)
+    _, info, _ = prepare_teacher(cfg, data, accelerator)
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
 
 def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
-    accelerator, data, normalize = start(cfg, trackers=True)
+    accelerator, data = start(cfg, trackers=True)
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     if accelerator.is_main_process:
@@ -136,9 +136,9 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if TeachingGraph.from_config(cfg).uses_teacher or teacher_path(cfg).is_file():
-        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, normalize, accelerator)
-        teacher = teacher_logits(cfg, model, teacher_info, data, normalize, accelerator)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, teacher_info, tracker,
+        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator)
+        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, teacher, teacher_info, tracker,
                              stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:

@@ -61,9 +61,8 @@ def _train_replicas(tmp):
     assert (placement.replicas, placement.replica_index) == (2, dist.get_rank())
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
     data = load_dataset(cfg.data, cfg.seed)
-    normalize = Normalizer(data.mean, data.std, accelerator.device)
     teacher = RunTeacher(teacher_model(tmp), sharded=True, autocast=accelerator.autocast)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, normalize, teacher, None,
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, teacher, None,
                              Tracker(cfg, accelerator), threading.Event())
     (student,) = trainer.students
     assert isinstance(student.model, torch.nn.parallel.DistributedDataParallel)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_tsp.config import load_config
-from dist_tsp.data import Normalizer, load_dataset
+from dist_tsp.data import load_dataset
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
@@ -25,11 +25,10 @@ def trainer(tmp_path):
     cfg = load_config("configs/demo.yaml", [*TINY, f"output_dir={tmp_path}"])
     accelerator = Accelerator(cpu=True)
     data = load_dataset(cfg.data, cfg.seed)
-    normalize = Normalizer(data.mean, data.std, accelerator.device)
     teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
-                          data, normalize, teacher, None, Tracker(cfg, accelerator), threading.Event())
+                          data, teacher, None, Tracker(cfg, accelerator), threading.Event())
 
 
 def test_training_steps_between_log_steps_read_nothing_back_from_the_device(trainer, monkeypatch):

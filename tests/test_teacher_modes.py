@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from dist_tsp import checkpoint
 from dist_tsp.config import load_config
-from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.data import PeerBatches, load_dataset
 from dist_tsp.errors import UserError
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
@@ -39,10 +39,10 @@ def config(tmp, mode: str):
         "data.eval_batch_size=100"])
 
 
-def first_batches(cfg, data, normalize):
+def first_batches(cfg, data):
     """Per epoch of EPOCHS, its first STEPS batches of the one peer group."""
     batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed, augment=True,
-                          hflip=data.hflip, normalize=normalize)
+                          hflip=data.hflip, normalize=data.normalize)
     return {epoch: list(islice(batches.epoch(epoch), STEPS)) for epoch in EPOCHS}
 
 
@@ -54,14 +54,13 @@ def _logits_in_modes(tmp, modes=MODES):
     placement = Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3)
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
     data = load_dataset(config(tmp, modes[0]).data, seed=0)
-    normalize = Normalizer(data.mean, data.std, accelerator.device)
     results = {}
     for mode in modes:
         cfg = config(tmp, mode)
-        model, info, _ = prepare_teacher(cfg, data, normalize, accelerator)
-        source = teacher_logits(cfg, model, info, data, normalize, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, accelerator)
+        source = teacher_logits(cfg, model, info, data, accelerator)
         logits, images = [], []
-        for epoch, batches in first_batches(cfg, data, normalize).items():
+        for epoch, batches in first_batches(cfg, data).items():
             source.start_epoch(epoch)
             for batch in batches:
                 logits.append(gathered_logits(source, batch, groups.peer))
@@ -85,8 +84,7 @@ def single_process(every_mode):
     tmp, _ = every_mode
     cfg = config(tmp, "replicated")
     data = load_dataset(cfg.data, seed=0)
-    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
-    images = torch.stack([batch.images for batches in first_batches(cfg, data, normalize).values()
+    images = torch.stack([batch.images for batches in first_batches(cfg, data).values()
                           for batch in batches])
     assert images.shape[:2] == (len(EPOCHS) * STEPS, BATCH)
     model = build_model("resnet_cifar", 10, depth=8, width=8).eval()
