@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
@@ -21,7 +20,7 @@ from dist_tsp.exchange import all_gather_cat_parts, all_reduce
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.profiling import StepProfiler
-from dist_tsp.run_control import RunControl
+from dist_tsp.run_control import RunControl, StopRequest
 from dist_tsp.students import build_local_students
 from dist_tsp.teacher import TeacherInfo
 from dist_tsp.teacher_modes import TeacherLogits
@@ -48,7 +47,7 @@ class StudentTrainer:
 
     def __init__(self, cfg: RunConfig, placement: Placement, groups: Groups, accelerator: Accelerator,
                  data: Dataset, teacher: TeacherLogits | None,
-                 teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: threading.Event) -> None:
+                 teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: StopRequest) -> None:
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
         self.data, self.tracker = data, tracker
         self.graph = TeachingGraph.from_config(cfg)

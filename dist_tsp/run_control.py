@@ -4,7 +4,6 @@ non-finite loss, and whether every rank agreed to stop."""
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ class RunControl:
     """
 
     def __init__(self, names: list[str], learners: list[str], *, replicas: int, world: dist.ProcessGroup | None,
-                 control: dist.ProcessGroup | None, stop_requested: threading.Event, device: torch.device) -> None:
+                 control: dist.ProcessGroup | None, stop_requested: StopRequest, device: torch.device) -> None:
         self.names, self.learners, self.replicas, self.world = names, learners, replicas, world
         self.stop_vote = StopVote(stop_requested, control)
         self.stop_agreed = False
@@ -81,6 +80,21 @@ class RunControl:
                             f"{int(first_bad[index])}: stopping; {kept} (lower the learning rate or the temperature)")
 
 
+class StopRequest:
+    """Whether a stop signal came: set by the signal handler, read before every step. A plain attribute, so that a
+    handler can set it at any moment: threading.Event.set takes a lock, and a second signal arriving inside the
+    first handler's set() waited on that lock forever (each further signal nesting another handler)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
 class StopVote:
     """Whether every rank stops after this step: asked every step without holding it up or reading the device.
 
@@ -89,7 +103,7 @@ class StopVote:
     every rank stops after the same step: the one after the step that the signal interrupted.
     """
 
-    def __init__(self, requested: threading.Event, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, requested: StopRequest, group: dist.ProcessGroup | None) -> None:
         self.requested, self.group = requested, group
         self.vote = torch.zeros(1)
         self.pending: dist.Work | None = None

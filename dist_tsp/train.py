@@ -7,7 +7,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,6 +27,7 @@ from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import build_results, results_table, write_predictions, write_results
+from dist_tsp.run_control import StopRequest
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -85,11 +85,11 @@ def check_teacher_launch(cfg: RunConfig) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals() -> Iterator[StopRequest]:
     """Inside, SIGTERM/SIGUSR1 ask for a checkpoint, then exit code 75 (requeue me): the student phase stops after the
     step that follows the signal, and a signal that comes before it (data, teacher) is kept until its first step.
     After, they are ignored: the run is over, and dist-tsp-launch repeats them until its workers have exited."""
-    requested = threading.Event()
+    requested = StopRequest()
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: requested.set())
     try:
@@ -122,7 +122,7 @@ def run_teacher_stage(cfg: RunConfig) -> None:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
 
-def run(cfg: RunConfig, placement: Placement, stop_requested: threading.Event) -> dict:
+def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     accelerator, data = start(cfg, trackers=True)
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)

@@ -7,7 +7,6 @@ num_replicas=2, replica=0 and 1): the gradients are averaged over the replicas, 
 """
 
 import json
-import threading
 
 import pytest
 import torch
@@ -52,6 +51,7 @@ def _train_replicas(tmp):
 
     from dist_tsp.loop import StudentTrainer
     from dist_tsp.placement import Groups, Placement
+    from dist_tsp.run_control import StopRequest
     from dist_tsp.teacher_modes import RunTeacher
     from dist_tsp.tracking import Tracker
 
@@ -63,7 +63,7 @@ def _train_replicas(tmp):
     data = load_dataset(cfg.data, cfg.seed)
     teacher = RunTeacher(teacher_model(tmp), sharded=True, autocast=accelerator.autocast)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, teacher, None,
-                             Tracker(cfg, accelerator), threading.Event())
+                             Tracker(cfg, accelerator), StopRequest())
     (student,) = trainer.students
     assert isinstance(student.model, torch.nn.parallel.DistributedDataParallel)
     model = student.module

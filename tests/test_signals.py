@@ -22,7 +22,7 @@ import torch.distributed as dist
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from dist_tsp.launch import TERM_GRACE_S
 from dist_tsp.placement import Groups, Placement
-from dist_tsp.run_control import StopVote
+from dist_tsp.run_control import StopRequest, StopVote
 from tests.multiprocess import run_on_ranks
 from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
 
@@ -115,7 +115,7 @@ def _votes(requesting_rank: int) -> tuple[str, list[bool], float | None]:
     vote that rank 2 never casts: after how many seconds the others' raised (None on rank 2)."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=3)
     groups = Groups.from_mesh(placement.build_mesh("cpu"), timedelta(seconds=VOTE_TIMEOUT_S))
-    requested = threading.Event()
+    requested = StopRequest()
     vote, agreed = StopVote(requested, groups.control), []
     for step in range(4):
         vote.start()
@@ -137,6 +137,50 @@ def _votes(requesting_rank: int) -> tuple[str, list[bool], float | None]:
 @pytest.fixture(scope="module")
 def votes():
     return run_on_ranks(_votes, 3, 2)
+
+
+NESTED_SIGNALS = """
+import os, signal, sys
+from dist_tsp.train import stop_on_signals
+
+depth, sent = 0, 0
+
+def tracer(frame, event, arg):
+    global sent
+    if event == "line" and depth > 0 and sent < 50:  # inside the handler: one more signal at every line it runs
+        sent += 1
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return tracer
+
+with stop_on_signals() as requested:
+    handler = signal.getsignal(signal.SIGUSR1)
+
+    def counted(*args):
+        global depth
+        depth += 1
+        try:
+            handler(*args)
+        finally:
+            depth -= 1
+
+    signal.signal(signal.SIGUSR1, counted)
+    sys.settrace(tracer)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    for _ in range(1000):
+        pass
+    sys.settrace(None)
+print(f"{sent} nested; stop requested: {requested.is_set()}")
+"""
+
+
+def test_a_stop_signal_arriving_while_the_handler_runs_neither_hangs_nor_recurses():
+    """Another SIGUSR1 at every line the handler runs. With threading.Event.set as the handler, the nested call
+    waited forever on the lock the outer call held, every further signal nesting one more handler (a RecursionError
+    after minutes in a Slurm job, where the launcher repeats the signal every second)."""
+    done = subprocess.run([sys.executable, "-c", NESTED_SIGNALS], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and re.fullmatch(r"[1-9]\d* nested; stop requested: True", done.stdout.strip()), \
+        done.stderr[-2000:]
 
 
 def test_every_rank_agrees_to_stop_after_the_step_that_follows_a_signal_to_one_of_them(votes):

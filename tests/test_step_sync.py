@@ -1,7 +1,6 @@
 """A training step never reads a tensor back to the host: metrics stay on the device until the log step."""
 
 import sys
-import threading
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from dist_tsp.data import load_dataset
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
+from dist_tsp.run_control import StopRequest
 from dist_tsp.teacher_modes import RunTeacher
 from dist_tsp.tracking import Tracker
 from tests.runs import TINY
@@ -28,7 +28,7 @@ def trainer(tmp_path):
     teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
-                          data, teacher, None, Tracker(cfg, accelerator), threading.Event())
+                          data, teacher, None, Tracker(cfg, accelerator), StopRequest())
 
 
 def test_training_steps_between_log_steps_read_nothing_back_from_the_device(trainer, monkeypatch):
