@@ -10,7 +10,6 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from dist_tsp import checkpoint
 from dist_tsp.checkpointer import Checkpointer
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, ImageSet, PeerBatches
@@ -21,7 +20,7 @@ from dist_tsp.graph import TeachingGraph
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.profiling import StepProfiler
 from dist_tsp.run_control import RunControl, StopRequest
-from dist_tsp.students import build_local_students
+from dist_tsp.students import LocalStudent, build_local_students
 from dist_tsp.teacher import TeacherInfo
 from dist_tsp.teacher_modes import TeacherLogits
 from dist_tsp.tracking import Tracker
@@ -62,11 +61,13 @@ class StudentTrainer:
         self.students = build_local_students(cfg, placement, groups, device, data.num_classes, self.total_steps)
         self.learners = [s for s in self.students if s.learns]
         learner_indices = [s.index for s in self.learners]
+        # on the device once: the learners' rows among this rank's logits, and among all students (config order)
+        self.learner_rows = torch.tensor([k for k, s in enumerate(self.students) if s.learns], device=device)
         self.learner_index = torch.tensor(learner_indices, dtype=torch.long, device=device)
         self.losses = self.graph.losses_for(learner_indices, device)
         self.control = RunControl(cfg.student_names, self.graph.learners, replicas=placement.replicas,
                                   world=groups.world, control=groups.control, stop_requested=stop_requested,
-                                  device=device)
+                                  device=device, output_dir=cfg.output_dir)
         self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, tracker, accelerator,
                                          len(self.batches))
         self.profiler = StepProfiler(cfg.train.profile, device)
@@ -110,7 +111,7 @@ class StudentTrainer:
             if epoch_done or checkpoint_due or step % self.cfg.train.log_every == 0:
                 self.bar.set_postfix(self._log_train(step, epoch), refresh=False)
             elif stop:  # the checkpoint below keeps the metrics summed since the last log step
-                self.control.raise_if_nonfinite(self._last_checkpoint())
+                self.control.raise_if_nonfinite()
             if epoch_done:
                 break
             if checkpoint_due or stop:
@@ -125,7 +126,7 @@ class StudentTrainer:
     def train_step(self, batch: Batch) -> None:
         """One step for this rank's students on the peer group's batch."""
         profiler, peers, teacher = self.profiler, self.groups.peer, self.teacher
-        contribution = teacher_logits = everyone = None
+        contribution = contributions = teacher_logits = everyone = None
         if teacher is not None:
             profiler.wait_for_peers(peers)  # so the teacher's time is not charged the peers' backward
             with profiler.section("teacher"):
@@ -139,16 +140,16 @@ class StudentTrainer:
             with profiler.section("exchange"):
                 gathered = all_gather_cat_parts(parts, peers)
             everyone = gathered.pop(0) if self.graph.uses_peers else None
-            contribution = gathered.pop(0) if contribution is not None else None
+            contributions = gathered.pop(0) if contribution is not None else None  # every rank's, in rank order
         if teacher is not None:
             with profiler.section("teacher"):
-                teacher_logits = teacher.logits(batch, contribution)
+                teacher_logits = teacher.logits(batch, contributions)
         if not self.learners:  # only mentors here: they teach through the exchange and learn nothing
             self.control.record()
             profiler.step_done()
             return
         with profiler.section("loss"):
-            learning = logits[[k for k, s in enumerate(self.students) if s.learns]]
+            learning = logits[self.learner_rows]
             per_student, terms = self.losses(learning, batch.labels, teacher_logits, everyone)
             accuracy = (learning.argmax(-1) == batch.labels).float().mean(dim=1)
             rows = torch.cat([per_student[:, None], terms, accuracy[:, None]], dim=1).detach()
@@ -162,7 +163,7 @@ class StudentTrainer:
         profiler.step_done()
         self.control.record(self.learner_index, rows)
 
-    def _forward(self, student, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, student: LocalStudent, images: torch.Tensor) -> torch.Tensor:
         """The student's logits, drawing from its own random state; no graph for a mentor."""
         with student.generating(self.accelerator.device), self.accelerator.autocast(), \
                 torch.set_grad_enabled(student.learns):
@@ -170,13 +171,9 @@ class StudentTrainer:
 
     def _log_train(self, step: int, epoch: int) -> dict[str, str]:
         """Log the metrics since the last log step (stopping on a non-finite loss); return a bar summary."""
-        row = self.control.metrics_row(step, epoch, self._last_checkpoint())
+        row = self.control.metrics_row(step, epoch)
         self.tracker.log(row)
         return {name: f"{row[f'train/{name}/loss']:.3f}" for name in self.graph.learners}
-
-    def _last_checkpoint(self) -> str | None:
-        kept = checkpoint.complete_checkpoints(self.cfg.output_dir)
-        return str(kept[-1]) if kept else None
 
     def evaluate(self) -> Evaluation:
         """Every student's accuracy on val (when split off) and test, and its test predictions."""

@@ -4,11 +4,13 @@ non-finite loss, and whether every rank agreed to stop."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dist_tsp import checkpoint
 from dist_tsp.errors import NonFiniteLoss
 from dist_tsp.exchange import all_reduce
 
@@ -23,8 +25,10 @@ class RunControl:
     """
 
     def __init__(self, names: list[str], learners: list[str], *, replicas: int, world: dist.ProcessGroup | None,
-                 control: dist.ProcessGroup | None, stop_requested: StopRequest, device: torch.device) -> None:
+                 control: dist.ProcessGroup | None, stop_requested: StopRequest, device: torch.device,
+                 output_dir: Path) -> None:
         self.names, self.learners, self.replicas, self.world = names, learners, replicas, world
+        self.output_dir = output_dir  # named in the non-finite loss message: its last complete checkpoint
         self.stop_vote = StopVote(stop_requested, control)
         self.stop_agreed = False
         self.running = torch.zeros(len(names), len(TRAIN_METRICS), device=device)
@@ -52,10 +56,10 @@ class RunControl:
         self.stop_agreed = self.stop_vote.result()
         return self.stop_agreed
 
-    def metrics_row(self, step: int, epoch: int, last_checkpoint: str | None) -> dict[str, Any]:
+    def metrics_row(self, step: int, epoch: int) -> dict[str, Any]:
         """The mean of every learner's metrics since the last log step (then reset), after stopping on a non-finite
         loss (see raise_if_nonfinite)."""
-        self.raise_if_nonfinite(last_checkpoint)
+        self.raise_if_nonfinite()
         means = all_reduce(self.running, self.world) / (self.steps_since_log * self.replicas)
         row: dict[str, Any] = {"step": step, "epoch": epoch}
         for name, values in zip(self.names, means.tolist()):
@@ -65,7 +69,7 @@ class RunControl:
         self.steps_since_log = 0
         return row
 
-    def raise_if_nonfinite(self, last_checkpoint: str | None) -> None:
+    def raise_if_nonfinite(self) -> None:
         """NonFiniteLoss, naming the student, step and term, when a loss was NaN or inf since the last log step:
         before any checkpoint could keep the damage."""
         first_bad = all_reduce(self.first_nonfinite.clone(), self.world, dist.ReduceOp.MIN).tolist()
@@ -74,10 +78,10 @@ class RunControl:
         index = min(range(len(self.names)), key=lambda i: first_bad[i])
         sums = all_reduce(self.running.clone(), self.world)[index].tolist()
         terms = [m for m, v in zip(TRAIN_METRICS[1:4], sums[1:4]) if not math.isfinite(v)] or ["total"]
-        kept = (f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint
-                else "no checkpoint was written yet")
+        kept = checkpoint.complete_checkpoints(self.output_dir)
+        last = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written yet"
         raise NonFiniteLoss(f"non-finite {'/'.join(terms)} loss for student {self.names[index]} at step "
-                            f"{int(first_bad[index])}: stopping; {kept} (lower the learning rate or the temperature)")
+                            f"{int(first_bad[index])}: stopping; {last} (lower the learning rate or the temperature)")
 
 
 class StopRequest:

@@ -40,6 +40,8 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
 LAUNCHERS = {"accelerate": "accelerate.commands.launch", "dist-tsp": "dist_tsp.launch"}
 
 
@@ -107,12 +109,12 @@ def rank_pid(run: Path, rank: int) -> int | None:
     return worker_pids(run).get(rank)
 
 
-def is_stopped(pid: int) -> bool:
-    """Whether the process is stopped (SIGSTOP): its state in /proc/PID/stat is T."""
+def process_state(pid: int) -> str | None:
+    """The state letter in /proc/PID/stat (R running, S sleeping, T stopped, Z zombie), None once it is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
+        return None
 
 
 def kill_run(process: subprocess.Popen, run: Path, timeout: float = 60) -> None:

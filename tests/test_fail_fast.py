@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.runs import LAUNCHERS, TINY, last_step, launch, rank_pid, start
+from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, rank_pid, start
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds(tmp_path, launcher):
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_run(process, tmp_path)
     assert time.monotonic() - killed < 60
     assert process.returncode != 0
     assert "rank      : 2" in stderr and "Signal 9 (SIGKILL)" in stderr

@@ -15,7 +15,7 @@ import torch
 from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load, read_manifest, step_dir
 from dist_tsp.errors import UserError
 from dist_tsp.train import plan
-from tests.runs import TINY, is_stopped, kill_run, last_step, launch, rank_pid, start, student_state, train_rows
+from tests.runs import TINY, kill_run, last_step, launch, process_state, rank_pid, start, student_state, train_rows
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -83,7 +83,7 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     args.append(f"output_dir={run}")
     process = start(args, processes=processes, pause_after_checkpoint=step_dir(run, kill_after))
     deadline = time.monotonic() + 300
-    while not is_stopped(main := rank_pid(run, 0) or 0):
+    while process_state(main := rank_pid(run, 0) or 0) != "T":  # stopped
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"checkpoint {kill_after} not reached in 300 s"
         time.sleep(0.05)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_tsp.models import build_model
-from tests.runs import TINY, last_step, rank_pid, start
+from tests.runs import TINY, kill_run, last_step, process_state, rank_pid, start
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,7 @@ TIMEOUT_S, MARGIN_S, STUCK = 5, 20, 1
 
 def exited(pid: int) -> bool:
     """Gone, or a zombie waiting for the launcher to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
+    return process_state(pid) in (None, "Z")
 
 
 def second_step_logged(run: Path) -> bool:
@@ -75,8 +72,7 @@ def stop_one_rank(tmp: Path, processes: int, ready, *args: str) -> dict:
                 except ProcessLookupError:
                     pass
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            kill_run(process, run)
 
 
 @pytest.fixture(scope="module")
