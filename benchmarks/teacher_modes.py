@@ -70,8 +70,8 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for mode in args.modes:
         cfg = config(mode)
-        model, info, _ = prepare_teacher(cfg, data, accelerator)
-        source = teacher_logits(cfg, model, info, data, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, accelerator, groups)
+        source = teacher_logits(cfg, model, info, data, accelerator, groups)
         started = time.perf_counter()
         source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes
         one_off = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 tensors, and the per-replica batch stream with on-device augmentation."""
+"""Datasets as in-memory uint8 tensors, the seeded per-sample augmentation, and the per-replica batch stream."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def augmentation(self, seed: int, enabled: bool) -> Augmentation:
+        """The training views' seeded crop (a pad of 1/8 of the image side) and flip (for the sets it suits)."""
+        return Augmentation(enabled=enabled, hflip=self.hflip, pad=max(1, self.train.images.shape[-1] // 8), seed=seed)
 
     def to(self, device: torch.device) -> Dataset:
         val = None if self.val is None else self.val.to(device)
@@ -203,21 +207,67 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
+@dataclass(frozen=True, slots=True)
+class Augmentation:
+    """The seeded per-sample augmentation: a random crop of the image zero-padded by `pad` pixels, plus a horizontal
+    flip when `hflip`, drawn per sample and epoch from (seed, epoch) alone. A sample's view is therefore the same
+    whatever the placement, the batch it falls in or who asks: the batch stream, the teacher-logit cache and its
+    key all share this object. Disabled, every view is the image itself."""
+
+    enabled: bool
+    hflip: bool
+    pad: int
+    seed: int
+
+    def epoch_views(self, epoch: int, num_samples: int, device: torch.device) -> Views | None:
+        """Every sample's crop offset [N, 2] and flip [N] in this epoch, on `device` (None: no augmentation)."""
+        if not self.enabled:
+            return None
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM))
+        offsets = torch.randint(0, 2 * self.pad + 1, (num_samples, 2), generator=generator)
+        flips = torch.rand(num_samples, generator=generator) < 0.5 if self.hflip else None
+        return Views(offsets.to(device), None if flips is None else flips.to(device))
+
+    def view(self, images: torch.Tensor, indices: torch.Tensor, views: Views | None) -> torch.Tensor:
+        """The uint8 views of samples `indices` of `images` [N, 3, H, W] (on the images' device): one gather per
+        batch."""
+        selected = images[indices]
+        if views is None:
+            return selected
+        b, c, h, w = selected.shape
+        padded = F.pad(selected, (self.pad,) * 4)
+        offsets = views.offsets[indices]
+        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)
+        cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
+        if views.flips is not None:
+            cols = torch.where(views.flips[indices][:, None], cols.flip(1), cols)
+        pixels = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w)
+        return padded.flatten(2).gather(2, pixels.expand(b, c, h * w)).view(b, c, h, w)
+
+    def key(self) -> dict:
+        """What a sample's view depends on, besides the image (for the teacher-logit cache's key)."""
+        return {"augment": self.enabled, "hflip": self.hflip, "pad": self.pad, "seed": self.seed}
+
+
+class Views(NamedTuple):
+    """Per-sample augmentation of one epoch: crop offsets [N, 2] and horizontal flips [N] (or None)."""
+
+    offsets: torch.Tensor
+    flips: torch.Tensor | None
+
+
 class PeerBatches:
     """One replica's batches: identical on every rank of a peer group, disjoint across replicas.
 
-    The sample order depends only on (seed, epoch, replica), never on the rank. Augmentation is a
-    random crop with zero padding plus an optional horizontal flip, drawn per sample and epoch from
-    (seed, epoch) alone (so a sample's view is the same whatever the placement, and a teacher-logit
-    cache can replay it), and done on the device as a single gather per batch.
+    The sample order depends only on (seed, epoch, replica), never on the rank; each sample's view comes from
+    `augmentation`, on the data's device.
     """
 
     def __init__(self, data: ImageSet, *, batch_size: int, num_replicas: int, replica: int, seed: int,
-                 augment: bool, hflip: bool, normalize: Normalizer) -> None:
+                 augmentation: Augmentation, normalize: Normalizer) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.num_replicas, self.replica = num_replicas, replica
-        self.augment, self.hflip, self.normalize = augment, hflip, normalize
-        self.pad = max(1, data.images.shape[-1] // 8)
+        self.augmentation, self.normalize = augmentation, normalize
         if len(self) == 0:
             raise DataError(
                 f"{len(data)} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
@@ -233,48 +283,14 @@ class PeerBatches:
         steps, b = len(self), self.batch_size
         return order[self.replica :: self.num_replicas][: steps * b].view(steps, b)
 
-    def epoch_views(self, epoch: int) -> Views | None:
-        """Every sample's crop offset [N, 2] and flip [N] in this epoch, on the data's device (None: no augment)."""
-        if not self.augment:
-            return None
-        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM))
-        offsets = torch.randint(0, 2 * self.pad + 1, (len(self.data), 2), generator=generator)
-        flips = torch.rand(len(self.data), generator=generator) < 0.5 if self.hflip else None
-        device = self.data.images.device
-        return Views(offsets.to(device), None if flips is None else flips.to(device))
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the batches of the epoch from `start_step`."""
-        order, views = self.epoch_order(epoch), self.epoch_views(epoch)
-        shard = order.to(self.data.images.device)
+        device = self.data.images.device
+        order, views = self.epoch_order(epoch), self.augmentation.epoch_views(epoch, len(self.data), device)
+        shard = order.to(device)
         for step in range(start_step, len(order)):
-            yield Batch(self.view(shard[step], views), self.data.labels[shard[step]], order[step])
-
-    def view(self, indices: torch.Tensor, views: Views | None) -> torch.Tensor:
-        """The normalized (augmented, when `views` is given) images of samples `indices` (on the data's device)."""
-        images = self.data.images[indices]
-        if views is not None:
-            flips = None if views.flips is None else views.flips[indices]
-            images = self._crop_flip(images, views.offsets[indices], flips)
-        return self.normalize(images)
-
-    def _crop_flip(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
-        """Each sample's crop (and flip) of the zero-padded images, as one gather over the flattened pixels."""
-        b, c, h, w = images.shape
-        padded = F.pad(images, (self.pad,) * 4)
-        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)
-        cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
-        if flips is not None:
-            cols = torch.where(flips[:, None], cols.flip(1), cols)
-        pixels = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w)
-        return padded.flatten(2).gather(2, pixels.expand(b, c, h * w)).view(b, c, h, w)
-
-
-class Views(NamedTuple):
-    """Per-sample augmentation of one epoch: crop offsets [N, 2] and horizontal flips [N] (or None)."""
-
-    offsets: torch.Tensor
-    flips: torch.Tensor | None
+            images = self.augmentation.view(self.data.images, shard[step], views)
+            yield Batch(self.normalize(images), self.data.labels[shard[step]], order[step])
 
 
 def eval_batches(data: ImageSet, batch_size: int, normalize: Normalizer) -> Iterator[Batch]:

@@ -11,11 +11,6 @@ import torch.distributed as dist
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def world_group() -> dist.ProcessGroup | None:
-    """Every rank, or None when the run is a single process."""
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
 def group_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in a group; None stands for this rank alone."""
     return 1 if group is None else dist.get_world_size(group)

@@ -1,6 +1,6 @@
 """teacher.mode=cached: the teacher's logits for every sample's view of an epoch, computed once, then read.
 
-A sample's augmented view depends only on (seed, epoch, sample) (see PeerBatches.epoch_views), so
+A sample's augmented view depends only on (seed, epoch, sample) (see data.Augmentation), so
 the cache replays exactly the view each student sees: the logits of epoch e are computed on the
 views of epoch e, batch-sharded over all ranks, and stored as one memory-mapped .npy per epoch
 (one file in all when augmentation is off). The folder is named by a hash of everything the logits
@@ -22,30 +22,31 @@ from tqdm.auto import tqdm
 
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Batch, PeerBatches
-from dist_tsp.exchange import all_reduce, world_group
+from dist_tsp.data import Augmentation, Batch, ImageSet, Normalizer, Views
+from dist_tsp.exchange import all_reduce
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
 
 
-def cache_key(cfg: RunConfig, teacher_sha256: str, batches: PeerBatches, mixed_precision: str) -> dict:
+def cache_key(cfg: RunConfig, teacher_sha256: str, train: ImageSet, augmentation: Augmentation,
+              mixed_precision: str) -> dict:
     """Everything the cached logits depend on."""
-    train = batches.data
     content = hashlib.sha256(train.images.cpu().numpy().tobytes())
     content.update(train.labels.cpu().numpy().tobytes())
     return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
             "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
-            "augment": batches.augment, "hflip": batches.hflip, "pad": batches.pad, "seed": batches.seed,
-            "mixed_precision": mixed_precision}
+            **augmentation.key(), "mixed_precision": mixed_precision}
 
 
 class CachedLogits:
     """Per step, the cached rows of the batch's samples for the current epoch: nothing to add to the step's
     all-gather."""
 
-    def __init__(self, folder: Path, key: dict, teacher: RunTeacher, views: PeerBatches, *, batch_size: int,
-                 device: torch.device, writer: bool, verbose: bool) -> None:
-        """`teacher` must be batch-sharded over all ranks; `writer` ranks store what is computed."""
-        self.folder, self.key, self.teacher, self.views = folder, key, teacher, views
+    def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: ImageSet, augmentation: Augmentation,
+                 normalize: Normalizer, *, world: dist.ProcessGroup | None, batch_size: int, device: torch.device,
+                 writer: bool, verbose: bool) -> None:
+        """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed."""
+        self.folder, self.key, self.teacher = folder, key, teacher
+        self.data, self.augmentation, self.normalize, self.world = data, augmentation, normalize, world
         self.batch_size, self.device, self.writer, self.verbose = batch_size, device, writer, verbose
         self.computed: list[int] = []
         self.reused: list[int] = []
@@ -58,13 +59,13 @@ class CachedLogits:
         return cls(root / digest, key, **kwargs)
 
     def path(self, epoch: int) -> Path:
-        return self.folder / (f"epoch_{epoch:04d}.npy" if self.views.augment else "all_epochs.npy")
+        return self.folder / (f"epoch_{epoch:04d}.npy" if self.augmentation.enabled else "all_epochs.npy")
 
     def start_epoch(self, epoch: int) -> None:
         """Compute the epoch's logits if no run has yet (every rank takes part), then map them."""
         path = self.path(epoch)
         exists = torch.tensor([float(path.is_file())], device=self.device)
-        all_reduce(exists, world_group(), dist.ReduceOp.MIN)  # decide together: none computes alone
+        all_reduce(exists, self.world, dist.ReduceOp.MIN)  # decide together: none computes alone
         if exists.item():
             self.reused.append(epoch)
         else:
@@ -80,20 +81,21 @@ class CachedLogits:
         return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
     def _compute(self, epoch: int, path: Path) -> None:
-        views = self.views.epoch_views(epoch)
-        size = len(self.views.data)
-        indices = torch.arange(size, device=self.views.data.images.device)
-        chunks = range(0, size, self.batch_size)
+        device = self.data.images.device
+        views = self.augmentation.epoch_views(epoch, len(self.data), device)
+        indices = torch.arange(len(self.data), device=device)
+        chunks = range(0, len(self.data), self.batch_size)
         logits = [gathered_logits(self.teacher, self._batch(indices[i : i + self.batch_size], views),
-                                  world_group()).float().cpu()
+                                  self.world).float().cpu()
                   for i in tqdm(chunks, desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
         if self.writer:
             self._write(torch.cat(logits).numpy(), path)
-        if world_group() is not None:
-            dist.barrier()
+        if self.world is not None:
+            dist.barrier(self.world)
 
-    def _batch(self, indices: torch.Tensor, views: torch.Tensor) -> Batch:
-        return Batch(self.views.view(indices, views), self.views.data.labels[indices], indices.cpu())
+    def _batch(self, indices: torch.Tensor, views: Views | None) -> Batch:
+        images = self.augmentation.view(self.data.images, indices, views)
+        return Batch(self.normalize(images), self.data.labels[indices], indices.cpu())
 
     def _write(self, logits: np.ndarray, path: Path) -> None:
         """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""

@@ -45,15 +45,14 @@ class StudentTrainer:
     """
 
     def __init__(self, cfg: RunConfig, placement: Placement, groups: Groups, accelerator: Accelerator,
-                 data: Dataset, teacher: TeacherLogits | None,
+                 data: Dataset, graph: TeachingGraph, teacher: TeacherLogits | None,
                  teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: StopRequest) -> None:
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
-        self.data, self.tracker = data, tracker
-        self.graph = TeachingGraph.from_config(cfg)
+        self.data, self.graph, self.tracker = data, graph, tracker
         self.teacher = teacher if self.graph.uses_teacher else None
         self.batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=placement.replicas,
-                                   replica=placement.replica_index, seed=cfg.seed, augment=cfg.data.augment,
-                                   hflip=data.hflip, normalize=data.normalize)
+                                   replica=placement.replica_index, seed=cfg.seed,
+                                   augmentation=data.augmentation(cfg.seed, cfg.data.augment), normalize=data.normalize)
         self.total_steps = cfg.train.epochs * len(self.batches)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)

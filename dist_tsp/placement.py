@@ -117,3 +117,14 @@ class Groups:
         control = dist.new_group(backend="gloo", timeout=timeout)
         return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=control)
 
+    @classmethod
+    def world_only(cls) -> Groups:
+        """Every rank as one group, nothing else: the teacher stage of --teacher-only, which has no placement."""
+        several = dist.is_initialized() and dist.get_world_size() > 1
+        return cls(peer=None, replica=None, world=dist.group.WORLD if several else None)
+
+    def world_mesh(self, device_type: str) -> DeviceMesh:
+        """Every rank as a 1-D mesh over the world group (no new group): where a parameter-sharded teacher lives."""
+        assert self.world is not None, "a single process has no mesh"
+        return DeviceMesh.from_group(self.world, device_type)
+

@@ -132,20 +132,31 @@ class Runner:
                        f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}"]
         self.bar: tqdm | None = None
 
-    def run(self, name: str, overrides: list[str], *, num_students: int, teacher_only: bool = False) -> Path:
-        """Run `name` (output_dir = out/name) unless its results exist; return its directory."""
-        directory = self.out / name
-        done = self.teacher.is_file() if teacher_only else (directory / "results.json").is_file()
+    def run(self, planned: PlannedRun) -> Path:
+        """Run `planned` (output_dir = out/name) unless its results exist; return its directory."""
+        directory = self.out / planned.name
+        done = self.teacher.is_file() if planned.teacher_only else (directory / "results.json").is_file()
         if self.bar is not None:
-            self.bar.set_postfix_str(name)
+            self.bar.set_postfix_str(planned.name)
         if not done:
-            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={run_name(name)}"]
+            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={run_name(planned.name)}"]
             args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
-                    f"output_dir={directory}", *overrides] + (["--teacher-only"] if teacher_only else [])
-            self._launch(name, args, processes_for(num_students, self.protocol.processes))
+                    f"output_dir={directory}", *planned.overrides, *self._mentors(planned)]
+            args += ["--teacher-only"] if planned.teacher_only else []
+            self._launch(planned.name, args, processes_for(planned.num_students, self.protocol.processes))
         if self.bar is not None:
             self.bar.update()
         return directory
+
+    def _mentors(self, planned: PlannedRun) -> list[str]:
+        """Alternate phase 2: every student but the one it trains starts from phase 1's final weights, frozen."""
+        if planned.mentors_from is None:
+            return []
+        phase1 = self.out / planned.mentors_from
+        students = [s.model_dump(mode="json", exclude_defaults=True) for s in self.protocol.base.students]
+        return [student_overrides([s if s["name"] in planned.reports else
+                                   {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
+                                   for s in students])]
 
     def _launch(self, name: str, args: list[str], processes: int) -> None:
         log = self.out / "logs" / f"{name.replace('/', '-')}.log"
@@ -192,53 +203,63 @@ def final_student_file(run: Path, name: str) -> Path:
     return checkpoint.student_file(checkpoint.complete_checkpoints(run)[-1], name)
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedRun:
+    """One run of the protocol: its directory under --out, its overrides, and the Table 2 cells it fills."""
+
+    name: str
+    overrides: tuple[str, ...]
+    num_students: int
+    teacher_only: bool = False
+    mentors_from: str | None = None  # alternate phase 2: the phase-1 run whose students become frozen mentors
+    row: tuple[str, str, int] | None = None  # (method, label, seed) of its Table 2 row
+    reports: tuple[str, ...] = ()  # the students whose results in that row come from this run
+
+
 def execute(protocol: Protocol, out: Path) -> dict[str, Path]:
-    """Every run of the protocol, then the report; returns the report's files by name."""
+    """Every run of the protocol, then the report; returns the report's files by name. The progress bar counts the
+    runs planned so far: the teacher and the grid first, then every seed's runs once the grid has chosen."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
     runner = Runner(protocol, out)
-    students = [s.model_dump(mode="json", exclude_defaults=True) for s in protocol.base.students]
-    names = protocol.base.student_names
-    methods, n = protocol.methods, len(names)
-    total = (1 + ("tuned" in methods) * (1 + len(protocol.grid))
-             + len(protocol.seeds) * (sum(m in methods for m in ("scratch", "kd", "tsp")) + 2 * ("tuned" in methods)
-                                      + 2 * n * ("alternate" in methods)))
-    with tqdm(total=total, desc="protocol", unit="run") as runner.bar:
-        runner.run("teacher", [], num_students=1, teacher_only=True)
-        tuned = tune(runner, protocol, n) if "tuned" in methods else {}
-        runner.bar.total -= len(protocol.seeds) * (2 - len(tuned)) if tuned else 0
+    teacher = PlannedRun("teacher", (), num_students=1, teacher_only=True)
+    grid = grid_runs(protocol) if "tuned" in protocol.methods else []
+    with tqdm(total=1 + len(grid), desc="protocol", unit="run") as runner.bar:
+        runner.run(teacher)
+        tuned = choose_tuned(protocol, out, [runner.run(planned) for planned in grid]) if grid else {}
+        later = seed_runs(protocol, tuned)
+        runner.bar.total += len(later)
+        runner.bar.refresh()
         rows: dict[str, Row] = {}
-        for seed in protocol.seeds:
-            for method in ("scratch", "kd", "tsp"):
-                if method in methods:
-                    run = runner.run(f"seed_{seed}/{method}", [f"seed={seed}", *loss_overrides(LOSS_PRESETS[method])],
-                                     num_students=n)
-                    _add(rows, method, LABELS[method], seed, dict.fromkeys(names, run))
-            for method, (label, weights) in tuned.items():
-                run = runner.run(f"seed_{seed}/{method}", [f"seed={seed}", *loss_overrides(weights)], num_students=n)
-                _add(rows, method, label, seed, dict.fromkeys(names, run))
-            if "alternate" in methods:
-                for last in names:
-                    runs = alternate(runner, seed, students, last)
-                    _add(rows, f"alternate_{last}", f"alternate ({last} last)", seed, runs)
+        for planned in later:
+            directory = runner.run(planned)
+            if planned.row is not None:
+                method, label, seed = planned.row
+                cells = rows.setdefault(method, Row(method, label, {})).runs.setdefault(seed, {})
+                cells.update(dict.fromkeys(planned.reports, directory))
+        for row in rows.values():  # every seed's cells in the students' order
+            row.runs = {seed: {name: cells[name] for name in protocol.base.student_names}
+                        for seed, cells in row.runs.items()}
         runner.bar.set_postfix_str("report")
         return report(protocol, out, list(rows.values()), tuned)
 
 
-def _add(rows: dict[str, Row], method: str, label: str, seed: int, runs: dict[str, Path]) -> None:
-    rows.setdefault(method, Row(method, label, {})).runs[seed] = runs
+def grid_runs(protocol: Protocol) -> list[PlannedRun]:
+    """Scratch and every grid point on the train/val split (first seed)."""
+    split = (f"seed={protocol.seeds[0]}", f"data.val_fraction={protocol.val_fraction}")
+    n = len(protocol.base.students)
+    return [PlannedRun("grid/scratch", (*split, *loss_overrides(LOSS_PRESETS["scratch"])), n)] + [
+        PlannedRun(f"grid/a{a:g}_b{b:g}_g{g:g}", (*split, *loss_overrides((a, b, g))), n) for a, b, g in protocol.grid]
 
 
-def tune(runner: Runner, protocol: Protocol, n: int) -> dict[str, tuple[str, tuple[float, float, float]]]:
-    """The grid and scratch on the train/val split (first seed); Table 1; the points chosen for the weakest and
-    the strongest student as {method: (label, weights)} (one method when both choose the same point)."""
-    split = [f"seed={protocol.seeds[0]}", f"data.val_fraction={protocol.val_fraction}"]
-    scratch = runner.run("grid/scratch", [*split, *loss_overrides(LOSS_PRESETS["scratch"])], num_students=n)
-    grid = [GridPoint(*weights, runner.run(f"grid/a{weights[0]:g}_b{weights[1]:g}_g{weights[2]:g}",
-                                           [*split, *loss_overrides(weights)], num_students=n))
-            for weights in protocol.grid]
+def choose_tuned(protocol: Protocol, out: Path, directories: list[Path]
+                 ) -> dict[str, tuple[str, tuple[float, float, float]]]:
+    """Table 1 from the grid's runs (scratch first); the points chosen for the weakest and the strongest student as
+    {method: (label, weights)} (one method when both choose the same point)."""
+    scratch, *points = directories
+    grid = [GridPoint(*weights, directory) for weights, directory in zip(protocol.grid, points)]
     weakest, strongest, chosen = protocol_report.select_grid_points(grid, scratch)
-    protocol_report.write_table1(runner.out, grid, scratch, weakest, strongest, chosen)
+    protocol_report.write_table1(out, grid, scratch, weakest, strongest, chosen)
     weights = {role: (point.alpha, point.beta, point.gamma) for role, point in chosen.items()}
     if weights["weakest"] == weights["strongest"]:
         return {"tsp_tuned": (f"TSP tuned {_weights(weights['weakest'])} (weakest {weakest}, strongest "
@@ -251,17 +272,36 @@ def _weights(weights: tuple[float, float, float]) -> str:
     return "/".join(f"{w:g}" for w in weights)
 
 
-def alternate(runner: Runner, seed: int, students: list[dict], last: str) -> dict[str, Path]:
-    """One rotation of alternate learning; returns where each student's result is (phase 1, or 2 for `last`)."""
+def seed_runs(protocol: Protocol, tuned: dict[str, tuple[str, tuple[float, float, float]]]) -> list[PlannedRun]:
+    """Every seed's runs on the full training split, in order: scratch, KD, TSP, the tuned points, then alternate
+    learning rotated over the students (phase 1 then phase 2 for each student left out)."""
+    names = tuple(protocol.base.student_names)
+    methods = [(m, LABELS[m], LOSS_PRESETS[m]) for m in ("scratch", "kd", "tsp") if m in protocol.methods]
+    methods += [(method, label, weights) for method, (label, weights) in tuned.items()]
+    runs = []
+    for seed in protocol.seeds:
+        runs += [PlannedRun(f"seed_{seed}/{method}", (f"seed={seed}", *loss_overrides(weights)), len(names),
+                            row=(method, label, seed), reports=names) for method, label, weights in methods]
+        if "alternate" in protocol.methods:
+            for last in names:
+                runs += alternate_runs(protocol, seed, last)
+    return runs
+
+
+def alternate_runs(protocol: Protocol, seed: int, last: str) -> list[PlannedRun]:
+    """One rotation of alternate learning: phase 1 trains the others with the teacher and peer learning; phase 2
+    trains `last` with the teacher and those students, now frozen mentors."""
     first, second = (loss_overrides(LOSS_PRESETS[phase]) for phase in ALTERNATE_PHASES)
-    others = [s for s in students if s["name"] != last]
-    phase1 = runner.run(f"seed_{seed}/alternate_{last}/phase1", [f"seed={seed}", *first, student_overrides(others)],
-                        num_students=len(others))
-    mentors = [s if s["name"] == last else {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
-               for s in students]
-    phase2 = runner.run(f"seed_{seed}/alternate_{last}/phase2", [f"seed={seed}", *second, student_overrides(mentors)],
-                        num_students=len(students))
-    return {s["name"]: phase2 if s["name"] == last else phase1 for s in students}
+    students = [s.model_dump(mode="json", exclude_defaults=True) for s in protocol.base.students]
+    others = tuple(s["name"] for s in students if s["name"] != last)
+    row = (f"alternate_{last}", f"alternate ({last} last)", seed)
+    phase1 = f"seed_{seed}/alternate_{last}/phase1"
+    return [
+        PlannedRun(phase1, (f"seed={seed}", *first, student_overrides([s for s in students if s["name"] in others])),
+                   len(others), row=row, reports=others),
+        PlannedRun(f"seed_{seed}/alternate_{last}/phase2", (f"seed={seed}", *second), len(students),
+                   mentors_from=phase1, row=row, reports=(last,)),
+    ]
 
 
 def report(protocol: Protocol, out: Path, rows: list[Row], tuned: dict) -> dict[str, Path]:

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from dist_tsp.data import Batch
 from dist_tsp.errors import UserError
@@ -84,21 +85,20 @@ class RunTeacher:
             return self.teacher(images)
 
 
-def shard_parameters(teacher: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """Split a frozen teacher's parameters over all ranks (fsdp or deepspeed); other modes keep it whole."""
+def shard_parameters(teacher: nn.Module, mode: str, world: DeviceMesh) -> nn.Module:
+    """Split a frozen teacher's parameters over the ranks of the 1-D mesh `world` (fsdp or deepspeed), each rank's
+    shard on the mesh's device; other modes keep it whole."""
     if mode == "fsdp":
-        return _fully_shard(teacher, device)
+        return _fully_shard(teacher, world)
     if mode == "deepspeed":
-        return _zero3(teacher, device)
+        return _zero3(teacher, world.device_type)
     return teacher
 
 
-def _fully_shard(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 over every rank: each block holding >= 1/16 of the parameters is its own unit (bounded peak)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _fully_shard(teacher: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 over the mesh's ranks: each block holding >= 1/16 of the parameters is its own unit (bounded peak)."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     total = sum(p.numel() for p in teacher.parameters())
 
     def shard_blocks(module: nn.Module) -> int:
@@ -128,11 +128,11 @@ def deepspeed_zero_settings() -> dict:
     return settings
 
 
-def _zero3(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """DeepSpeed ZeRO-3 inference engine over the existing process group (no optimizer)."""
+def _zero3(teacher: nn.Module, device_type: str) -> nn.Module:
+    """DeepSpeed ZeRO-3 inference engine over the existing world process group (no optimizer)."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     engine, *_ = deepspeed.initialize(
         model=teacher, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": deepspeed_zero_settings()})
     engine.eval()  # DeepSpeedEngine.eval returns None

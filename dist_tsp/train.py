@@ -117,7 +117,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
 def run_teacher_stage(cfg: RunConfig) -> None:
     """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
     accelerator, data = start(cfg, trackers=False)
-    _, info, _ = prepare_teacher(cfg, data, accelerator)
+    _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only())
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
@@ -133,12 +133,13 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
             print(f"resume=off: the earlier run's checkpoints and metrics were moved to {previous}")
     accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
+    graph = TeachingGraph.from_config(cfg)
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
-    if TeachingGraph.from_config(cfg).uses_teacher or teacher_path(cfg).is_file():
-        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator)
-        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, teacher, teacher_info, tracker,
+    if graph.uses_teacher or teacher_path(cfg).is_file():
+        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups)
+        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,
                              stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:

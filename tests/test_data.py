@@ -9,16 +9,16 @@ import torch.distributed as dist
 from PIL import Image
 
 from dist_tsp.config import DataConfig
-from dist_tsp.data import DataError, Normalizer, PeerBatches, load_dataset
+from dist_tsp.data import Augmentation, DataError, PeerBatches, load_dataset
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
 
 
 def digits_batches(replica: int, replicas: int, augment: bool = True, seed: int = 0) -> PeerBatches:
     data = load_dataset(DataConfig(name="digits"), seed=0)
-    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
+    augmentation = Augmentation(enabled=augment, hflip=True, pad=4, seed=seed)
     return PeerBatches(data.train, batch_size=32, num_replicas=replicas, replica=replica, seed=seed,
-                       augment=augment, hflip=True, normalize=normalize)
+                       augmentation=augmentation, normalize=data.normalize)
 
 
 def _batch_fingerprints(num_students: int):
@@ -61,11 +61,11 @@ def test_augmentation_crops_and_flips_on_the_fly():
     _, y_plain, i_plain = next(iter(plain.epoch(0)))
     x_aug, y_aug, i_aug = next(iter(augmented.epoch(0)))
     assert torch.equal(y_plain, y_aug) and torch.equal(i_plain, i_aug)
-    offsets, flips = augmented.epoch_views(0)
-    assert offsets.shape == (len(augmented.data), 2) and offsets.min() >= 0 and offsets.max() <= 2 * augmented.pad
+    offsets, flips = augmented.augmentation.epoch_views(0, len(augmented.data), torch.device("cpu"))
+    p = augmented.augmentation.pad
+    assert offsets.shape == (len(augmented.data), 2) and offsets.min() >= 0 and offsets.max() <= 2 * p
     assert 0.3 < flips.float().mean() < 0.7
     assert flips[i_aug].any() and not flips[i_aug].all()
-    p = augmented.pad
     for image, sample in zip(x_aug, i_aug.tolist()):
         oy, ox = offsets[sample].tolist()
         raw = torch.nn.functional.pad(augmented.data.images[sample], (p, p, p, p))[:, oy : oy + 32, ox : ox + 32]
@@ -75,15 +75,17 @@ def test_augmentation_crops_and_flips_on_the_fly():
 def test_a_samples_view_depends_on_seed_and_epoch_not_on_the_replica():
     one, two = digits_batches(0, 1), digits_batches(1, 2)
     images, _, indices = next(iter(two.epoch(3)))
-    assert torch.equal(images, one.view(indices, one.epoch_views(3)))
-    assert not torch.equal(images, one.view(indices, one.epoch_views(4)))
+    augmentation, n, cpu = one.augmentation, len(one.data), torch.device("cpu")
+    for epoch, same in ((3, True), (4, False)):
+        view = augmentation.view(one.data.images, indices, augmentation.epoch_views(epoch, n, cpu))
+        assert torch.equal(images, one.normalize(view)) is same
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error():
     data = load_dataset(DataConfig(name="digits"), seed=0)
     with pytest.raises(DataError, match=r"do not fill one batch of 4096: lower data.batch_size"):
-        PeerBatches(data.train, batch_size=4096, num_replicas=1, replica=0, seed=0, augment=False, hflip=False,
-                    normalize=Normalizer(data.mean, data.std, torch.device("cpu")))
+        PeerBatches(data.train, batch_size=4096, num_replicas=1, replica=0, seed=0,
+                    augmentation=data.augmentation(0, enabled=False), normalize=data.normalize)
 
 
 def test_digits_is_the_embedded_default_resized_to_rgb_32():

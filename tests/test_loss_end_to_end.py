@@ -2,7 +2,7 @@
 
 Built only on public seams: the CLI launched with accelerate, the run directory (config.yaml, metrics.jsonl,
 checkpoints), a teacher file and student init files written here, and the batch stream (`PeerBatches` over
-`load_dataset` with a `Normalizer`). The logits come from the models; every term (CE, T^2*KL to the teacher,
+`load_dataset`, normalised by the Dataset). The logits come from the models; every term (CE, T^2*KL to the teacher,
 the sum of T^2*KL to every other student, the weighted total) is computed here in float64 with a softmax and a
 KL written out by hand, so a weighting or scaling bug anywhere between the batch and metrics.jsonl shows.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dist_tsp.config import load_config
-from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.data import PeerBatches, load_dataset
 from dist_tsp.models import build_model
 from tests.runs import launch, one_thread, student_state
 
@@ -38,8 +38,7 @@ def first_batch(cfg):
     """The peer group's first batch (replica 0 of 1, epoch 0, step 0), from the public batch stream."""
     data = load_dataset(cfg.data, cfg.seed)
     batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=1, replica=0, seed=cfg.seed,
-                          augment=cfg.data.augment, hflip=data.hflip,
-                          normalize=Normalizer(data.mean, data.std, torch.device("cpu")))
+                          augmentation=data.augmentation(cfg.seed, cfg.data.augment), normalize=data.normalize)
     return next(batches.epoch(0))
 
 

@@ -73,12 +73,15 @@ def test_alternate_phase_two_trains_only_the_last_student_with_its_mentors_froze
     assert all(row["train/lenet/peer"] > 0 and row["train/lenet/kd"] > 0 for row in rows)
 
 
-def test_rerunning_reuses_every_finished_run(protocol):
+def test_rerunning_reuses_every_finished_run_and_the_progress_bar_counts_every_run(protocol, capsys):
     finished = {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")}
     table = (protocol / "table2.md").read_text()
+    capsys.readouterr()
     main([*TINY, "--out", str(protocol), "--seeds", "2"])
     assert {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")} == finished
     assert (protocol / "table2.md").read_text() == table
+    runs = len(finished) + 1  # and the teacher stage
+    assert f"| {runs}/{runs} [" in capsys.readouterr().err
 
 
 def test_other_options_in_the_same_directory_are_refused_in_one_line(protocol, capsys):

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_tsp.config import load_config
-from dist_tsp.data import Normalizer, PeerBatches, load_dataset
+from dist_tsp.data import PeerBatches, load_dataset
+from dist_tsp.graph import TeachingGraph
 from dist_tsp.models import build_model
 from tests.multiprocess import run_on_ranks
 from tests.runs import one_thread
@@ -62,7 +63,7 @@ def _train_replicas(tmp):
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
     data = load_dataset(cfg.data, cfg.seed)
     teacher = RunTeacher(teacher_model(tmp), sharded=True, autocast=accelerator.autocast)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, teacher, None,
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, TeachingGraph.from_config(cfg), teacher, None,
                              Tracker(cfg, accelerator), StopRequest())
     (student,) = trainer.students
     assert isinstance(student.model, torch.nn.parallel.DistributedDataParallel)
@@ -116,7 +117,6 @@ def test_first_update_is_sgd_on_the_mean_of_the_two_replicas_losses(replicas):
     tmp, ranks = replicas
     cfg = config(tmp)
     data = load_dataset(cfg.data, cfg.seed)
-    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
     start = torch.load(tmp / "solo.pt", weights_only=True)["model"]
     model = build_model(STUDENT, 10, **STUDENT_ARGS)
     model.load_state_dict(start)
@@ -127,7 +127,8 @@ def test_first_update_is_sgd_on_the_mean_of_the_two_replicas_losses(replicas):
     with one_thread():
         for replica in range(WORLD):
             batches = PeerBatches(data.train, batch_size=cfg.data.batch_size, num_replicas=WORLD, replica=replica,
-                                  seed=cfg.seed, augment=cfg.data.augment, hflip=data.hflip, normalize=normalize)
+                                  seed=cfg.seed, augmentation=data.augmentation(cfg.seed, cfg.data.augment),
+                                  normalize=data.normalize)
             batch = next(batches.epoch(0))
             assert torch.equal(batch.indices, ranks[replica]["first_indices"])
             with torch.no_grad():

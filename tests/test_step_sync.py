@@ -7,6 +7,7 @@ import torch
 
 from dist_tsp.config import load_config
 from dist_tsp.data import load_dataset
+from dist_tsp.graph import TeachingGraph
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
@@ -28,7 +29,7 @@ def trainer(tmp_path):
     teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
-                          data, teacher, None, Tracker(cfg, accelerator), StopRequest())
+                          data, TeachingGraph.from_config(cfg), teacher, None, Tracker(cfg, accelerator), StopRequest())
 
 
 def test_training_steps_between_log_steps_read_nothing_back_from_the_device(trainer, monkeypatch):

@@ -41,8 +41,8 @@ def config(tmp, mode: str):
 
 def first_batches(cfg, data):
     """Per epoch of EPOCHS, its first STEPS batches of the one peer group."""
-    batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed, augment=True,
-                          hflip=data.hflip, normalize=data.normalize)
+    batches = PeerBatches(data.train, batch_size=BATCH, num_replicas=1, replica=0, seed=cfg.seed,
+                          augmentation=data.augmentation(cfg.seed, enabled=True), normalize=data.normalize)
     return {epoch: list(islice(batches.epoch(epoch), STEPS)) for epoch in EPOCHS}
 
 
@@ -57,8 +57,8 @@ def _logits_in_modes(tmp, modes=MODES):
     results = {}
     for mode in modes:
         cfg = config(tmp, mode)
-        model, info, _ = prepare_teacher(cfg, data, accelerator)
-        source = teacher_logits(cfg, model, info, data, accelerator)
+        model, info, _ = prepare_teacher(cfg, data, accelerator, groups)
+        source = teacher_logits(cfg, model, info, data, accelerator, groups)
         logits, images = [], []
         for epoch, batches in first_batches(cfg, data).items():
             source.start_epoch(epoch)
