@@ -29,7 +29,11 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Which dataset, how it is split, batched and augmented.
+    """Which dataset, how it is split, batched, loaded and augmented.
+
+    Image folders stream from disk (decoded by `loader_workers` DataLoader workers per rank) unless `in_memory`;
+    `crop` is the training crop (padded: CIFAR-style; random_resized: ImageNet-style, with a resize and centre crop
+    for evaluation); `normalization` is the training set's own statistics or ImageNet's constants.
 
     `max_train_samples` keeps a fixed random subset of the training images (the same for every seed), for
     quick experiments; the validation split, when asked for, is taken from that subset.
@@ -44,11 +48,23 @@ class DataConfig(Section):
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     image_size: int = Field(32, ge=8)
+    in_memory: bool | None = None  # image_folder: decode every image into memory up front (default: stream)
+    loader_workers: int | None = Field(None, ge=0)  # per rank, decoding streamed images (default: up to 4, the
+    # CPUs this process may use shared among the node's ranks)
+    crop: Literal["padded", "random_resized"] = "padded"
+    normalization: Literal["dataset", "imagenet"] = "dataset"
 
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataConfig:
         if self.name == "image_folder" and self.root is None:
             raise ValueError("data.root is required for data.name=image_folder (a folder with train/ and test/)")
+        streamed = self.name == "image_folder" and not self.in_memory
+        if self.in_memory is False and self.name != "image_folder":
+            raise ValueError(f"data.in_memory=false streams image folders; {self.name} is always held in memory: "
+                             "remove data.in_memory")
+        if self.crop == "random_resized" and not streamed:
+            raise ValueError("data.crop=random_resized is made per sample by loader workers: it needs "
+                             "data.name=image_folder without data.in_memory=true")
         return self
 
 

@@ -1,33 +1,47 @@
-"""Datasets as in-memory uint8 tensors, the seeded per-sample augmentation, and the per-replica batch stream."""
+"""Datasets (in memory as uint8 tensors, or image files streamed from disk), the per-replica batch stream, and the
+evaluation batches."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from dist_tsp.augmentation import Augmentation, mixed_seed
 from dist_tsp.config import DataConfig
 from dist_tsp.errors import UserError
+from dist_tsp.image_files import EXTENSIONS, ImageFiles, list_image_folder
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-VIEW_STREAM = 0x5EED  # seeds the per-sample augmentation, apart from the sample order
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
+DEFAULT_WORKERS = 4
+STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's weights expect
 
 
 class DataError(UserError):
     """A dataset that cannot be found or read, with where to put it."""
 
 
+class ViewLoader(Protocol):
+    """Batches of uint8 views on the device: one per index tensor of `plan`, augmented for `epoch` (None: the
+    evaluation views)."""
+
+    def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ImageSet:
-    """Images [N, 3, H, W] uint8 and labels [N] int64."""
+    """Images [N, 3, H, W] uint8 and labels [N] int64, in memory."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -35,11 +49,40 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
     def subset(self, indices: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[indices], self.labels[indices])
 
     def to(self, device: torch.device) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device))
+
+    def fingerprint(self) -> bytes:
+        """The content: every image and label."""
+        return self.images.cpu().numpy().tobytes() + self.labels.cpu().numpy().tobytes()
+
+    def loader(self, augmentation: Augmentation | None, device: torch.device, *, persistent: bool = False
+               ) -> ViewLoader:
+        """Views made on the images' device, one gather per batch (`device` is where the images already are)."""
+        return _TensorViews(self.images, augmentation)
+
+
+class _TensorViews:
+    def __init__(self, images: torch.Tensor, augmentation: Augmentation | None) -> None:
+        self.images, self.augmentation = images, augmentation
+
+    def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]:
+        device = self.images.device
+        views = None if epoch is None or self.augmentation is None else \
+            self.augmentation.epoch_views(epoch, len(self.images), device)
+        for indices in plan:
+            yield self.images[indices.to(device)] if views is None else \
+                self.augmentation.view(self.images, indices.to(device), views)
+
+
+Samples = ImageSet | ImageFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,25 +90,28 @@ class Dataset:
     """Train/val/test splits of one dataset plus what is needed to feed a model."""
 
     name: str
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet
+    train: Samples
+    val: Samples | None
+    test: Samples
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hflip: bool
+    crop: str = "padded"
     normalize: Normalizer = dataclasses.field(init=False)  # the training images' statistics, on their device
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "normalize", Normalizer(self.mean, self.std, self.train.images.device))
+        object.__setattr__(self, "normalize", Normalizer(self.mean, self.std, self.train.labels.device))
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def augmentation(self, seed: int, enabled: bool) -> Augmentation:
-        """The training views' seeded crop (a pad of 1/8 of the image side) and flip (for the sets it suits)."""
-        return Augmentation(enabled=enabled, hflip=self.hflip, pad=max(1, self.train.images.shape[-1] // 8), seed=seed)
+        """The training views' seeded crop (padded by 1/8 of the image side, or random-resized) and flip (for the
+        sets it suits)."""
+        return Augmentation(enabled=enabled, hflip=self.hflip, pad=max(1, self.train.image_size // 8), seed=seed,
+                            crop=self.crop)
 
     def to(self, device: torch.device) -> Dataset:
         val = None if self.val is None else self.val.to(device)
@@ -73,21 +119,24 @@ class Dataset:
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """Load the configured dataset on the CPU, resized to cfg.image_size, with the optional val split."""
-    loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10,
-              "image_folder": _image_folder}[cfg.name]
-    train, test, classes, hflip = loader(cfg)
+    """Load the configured dataset on the CPU (image folders as file lists unless data.in_memory), at
+    cfg.image_size, with the optional val split."""
+    if cfg.name == "image_folder":
+        train, test, classes, hflip = _image_folder(cfg)
+    else:
+        loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10}[cfg.name]
+        train, test, classes, hflip = loader(cfg)
+        train, test = (_resized(s, cfg.image_size) for s in (train, test))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))
         train = train.subset(subset[: cfg.max_train_samples].sort().values)
-    train, test = (_resized(s, cfg.image_size) for s in (train, test))
     val = None
     if cfg.val_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         n_val = int(round(cfg.val_fraction * len(train)))
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
-    mean, std = _channel_stats(train.images)
-    return Dataset(cfg.name, train, val, test, classes, mean, std, hflip)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalization == "imagenet" else _training_stats(train)
+    return Dataset(cfg.name, train, val, test, classes, mean, std, hflip, cfg.crop)
 
 
 def _resized(images: ImageSet, size: int) -> ImageSet:
@@ -95,6 +144,15 @@ def _resized(images: ImageSet, size: int) -> ImageSet:
         return images
     resized = F.interpolate(images.images.float(), size=(size, size), mode="bilinear", antialias=True)
     return ImageSet(resized.round().clamp(0, 255).to(torch.uint8), images.labels)
+
+
+def _training_stats(train: Samples) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images (of a fixed subset of STATS_SAMPLES when streamed)."""
+    if isinstance(train, ImageSet):
+        return _channel_stats(train.images)
+    indices = torch.arange(len(train)) if len(train) <= STATS_SAMPLES else \
+        torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))[:STATS_SAMPLES].sort().values
+    return _channel_stats(decode_all(train.subset(indices), "normalisation statistics").images)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -161,31 +219,52 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     return train, test, list(splits[0].classes), True
 
 
-def _image_folder(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
-    """Your own images: data.root/train/<class>/*.png and data.root/test/<class>/*.png."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
+def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
+    """Your own images: data.root/train/<class>/* and data.root/test/<class>/* (or val/<class>/*, as ImageNet
+    has), as file lists read by loader workers, or decoded into memory when data.in_memory."""
     root = Path(cfg.root)
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise DataError(f"image folder {root / split} not found: "
-                            "data.root needs train/<class>/ and test/<class>/ folders")
-    transform = v2.Compose([v2.PILToTensor(), v2.RGB(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
-    sets = [ImageFolder(str(root / split), transform=transform) for split in ("train", "test")]
-    if sets[0].classes != sets[1].classes:
-        raise DataError(f"image folder {root}: train/ and test/ must have the same class folders")
-    train, test = (ImageSet(torch.stack([img for img, _ in s]), torch.as_tensor(s.targets)) for s in sets)
-    return train, test, sets[0].classes, True
+    held_out = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or held_out is None:
+        raise DataError(f"image folder {root}: data.root needs train/<class>/ and test/<class>/ (or val/<class>/) "
+                        "folders")
+    classes, train_paths, train_labels = list_image_folder(root / "train")
+    held_classes = sorted(p.name for p in held_out.iterdir() if p.is_dir())
+    if extra := sorted(set(held_classes) - set(classes)) or sorted(set(classes) - set(held_classes)):
+        where = (f"{held_out.name}/ but not train/" if extra[0] in held_classes
+                 else f"train/ but not {held_out.name}/")
+        raise DataError(f"image folder {root}: class folder {extra[0]!r} is in {where}: both splits need the same "
+                        "class folders")
+    _, test_paths, test_labels = list_image_folder(held_out, classes)
+    for split, paths in (("train", train_paths), (held_out.name, test_paths)):
+        if len(paths) == 0:
+            raise DataError(f"image folder {root / split} has no images ({' '.join(EXTENSIONS)}): "
+                            "put each image in its class folder")
+    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    train, test = (ImageFiles(root / split, paths, labels, cfg.image_size, cfg.crop, workers)
+                   for split, paths, labels in (("train", train_paths, train_labels),
+                                                (held_out.name, test_paths, test_labels)))
+    if cfg.in_memory:
+        train, test = decode_all(train, "train images"), decode_all(test, f"{held_out.name} images")
+    return train, test, classes, True
+
+
+def default_workers() -> int:
+    """Loader workers per rank: up to 4, the CPUs this process may use shared among the ranks on its node."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // ranks_here))
+
+
+def decode_all(files: ImageFiles, what: str) -> ImageSet:
+    """Every image of `files` decoded (its evaluation view) into memory by the loader workers."""
+    chunks = torch.arange(len(files)).split(256)
+    loader = files.loader(None, torch.device("cpu"))
+    images = [b for b in tqdm(loader(chunks, None), total=len(chunks), desc=f"decoding {what}", leave=False,
+                              disable=len(chunks) < 8)]
+    return ImageSet(torch.cat(images), files.labels)
 
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def mixed_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from several integers (seed, epoch, replica, ...)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class Normalizer:
@@ -207,63 +286,14 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
-@dataclass(frozen=True, slots=True)
-class Augmentation:
-    """The seeded per-sample augmentation: a random crop of the image zero-padded by `pad` pixels, plus a horizontal
-    flip when `hflip`, drawn per sample and epoch from (seed, epoch) alone. A sample's view is therefore the same
-    whatever the placement, the batch it falls in or who asks: the batch stream, the teacher-logit cache and its
-    key all share this object. Disabled, every view is the image itself."""
-
-    enabled: bool
-    hflip: bool
-    pad: int
-    seed: int
-
-    def epoch_views(self, epoch: int, num_samples: int, device: torch.device) -> Views | None:
-        """Every sample's crop offset [N, 2] and flip [N] in this epoch, on `device` (None: no augmentation)."""
-        if not self.enabled:
-            return None
-        generator = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM))
-        offsets = torch.randint(0, 2 * self.pad + 1, (num_samples, 2), generator=generator)
-        flips = torch.rand(num_samples, generator=generator) < 0.5 if self.hflip else None
-        return Views(offsets.to(device), None if flips is None else flips.to(device))
-
-    def view(self, images: torch.Tensor, indices: torch.Tensor, views: Views | None) -> torch.Tensor:
-        """The uint8 views of samples `indices` of `images` [N, 3, H, W] (on the images' device): one gather per
-        batch."""
-        selected = images[indices]
-        if views is None:
-            return selected
-        b, c, h, w = selected.shape
-        padded = F.pad(selected, (self.pad,) * 4)
-        offsets = views.offsets[indices]
-        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)
-        cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
-        if views.flips is not None:
-            cols = torch.where(views.flips[indices][:, None], cols.flip(1), cols)
-        pixels = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).view(b, 1, h * w)
-        return padded.flatten(2).gather(2, pixels.expand(b, c, h * w)).view(b, c, h, w)
-
-    def key(self) -> dict:
-        """What a sample's view depends on, besides the image (for the teacher-logit cache's key)."""
-        return {"augment": self.enabled, "hflip": self.hflip, "pad": self.pad, "seed": self.seed}
-
-
-class Views(NamedTuple):
-    """Per-sample augmentation of one epoch: crop offsets [N, 2] and horizontal flips [N] (or None)."""
-
-    offsets: torch.Tensor
-    flips: torch.Tensor | None
-
-
 class PeerBatches:
     """One replica's batches: identical on every rank of a peer group, disjoint across replicas.
 
     The sample order depends only on (seed, epoch, replica), never on the rank; each sample's view comes from
-    `augmentation`, on the data's device.
+    `augmentation`, made on the device (in memory) or in loader workers (streamed).
     """
 
-    def __init__(self, data: ImageSet, *, batch_size: int, num_replicas: int, replica: int, seed: int,
+    def __init__(self, data: Samples, *, batch_size: int, num_replicas: int, replica: int, seed: int,
                  augmentation: Augmentation, normalize: Normalizer) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.num_replicas, self.replica = num_replicas, replica
@@ -273,6 +303,7 @@ class PeerBatches:
                 f"{len(data)} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
                 "lower data.batch_size"
             )
+        self.views = data.loader(augmentation, data.labels.device, persistent=True)
 
     def __len__(self) -> int:
         return len(self.data) // self.num_replicas // self.batch_size
@@ -285,16 +316,23 @@ class PeerBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the batches of the epoch from `start_step`."""
-        device = self.data.images.device
-        order, views = self.epoch_order(epoch), self.augmentation.epoch_views(epoch, len(self.data), device)
-        shard = order.to(device)
-        for step in range(start_step, len(order)):
-            images = self.augmentation.view(self.data.images, shard[step], views)
-            yield Batch(self.normalize(images), self.data.labels[shard[step]], order[step])
+        order = self.epoch_order(epoch)[start_step:]
+        labels = self.data.labels[order.to(self.data.labels.device)]
+        for step, images in enumerate(self.views(order, epoch)):
+            yield Batch(self.normalize(images), labels[step], order[step])
 
 
-def eval_batches(data: ImageSet, batch_size: int, normalize: Normalizer) -> Iterator[Batch]:
-    """The whole set in order, unaugmented."""
-    for start in range(0, len(data), batch_size):
-        end = min(start + batch_size, len(data))
-        yield Batch(normalize(data.images[start:end]), data.labels[start:end], torch.arange(start, end))
+def images_of(data: Samples, indices: list[int]) -> torch.Tensor:
+    """The evaluation views of a few samples [len(indices), 3, S, S] uint8, on the CPU (only those are read)."""
+    if not indices:
+        return torch.empty(0, 3, data.image_size, data.image_size, dtype=torch.uint8)
+    return next(data.loader(None, data.labels.device)([torch.tensor(indices)], None)).cpu()
+
+
+def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices: torch.Tensor | None = None
+                 ) -> Iterator[Batch]:
+    """The samples `indices` (default: the whole set) in order, unaugmented, `batch_size` at a time."""
+    chunks = (torch.arange(len(data)) if indices is None else indices).split(batch_size)
+    device = data.labels.device
+    for chunk, images in zip(chunks, data.loader(None, device)(chunks, None)):
+        yield Batch(normalize(images), data.labels[chunk.to(device)], chunk)

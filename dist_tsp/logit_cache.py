@@ -20,18 +20,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dist_tsp.augmentation import Augmentation
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Augmentation, Batch, ImageSet, Normalizer, Views
+from dist_tsp.data import Batch, Normalizer, Samples
 from dist_tsp.exchange import all_reduce
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
 
 
-def cache_key(cfg: RunConfig, teacher_sha256: str, train: ImageSet, augmentation: Augmentation,
+def cache_key(cfg: RunConfig, teacher_sha256: str, train: Samples, augmentation: Augmentation,
               mixed_precision: str) -> dict:
-    """Everything the cached logits depend on."""
-    content = hashlib.sha256(train.images.cpu().numpy().tobytes())
-    content.update(train.labels.cpu().numpy().tobytes())
+    """Everything the cached logits depend on (a streamed set by its file names and labels, not its pixels)."""
+    content = hashlib.sha256(train.fingerprint())
     return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
             "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
             **augmentation.key(), "mixed_precision": mixed_precision}
@@ -41,7 +41,7 @@ class CachedLogits:
     """Per step, the cached rows of the batch's samples for the current epoch: nothing to add to the step's
     all-gather."""
 
-    def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: ImageSet, augmentation: Augmentation,
+    def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: Samples, augmentation: Augmentation,
                  normalize: Normalizer, *, world: dist.ProcessGroup | None, batch_size: int, device: torch.device,
                  writer: bool, verbose: bool) -> None:
         """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed."""
@@ -81,21 +81,18 @@ class CachedLogits:
         return torch.from_numpy(rows).to(self.device, non_blocking=True)
 
     def _compute(self, epoch: int, path: Path) -> None:
-        device = self.data.images.device
-        views = self.augmentation.epoch_views(epoch, len(self.data), device)
-        indices = torch.arange(len(self.data), device=device)
-        chunks = range(0, len(self.data), self.batch_size)
-        logits = [gathered_logits(self.teacher, self._batch(indices[i : i + self.batch_size], views),
-                                  self.world).float().cpu()
-                  for i in tqdm(chunks, desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
+        chunks = torch.arange(len(self.data)).split(self.batch_size)
+        views = self.data.loader(self.augmentation, self.device)(chunks, epoch)
+        logits = [gathered_logits(self.teacher, self._batch(indices, images), self.world).float().cpu()
+                  for indices, images in tqdm(zip(chunks, views), total=len(chunks),
+                                              desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
         if self.writer:
             self._write(torch.cat(logits).numpy(), path)
         if self.world is not None:
             dist.barrier(self.world)
 
-    def _batch(self, indices: torch.Tensor, views: Views | None) -> Batch:
-        images = self.augmentation.view(self.data.images, indices, views)
-        return Batch(self.normalize(images), self.data.labels[indices], indices.cpu())
+    def _batch(self, indices: torch.Tensor, images: torch.Tensor) -> Batch:
+        return Batch(self.normalize(images), self.data.labels[indices.to(self.device)], indices)
 
     def _write(self, logits: np.ndarray, path: Path) -> None:
         """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""

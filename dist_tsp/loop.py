@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp.checkpointer import Checkpointer
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Batch, Dataset, ImageSet, PeerBatches
+from dist_tsp.data import Batch, Dataset, PeerBatches, Samples
 from dist_tsp.errors import Preempted
 from dist_tsp.evaluation import predict
 from dist_tsp.exchange import all_gather_cat_parts, all_reduce
@@ -189,10 +189,10 @@ class StudentTrainer:
         accuracies["test"] = self._accuracy(test_predictions, self.data.test)
         return Evaluation(accuracies, test_predictions)
 
-    def _accuracy(self, predicted: torch.Tensor, data: ImageSet) -> dict[str, float]:
+    def _accuracy(self, predicted: torch.Tensor, data: Samples) -> dict[str, float]:
         return dict(zip(self.cfg.student_names, (predicted == data.labels).float().mean(dim=1).tolist()))
 
-    def predictions(self, models: list[nn.Module], data: ImageSet) -> torch.Tensor:
+    def predictions(self, models: list[nn.Module], data: Samples) -> torch.Tensor:
         """Every student's predicted class for every sample [N, len(data)], on every rank (one all-reduce):
         each replica predicts its strided share of the samples."""
         mine = predict(models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,

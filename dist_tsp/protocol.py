@@ -230,18 +230,18 @@ def execute(protocol: Protocol, out: Path) -> dict[str, Path]:
         later = seed_runs(protocol, tuned)
         runner.bar.total += len(later)
         runner.bar.refresh()
-        rows: dict[str, Row] = {}
+        labels: dict[str, str] = {}
+        cells: dict[str, dict[int, dict[str, Path]]] = {}  # method -> seed -> student -> its run
         for planned in later:
             directory = runner.run(planned)
             if planned.row is not None:
-                method, label, seed = planned.row
-                cells = rows.setdefault(method, Row(method, label, {})).runs.setdefault(seed, {})
-                cells.update(dict.fromkeys(planned.reports, directory))
-        for row in rows.values():  # every seed's cells in the students' order
-            row.runs = {seed: {name: cells[name] for name in protocol.base.student_names}
-                        for seed, cells in row.runs.items()}
+                method, labels[method], seed = planned.row
+                cells.setdefault(method, {}).setdefault(seed, {}).update(dict.fromkeys(planned.reports, directory))
+        names = protocol.base.student_names
+        rows = [Row(method, labels[method], {seed: {name: found[name] for name in names}
+                                             for seed, found in seeds.items()}) for method, seeds in cells.items()]
         runner.bar.set_postfix_str("report")
-        return report(protocol, out, list(rows.values()), tuned)
+        return report(protocol, out, rows, tuned)
 
 
 def grid_runs(protocol: Protocol) -> list[PlannedRun]:
@@ -318,7 +318,7 @@ def report(protocol: Protocol, out: Path, rows: list[Row], tuned: dict) -> dict[
         first = protocol.seeds[0]
         test = load_dataset(base.data, first)
         runs = [by_method[m][names[0]] for m in ("kd", "scratch", "kd", "tsp")]
-        files.update({p.stem: p for p in protocol_report.plot_qualitative(out, *runs, names, test.test.images,
+        files.update({p.stem: p for p in protocol_report.plot_qualitative(out, *runs, names, test.test,
                                                                            test.classes)})
     if base.tracking.report_to == "wandb":
         log_table_to_wandb(base, out, table2)

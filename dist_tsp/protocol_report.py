@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.data import Samples, images_of
 from dist_tsp.errors import UserError
 from dist_tsp.report import write_table
 
@@ -233,7 +234,7 @@ def _predictions(run: Path, key: str, count: int) -> np.ndarray:
         return archive[key]
 
 
-def _image_grid(path: Path, title: str, images: torch.Tensor, per_student: int,
+def _image_grid(path: Path, title: str, images: dict[int, torch.Tensor], per_student: int,
                 cells: dict[str, list[tuple[int, str]]]) -> Path:
     """One row of titled images per student; a row with no image says so."""
     figure = Figure(figsize=(1.3 * per_student, 1.5 * len(cells)), layout="constrained")
@@ -255,10 +256,10 @@ def _image_grid(path: Path, title: str, images: torch.Tensor, per_student: int,
 
 
 def plot_qualitative(out: Path, teacher_run: Path, scratch: Path, kd: Path, tsp: Path, students: list[str],
-                     images: torch.Tensor, classes: list[str], per_student: int = 8) -> list[Path]:
+                     test: Samples, classes: list[str], per_student: int = 8) -> list[Path]:
     """Figure 4 (teacher right, scratch wrong, KD right) and Figure 5 (teacher and scratch wrong, some TSP
-    peer right, the TSP student right), `per_student` test images per student."""
-    count = len(images)
+    peer right, the TSP student right), `per_student` test images per student (only those are read)."""
+    count = len(test)
     labels = _predictions(teacher_run, "labels", count)
     teacher = _predictions(teacher_run, "teacher", count)
     scratch_p, kd_p, tsp_p = ({s: _predictions(run, s, count) for s in students} for run in (scratch, kd, tsp))
@@ -272,6 +273,8 @@ def plot_qualitative(out: Path, teacher_run: Path, scratch: Path, kd: Path, tsp:
     figure5 = {s: captions(qualitative_indices(labels, [tsp_p[s]], [teacher, scratch_p[s]],
                                                [tsp_p[p] for p in students if p != s], per_student), s, teacher)
                for s in students}
+    shown = sorted({index for cells in (figure4, figure5) for row in cells.values() for index, _ in row})
+    images = dict(zip(shown, images_of(test, shown)))
     return [_image_grid(out / "figure4.png", "teacher right, scratch wrong, KD right (true/scratch/KD)",
                         images, per_student, figure4),
             _image_grid(out / "figure5.png", "teacher and scratch wrong, a peer and TSP right (true/scratch/teacher)",

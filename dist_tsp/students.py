@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_tsp import checkpoint
+from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
-from dist_tsp.data import mixed_seed
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement

@@ -13,8 +13,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint
+from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Dataset, PeerBatches, eval_batches, mixed_seed
+from dist_tsp.data import Dataset, PeerBatches, eval_batches
 from dist_tsp.exchange import all_gather_cat
 from dist_tsp.logit_cache import CachedLogits, cache_key
 from dist_tsp.models import build_model, load_pretrained, scale_inputs

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
-from dist_tsp.data import Augmentation, DataError, PeerBatches, load_dataset
+from dist_tsp.data import DataError, PeerBatches, load_dataset
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
 
@@ -161,12 +162,12 @@ def test_image_folder_loads_and_resizes_class_folders(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (40, 50), (color, i, 0)).save(tmp_path / split / cls / f"{i}.png")
-    data = load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
+    data = load_dataset(DataConfig(name="image_folder", root=tmp_path, in_memory=True), seed=0)
     assert data.classes == ["cat", "dog"] and data.train.images.shape == (6, 3, 32, 32)
     assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_image_folder_without_test_split_is_reported(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"test not found: data.root needs train/<class>/ and test/<class>/"):
+    with pytest.raises(DataError, match=r"data.root needs train/<class>/ and test/<class>/ \(or val/<class>/\)"):
         load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dist_tsp.data import ImageSet
 from dist_tsp.errors import UserError
 from dist_tsp.protocol_report import (
     GridPoint,
@@ -180,14 +181,14 @@ def test_qualitative_figures_are_written_even_when_a_student_has_no_example(tmp_
         "tsp": {"labels": labels, "lenet": labels, "alexnet": labels}}
     runs = {name: make_run(tmp_path / name, {s: 0.5 for s in students}, predictions=p)
             for name, p in prediction_runs.items()}
-    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    test = ImageSet(torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.tensor(labels))
     paths = plot_qualitative(tmp_path / "out", runs["teacher"], runs["scratch"], runs["kd"], runs["tsp"], students,
-                             images, ["zero", "one", "two"], per_student=4)
+                             test, ["zero", "one", "two"], per_student=4)
     assert [p.name for p in paths] == ["figure4.png", "figure5.png"] and all(is_png(p) for p in paths)
 
 
 def test_qualitative_figures_need_teacher_predictions(tmp_path):
     run = make_run(tmp_path / "run", {"lenet": 0.5}, predictions={"labels": LABELS, "lenet": LABELS})
-    images = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
+    test = ImageSet(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.tensor(LABELS))
     with pytest.raises(UserError, match="no 'teacher' predictions"):
-        plot_qualitative(tmp_path / "out", run, run, run, run, ["lenet"], images, ["a", "b", "c"])
+        plot_qualitative(tmp_path / "out", run, run, run, run, ["lenet"], test, ["a", "b", "c"])

@@ -1,0 +1,153 @@
+"""Image folders streamed from disk by DataLoader workers keep every invariant of the in-memory batch stream: the same
+views as the folder decoded into memory, views that depend on (seed, epoch, sample) alone whatever the number of
+workers, identical batches in a peer group and disjoint shards across replicas on gloo ranks, exact mid-epoch resume,
+and one clear line for a bad image or folder."""
+
+from __future__ import annotations
+
+import hashlib
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from dist_tsp.config import DataConfig
+from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
+from dist_tsp.image_files import ImageError, ImageFiles
+from dist_tsp.placement import Placement
+from tests.multiprocess import run_on_ranks
+
+CLASSES = ("ant", "bee", "cat", "dog")
+
+
+def write_folder(root: Path, per_class: int = 24, held_out: str = "test", size: tuple[int, int] = (30, 24)) -> Path:
+    """JPEGs of noise over a class colour (one grayscale and one PNG among them), in root/{train,held_out}/<class>/."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), (held_out, per_class // 4)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (size[1], size[0], 3)) + np.array([40 * label, 30, 200 - 40 * label])
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                if i == 1:
+                    image = image.convert("L")
+                image.save(folder / (f"{i:03d}.png" if i == 2 else f"{i:03d}.jpg"), quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("folder"))
+
+
+def folder_data(root: Path, **options) -> Dataset:
+    return load_dataset(DataConfig(name="image_folder", root=root, **{"loader_workers": 2, **options}), seed=0)
+
+
+def batches(data: Dataset, replica: int = 0, replicas: int = 1, seed: int = 0) -> PeerBatches:
+    return PeerBatches(data.train, batch_size=8, num_replicas=replicas, replica=replica, seed=seed,
+                       augmentation=data.augmentation(seed, enabled=True), normalize=data.normalize)
+
+
+def as_tensors(stream) -> list[torch.Tensor]:
+    return [torch.cat([b.images.flatten(), b.labels.float(), b.indices.float()]) for b in stream]
+
+
+def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_memory(folder):
+    streamed, in_memory = folder_data(folder), folder_data(folder, in_memory=True)
+    assert isinstance(streamed.train, ImageFiles) and in_memory.train.images.shape == (96, 3, 32, 32)
+    assert streamed.mean == in_memory.mean and streamed.std == in_memory.std
+    for epoch in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(as_tensors(batches(streamed).epoch(epoch)),
+                                                      as_tensors(batches(in_memory).epoch(epoch)), strict=True))
+    evaluated = [as_tensors(eval_batches(d.test, 10, d.normalize)) for d in (streamed, in_memory)]
+    assert all(torch.equal(a, b) for a, b in zip(*evaluated, strict=True))
+    assert torch.equal(images_of(streamed.test, [3, 0]), in_memory.test.images[[3, 0]])
+
+
+@pytest.mark.parametrize("crop", ["padded", "random_resized"])
+def test_views_depend_on_seed_epoch_and_sample_alone_not_on_workers_replica_or_start_step(folder, crop):
+    reference = folder_data(folder, crop=crop, loader_workers=0)
+    one = as_tensors(batches(reference).epoch(2))
+    assert all(torch.equal(a, b) for a, b in zip(one, as_tensors(batches(folder_data(folder, crop=crop,
+                                                                                        loader_workers=2)).epoch(2))))
+    resumed = as_tensors(batches(reference).epoch(2, start_step=5))
+    assert len(resumed) == len(one) - 5 and all(torch.equal(a, b) for a, b in zip(one[5:], resumed))
+    other_replica = next(batches(reference, replica=1, replicas=2).epoch(2))
+    alone = {i: image for b in batches(reference).epoch(2) for i, image in zip(b.indices.tolist(), b.images)}
+    assert all(torch.equal(image, alone[i]) for i, image in zip(other_replica.indices.tolist(), other_replica.images))
+    next_epoch = {i: image for b in batches(reference).epoch(3) for i, image in zip(b.indices.tolist(), b.images)}
+    assert sum(torch.equal(alone[i], next_epoch[i]) for i in alone) < len(alone) / 4  # redrawn every epoch
+
+
+def test_random_resized_crops_vary_in_scale_and_evaluation_is_a_centre_crop(folder):
+    data = folder_data(folder, crop="random_resized", image_size=16)
+    first = next(batches(data).epoch(0))
+    assert first.images.shape == (8, 3, 16, 16)
+    views = [data.train.subset(torch.tensor([0])).loader(data.augmentation(s, True), torch.device("cpu"))
+             for s in (0, 1)]
+    crops = [next(v([torch.tensor([0])], 0)) for v in views]
+    assert not torch.equal(*crops)  # another seed, another crop
+    centre = images_of(data.test, [0])[0]
+    decoded = torch.from_numpy(np.asarray(Image.open(folder / "test" / "ant" / "000.jpg"))).permute(2, 0, 1)
+    side = round(16 / 0.875)  # the shorter side (24) resized to 18, then the centre 16 x 16
+    resized = torch.nn.functional.interpolate(decoded[None].float(), size=(side, round(side * 30 / 24)),
+                                              mode="bilinear", antialias=True)[0]
+    assert (centre.float() - resized[:, 1:17, 3:19].round()).abs().max() <= 2
+
+
+def _streamed_fingerprints(root: Path, num_students: int):
+    placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
+    stream = batches(folder_data(root, loader_workers=1), placement.replica_index, placement.replicas)
+    hashes = [hashlib.sha256(b.images.numpy().tobytes()).hexdigest() for b in islice(stream.epoch(1), 3)]
+    return {"replica": placement.replica_index, "hashes": hashes, "indices": stream.epoch_order(1).flatten().tolist()}
+
+
+def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder):
+    ranks = run_on_ranks(_streamed_fingerprints, 4, folder, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
+    assert [r["replica"] for r in ranks] == [0, 0, 1, 1]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
+    assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
+    assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
+
+
+def test_imagenet_layout_with_a_val_folder_is_found(tmp_path):
+    data = folder_data(write_folder(tmp_path, per_class=8, held_out="val"), normalization="imagenet")
+    assert len(data.test) == 8 and data.classes == list(CLASSES) and data.mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.parametrize("normalization", ["dataset", "imagenet"])  # read for the statistics, or first in training
+def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
+    root = write_folder(tmp_path, per_class=8)
+    broken = root / "train" / "bee" / "003.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(ImageError) as error:
+        list(batches(folder_data(root, normalization=normalization)).epoch(0))
+    assert str(error.value) == (f"image {broken} cannot be read (Image is incomplete or truncated.): replace or "
+                                "remove it")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing class", r"class folder 'dog' is in train/ but not test/: both splits need the same class folders"),
+    ("extra class", r"class folder 'eel' is in test/ but not train/: both splits need the same class folders"),
+    ("empty split", r"image folder .*/test has no images \(.jpg .jpeg .png .webp .bmp .gif\): put each image in "
+                    r"its class folder"),
+])
+def test_a_bad_folder_layout_is_one_line_before_any_image_is_read(tmp_path, problem, message):
+    root = write_folder(tmp_path, per_class=4)
+    if problem == "missing class":
+        for f in (root / "test" / "dog").iterdir():
+            f.unlink()
+        (root / "test" / "dog").rmdir()
+    elif problem == "extra class":
+        (root / "test" / "eel").mkdir()
+    else:
+        for f in (root / "test").rglob("*.*"):
+            f.unlink()
+    with pytest.raises(DataError, match=message):
+        folder_data(root)
