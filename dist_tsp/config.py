@@ -119,6 +119,10 @@ class StudentConfig(ModelSpec):
 
 
 TEACHER_MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")  # see dist_tsp/teacher_modes.py
+# Settings that change results but came after checkpoints were first written: left out of a run's identity at
+# their defaults, so those checkpoints still resume.
+SETTINGS_ADDED_SINCE_CHECKPOINTS = (("data", "crop"), ("data", "normalization"), ("teacher", "cache_topk"),
+                                    ("teacher", "cache_precision"))
 
 
 class TeacherConfig(ModelSpec):
@@ -126,11 +130,14 @@ class TeacherConfig(ModelSpec):
     saved there (default: output_dir/teacher/model.pt); then used in eval mode.
 
     `weights` starts that training from pretrained weights: `imagenet` (torchvision's weights, downloaded)
-    or a state-dict file; the classifier head is re-initialised for the dataset's classes.
+    or a state-dict file; the classifier head is re-initialised for the dataset's classes, unless it already has
+    them. `epochs=0` uses the pretrained teacher as it is (an ImageNet teacher on ImageNet).
     `input_scale` resizes the teacher's inputs on the device (paper: 7, 32 -> 224); students keep theirs.
     `mode` is how each step gets the teacher's logits (all give the same logits):
     replicated (every rank runs the whole batch), sharded (1/G of the batch per rank, all-gathered),
-    cached (computed once per epoch's augmented views, stored under `cache_dir`, then read),
+    cached (computed once per epoch's augmented views, stored under `cache_dir`, then read; `cache_topk=k` keeps
+    each sample's k largest logits and their classes, the KD term then against the renormalised top-k
+    distribution as in FKD; `cache_precision` stores the values in float32 or float16),
     fsdp / deepspeed (batch-sharded, with the parameters sharded 1/W over the ranks: FSDP2 or ZeRO-3).
     `channels_last` trains and runs it in the channels-last memory format (faster convolutions on CPUs and
     GPUs); the parameter-sharded modes run it in the default format.
@@ -142,12 +149,24 @@ class TeacherConfig(ModelSpec):
     checkpoint: Path | None = None
     mode: Literal[TEACHER_MODES] = "sharded"
     cache_dir: Path | None = None
+    cache_topk: int | None = Field(None, gt=0)
+    cache_precision: Literal["float32", "float16"] = "float32"
     channels_last: bool = True
-    epochs: int = Field(3, gt=0)
+    epochs: int = Field(3, ge=0)
     batch_size: int = Field(128, gt=0)
     optimizer: OptimConfig = Field(
         default_factory=lambda: OptimConfig(name="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine")
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TeacherConfig:
+        if self.mode != "cached" and (self.cache_topk is not None or self.cache_precision != "float32"):
+            raise ValueError("teacher.cache_topk and teacher.cache_precision shape the logit cache: they need "
+                             "teacher.mode=cached")
+        if self.epochs == 0 and self.weights is None and self.checkpoint is None:
+            raise ValueError("teacher.epochs=0 uses the teacher as it is: give teacher.weights (e.g. imagenet) or "
+                             "teacher.checkpoint")
+        return self
 
 
 LOSS_PRESETS = {
@@ -258,7 +277,11 @@ class RunConfig(Section):
         tree = self.to_dict()
         for key in ("output_dir", "resume", "tracking"):
             tree.pop(key)
-        tree["data"].pop("eval_batch_size")
+        for key in ("eval_batch_size", "in_memory", "loader_workers"):  # how data is read, not which
+            tree["data"].pop(key)
+        for section, key in SETTINGS_ADDED_SINCE_CHECKPOINTS:  # at their defaults, older checkpoints still match
+            if tree[section][key] == type(getattr(self, section)).model_fields[key].default:
+                tree[section].pop(key)
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",

@@ -1,19 +1,23 @@
 """teacher.mode=cached: the teacher's logits for every sample's view of an epoch, computed once, then read.
 
-A sample's augmented view depends only on (seed, epoch, sample) (see data.Augmentation), so
-the cache replays exactly the view each student sees: the logits of epoch e are computed on the
-views of epoch e, batch-sharded over all ranks, and stored as one memory-mapped .npy per epoch
-(one file in all when augmentation is off). The folder is named by a hash of everything the logits
-depend on (teacher file, teacher model and input scale, training images and labels, augmentation,
-seed, precision), so runs that share `teacher.cache_dir` reuse it and a changed input never
-matches a stale file.
+A sample's augmented view depends only on (seed, epoch, sample) (see data.Augmentation), so the cache replays
+exactly the view each student sees: the logits of epoch e are computed on the views of epoch e, batch-sharded over
+all ranks, streamed to one memory-mapped .npy per epoch (one file in all when augmentation is off) as they come.
+A row holds all C logits, or (teacher.cache_topk=k) the k largest and their classes, in float32 or float16
+(teacher.cache_precision): ImageNet's 1.28 M x 1000 dense float32 logits are 5 GB per epoch, its top-10 in
+float16 77 MB. The folder is named by a hash of everything the logits depend on (teacher file, teacher model and
+input scale, training images and labels, augmentation, seed, precision, layout), so runs that share
+`teacher.cache_dir` reuse it and a changed input never matches a stale file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -34,7 +38,59 @@ def cache_key(cfg: RunConfig, teacher_sha256: str, train: Samples, augmentation:
     content = hashlib.sha256(train.fingerprint())
     return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
             "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
-            **augmentation.key(), "mixed_precision": mixed_precision}
+            **augmentation.key(), "mixed_precision": mixed_precision, **layout_key(cfg)}
+
+
+def layout_key(cfg: RunConfig) -> dict:
+    """The storage settings, when not the dense float32 of caches written before they existed."""
+    return {k: v for k, v in (("topk", cfg.teacher.cache_topk), ("precision", cfg.teacher.cache_precision))
+            if v not in (None, "float32")}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """How a sample's teacher logits are stored: all C of them (dense), or the k largest with their classes
+    (top-k, as FKD stores its soft labels), in float32 or float16. A top-k row reads back as C logits that are
+    -inf outside its k classes: the softmax is then the renormalised top-k distribution, and with k = C and
+    float32 it is exactly the dense row."""
+
+    num_classes: int
+    topk: int | None
+    precision: str  # float32 or float16
+
+    @property
+    def dtype(self) -> np.dtype:
+        """One row's numpy type: C values, or a record of k values and k classes."""
+        if self.topk is None:
+            return np.dtype((self.precision, (self.num_classes,)))
+        return np.dtype([("logits", self.precision, (self.topk,)), ("classes", np.int32, (self.topk,))])
+
+    def encode(self, logits: torch.Tensor) -> np.ndarray:
+        """[B, C] float32 logits -> B rows."""
+        if self.topk is None:
+            return logits.cpu().numpy().astype(self.precision)
+        values, classes = logits.topk(self.topk, dim=-1)
+        rows = np.empty(len(logits), self.dtype)
+        rows["logits"], rows["classes"] = values.cpu().numpy(), classes.cpu().numpy()
+        return rows
+
+    def decode(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """B rows -> [B, C] float32 logits on `device`."""
+        if self.topk is None:
+            return torch.from_numpy(np.asarray(rows, np.float32)).to(device, non_blocking=True)
+        values = torch.from_numpy(np.asarray(rows["logits"], np.float32)).to(device, non_blocking=True)
+        classes = torch.from_numpy(rows["classes"].astype(np.int64)).to(device, non_blocking=True)
+        dense = torch.full((len(rows), self.num_classes), -torch.inf, device=device)
+        return dense.scatter_(1, classes, values)
+
+    def write(self, file: BinaryIO, num_rows: int, rows: Iterator[np.ndarray]) -> None:
+        """An .npy file of `num_rows` rows, written batch by batch as `rows` yields them."""
+        shape = (num_rows, self.num_classes) if self.topk is None else (num_rows,)
+        descr = self.dtype.base if self.topk is None else self.dtype
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(descr),
+                                                    "fortran_order": False, "shape": shape})
+        for batch in rows:
+            file.write(np.ascontiguousarray(batch).tobytes())
 
 
 class CachedLogits:
@@ -42,10 +98,10 @@ class CachedLogits:
     all-gather."""
 
     def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: Samples, augmentation: Augmentation,
-                 normalize: Normalizer, *, world: dist.ProcessGroup | None, batch_size: int, device: torch.device,
-                 writer: bool, verbose: bool) -> None:
+                 normalize: Normalizer, layout: CacheLayout, *, world: dist.ProcessGroup | None, batch_size: int,
+                 device: torch.device, writer: bool, verbose: bool) -> None:
         """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed."""
-        self.folder, self.key, self.teacher = folder, key, teacher
+        self.folder, self.key, self.teacher, self.layout = folder, key, teacher, layout
         self.data, self.augmentation, self.normalize, self.world = data, augmentation, normalize, world
         self.batch_size, self.device, self.writer, self.verbose = batch_size, device, writer, verbose
         self.computed: list[int] = []
@@ -77,29 +133,33 @@ class CachedLogits:
         """Every rank reads the rows itself."""
 
     def logits(self, batch: Batch, gathered: None) -> torch.Tensor:
-        rows = self.current[batch.indices.numpy()]
-        return torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return self.layout.decode(self.current[batch.indices.numpy()], self.device)
 
     def _compute(self, epoch: int, path: Path) -> None:
+        """Every rank runs its share of the teacher on the epoch's views; the writer streams the rows to disk as
+        they come (nothing of the size of the epoch's logits is held in memory)."""
         chunks = torch.arange(len(self.data)).split(self.batch_size)
         views = self.data.loader(self.augmentation, self.device)(chunks, epoch)
-        logits = [gathered_logits(self.teacher, self._batch(indices, images), self.world).float().cpu()
-                  for indices, images in tqdm(zip(chunks, views), total=len(chunks),
-                                              desc=f"teacher logits, epoch {epoch}", disable=not self.verbose)]
+        rows = (self.layout.encode(gathered_logits(self.teacher, self._batch(indices, images), self.world).float())
+                for indices, images in tqdm(zip(chunks, views), total=len(chunks),
+                                            desc=f"teacher logits, epoch {epoch}", disable=not self.verbose))
         if self.writer:
-            self._write(torch.cat(logits).numpy(), path)
+            self._write(rows, path)
+        else:
+            for _ in rows:
+                pass
         if self.world is not None:
             dist.barrier(self.world)
 
     def _batch(self, indices: torch.Tensor, images: torch.Tensor) -> Batch:
         return Batch(self.normalize(images), self.data.labels[indices.to(self.device)], indices)
 
-    def _write(self, logits: np.ndarray, path: Path) -> None:
+    def _write(self, rows: Iterator[np.ndarray], path: Path) -> None:
         """Write-then-rename: a reader never sees half a file, concurrent writers never clash."""
         key_file = self.folder / "key.json"
         if not key_file.is_file():
             write_text_atomic(key_file, json.dumps(self.key, indent=1))
-        write_atomic(path, lambda f: np.save(f, logits))
+        write_atomic(path, lambda file: self.layout.write(file, len(self.data), rows))
 
     def summary(self) -> dict:
         """For results.json: where the cache is and which epochs this run computed or reused."""

@@ -28,7 +28,8 @@ def weighted_kl(source_logits: torch.Tensor, weights: torch.Tensor, student_log_
     # The two sums are close (both about -log C at a high T) and their difference is small: float64 keeps it exact.
     source_log_probs = F.log_softmax(source_logits.detach().float() / temperature, dim=-1).double()
     source_probs = source_log_probs.exp()
-    neg_entropy = (source_probs * source_log_probs).sum(dim=-1).mean(dim=-1)  # [S]
+    # p log p is 0 where p is: a top-k cached teacher's classes outside its top k (logit -inf) add nothing
+    neg_entropy = torch.where(source_probs > 0, source_probs * source_log_probs, 0).sum(dim=-1).mean(dim=-1)  # [S]
     mixture = torch.einsum("ks,sbc->kbc", weights.double(), source_probs)
     cross_entropy = (mixture * student_log_probs.double()).sum(dim=-1).mean(dim=-1)  # [K]
     return ((weights.double() @ neg_entropy - cross_entropy) * temperature**2).float()

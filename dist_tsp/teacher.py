@@ -16,9 +16,10 @@ from dist_tsp import checkpoint
 from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Dataset, PeerBatches, eval_batches
+from dist_tsp.errors import UserError
 from dist_tsp.exchange import all_gather_cat
-from dist_tsp.logit_cache import CachedLogits, cache_key
-from dist_tsp.models import build_model, load_pretrained, scale_inputs
+from dist_tsp.logit_cache import CachedLogits, CacheLayout, cache_key
+from dist_tsp.models import ModelError, build_model, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
 from dist_tsp.teacher_modes import (
@@ -72,13 +73,16 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
 def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path) -> None:
     """Build the teacher (from its pretrained weights when configured), train it data-parallel on all ranks, and
     save it to `path` (the main process writes; every rank returns once it is there)."""
+    if cfg.teacher.epochs == 0 and cfg.teacher.weights is None:
+        raise ModelError(f"teacher.epochs=0 uses a teacher as it is, but {path} does not exist: point "
+                         "teacher.checkpoint to a trained teacher, or give teacher.weights")
     torch.manual_seed(mixed_seed(cfg.seed, -1))
     with accelerator.main_process_first():  # a weights download happens once
         model = build_teacher(cfg, data.num_classes, pretrained=True, verbose=accelerator.is_main_process)
     model.to(accelerator.device)
     if cfg.teacher.channels_last:
         model.to(memory_format=torch.channels_last)
-    trained = _fit(model, cfg, data, accelerator)
+    trained = _fit(model, cfg, data, accelerator) if cfg.teacher.epochs > 0 else model
     if accelerator.is_main_process:
         checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
@@ -120,11 +124,16 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
     if cfg.teacher.mode != "cached":
         return RunTeacher(model, sharded=cfg.teacher.mode != "replicated", autocast=accelerator.autocast)
     augmentation = data.augmentation(cfg.seed, cfg.data.augment)
+    topk = cfg.teacher.cache_topk
+    if topk is not None and topk > data.num_classes:
+        raise UserError(f"teacher.cache_topk={topk} but {cfg.data.name} has {data.num_classes} classes: choose "
+                        f"at most {data.num_classes}")
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
         cache_key(cfg, info.sha256, data.train, augmentation, accelerator.mixed_precision),
         teacher=RunTeacher(model, sharded=True, autocast=accelerator.autocast), data=data.train,
-        augmentation=augmentation, normalize=data.normalize, world=groups.world,
+        augmentation=augmentation, normalize=data.normalize,
+        layout=CacheLayout(data.num_classes, topk, cfg.teacher.cache_precision), world=groups.world,
         batch_size=cfg.data.eval_batch_size, device=accelerator.device,
         writer=accelerator.is_local_main_process, verbose=accelerator.is_main_process)
 
@@ -134,6 +143,9 @@ def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose
     model = build_model(cfg.teacher.model, num_classes, **cfg.teacher.args)
     if pretrained and cfg.teacher.weights is not None:
         fresh = load_pretrained(model, cfg.teacher.model, cfg.teacher.weights)
+        if fresh and cfg.teacher.epochs == 0:
+            raise ModelError(f"teacher.epochs=0 uses the {cfg.teacher.weights} weights as they are, but {fresh[0]} "
+                             f"does not fit {num_classes} classes: train the teacher (teacher.epochs > 0)")
         if verbose:
             print(f"teacher: {cfg.teacher.weights} weights loaded; re-initialised: {', '.join(fresh) or 'nothing'}")
     return scale_inputs(model, cfg.teacher.input_scale)

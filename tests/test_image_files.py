@@ -6,6 +6,7 @@ and one clear line for a bad image or folder."""
 from __future__ import annotations
 
 import hashlib
+import json
 from itertools import islice
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_
 from dist_tsp.image_files import ImageError, ImageFiles
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
+from tests.runs import TINY, launch, train_rows
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -114,6 +116,29 @@ def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards
     assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
     assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
     assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
+
+
+@pytest.fixture(scope="module")
+def runs(folder, tmp_path_factory) -> Path:
+    """The demo students on 3 ranks learning from the folder, streamed and decoded into memory, with one teacher
+    (trained here) through its logit cache."""
+    tmp = tmp_path_factory.mktemp("runs")
+    common = ["--config", "configs/demo.yaml", *TINY, "data.name=image_folder", f"data.root={folder}",
+              "teacher.mode=cached", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.cache_dir={tmp / 'cache'}"]
+    launch([*common, f"output_dir={tmp / 'teacher'}", "--teacher-only"], 3)
+    for name, extra in (("streamed", []), ("in_memory", ["data.in_memory=true"])):
+        launch([*common, f"output_dir={tmp / name}", *extra], 3)
+    return tmp
+
+
+def test_three_ranks_train_from_a_streamed_folder_exactly_as_from_the_folder_in_memory(runs):
+    streamed, in_memory = (train_rows(runs / name) for name in ("streamed", "in_memory"))
+    assert len(streamed) == 6 and streamed == in_memory
+    results = [json.loads((runs / name / "results.json").read_text()) for name in ("streamed", "in_memory")]
+    assert results[0]["students"] == results[1]["students"]
+    caches = [r["teacher"]["cache"] for r in results]
+    assert caches[0]["path"] != caches[1]["path"]  # keyed by file names, and by pixels
+    assert all(cache["computed_epochs"] == [0, 1] for cache in caches)
 
 
 def test_imagenet_layout_with_a_val_folder_is_found(tmp_path):

@@ -152,3 +152,16 @@ def test_kd_and_peer_terms_keep_1e_6_relative_precision_at_t10_in_float32(classe
         assert out.peer.item() == pytest.approx(peer, rel=1e-6, abs=0), (k, "peer")
         assert fused[k, 1].item() == pytest.approx(kd, rel=1e-6, abs=0), (k, "fused kd")
         assert fused[k, 2].item() == pytest.approx(peer, rel=1e-6, abs=0), (k, "fused peer")
+
+
+def test_a_top_k_teacher_teaches_its_renormalised_top_k_distribution():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(4, 100), torch.randn(4, 100) * 3, torch.randint(0, 100, (4,))
+    top = teacher.topk(10, dim=-1)
+    sparse = torch.full_like(teacher, -torch.inf).scatter(1, top.indices, top.values)  # as the top-k cache reads
+    t = 4.0
+    kd = tsp_loss(student, labels, sparse, torch.empty(0, 4, 100), alpha=0, beta=1, gamma=0, temperature=t).kd
+    p = torch.softmax(top.values.double() / t, dim=-1)  # the top 10, renormalised
+    log_q = torch.log_softmax(student.double() / t, dim=-1).gather(1, top.indices)
+    expected = t**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    assert kd.isfinite() and math.isclose(kd.item(), expected.item(), rel_tol=1e-6)

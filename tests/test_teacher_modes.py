@@ -31,12 +31,18 @@ def teacher_file(path):
     return path
 
 
+# the top-k caches, each in its own folder: every class in float32 (the dense cache exactly), and 3 in float16
+TOPK = {"cached_top10": ["teacher.cache_topk=10"],
+        "cached_top3_fp16": ["teacher.cache_topk=3", "teacher.cache_precision=float16"]}
+
+
 def config(tmp, mode: str):
+    teacher_mode, cache, options = ("cached", f"cache-{mode}", TOPK[mode]) if mode in TOPK else (mode, "cache", [])
     return load_config(None, [
         "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
-        f"output_dir={tmp / mode}", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.mode={mode}",
-        "teacher.args={depth: 8, width: 8}", f"teacher.cache_dir={tmp / 'cache'}", f"data.batch_size={BATCH}",
-        "data.eval_batch_size=100"])
+        f"output_dir={tmp / mode}", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.mode={teacher_mode}",
+        "teacher.args={depth: 8, width: 8}", f"teacher.cache_dir={tmp / cache}", f"data.batch_size={BATCH}",
+        "data.eval_batch_size=100", *options])
 
 
 def first_batches(cfg, data):
@@ -74,7 +80,7 @@ def _logits_in_modes(tmp, modes=MODES):
 def every_mode(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("modes")
     teacher_file(tmp / "teacher.pt")
-    return tmp, run_on_ranks(_logits_in_modes, WORLD, tmp, timeout=600)
+    return tmp, run_on_ranks(_logits_in_modes, WORLD, tmp, (*MODES, *TOPK), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +130,21 @@ def test_every_mode_reports_the_same_teacher_accuracy(every_mode):
     _, ranks = every_mode
     accuracies = {mode: ranks[0][mode]["info"].test_acc for mode in MODES}
     assert max(accuracies.values()) - min(accuracies.values()) <= 2 / 360, accuracies  # <= 2 near-ties of 360
+
+
+def test_a_top_k_cache_of_every_class_in_float32_is_the_dense_cache_exactly(every_mode):
+    _, ranks = every_mode
+    for rank in ranks:
+        assert (rank["cached_top10"]["logits"] == rank["cached"]["logits"]).all()
+
+
+def test_a_top_3_float16_cache_keeps_each_samples_3_largest_logits_and_no_other_class(every_mode):
+    _, ranks = every_mode
+    dense, top3 = (torch.from_numpy(ranks[0][mode]["logits"]) for mode in ("cached", "cached_top3_fp16"))
+    kept = top3.isfinite()
+    assert (kept.sum(-1) == 3).all() and (top3[~kept] == -torch.inf).all()
+    assert torch.equal(kept, dense >= dense.topk(3, dim=-1).values[..., -1:])  # the 3 largest, no other
+    torch.testing.assert_close(top3[kept], dense[kept].half().float(), rtol=0, atol=0)  # float16 storage
 
 
 def test_cache_is_computed_once_per_epoch_then_reused(every_mode):
