@@ -28,6 +28,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+STREAMABLE = ("image_folder", "arrow")  # datasets read from disk as the steps need them (dist_tsp/streaming.py)
+
+
 class DataConfig(Section):
     """Which dataset, how it is split, batched, loaded and augmented.
 
@@ -39,7 +42,7 @@ class DataConfig(Section):
     quick experiments; the validation split, when asked for, is taken from that subset.
     """
 
-    name: Literal["digits", "fashion_mnist", "cifar10", "image_folder"] = "digits"
+    name: Literal[("digits", "fashion_mnist", "cifar10", *STREAMABLE)] = "digits"
     root: Path | None = None
     download: bool = True
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -56,15 +59,18 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _root_where_needed(self) -> DataConfig:
-        if self.name == "image_folder" and self.root is None:
-            raise ValueError("data.root is required for data.name=image_folder (a folder with train/ and test/)")
-        streamed = self.name == "image_folder" and not self.in_memory
-        if self.in_memory is False and self.name != "image_folder":
-            raise ValueError(f"data.in_memory=false streams image folders; {self.name} is always held in memory: "
-                             "remove data.in_memory")
+        if self.name in STREAMABLE and self.root is None:
+            raise ValueError(f"data.root is required for data.name={self.name} (a folder with train/ and test/)")
+        streamed = self.name in STREAMABLE and not self.in_memory
+        if self.in_memory is False and self.name not in STREAMABLE:
+            raise ValueError(f"data.in_memory=false streams image folders and Arrow shards; {self.name} is always "
+                             "held in memory: remove data.in_memory")
+        if self.in_memory and self.name == "arrow":
+            raise ValueError("data.in_memory=true decodes image folders up front; data.name=arrow is always "
+                             "streamed: remove data.in_memory")
         if self.crop == "random_resized" and not streamed:
-            raise ValueError("data.crop=random_resized is made per sample by loader workers: it needs "
-                             "data.name=image_folder without data.in_memory=true")
+            raise ValueError("data.crop=random_resized is made per sample by loader workers: it needs a streamed "
+                             "dataset (data.name=image_folder or arrow, without data.in_memory=true)")
         return self
 
 

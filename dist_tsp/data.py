@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dist_tsp.augmentation import Augmentation, mixed_seed
-from dist_tsp.config import DataConfig
+from dist_tsp.config import STREAMABLE, DataConfig
 from dist_tsp.errors import UserError
-from dist_tsp.image_files import EXTENSIONS, ImageFiles, list_image_folder
+from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, list_image_folder
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
@@ -82,7 +82,7 @@ class _TensorViews:
                 self.augmentation.view(self.images, indices.to(device), views)
 
 
-Samples = ImageSet | ImageFiles
+Samples = ImageSet | StreamedImages
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +121,8 @@ class Dataset:
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load the configured dataset on the CPU (image folders as file lists unless data.in_memory), at
     cfg.image_size, with the optional val split."""
-    if cfg.name == "image_folder":
-        train, test, classes, hflip = _image_folder(cfg)
+    if cfg.name in STREAMABLE:
+        train, test, classes, hflip = {"image_folder": _image_folder, "arrow": _arrow}[cfg.name](cfg)
     else:
         loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10}[cfg.name]
         train, test, classes, hflip = loader(cfg)
@@ -223,29 +223,73 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     """Your own images: data.root/train/<class>/* and data.root/test/<class>/* (or val/<class>/*, as ImageNet
     has), as file lists read by loader workers, or decoded into memory when data.in_memory."""
     root = Path(cfg.root)
-    held_out = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
-    if not (root / "train").is_dir() or held_out is None:
-        raise DataError(f"image folder {root}: data.root needs train/<class>/ and test/<class>/ (or val/<class>/) "
-                        "folders")
-    classes, train_paths, train_labels = list_image_folder(root / "train")
-    held_classes = sorted(p.name for p in held_out.iterdir() if p.is_dir())
-    if extra := sorted(set(held_classes) - set(classes)) or sorted(set(classes) - set(held_classes)):
-        where = (f"{held_out.name}/ but not train/" if extra[0] in held_classes
-                 else f"train/ but not {held_out.name}/")
-        raise DataError(f"image folder {root}: class folder {extra[0]!r} is in {where}: both splits need the same "
-                        "class folders")
+    train_split, held_out = split_folders(root, "<class>/ folders")
+    classes, train_paths, train_labels = list_image_folder(train_split)
+    same_classes(root, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
     _, test_paths, test_labels = list_image_folder(held_out, classes)
-    for split, paths in (("train", train_paths), (held_out.name, test_paths)):
+    for split, paths in ((train_split, train_paths), (held_out, test_paths)):
         if len(paths) == 0:
-            raise DataError(f"image folder {root / split} has no images ({' '.join(EXTENSIONS)}): "
-                            "put each image in its class folder")
-    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
-    train, test = (ImageFiles(root / split, paths, labels, cfg.image_size, cfg.crop, workers)
-                   for split, paths, labels in (("train", train_paths, train_labels),
-                                                (held_out.name, test_paths, test_labels)))
+            raise DataError(f"image folder {split} has no images ({' '.join(EXTENSIONS)}): put each image in its "
+                            "class folder")
+    train, test = (_streamed(cfg, FolderImages(split, paths), labels)
+                   for split, paths, labels in ((train_split, train_paths, train_labels),
+                                                (held_out, test_paths, test_labels)))
     if cfg.in_memory:
         train, test = decode_all(train, "train images"), decode_all(test, f"{held_out.name} images")
     return train, test, classes, True
+
+
+def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
+    """Hugging Face `datasets` splits saved with save_to_disk in data.root/train and data.root/test (or val): an
+    `image` column (encoded images) and a `label` ClassLabel column, memory-mapped and read by loader workers."""
+    import datasets
+
+    root = Path(cfg.root)
+    splits = split_folders(root, "datasets saved with save_to_disk (python -m dist_tsp.shards writes them)")
+    tables = []
+    for split in splits:
+        try:
+            table = datasets.load_from_disk(str(split))
+        except (FileNotFoundError, OSError, ValueError) as error:
+            raise DataError(f"{split} cannot be read as a dataset saved with save_to_disk ({_first_line(error)}): "
+                            "rewrite it with python -m dist_tsp.shards, or point data.root elsewhere") from None
+        if not {"image", "label"} <= set(table.column_names):
+            raise DataError(f"{split} has columns {table.column_names}: it needs 'image' and 'label'")
+        tables.append(table.cast_column("image", datasets.Image(decode=False)))
+    classes = [_class_names(split, table) for split, table in zip(splits, tables)]
+    same_classes(root, splits[1].name, classes[0], classes[1])
+    train, test = (_streamed(cfg, ArrowImages(split, np.arange(len(table)), table),
+                             torch.as_tensor(table.with_format("numpy")["label"], dtype=torch.int64))
+                   for split, table in zip(splits, tables))
+    return train, test, classes[0], True
+
+
+def split_folders(root: Path, what: str) -> tuple[Path, Path]:
+    """root/train and the held-out split, root/test or else root/val."""
+    held_out = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if not (root / "train").is_dir() or held_out is None:
+        raise DataError(f"{root}: data.root needs train/ and test/ (or val/), {what}")
+    return root / "train", held_out
+
+
+def _class_names(split: Path, table) -> list[str]:
+    names = getattr(table.features["label"], "names", None)
+    if names is None:
+        raise DataError(f"{split}: its label column is not a ClassLabel with class names: cast it with "
+                        "datasets.ClassLabel(names=[...])")
+    return list(names)
+
+
+def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) -> None:
+    """A class present in one split only is a layout error, named."""
+    if extra := sorted(set(other) - set(train)) or sorted(set(train) - set(other)):
+        where = f"{held_out}/ but not train/" if extra[0] in other else f"train/ but not {held_out}/"
+        raise DataError(f"{root}: class {extra[0]!r} is in {where}: both splits need the same classes")
+
+
+def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch.Tensor) -> StreamedImages:
+    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
+    return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers)
 
 
 def default_workers() -> int:
@@ -254,7 +298,7 @@ def default_workers() -> int:
     return max(1, min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // ranks_here))
 
 
-def decode_all(files: ImageFiles, what: str) -> ImageSet:
+def decode_all(files: StreamedImages, what: str) -> ImageSet:
     """Every image of `files` decoded (its evaluation view) into memory by the loader workers."""
     chunks = torch.arange(len(files)).split(256)
     loader = files.loader(None, torch.device("cpu"))

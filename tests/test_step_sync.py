@@ -15,18 +15,21 @@ from dist_tsp.run_control import StopRequest
 from dist_tsp.teacher_modes import RunTeacher
 from dist_tsp.tracking import Tracker
 from tests.runs import TINY
+from tests.test_streaming import write_folder
 
 READ_BACKS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
-@pytest.fixture
-def trainer(tmp_path):
+@pytest.fixture(params=["in memory", "streamed folder"])
+def trainer(tmp_path, request):
     from accelerate import Accelerator
 
-    cfg = load_config("configs/demo.yaml", [*TINY, f"output_dir={tmp_path}"])
+    folder = [] if request.param == "in memory" else ["data.name=image_folder", "data.loader_workers=1",
+                                                      f"data.root={write_folder(tmp_path / 'folder', per_class=40)}"]
+    cfg = load_config("configs/demo.yaml", [*TINY, f"output_dir={tmp_path}", *folder])
     accelerator = Accelerator(cpu=True)
     data = load_dataset(cfg.data, cfg.seed)
-    teacher = RunTeacher(build_model(cfg.teacher.model, 10, **cfg.teacher.args).eval(), sharded=True,
+    teacher = RunTeacher(build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
                           data, TeachingGraph.from_config(cfg), teacher, None, Tracker(cfg, accelerator), StopRequest())

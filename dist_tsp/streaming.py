@@ -1,17 +1,19 @@
-"""Image folders read from disk on demand: each sample decoded (TorchCodec), resized and augmented in
+"""Images streamed from disk: an image folder's files, or the rows of a Hugging Face `datasets` split saved in
+Arrow shards (`save_to_disk`, memory-mapped). Each sample is decoded (TorchCodec), resized and augmented in
 `torch.utils.data.DataLoader` workers, so a rank's memory is bounded by the batches in flight, not the dataset.
 
-The paths are one numpy byte-string array (shared by forked workers without copy-on-write growth, unlike a list of
-Python strings); the batch plan is made in the main process (data.PeerBatches), so a batch holds the same samples
-and views whatever the number of workers.
+A sample is reached by its index alone, in either source, so the batch plan is made in the main process
+(data.PeerBatches) and a batch holds the same samples and views whatever the number of workers. File names are one
+numpy byte-string array, shared by forked workers without copy-on-write growth (unlike a list of Python strings).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,15 +29,62 @@ _SOURCE_LOCATION = re.compile(r"^\w+, \S+:\d+, ")  # "decode_rows, .../DecodeJpe
 
 
 class ImageError(UserError):
-    """An image file that cannot be decoded."""
+    """An image that cannot be decoded."""
 
 
 @dataclass(frozen=True, slots=True)
-class ImageFiles:
-    """One split of an image folder: files (relative to `root`) and labels [N]; decoded only when loaded."""
+class FolderImages:
+    """Image files under `root`, one relative path (bytes) per sample."""
 
     root: Path
-    paths: np.ndarray  # bytes, one relative path per sample
+    paths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def select(self, keep: np.ndarray) -> FolderImages:
+        return FolderImages(self.root, self.paths[keep])
+
+    def encoded(self, index: int) -> tuple[str, str | bytes]:
+        """What names sample `index` in a message, and what the decoder reads (a path)."""
+        path = str(self.root / self.paths[index].decode())
+        return path, path
+
+    def fingerprint(self) -> bytes:
+        """Its file names: what identifies it without reading it."""
+        return b"\0".join(self.paths.tolist())
+
+
+@dataclass(frozen=True, slots=True)
+class ArrowImages:
+    """Rows of a `datasets` split saved with save_to_disk: its `image` column read as encoded bytes, memory-mapped."""
+
+    path: Path
+    rows: np.ndarray  # int64, the dataset rows of this split's samples
+    table: Any = field(compare=False, repr=False)  # the datasets.Dataset, image column not decoded
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: np.ndarray) -> ArrowImages:
+        return ArrowImages(self.path, self.rows[keep], self.table)
+
+    def encoded(self, index: int) -> tuple[str, str | bytes]:
+        row = int(self.rows[index])
+        image = self.table[row]["image"]
+        name = f"{self.path} row {row}" + (f" ({image['path']})" if image.get("path") else "")
+        return name, image["bytes"] if image.get("bytes") is not None else image["path"]
+
+    def fingerprint(self) -> bytes:
+        """The saved dataset's own fingerprint and the rows taken from it."""
+        return self.table._fingerprint.encode() + self.rows.tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedImages:
+    """One split read on demand: its images (a folder's files or Arrow rows) and labels [N]."""
+
+    images: FolderImages | ArrowImages
     labels: torch.Tensor
     image_size: int
     crop: Crop
@@ -44,29 +93,29 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: torch.Tensor) -> ImageFiles:
-        keep = indices.cpu().numpy()
-        return ImageFiles(self.root, self.paths[keep], self.labels[indices], self.image_size, self.crop, self.workers)
+    def subset(self, indices: torch.Tensor) -> StreamedImages:
+        return StreamedImages(self.images.select(indices.cpu().numpy()), self.labels[indices], self.image_size,
+                              self.crop, self.workers)
 
-    def to(self, device: torch.device) -> ImageFiles:
+    def to(self, device: torch.device) -> StreamedImages:
         """The labels on `device`; images are decoded when loaded."""
-        return ImageFiles(self.root, self.paths, self.labels.to(device), self.image_size, self.crop, self.workers)
+        return StreamedImages(self.images, self.labels.to(device), self.image_size, self.crop, self.workers)
 
     def fingerprint(self) -> bytes:
-        """What identifies the split's content without reading it: its file names and labels."""
-        return b"\0".join(self.paths.tolist()) + self.labels.cpu().numpy().tobytes()
+        """What identifies the split's content without decoding it: its images' names and its labels."""
+        return self.images.fingerprint() + self.labels.cpu().numpy().tobytes()
 
     def loader(self, augmentation: Augmentation | None, device: torch.device, *, persistent: bool = False
-               ) -> FileLoader:
-        return FileLoader(self, augmentation, device, persistent=persistent)
+               ) -> StreamLoader:
+        return StreamLoader(self, augmentation, device, persistent=persistent)
 
 
-class FileLoader:
-    """Batches of views of an ImageFiles split, decoded by DataLoader workers (pinned, prefetched) and moved to
+class StreamLoader:
+    """Batches of views of a streamed split, decoded by DataLoader workers (pinned, prefetched) and moved to
     `device`. Called with a plan (a sequence of index tensors, one per batch) and an epoch (None: evaluation
     views); `persistent` keeps its workers between calls."""
 
-    def __init__(self, files: ImageFiles, augmentation: Augmentation | None, device: torch.device, *,
+    def __init__(self, files: StreamedImages, augmentation: Augmentation | None, device: torch.device, *,
                  persistent: bool) -> None:
         self.device, self.plan = device, _Plan()
         workers = files.workers
@@ -84,7 +133,7 @@ class FileLoader:
 
 
 class _Plan(Sampler):
-    """The batches of (epoch, index) keys of the next pass, set by FileLoader before it iterates."""
+    """The batches of (epoch, index) keys of the next pass, set by StreamLoader before it iterates."""
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[int, int]]] = []
@@ -100,7 +149,7 @@ class _Views(torch.utils.data.Dataset):
     """In a worker: (epoch, index) -> the sample's uint8 view [3, S, S] (epoch -1: its evaluation view), or the
     one-line reason it cannot be read."""
 
-    def __init__(self, files: ImageFiles, augmentation: Augmentation | None) -> None:
+    def __init__(self, files: StreamedImages, augmentation: Augmentation | None) -> None:
         self.files, self.augmentation = files, augmentation
         self.epoch_views = (None, None)  # (epoch, its padded-crop table), made once per epoch per worker
 
@@ -109,11 +158,11 @@ class _Views(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | str:
         epoch, index = key
-        path = self.files.root / self.files.paths[index].decode()
+        name, encoded = self.files.images.encoded(index)
         try:
-            image = decode_image(str(path), mode="RGB")
+            image = decode_image(encoded, mode="RGB")
         except (RuntimeError, ValueError, OSError) as error:
-            return f"image {path} cannot be read ({_reason(error)}): replace or remove it"
+            return f"image {name} cannot be read ({_reason(error)}): replace or remove it"
         if image.ndim == 4:  # an animated GIF or WebP: its first frame
             image = image[0]
         size, augmentation = self.files.image_size, self.augmentation

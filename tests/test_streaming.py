@@ -1,7 +1,7 @@
-"""Image folders streamed from disk by DataLoader workers keep every invariant of the in-memory batch stream: the same
-views as the folder decoded into memory, views that depend on (seed, epoch, sample) alone whatever the number of
-workers, identical batches in a peer group and disjoint shards across replicas on gloo ranks, exact mid-epoch resume,
-and one clear line for a bad image or folder."""
+"""Image folders and Arrow shards streamed from disk by DataLoader workers keep every invariant of the in-memory batch
+stream: the same views as the folder decoded into memory, views that depend on (seed, epoch, sample) alone whatever
+the number of workers, identical batches in a peer group and disjoint shards across replicas on gloo ranks, exact
+mid-epoch resume, the same training on 3 ranks, and one clear line for a bad image, folder or shard."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from PIL import Image
 
 from dist_tsp.config import DataConfig
 from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
-from dist_tsp.image_files import ImageError, ImageFiles
 from dist_tsp.placement import Placement
+from dist_tsp.shards import main
+from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
 from tests.runs import TINY, launch, train_rows
 
@@ -47,8 +48,16 @@ def folder(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("folder"))
 
 
-def folder_data(root: Path, **options) -> Dataset:
-    return load_dataset(DataConfig(name="image_folder", root=root, **{"loader_workers": 2, **options}), seed=0)
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> Path:
+    """The folder converted to Arrow shards, as python -m dist_tsp.shards does."""
+    out = tmp_path_factory.mktemp("arrow")
+    main([str(folder), str(out), "--max-shard-size", "20KB"])  # several shards per split
+    return out
+
+
+def folder_data(root: Path, name: str = "image_folder", **options) -> Dataset:
+    return load_dataset(DataConfig(name=name, root=root, **{"loader_workers": 2, **options}), seed=0)
 
 
 def batches(data: Dataset, replica: int = 0, replicas: int = 1, seed: int = 0) -> PeerBatches:
@@ -62,7 +71,7 @@ def as_tensors(stream) -> list[torch.Tensor]:
 
 def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_memory(folder):
     streamed, in_memory = folder_data(folder), folder_data(folder, in_memory=True)
-    assert isinstance(streamed.train, ImageFiles) and in_memory.train.images.shape == (96, 3, 32, 32)
+    assert isinstance(streamed.train, StreamedImages) and in_memory.train.images.shape == (96, 3, 32, 32)
     assert streamed.mean == in_memory.mean and streamed.std == in_memory.std
     for epoch in (0, 1):
         assert all(torch.equal(a, b) for a, b in zip(as_tensors(batches(streamed).epoch(epoch)),
@@ -70,6 +79,18 @@ def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_mem
     evaluated = [as_tensors(eval_batches(d.test, 10, d.normalize)) for d in (streamed, in_memory)]
     assert all(torch.equal(a, b) for a, b in zip(*evaluated, strict=True))
     assert torch.equal(images_of(streamed.test, [3, 0]), in_memory.test.images[[3, 0]])
+
+
+def test_arrow_shards_give_the_batches_and_statistics_of_the_folder_they_were_made_from(folder, shards):
+    assert len(list((shards / "train").glob("*.arrow"))) > 1
+    from_folder, from_shards = folder_data(folder, crop="random_resized"), folder_data(shards, "arrow",
+                                                                                       crop="random_resized")
+    assert isinstance(from_shards.train.images, ArrowImages) and from_shards.classes == from_folder.classes
+    assert (from_shards.mean, from_shards.std) == (from_folder.mean, from_folder.std)
+    assert all(torch.equal(a, b) for a, b in zip(as_tensors(batches(from_shards).epoch(1)),
+                                                  as_tensors(batches(from_folder).epoch(1)), strict=True))
+    evaluated = [as_tensors(eval_batches(d.test, 10, d.normalize)) for d in (from_shards, from_folder)]
+    assert all(torch.equal(a, b) for a, b in zip(*evaluated, strict=True))
 
 
 @pytest.mark.parametrize("crop", ["padded", "random_resized"])
@@ -103,15 +124,17 @@ def test_random_resized_crops_vary_in_scale_and_evaluation_is_a_centre_crop(fold
     assert (centre.float() - resized[:, 1:17, 3:19].round()).abs().max() <= 2
 
 
-def _streamed_fingerprints(root: Path, num_students: int):
+def _streamed_fingerprints(root: Path, name: str, num_students: int):
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
-    stream = batches(folder_data(root, loader_workers=1), placement.replica_index, placement.replicas)
+    stream = batches(folder_data(root, name, loader_workers=1), placement.replica_index, placement.replicas)
     hashes = [hashlib.sha256(b.images.numpy().tobytes()).hexdigest() for b in islice(stream.epoch(1), 3)]
     return {"replica": placement.replica_index, "hashes": hashes, "indices": stream.epoch_order(1).flatten().tolist()}
 
 
-def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder):
-    ranks = run_on_ranks(_streamed_fingerprints, 4, folder, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
+@pytest.mark.parametrize("name", ["image_folder", "arrow"])
+def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder, shards, name):
+    root = folder if name == "image_folder" else shards
+    ranks = run_on_ranks(_streamed_fingerprints, 4, root, name, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
     assert [r["replica"] for r in ranks] == [0, 0, 1, 1]
     assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
     assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
@@ -119,25 +142,27 @@ def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards
 
 
 @pytest.fixture(scope="module")
-def runs(folder, tmp_path_factory) -> Path:
-    """The demo students on 3 ranks learning from the folder, streamed and decoded into memory, with one teacher
-    (trained here) through its logit cache."""
+def runs(folder, shards, tmp_path_factory) -> Path:
+    """The demo students on 3 ranks learning from the folder (streamed, and decoded into memory) and from its Arrow
+    shards, with one teacher (trained here) through its logit cache."""
     tmp = tmp_path_factory.mktemp("runs")
     common = ["--config", "configs/demo.yaml", *TINY, "data.name=image_folder", f"data.root={folder}",
               "teacher.mode=cached", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.cache_dir={tmp / 'cache'}"]
     launch([*common, f"output_dir={tmp / 'teacher'}", "--teacher-only"], 3)
-    for name, extra in (("streamed", []), ("in_memory", ["data.in_memory=true"])):
+    for name, extra in (("streamed", []), ("in_memory", ["data.in_memory=true"]),
+                        ("arrow", ["data.name=arrow", f"data.root={shards}"])):
         launch([*common, f"output_dir={tmp / name}", *extra], 3)
     return tmp
 
 
-def test_three_ranks_train_from_a_streamed_folder_exactly_as_from_the_folder_in_memory(runs):
-    streamed, in_memory = (train_rows(runs / name) for name in ("streamed", "in_memory"))
-    assert len(streamed) == 6 and streamed == in_memory
-    results = [json.loads((runs / name / "results.json").read_text()) for name in ("streamed", "in_memory")]
-    assert results[0]["students"] == results[1]["students"]
+def test_three_ranks_train_from_a_streamed_folder_or_its_shards_exactly_as_from_the_folder_in_memory(runs):
+    names = ("streamed", "in_memory", "arrow")
+    rows = [train_rows(runs / name) for name in names]
+    assert len(rows[0]) == 6 and rows[0] == rows[1] == rows[2]
+    results = [json.loads((runs / name / "results.json").read_text()) for name in names]
+    assert results[0]["students"] == results[1]["students"] == results[2]["students"]
     caches = [r["teacher"]["cache"] for r in results]
-    assert caches[0]["path"] != caches[1]["path"]  # keyed by file names, and by pixels
+    assert len({cache["path"] for cache in caches}) == 3  # keyed by file names, by pixels, by the shards' rows
     assert all(cache["computed_epochs"] == [0, 1] for cache in caches)
 
 
@@ -157,9 +182,28 @@ def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
                                 "remove it")
 
 
+def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_path):
+    import shutil
+
+    import datasets
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    shard = sorted((broken / "train").glob("*.arrow"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"/train cannot be read as a dataset saved with save_to_disk \(.*\): rewrite "
+                                        r"it with python -m dist_tsp.shards"):
+        folder_data(broken, "arrow")
+    unlabelled = tmp_path / "unlabelled"
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"image": [b"x"], "label": [0]}).save_to_disk(str(unlabelled / split))
+    with pytest.raises(DataError, match=r"train: its label column is not a ClassLabel with class names"):
+        folder_data(unlabelled, "arrow")
+
+
 @pytest.mark.parametrize("problem, message", [
-    ("missing class", r"class folder 'dog' is in train/ but not test/: both splits need the same class folders"),
-    ("extra class", r"class folder 'eel' is in test/ but not train/: both splits need the same class folders"),
+    ("missing class", r"class 'dog' is in train/ but not test/: both splits need the same classes"),
+    ("extra class", r"class 'eel' is in test/ but not train/: both splits need the same classes"),
     ("empty split", r"image folder .*/test has no images \(.jpg .jpeg .png .webp .bmp .gif\): put each image in "
                     r"its class folder"),
 ])
