@@ -13,12 +13,14 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dist_tsp.augmentation import Augmentation, mixed_seed
 from dist_tsp.config import STREAMABLE, DataConfig
 from dist_tsp.errors import UserError
+from dist_tsp.exchange import all_gather_cat, group_size
 from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, list_image_folder
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -373,10 +375,27 @@ def images_of(data: Samples, indices: list[int]) -> torch.Tensor:
     return next(data.loader(None, data.labels.device)([torch.tensor(indices)], None)).cpu()
 
 
-def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices: torch.Tensor | None = None
-                 ) -> Iterator[Batch]:
-    """The samples `indices` (default: the whole set) in order, unaugmented, `batch_size` at a time."""
+def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices: torch.Tensor | None = None,
+                 group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
+    """The samples `indices` (default: the whole set) in order, unaugmented, `batch_size` at a time, on every rank
+    of `group`. A streamed set is read once over the group: each rank decodes 1/G of every batch, and one all-gather
+    (of uint8 images) completes it."""
     chunks = (torch.arange(len(data)) if indices is None else indices).split(batch_size)
     device = data.labels.device
-    for chunk, images in zip(chunks, data.loader(None, device)(chunks, None)):
-        yield Batch(normalize(images), data.labels[chunk.to(device)], chunk)
+    size = group_size(group) if isinstance(data, StreamedImages) else 1
+    if size == 1:
+        views = data.loader(None, device)(chunks, None)
+    else:
+        rank = dist.get_rank(group)
+        views = (all_gather_cat(mine, group) for mine in data.loader(None, device)(
+            [_share(chunk, rank, size) for chunk in chunks], None))
+    for chunk, images in zip(chunks, views):
+        yield Batch(normalize(images[: len(chunk)]), data.labels[chunk.to(device)], chunk)
+
+
+def _share(chunk: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s contiguous 1/`size` of `chunk`, padded with its last index: the ranks' shares, concatenated
+    in rank order, are `chunk` followed by the padding."""
+    share = -(-len(chunk) // size)
+    mine = chunk[rank * share : (rank + 1) * share]
+    return torch.cat([mine, chunk[-1:].expand(share - len(mine))])

@@ -197,7 +197,7 @@ class StudentTrainer:
         each replica predicts its strided share of the samples."""
         mine = predict(models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
                        batch_size=self.cfg.data.eval_batch_size, normalize=self.data.normalize,
-                       autocast=self.accelerator.autocast)
+                       autocast=self.accelerator.autocast, group=self.groups.peer)
         everyone = torch.zeros(len(self.cfg.student_names), len(data), dtype=torch.long, device=mine.device)
         everyone[[s.index for s in self.students]] = mine + 1  # -1 (another replica's sample): 0, the sum's identity
         return all_reduce(everyone, self.groups.world) - 1

@@ -115,7 +115,7 @@ def _predictions(teacher: RunTeacher, data: Dataset, world: dist.ProcessGroup | 
                  ) -> torch.Tensor:
     """The predicted class of every test sample, each batch split over all ranks (same forwards on every rank)."""
     return torch.cat([gathered_logits(teacher, batch, world).argmax(-1)
-                      for batch in eval_batches(data.test, batch_size, data.normalize)])
+                      for batch in eval_batches(data.test, batch_size, data.normalize, group=world)])
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, accelerator: Accelerator,

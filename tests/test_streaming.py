@@ -150,9 +150,15 @@ def runs(folder, shards, tmp_path_factory) -> Path:
               "teacher.mode=cached", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.cache_dir={tmp / 'cache'}"]
     launch([*common, f"output_dir={tmp / 'teacher'}", "--teacher-only"], 3)
     for name, extra in (("streamed", []), ("in_memory", ["data.in_memory=true"]),
-                        ("arrow", ["data.name=arrow", f"data.root={shards}"])):
+                        ("arrow", ["data.name=arrow", f"data.root={shards}"]), ("resumed", ["train.max_steps=4"]),
+                        ("resumed", [])):  # stopped after step 4 (mid-epoch 2), then run on to step 6
         launch([*common, f"output_dir={tmp / name}", *extra], 3)
     return tmp
+
+
+def test_a_streamed_run_resumed_mid_epoch_goes_on_bitwise_as_the_run_that_was_not_stopped(runs):
+    assert train_rows(runs / "resumed")[-2:] == train_rows(runs / "streamed")[-2:]
+    assert [r["step"] for r in train_rows(runs / "resumed")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_three_ranks_train_from_a_streamed_folder_or_its_shards_exactly_as_from_the_folder_in_memory(runs):
@@ -160,7 +166,8 @@ def test_three_ranks_train_from_a_streamed_folder_or_its_shards_exactly_as_from_
     rows = [train_rows(runs / name) for name in names]
     assert len(rows[0]) == 6 and rows[0] == rows[1] == rows[2]
     results = [json.loads((runs / name / "results.json").read_text()) for name in names]
-    assert results[0]["students"] == results[1]["students"] == results[2]["students"]
+    assert results[0]["students"] == results[1]["students"] == results[2]["students"]  # evaluation read over ranks
+    assert len({r["teacher"]["test_acc"] for r in results}) == 1
     caches = [r["teacher"]["cache"] for r in results]
     assert len({cache["path"] for cache in caches}) == 3  # keyed by file names, by pixels, by the shards' rows
     assert all(cache["computed_epochs"] == [0, 1] for cache in caches)
