@@ -124,21 +124,27 @@ def test_random_resized_crops_vary_in_scale_and_evaluation_is_a_centre_crop(fold
     assert (centre.float() - resized[:, 1:17, 3:19].round()).abs().max() <= 2
 
 
-def _streamed_fingerprints(root: Path, name: str, num_students: int):
+def _streamed_fingerprints(sources: dict[str, Path], num_students: int):
+    """Per source (name -> root): this rank's replica, its first batches' hashes and its epoch's sample order."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
-    stream = batches(folder_data(root, name, loader_workers=1), placement.replica_index, placement.replicas)
-    hashes = [hashlib.sha256(b.images.numpy().tobytes()).hexdigest() for b in islice(stream.epoch(1), 3)]
-    return {"replica": placement.replica_index, "hashes": hashes, "indices": stream.epoch_order(1).flatten().tolist()}
+    found = {}
+    for name, root in sources.items():
+        stream = batches(folder_data(root, name, loader_workers=0), placement.replica_index, placement.replicas)
+        found[name] = {"replica": placement.replica_index, "indices": stream.epoch_order(1).flatten().tolist(),
+                       "hashes": [hashlib.sha256(b.images.numpy().tobytes()).hexdigest()
+                                  for b in islice(stream.epoch(1), 3)]}
+    return found
 
 
-@pytest.mark.parametrize("name", ["image_folder", "arrow"])
-def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder, shards, name):
-    root = folder if name == "image_folder" else shards
-    ranks = run_on_ranks(_streamed_fingerprints, 4, root, name, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
-    assert [r["replica"] for r in ranks] == [0, 0, 1, 1]
-    assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
-    assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
-    assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
+def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder, shards):
+    sources = {"image_folder": folder, "arrow": shards}
+    everyone = run_on_ranks(_streamed_fingerprints, 4, sources, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
+    for name in sources:
+        ranks = [rank[name] for rank in everyone]
+        assert [r["replica"] for r in ranks] == [0, 0, 1, 1]
+        assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
+        assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
+        assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
 
 
 @pytest.fixture(scope="module")
