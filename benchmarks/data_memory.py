@@ -1,9 +1,10 @@
 """Peak memory of a run's whole process tree (the rank and its loader workers) against the size of an image folder.
 
-    python benchmarks/data_memory.py                       # 2,000 and 20,000 images at 64 x 64
+    python benchmarks/data_memory.py                       # 2,000 and 20,000 training images at 64 x 64
     python benchmarks/data_memory.py --sizes 200 2000      # a tiny version
 
-For each folder size, the issue's baseline (one process, mutual learning, 3 steps:
+Every folder has the same 1,000 test images (so the evaluation batches are full, and alike, in every run) and
+--sizes training images. For each size, the issue's baseline (one process, mutual learning, 3 steps:
 `python dist_tsp/train.py --config configs/demo.yaml data.name=image_folder data.root=DIR data.image_size=64
 loss.alpha=1 loss.beta=0 loss.gamma=1 train.max_steps=3`), the same with a live and with a cached teacher, and the
 folder decoded into memory (data.in_memory=true) for contrast. Memory is the sum of the processes' proportional set
@@ -40,16 +41,16 @@ VARIANTS = {  # label: (overrides on top of the baseline, whether the teacher fi
 SAMPLE_S = 0.05
 
 
-def make_folder(root: Path, images: int, classes: int = 10, size: int = 64) -> Path:
-    """`images` JPEGs (90 % train/, 10 % test/) of smooth colour with noise, in `classes` class folders."""
+def make_folder(root: Path, train: int, test: int = 1000, classes: int = 10, size: int = 64) -> Path:
+    """JPEGs of smooth colour with noise: `train` in train/, `test` in test/, over `classes` class folders."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, size)[None, :, None]
-    for i in range(images):
-        split = "test" if i % 10 == 0 else "train"
-        folder = root / split / f"class_{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 256, 3) * ramp + rng.normal(0, 20, (size, size, 3))
-        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+    for split, images in (("train", train), ("test", test)):
+        for i in range(images):
+            folder = root / split / f"class_{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, 3) * ramp + rng.normal(0, 20, (size, size, 3))
+            Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
     return root
 
 
@@ -79,7 +80,7 @@ def peak_memory(command: list[str], log: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="images per folder")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="training images per folder")
     parser.add_argument("--work-dir", type=Path, default=None, help="where folders and runs go (default: a temp dir)")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-memory-"))
@@ -99,7 +100,7 @@ def main() -> None:
             first.setdefault(label, peak)
             rows.append([f"{images:,}", label, f"{peak:,.0f}", f"{peak - first[label]:+,.0f}"])
             print(rows[-1], flush=True)
-    print(tabulate(rows, headers=["images", "teacher", "peak MB (tree PSS)", f"vs {args.sizes[0]:,}"],
+    print(tabulate(rows, headers=["training images", "teacher", "peak MB (tree PSS)", f"vs {args.sizes[0]:,}"],
                    tablefmt="github"))
 
 

@@ -125,7 +125,8 @@ class StreamLoader:
                                  prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
 
     def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]:
-        self.plan.batches = [[(-1 if epoch is None else epoch, i) for i in indices.tolist()] for indices in plan]
+        self.plan.batches = [indices.numpy() for indices in plan]  # views of the plan's CPU tensors, no copy
+        self.plan.epoch = -1 if epoch is None else epoch
         for images in self.loader:
             if isinstance(images, str):
                 raise ImageError(images)
@@ -133,13 +134,14 @@ class StreamLoader:
 
 
 class _Plan(Sampler):
-    """The batches of (epoch, index) keys of the next pass, set by StreamLoader before it iterates."""
+    """The next pass's batches as (epoch, index) keys, made one batch at a time from the plan StreamLoader sets."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int]]] = []
+        self.batches: list[np.ndarray] = []
+        self.epoch = -1
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.batches)
+        return ([(self.epoch, i) for i in indices.tolist()] for indices in self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
