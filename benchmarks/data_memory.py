@@ -8,12 +8,15 @@ Every folder has the same 1,000 test images (so the evaluation batches are full,
 `python dist_tsp/train.py --config configs/demo.yaml data.name=image_folder data.root=DIR data.image_size=64
 loss.alpha=1 loss.beta=0 loss.gamma=1 train.max_steps=3`), the same with a live and with a cached teacher, and the
 folder decoded into memory (data.in_memory=true) for contrast. Memory is the sum of the processes' proportional set
-sizes (PSS: pages shared by forked workers counted once in all), sampled every 50 ms; its peak is reported.
+sizes (PSS: pages shared by forked workers counted once in all), sampled every 50 ms. A run's peak varies by a
+couple of hundred MB from run to run (when loader workers start and how much of the parent's heap they have
+copied by then), so each cell is the median peak of --rounds runs, with their range.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="training images per folder")
     parser.add_argument("--work-dir", type=Path, default=None, help="where folders and runs go (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per cell (the median peak is reported)")
+    parser.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="TEACHER",
+                        help=f"these rows only ({', '.join(map(repr, VARIANTS))})")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-memory-"))
     teacher = work / "teacher.pt"
@@ -92,15 +98,20 @@ def main() -> None:
         if not (folder / "test").is_dir():
             make_folder(folder, images)
         for number, (label, (overrides, with_teacher)) in enumerate(VARIANTS.items()):
+            if label not in args.only:
+                continue
             run = work / f"run_{images}_{number}"
             given = [f"teacher.checkpoint={teacher}", f"teacher.cache_dir={work / 'cache'}"] if with_teacher else []
             command = [sys.executable, "dist_tsp/train.py", "--config", "configs/demo.yaml", *BASELINE,
-                       f"data.root={folder}", f"output_dir={run}", *given, *overrides]
-            peak = peak_memory(command, run.with_suffix(".log")) / 2**20
+                       f"data.root={folder}", f"output_dir={run}", "resume=off", *given, *overrides]
+            peaks = sorted(peak_memory(command, run.with_suffix(".log")) / 2**20 for _ in range(args.rounds))
+            peak = statistics.median(peaks)
             first.setdefault(label, peak)
-            rows.append([f"{images:,}", label, f"{peak:,.0f}", f"{peak - first[label]:+,.0f}"])
+            rows.append([f"{images:,}", label, f"{peak:,.0f}", f"{peaks[0]:,.0f}–{peaks[-1]:,.0f}",
+                         f"{peak - first[label]:+,.0f}"])
             print(rows[-1], flush=True)
-    print(tabulate(rows, headers=["training images", "teacher", "peak MB (tree PSS)", f"vs {args.sizes[0]:,}"],
+    print(tabulate(rows, headers=["training images", "teacher", "peak MB (tree PSS, median)", "range",
+                                  f"vs {args.sizes[0]:,}"],
                    tablefmt="github"))
 
 

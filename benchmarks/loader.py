@@ -6,9 +6,9 @@
 1. Decode alone: TorchCodec's JPEG decoder on the CPU (and on the GPU, nvJPEG, when one is present), images/s in
    one process.
 2. Each source through the run's loader (dist_tsp: a batch plan, DataLoader workers, views, the device):
-   ImageNet-style training views (RandomResizedCrop 224 + flip) and evaluation views (Resize 256 + CenterCrop 224)
-   from a streamed folder, and padded-crop views of the same images decoded into memory, images/s per rank and
-   per worker.
+   ImageNet-style training views (RandomResizedCrop 224 + flip) from a streamed folder and from the same images
+   in Arrow shards (python -m dist_tsp.shards), evaluation views (Resize 256 + CenterCrop 224), and padded-crop
+   views of the same images decoded into memory, images/s per rank and per worker, in a random order.
 3. The data share of a step: the demo's students on 3 CPU ranks learning from a streamed 32-px folder, from the
    run's own profile (train.profile=true): the time a step waits for its batch over the step's time.
 """
@@ -32,6 +32,7 @@ from torchcodec.decoders import decode_image, decode_jpeg
 
 from dist_tsp.config import DataConfig
 from dist_tsp.data import load_dataset
+from dist_tsp.shards import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480))  # typical ImageNet photos (w, h)
@@ -64,17 +65,19 @@ def decode_rate(files: list[Path], device: str) -> float:
     return len(encoded) / (time.perf_counter() - started)
 
 
-def loader_rate(cfg: DataConfig, workers: int, train: bool, batch: int = 32) -> float:
-    """Images/s of the run's loader (after its first batch: workers started) on the first split of `cfg`."""
+def loader_rate(cfg: DataConfig, workers: int, train: bool, batch: int = 16) -> float:
+    """Images/s of the run's loader over its split, in a random order: one pass to start the (persistent) workers,
+    then a timed pass."""
     data = load_dataset(cfg.model_copy(update={"loader_workers": workers}), seed=0)
     split = data.train if train else data.test
     augmentation = data.augmentation(0, enabled=True) if train else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = torch.randperm(len(split)).split(batch)
-    views = split.to(device).loader(augmentation, device)(plan, 0 if train else None)
-    next(views)
+    loader = split.to(device).loader(augmentation, device, persistent=True)
+    for _ in loader(plan, 0 if train else None):
+        pass
     started = time.perf_counter()
-    count = sum(len(images) for images in views)
+    count = sum(len(images) for images in loader(plan, 1 if train else None))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return count / (time.perf_counter() - started)
@@ -101,11 +104,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="ImageNet-size training JPEGs")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers per rank")
     parser.add_argument("--steps", type=int, default=60, help="steps of the demo run for the data share")
-    parser.add_argument("--quick", action="store_true", help="32 images, workers 0 and 1, 15 steps")
+    parser.add_argument("--quick", action="store_true", help="48 images, workers 0 and 1, 15 steps")
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.images, args.workers, args.steps = 32, [0, 1], 15
+        args.images, args.workers, args.steps = 48, [0, 1], 15
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-loader-"))
     folder = work / f"imagenet_size_{args.images}"
     if not (folder / "test").is_dir():
@@ -114,10 +117,15 @@ def main() -> None:
     rows = [["decode only (TorchCodec, CPU)", "-", f"{decode_rate(files, 'cpu'):.0f}", "-"]]
     if torch.cuda.is_available():
         rows.append(["decode only (TorchCodec, GPU nvJPEG)", "-", f"{decode_rate(files, 'cuda'):.0f}", "-"])
+    shards = work / f"arrow_{args.images}"
+    if not (shards / "test").is_dir():
+        convert(folder, shards, max_shard_size="64MB")
     streamed = DataConfig(name="image_folder", root=folder, image_size=224, crop="random_resized",
                           normalization="imagenet")
+    arrow = streamed.model_copy(update={"name": "arrow", "root": shards})
     in_memory = DataConfig(name="image_folder", root=folder, image_size=224, in_memory=True, normalization="imagenet")
     for label, cfg, train in (("folder, streamed: RandomResizedCrop 224 + flip", streamed, True),
+                              ("Arrow shards, streamed: RandomResizedCrop 224 + flip", arrow, True),
                               ("folder, streamed: Resize 256 + CenterCrop 224", streamed, False),
                               ("folder in memory (224 px): padded crop + flip", in_memory, True)):
         for workers in args.workers if cfg.in_memory is None else [0]:
