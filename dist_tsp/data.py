@@ -79,9 +79,11 @@ class _TensorViews:
         device = self.images.device
         views = None if epoch is None or self.augmentation is None else \
             self.augmentation.epoch_views(epoch, len(self.images), device)
+        if isinstance(plan, torch.Tensor):  # an epoch's [steps, B]: to the device in one copy, not one per step
+            plan = plan.to(device)
         for indices in plan:
-            yield self.images[indices.to(device)] if views is None else \
-                self.augmentation.view(self.images, indices.to(device), views)
+            indices = indices.to(device)
+            yield self.images[indices] if views is None else self.augmentation.view(self.images, indices, views)
 
 
 Samples = ImageSet | StreamedImages
