@@ -47,7 +47,7 @@ class Checkpointer:
                     "loss": self.cfg.loss.model_dump(mode="json"),
                 }, checkpoint.student_file(directory, student.name))
         for student in students:
-            checkpoint.save_atomic({"student_rng": student.random_state, "rng": checkpoint.rng_state(),
+            checkpoint.save_atomic({"student_rng": student.saved_random_state(), "rng": checkpoint.rng_state(),
                                     "metrics_since_log": control.running[student.index]},
                                    checkpoint.rng_file(directory, student.name, replica))
         self.accelerator.wait_for_everyone()
@@ -79,7 +79,7 @@ class Checkpointer:
         for student in students:
             rng = checkpoint.load(checkpoint.rng_file(directory, student.name, self.placement.replica_index),
                                   f"student {student.name} RNG", required="student_rng")
-            student.random_state = rng["student_rng"]
+            student.load_random_state(rng["student_rng"])
             checkpoint.restore_rng_state(rng["rng"])
             if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
                 control.running[student.index] = rng["metrics_since_log"]

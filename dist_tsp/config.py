@@ -35,14 +35,16 @@ class DataConfig(Section):
     """Which dataset, how it is split, batched, loaded and augmented.
 
     Image folders stream from disk (decoded by `loader_workers` DataLoader workers per rank) unless `in_memory`;
-    `crop` is the training crop (padded: CIFAR-style; random_resized: ImageNet-style, with a resize and centre crop
-    for evaluation); `normalization` is the training set's own statistics or ImageNet's constants.
+    `npz` reads images already decoded (data.root/train.npz and test.npz or val.npz: `images` uint8 [N, H, W, 3],
+    `labels` [N], optionally `classes`). `crop` is the training crop (padded: CIFAR-style; random_resized:
+    ImageNet-style, with a resize and centre crop for evaluation); `normalization` is the training set's own
+    statistics or ImageNet's constants.
 
     `max_train_samples` keeps a fixed random subset of the training images (the same for every seed), for
     quick experiments; the validation split, when asked for, is taken from that subset.
     """
 
-    name: Literal[("digits", "fashion_mnist", "cifar10", *STREAMABLE)] = "digits"
+    name: Literal[("digits", "fashion_mnist", "cifar10", "npz", *STREAMABLE)] = "digits"
     root: Path | None = None
     download: bool = True
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -61,6 +63,8 @@ class DataConfig(Section):
     def _root_where_needed(self) -> DataConfig:
         if self.name in STREAMABLE and self.root is None:
             raise ValueError(f"data.root is required for data.name={self.name} (a folder with train/ and test/)")
+        if self.name == "npz" and self.root is None:
+            raise ValueError("data.root is required for data.name=npz (a folder with train.npz and test.npz)")
         streamed = self.name in STREAMABLE and not self.in_memory
         if self.in_memory is False and self.name not in STREAMABLE:
             raise ValueError(f"data.in_memory=false streams image folders and Arrow shards; {self.name} is always "
@@ -75,13 +79,14 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """An optimizer and its learning-rate schedule."""
+    """An optimizer and its learning-rate schedule: constant, cosine (down to 0), or triangular (linear from 0.2x up to
+    1x over the first 10 % of the steps, then down to 0: airbench's)."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "triangular"] = "constant"
 
 
 class ModelSpec(Section):
@@ -128,7 +133,7 @@ TEACHER_MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")  # see 
 # Settings that change results but came after checkpoints were first written: left out of a run's identity at
 # their defaults, so those checkpoints still resume.
 SETTINGS_ADDED_SINCE_CHECKPOINTS = (("data", "crop"), ("data", "normalization"), ("teacher", "cache_topk"),
-                                    ("teacher", "cache_precision"))
+                                    ("teacher", "cache_precision"), ("teacher", "label_smoothing"))
 
 
 class TeacherConfig(ModelSpec):
@@ -146,7 +151,8 @@ class TeacherConfig(ModelSpec):
     distribution as in FKD; `cache_precision` stores the values in float32 or float16),
     fsdp / deepspeed (batch-sharded, with the parameters sharded 1/W over the ranks: FSDP2 or ZeRO-3).
     `channels_last` trains and runs it in the channels-last memory format (faster convolutions on CPUs and
-    GPUs); the parameter-sharded modes run it in the default format.
+    GPUs); the parameter-sharded modes run it in the default format. `label_smoothing` mixes the targets of its
+    training loss with the uniform distribution (F.cross_entropy's label_smoothing; airbench's 0.2).
     """
 
     model: str = "resnet_cifar"
@@ -160,6 +166,7 @@ class TeacherConfig(ModelSpec):
     channels_last: bool = True
     epochs: int = Field(3, ge=0)
     batch_size: int = Field(128, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     optimizer: OptimConfig = Field(
         default_factory=lambda: OptimConfig(name="sgd", lr=0.05, weight_decay=5e-4, schedule="cosine")
     )
@@ -223,7 +230,10 @@ class TrainConfig(Section):
 
     `channels_last` runs the students in the channels-last memory format (21-24 % faster steps on CPU in
     benchmarks/step_breakdown.py). `compile` compiles each student's forward and backward with `torch.compile`
-    (the first steps wait for the compiler; see the README's benchmarks for when it pays).
+    (the first steps wait for the compiler; see the README's benchmarks for when it pays). `step` is how each step
+    runs: `eager`, `graph` (captured once in a CUDA graph and replayed, see dist_tsp/cuda_graph.py; on the CPU the
+    same step without capture), or `auto` (the graph where it can be captured, else eager); `graph_warmup` is the
+    number of eager steps before the capture.
     """
 
     epochs: int = Field(5, gt=0)
@@ -235,6 +245,8 @@ class TrainConfig(Section):
     profile: bool = False
     channels_last: bool = True
     compile: bool = False
+    step: Literal["eager", "graph", "auto"] = "eager"
+    graph_warmup: int = Field(3, ge=1)
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -291,7 +303,7 @@ class RunConfig(Section):
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
-                    "profile", "channels_last", "compile"):
+                    "profile", "channels_last", "compile", "step", "graph_warmup"):
             tree["train"].pop(key)
         return tree
 

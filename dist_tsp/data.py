@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dist_tsp import streaming
 from dist_tsp.augmentation import Augmentation, mixed_seed
 from dist_tsp.config import STREAMABLE, DataConfig
 from dist_tsp.errors import UserError
@@ -128,7 +129,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.name in STREAMABLE:
         train, test, classes, hflip = {"image_folder": _image_folder, "arrow": _arrow}[cfg.name](cfg)
     else:
-        loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10}[cfg.name]
+        loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "npz": _npz}[cfg.name]
         train, test, classes, hflip = loader(cfg)
         train, test = (_resized(s, cfg.image_size) for s in (train, test))
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
@@ -223,6 +224,31 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     return train, test, list(splits[0].classes), True
 
 
+def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
+    """Images already decoded: data.root/train.npz and test.npz (or val.npz), each with `images` (uint8
+    [N, H, W, 3]), `labels` ([N], 0..C-1) and optionally `classes` (their names)."""
+    root = Path(cfg.root)
+    held_out = next((root / f"{name}.npz" for name in ("test", "val") if (root / f"{name}.npz").is_file()),
+                    root / "test.npz")
+    splits, classes = [], None
+    for path in (root / "train.npz", held_out):
+        if not path.is_file():
+            raise DataError(f"data.name=npz: {path} does not exist: save train.npz and test.npz (or val.npz) in "
+                            f"{root} with numpy.savez(path, images=..., labels=...)")
+        with np.load(path) as arrays:
+            images, labels = arrays.get("images"), arrays.get("labels")
+            if images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4 \
+                    or images.shape[-1] != 3 or len(labels) != len(images):
+                raise DataError(f"{path} must hold `images` (uint8 [N, H, W, 3]) and `labels` ([N]); it holds "
+                                f"{', '.join(f'{k} {arrays[k].dtype}{list(arrays[k].shape)}' for k in arrays)}")
+            classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else classes
+            splits.append(ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                                   torch.from_numpy(labels.astype(np.int64))))
+    train, test = splits
+    count = int(max(train.labels.max(), test.labels.max())) + 1
+    return train, test, classes or [str(c) for c in range(count)], True
+
+
 def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     """Your own images: data.root/train/<class>/* and data.root/test/<class>/* (or val/<class>/*, as ImageNet
     has), as file lists read by loader workers, or decoded into memory when data.in_memory."""
@@ -292,6 +318,9 @@ def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) 
 
 
 def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch.Tensor) -> StreamedImages:
+    if streaming.decode_image is None:
+        raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which is not installed: pip install "
+                        "torchcodec (or give the images decoded: data.name=npz)")
     workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
     return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers)
 

@@ -95,7 +95,9 @@ class CacheLayout:
 
 class CachedLogits:
     """Per step, the cached rows of the batch's samples for the current epoch: nothing to add to the step's
-    all-gather."""
+    all-gather. Read from host memory: a captured step takes them at its boundary."""
+
+    capturable = False
 
     def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: Samples, augmentation: Augmentation,
                  normalize: Normalizer, layout: CacheLayout, *, world: dist.ProcessGroup | None, batch_size: int,

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp.checkpointer import Checkpointer
 from dist_tsp.config import RunConfig
+from dist_tsp.cuda_graph import CapturedStep, choose_step, step_autocast
 from dist_tsp.data import Batch, Dataset, PeerBatches, Samples
 from dist_tsp.errors import Preempted
 from dist_tsp.evaluation import predict
@@ -57,7 +58,9 @@ class StudentTrainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         device = accelerator.device
-        self.students = build_local_students(cfg, placement, groups, device, data.num_classes, self.total_steps)
+        self.step_choice = choose_step(cfg, placement.replicas, self.graph.uses_teacher, device.type)
+        self.students = build_local_students(cfg, placement, groups, device, data.num_classes, self.total_steps,
+                                             graph_ready=self.step_choice.graph_ready)
         self.learners = [s for s in self.students if s.learns]
         learner_indices = [s.index for s in self.learners]
         # on the device once: the learners' rows among this rank's logits, and among all students (config order)
@@ -70,6 +73,18 @@ class StudentTrainer:
         self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, tracker, accelerator,
                                          len(self.batches))
         self.profiler = StepProfiler(cfg.train.profile, device)
+        self.autocast = step_autocast(accelerator, self.step_choice.captured)
+        self.captured, self.parts_profiler = None, self.profiler
+        if self.step_choice.graph_ready:
+            if self.step_choice.captured:
+                for student in self.students:
+                    student.draw_from_generator(device)
+            self.captured = CapturedStep(self._learn, capture=self.step_choice.captured,
+                                         warmup=cfg.train.graph_warmup,
+                                         generators=[s.generator for s in self.students if s.generator is not None])
+            self.parts_profiler = StepProfiler(False, device)  # a captured step is timed whole ("graph")
+        if accelerator.is_main_process:
+            print(self.step_choice.line())
 
     def resume(self) -> int:
         """Load the latest complete checkpoint of this run, if any; return the step to start from."""
@@ -124,8 +139,27 @@ class StudentTrainer:
 
     def train_step(self, batch: Batch) -> None:
         """One step for this rank's students on the peer group's batch."""
-        profiler, peers, teacher = self.profiler, self.groups.peer, self.teacher
-        contribution = contributions = teacher_logits = everyone = None
+        if self.captured is None:
+            rows = self._learn(batch)
+        else:  # a teacher that reads the host (the cache) gives its logits at the captured step's boundary
+            boundary = self.teacher is not None and not self.teacher.capturable
+            with self.profiler.section("graph"):
+                rows = self.captured(batch, self.teacher.logits(batch, None) if boundary else None)
+        for student in self.learners:
+            student.schedule.step()
+        self.profiler.step_done()
+        if rows is None:
+            self.control.record()
+        else:
+            self.control.record(self.learner_index, rows)
+
+    def _learn(self, batch: Batch, teacher_logits: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The step's device work: the teacher's logits (unless given), the students' forwards, the exchange, the
+        learners' losses, backward and optimizer steps. Returns the learners' metric rows [K, 5] (None when this
+        rank has only mentors)."""
+        profiler, peers = self.parts_profiler, self.groups.peer
+        teacher = self.teacher if teacher_logits is None else None
+        contribution = contributions = everyone = None
         if teacher is not None:
             profiler.wait_for_peers(peers)  # so the teacher's time is not charged the peers' backward
             with profiler.section("teacher"):
@@ -144,9 +178,7 @@ class StudentTrainer:
             with profiler.section("teacher"):
                 teacher_logits = teacher.logits(batch, contributions)
         if not self.learners:  # only mentors here: they teach through the exchange and learn nothing
-            self.control.record()
-            profiler.step_done()
-            return
+            return None
         with profiler.section("loss"):
             learning = logits[self.learner_rows]
             per_student, terms = self.losses(learning, batch.labels, teacher_logits, everyone)
@@ -158,13 +190,11 @@ class StudentTrainer:
             for student in self.learners:
                 student.optimizer.step()
                 student.optimizer.zero_grad(set_to_none=True)
-                student.schedule.step()
-        profiler.step_done()
-        self.control.record(self.learner_index, rows)
+        return rows
 
     def _forward(self, student: LocalStudent, images: torch.Tensor) -> torch.Tensor:
         """The student's logits, drawing from its own random state; no graph for a mentor."""
-        with student.generating(self.accelerator.device), self.accelerator.autocast(), \
+        with student.generating(self.accelerator.device), self.autocast(), \
                 torch.set_grad_enabled(student.learns):
             return student.model(images)
 

@@ -7,7 +7,8 @@ to 3x32x32 inputs); any other torchvision classification model can be built by i
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,8 +20,9 @@ from torch import nn
 from dist_tsp.checkpoint import read
 from dist_tsp.errors import UserError
 
-__all__ = ["ModelError", "SubsampledPointwiseConv2d", "UnknownModelError", "build_model", "check_model_name",
-           "load_pretrained", "model_names", "register", "scale_inputs", "subsample_strided_pointwise"]
+__all__ = ["AirbenchNet", "ModelError", "PatchWhitening", "SubsampledPointwiseConv2d", "UnknownModelError",
+           "build_model", "check_model_name", "fit_whitening", "load_pretrained", "model_names", "register",
+           "scale_inputs", "subsample_strided_pointwise"]
 
 _Constructor = TypeVar("_Constructor", bound=Callable[..., nn.Module])
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -280,6 +282,106 @@ class ResNetCifar(_PooledConvNet):
 def resnet50(num_classes: int, **kwargs) -> nn.Module:
     """torchvision's ResNet-50, randomly initialised; ``kwargs`` go to ``torchvision.models.resnet50``."""
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
+
+
+class PatchWhitening(nn.Module):
+    """A frozen 2x2 convolution that whitens image patches, with a learned bias (Page 2018; airbench).
+
+    Its filters are the eigenvectors of the training patches' second moment divided by sqrt(eigenvalue + eps), and
+    their negations, so the GELU after it loses nothing. Until ``fit``, they are those of an identity second moment:
+    each output is one patch pixel (or its negation).
+    """
+
+    def __init__(self, kernel_size: int = 2, eps: float = 5e-4) -> None:
+        super().__init__()
+        dims = 3 * kernel_size**2
+        basis = torch.eye(dims).view(dims, 3, kernel_size, kernel_size)
+        self.register_buffer("weight", torch.cat([basis, -basis]))
+        self.bias = nn.Parameter(torch.zeros(2 * dims))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Whiten the patches of ``batches`` of normalised images [B, 3, H, W] (their second moment, in float64)."""
+        moment, count = 0.0, 0
+        for images in batches:
+            patches = F.unfold(images.double(), self.weight.shape[-2:])  # [B, 3*k*k, positions]
+            moment = moment + torch.einsum("bip,bjp->ij", patches, patches)
+            count += patches.shape[0] * patches.shape[2]
+        eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)
+        filters = (eigenvectors.T / (eigenvalues + self.eps).sqrt()[:, None]).view(-1, *self.weight.shape[1:])
+        self.weight.copy_(torch.cat([filters, -filters]))
+
+
+def fit_whitening(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Fit every PatchWhitening layer of ``model`` to ``batches`` of normalised training images (read only if it has
+    one)."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
+    if layers:
+        batches = list(batches)
+        for layer in layers:
+            layer.fit(batches)
+
+
+class _UnscaledBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a learned shift and no learned scale (airbench's: eps 1e-12, running-stat momentum 0.4).
+
+    The shift is stored divided by sqrt(``bias_lr_scale``): plain SGD then moves it ``bias_lr_scale`` times faster
+    than the weights, at the same relative weight decay, exactly as airbench's separate BatchNorm-bias learning rate.
+    """
+
+    def __init__(self, channels: int, bias_lr_scale: float) -> None:
+        super().__init__(channels, eps=1e-12, momentum=0.4, affine=False)
+        self.gain = math.sqrt(bias_lr_scale)
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.gain * self.shift, self.training,
+                            self.momentum, self.eps)
+
+
+def _identity_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """A same-padded 3x3 convolution (no bias) whose first filters pass their input channel through (Dirac)."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight[:c_in])
+    return conv
+
+
+@register("airbench")
+class AirbenchNet(nn.Module):
+    """The airbench CIFAR-10 network (Keller Jordan's cifar10-airbench, after hlb-CIFAR10 and Page 2018), our own
+    implementation: a PatchWhitening layer and GELU, three blocks of (3x3 conv, 2x2 max-pool, BatchNorm, GELU,
+    3x3 conv, BatchNorm, GELU) with Dirac-initialised convs, a global max-pool and a bias-free linear layer whose
+    logits are scaled by ``logit_scale``.
+
+    ``widths`` are the blocks' channels (airbench94: 64, 256, 256; airbench95: 128, 384, 384); ``bias_lr_scale``
+    see _UnscaledBatchNorm (meant for SGD). Teacher training fits the whitening layer to the training images first
+    (dist_tsp/teacher.py); elsewhere it keeps its data-free start.
+    """
+
+    def __init__(self, num_classes: int, widths: Sequence[int] = (64, 256, 256), bias_lr_scale: float = 64.0,
+                 logit_scale: float = 1 / 9) -> None:
+        super().__init__()
+        if len(widths) != 3 or min(widths) < 1 or bias_lr_scale <= 0:
+            raise ValueError(f"airbench needs three positive widths and bias_lr_scale > 0, got widths={widths}, "
+                             f"bias_lr_scale={bias_lr_scale}")
+        whiten = PatchWhitening()
+        layers: list[nn.Module] = [whiten, nn.GELU()]
+        c_in = whiten.weight.shape[0]
+        for c_out in widths:
+            layers += [_identity_conv(c_in, c_out), nn.MaxPool2d(2), _UnscaledBatchNorm(c_out, bias_lr_scale),
+                       nn.GELU(), _identity_conv(c_out, c_out), _UnscaledBatchNorm(c_out, bias_lr_scale), nn.GELU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1)) * self.logit_scale
 
 
 def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:

@@ -9,6 +9,8 @@ split, and alternate learning rotated over every student (phase 1: the teacher a
 others; phase 2: the teacher and those now-frozen mentors teach the one left out). Every run is an ordinary
 run directory under --out; a finished run is reused, an interrupted one resumes, so rerunning the command
 continues where it stopped. The report (tables, verdicts, curves, qualitative figures) is written at the end.
+Independent runs can go several at once, each in a process of its own (--parallel-runs): a small run leaves a GPU
+mostly idle.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +43,9 @@ METHODS = ("scratch", "kd", "tsp", "tuned", "alternate")
 GRID = ((0.1, 0.8, 0.1), (0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.7, 0.1), (0.2, 0.6, 0.2), (0.2, 0.5, 0.3))
 LABELS = {"scratch": "scratch", "kd": "vanilla KD", "tsp": "TSP (0.1/0.8/0.1)"}
 ALTERNATE_PHASES = ("tsp", "mentored")  # presets: (0.1, 0.8, 0.1), then (0.1, 0.6, 0.3)
+TRAIN = str(ROOT / "dist_tsp" / "train.py")
+RUN_GIB = 16  # --parallel-runs auto: GPU memory set aside per process of a run (ample for the configs here)
+MAX_RUNS_PER_GPU = 4  # --parallel-runs auto: however much memory is free, the GPU's compute and the CPU are shared
 
 
 @dataclass
@@ -72,14 +81,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="processes per run (1: every run in this process; more: accelerate launch)")
     parser.add_argument("--accelerate-config", default=None,
                         help="accelerate config for --processes > 1 (default: gpu.yaml with a GPU, else cpu.yaml)")
+    parser.add_argument("--parallel-runs", default="auto", metavar="N|auto",
+                        help="independent runs at once, each in a process of its own (1: one at a time, in this "
+                             "process when --processes is 1). Default auto: 1 on CPU; on GPUs, one run per "
+                             f"{RUN_GIB} GiB free on every GPU of a run, at most {MAX_RUNS_PER_GPU} per GPU and one "
+                             "process per CPU core, concurrent runs spread over disjoint sets of --processes GPUs "
+                             "when there are several. Not part of protocol.json: a rerun may change it")
     return parser.parse_known_args(argv)
 
 
-def plan(argv: list[str] | None) -> tuple[Protocol, Path]:
+def plan(argv: list[str] | None) -> tuple[Protocol, Path, Slots]:
     """Parse and validate everything before any run starts."""
     args, overrides = parse_args(argv)
     if bad := [o for o in overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is neither an option nor key=value: see launch/protocol.sh --help")
+    if args.parallel_runs != "auto" and not (args.parallel_runs.isdigit() and int(args.parallel_runs) >= 1):
+        raise UserError(f"--parallel-runs {args.parallel_runs}: give a number of runs at once (1, 2, ...) or auto")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         raise UserError(f"--methods: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
@@ -110,7 +127,61 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path]:
     if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(protocol.record())):
         raise UserError(f"{args.out} holds another protocol ({record} differs): rerun with its options or choose "
                         "another --out")
-    return protocol, args.out
+    return protocol, args.out, choose_slots(args.parallel_runs, args.processes)
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """How many runs go at once (one slot each) and which GPUs each slot's runs see. Chosen by every command and kept
+    out of protocol.json: it decides when runs happen, not what they compute."""
+
+    devices: tuple[str | None, ...]  # per slot: CUDA_VISIBLE_DEVICES for its runs (None: this process's)
+    reason: str  # why that many, for the start-up line
+
+    def describe(self) -> str:
+        count = len(self.devices)
+        return f"protocol: {count} runs at once ({self.reason})" if count > 1 else \
+            f"protocol: 1 run at a time ({self.reason})"
+
+
+def choose_slots(parallel_runs: str, processes: int) -> Slots:
+    """--parallel-runs N, or auto from this machine's GPUs, their free memory and the CPU cores."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parallel_runs == "auto":
+        free_gib = [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(gpus)]
+        count, reason = auto_runs(free_gib, processes, len(os.sched_getaffinity(0)))
+    else:
+        count, reason = int(parallel_runs), f"--parallel-runs {parallel_runs}"
+    names = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[:gpus]
+    return Slots(slot_devices(count, gpu_groups(gpus, processes), names), reason)
+
+
+def gpu_groups(gpus: int, processes: int) -> list[range]:
+    """Disjoint sets of `processes` GPUs, one per concurrent run placement (all of them when they hold fewer)."""
+    return [range(k * processes, (k + 1) * processes) for k in range(gpus // processes)] or [range(gpus)]
+
+
+def auto_runs(free_gib: Sequence[float], processes: int, cpus: int) -> tuple[int, str]:
+    """--parallel-runs auto: 1 without GPUs (runs would share the CPU's cores); else on each group of GPUs one run
+    per RUN_GIB free on its fullest GPU (per process a run puts there), at most MAX_RUNS_PER_GPU, and at most one
+    process per CPU core in all; never fewer than 1. Returns the number and why."""
+    if not free_gib:
+        return 1, "auto: no GPU, runs would share the CPU cores"
+    groups = gpu_groups(len(free_gib), processes)
+    per_gpu = -(-processes // len(groups[0]))  # a run's processes on each GPU of its group
+    by_memory = sum(min(MAX_RUNS_PER_GPU, int(min(free_gib[i] for i in group) // (RUN_GIB * per_gpu)))
+                    for group in groups)
+    where = f"GPU 0: {free_gib[0]:.0f} GiB free" if len(free_gib) == 1 else \
+        f"{len(free_gib)} GPUs in {len(groups)} group(s), the fullest {min(free_gib):.0f} GiB free"
+    return max(1, min(by_memory, cpus // processes)), (f"auto: {where}, {RUN_GIB} GiB per run process, at most "
+                                                       f"{MAX_RUNS_PER_GPU} per GPU; {cpus} CPU cores")
+
+
+def slot_devices(count: int, groups: list[range], names: list[str]) -> tuple[str | None, ...]:
+    """Each of `count` slots' CUDA_VISIBLE_DEVICES, spread over the groups in turn (None: one group, no change)."""
+    if len(groups) == 1 or count == 1:
+        return (None,) * count
+    return tuple(",".join(names[i] for i in groups[k % len(groups)]) for k in range(count))
 
 
 def processes_for(num_students: int, processes: int) -> int:
@@ -123,29 +194,38 @@ def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
 
 
 class Runner:
-    """Runs the protocol's runs one after another (a finished one is reused) and knows where each lives."""
+    """Runs the protocol's runs (a finished one is reused), one at a time or several at once, and knows where each
+    lives; the bar counts them."""
 
-    def __init__(self, protocol: Protocol, out: Path) -> None:
-        self.protocol, self.out = protocol, out
+    def __init__(self, protocol: Protocol, out: Path, slots: Slots, bar: tqdm) -> None:
+        self.protocol, self.out, self.slots, self.bar = protocol, out, slots, bar
+        self.one_at_a_time = len(slots.devices) == 1
         self.teacher = protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
         self.shared = [f"teacher.checkpoint={self.teacher}", "teacher.mode=cached",
                        f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}"]
-        self.bar: tqdm | None = None
 
-    def run(self, planned: PlannedRun) -> Path:
-        """Run `planned` (output_dir = out/name) unless its results exist; return its directory."""
+    def run_all(self, runs: list[PlannedRun]) -> list[Path]:
+        """Every run of `runs`; their directories in the same order."""
+        if not self.one_at_a_time:
+            return run_concurrently(runs, self.slots.devices, self.run, self.bar)
+        directories = []
+        for planned in runs:
+            self.bar.set_postfix_str(planned.name)
+            directories.append(self.run(planned))
+            self.bar.update()
+        return directories
+
+    def run(self, planned: PlannedRun, devices: str | None = None) -> Path:
+        """Run `planned` (output_dir = out/name) unless its results exist, on `devices` (CUDA_VISIBLE_DEVICES, None:
+        this process's); return its directory."""
         directory = self.out / planned.name
         done = self.teacher.is_file() if planned.teacher_only else (directory / "results.json").is_file()
-        if self.bar is not None:
-            self.bar.set_postfix_str(planned.name)
         if not done:
             tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={run_name(planned.name)}"]
             args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
                     f"output_dir={directory}", *planned.overrides, *self._mentors(planned)]
             args += ["--teacher-only"] if planned.teacher_only else []
-            self._launch(planned.name, args, processes_for(planned.num_students, self.protocol.processes))
-        if self.bar is not None:
-            self.bar.update()
+            self._launch(planned.name, args, processes_for(planned.num_students, self.protocol.processes), devices)
         return directory
 
     def _mentors(self, planned: PlannedRun) -> list[str]:
@@ -158,21 +238,64 @@ class Runner:
                                    {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
                                    for s in students])]
 
-    def _launch(self, name: str, args: list[str], processes: int) -> None:
+    def _launch(self, name: str, args: list[str], processes: int, devices: str | None) -> None:
+        """One run, its output appended to out/logs/<name>.log: in this process when it is alone on one process,
+        else in processes of its own (accelerate launch for several, on a port of its own beside other runs)."""
         log = self.out / "logs" / f"{name.replace('/', '-')}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as output:
-            if processes == 1:
+            if processes == 1 and self.one_at_a_time:
                 code = _in_process(args, output)
             else:
-                command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           self.protocol.accelerate_config, "--num_processes", str(processes),
-                           str(ROOT / "dist_tsp" / "train.py"), *args]
-                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+                command = [sys.executable, TRAIN, *args]
+                if processes > 1:
+                    port = [] if self.one_at_a_time else ["--main_process_port", str(free_port())]
+                    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               self.protocol.accelerate_config, "--num_processes", str(processes), *port, *command[1:]]
+                env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
+                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
             tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
             raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
                             "Rerun the same command to continue from there")
+
+
+def run_concurrently(runs: list[PlannedRun], slots: Sequence[str | None],
+                     run: Callable[[PlannedRun, str | None], Path], bar: tqdm) -> list[Path]:
+    """`run(planned, slot)` for every run in threads, up to one per slot, each started as soon as a slot is free and
+    the run it takes mentors from has finished (in list order otherwise); their directories in list order. After a
+    failure none starts: those in flight finish, then the first failure is raised. The bar shows the runs in flight
+    and counts the finished ones."""
+    directories: dict[str, Path] = {}
+    waiting, running, free, failures = list(runs), {}, list(range(len(slots))), []
+    with ThreadPoolExecutor(len(slots)) as pool:
+        while running or (waiting and not failures):
+            unfinished = {p.name for p in waiting} | {p.name for p, _ in running.values()}
+            ready = [] if failures else [p for p in waiting if p.mentors_from not in unfinished]
+            for planned in ready[:len(free)]:
+                waiting.remove(planned)
+                slot = free.pop(0)
+                running[pool.submit(run, planned, slots[slot])] = planned, slot
+            bar.set_postfix_str(", ".join(p.name for p, _ in running.values()))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                planned, slot = running.pop(future)
+                free = sorted([*free, slot])
+                if future.exception() is not None:
+                    failures.append(future.exception())
+                else:
+                    directories[planned.name] = future.result()
+                    bar.update()
+    if failures:
+        raise failures[0]
+    return [directories[p.name] for p in runs]
+
+
+def free_port() -> int:
+    """A TCP port free now, for one launch's rendezvous (concurrent launches on one node need one each)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def run_name(name: str) -> str:
@@ -216,31 +339,32 @@ class PlannedRun:
     reports: tuple[str, ...] = ()  # the students whose results in that row come from this run
 
 
-def execute(protocol: Protocol, out: Path) -> dict[str, Path]:
-    """Every run of the protocol, then the report; returns the report's files by name. The progress bar counts the
-    runs planned so far: the teacher and the grid first, then every seed's runs once the grid has chosen."""
+def execute(protocol: Protocol, out: Path, slots: Slots) -> dict[str, Path]:
+    """Every run of the protocol, then the report; returns the report's files by name. The teacher, then the grid,
+    then every seed's runs once the grid has chosen: within each, up to one run per slot at once. The progress bar
+    counts the runs planned so far."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
-    runner = Runner(protocol, out)
+    print(slots.describe(), flush=True)
     teacher = PlannedRun("teacher", (), num_students=1, teacher_only=True)
     grid = grid_runs(protocol) if "tuned" in protocol.methods else []
-    with tqdm(total=1 + len(grid), desc="protocol", unit="run") as runner.bar:
-        runner.run(teacher)
-        tuned = choose_tuned(protocol, out, [runner.run(planned) for planned in grid]) if grid else {}
+    with tqdm(total=1 + len(grid), desc="protocol", unit="run") as bar:
+        runner = Runner(protocol, out, slots, bar)
+        runner.run_all([teacher])
+        tuned = choose_tuned(protocol, out, runner.run_all(grid)) if grid else {}
         later = seed_runs(protocol, tuned)
-        runner.bar.total += len(later)
-        runner.bar.refresh()
+        bar.total += len(later)
+        bar.refresh()
         labels: dict[str, str] = {}
         cells: dict[str, dict[int, dict[str, Path]]] = {}  # method -> seed -> student -> its run
-        for planned in later:
-            directory = runner.run(planned)
+        for planned, directory in zip(later, runner.run_all(later), strict=True):
             if planned.row is not None:
                 method, labels[method], seed = planned.row
                 cells.setdefault(method, {}).setdefault(seed, {}).update(dict.fromkeys(planned.reports, directory))
         names = protocol.base.student_names
         rows = [Row(method, labels[method], {seed: {name: found[name] for name in names}
                                              for seed, found in seeds.items()}) for method, seeds in cells.items()]
-        runner.bar.set_postfix_str("report")
+        bar.set_postfix_str("report")
         return report(protocol, out, rows, tuned)
 
 
@@ -353,8 +477,8 @@ def _number(text: str) -> float | str | None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        protocol, out = plan(argv)
-        files = execute(protocol, out)
+        protocol, out, slots = plan(argv)
+        files = execute(protocol, out, slots)
     except UserError as error:
         print(f"dist-tsp protocol: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torchcodec.decoders import decode_image
+
+try:  # only streamed and folder datasets decode images: the other sources run without TorchCodec
+    from torchcodec.decoders import decode_image
+except ImportError:
+    decode_image = None
 
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view
 from dist_tsp.errors import UserError

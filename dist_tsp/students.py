@@ -31,6 +31,7 @@ class LocalStudent:
     optimizer: torch.optim.Optimizer | None
     schedule: torch.optim.lr_scheduler.LRScheduler | None
     random_state: RandomState
+    generator: torch.Generator | None = None  # captured step: its CUDA random state, drawn from in place
 
     @property
     def learns(self) -> bool:
@@ -41,9 +42,34 @@ class LocalStudent:
         """The model without its DDP wrapper: what checkpoints and evaluation use."""
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
+    def saved_random_state(self) -> RandomState:
+        """Its random state as checkpoints keep it (the generator's, when it draws from one)."""
+        cpu, cuda = self.random_state
+        return (cpu, cuda) if self.generator is None else (cpu, self.generator.get_state())
+
+    def load_random_state(self, state: RandomState) -> None:
+        self.random_state = state
+        if self.generator is not None:
+            self.generator.set_state(state[1])
+
+    def draw_from_generator(self, device: torch.device) -> None:
+        """Draw device random numbers from a CUDA generator of its own instead of swapping states on the host, so
+        that a CUDA graph can capture its forward (the graph registers the generator)."""
+        self.generator = torch.Generator(device)
+        self.generator.set_state(self.random_state[1])
+
     @contextmanager
     def generating(self, device: torch.device) -> Iterator[None]:
         """Run with this student's random state on the global generators, and keep where it got to."""
+        if self.generator is not None:  # graph-safe: the default generator points at the student's state
+            default = torch.cuda.default_generators[device.index]
+            previous = default.graphsafe_get_state()
+            default.graphsafe_set_state(self.generator)
+            try:
+                yield
+            finally:
+                default.graphsafe_set_state(previous)
+            return
         with torch.random.fork_rng(devices=_generator_devices(device)):
             cpu, cuda = self.random_state
             torch.set_rng_state(cpu)
@@ -54,14 +80,15 @@ class LocalStudent:
 
 
 def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, device: torch.device,
-                         num_classes: int, total_steps: int) -> list[LocalStudent]:
-    """The students of `placement.local_students`, in config order, built on `device`."""
+                         num_classes: int, total_steps: int, graph_ready: bool = False) -> list[LocalStudent]:
+    """The students of `placement.local_students`, in config order, built on `device` (with graph-safe optimizers
+    for the graph-ready step)."""
     students = []
     for index in placement.local_students:
         spec = cfg.students[index]
         model = _build_model(cfg, index, groups, device, num_classes)
-        optimizer, schedule = (None, None) if spec.frozen else build_optimizer(model.parameters(), cfg.train.optimizer,
-                                                                               total_steps)
+        optimizer, schedule = (None, None) if spec.frozen else build_optimizer(
+            model.parameters(), cfg.train.optimizer, total_steps, graph_safe_on=device if graph_ready else None)
         with torch.random.fork_rng(devices=_generator_devices(device)):
             torch.manual_seed(mixed_seed(cfg.seed, index, placement.replica_index))
             random_state = _current_random_state(device)

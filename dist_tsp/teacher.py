@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,12 @@ from tqdm.auto import tqdm
 from dist_tsp import checkpoint
 from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Dataset, PeerBatches, eval_batches
+from dist_tsp.cuda_graph import CapturedStep, choose_teacher_step, step_autocast
+from dist_tsp.data import Batch, Dataset, PeerBatches, eval_batches
 from dist_tsp.errors import UserError
 from dist_tsp.exchange import all_gather_cat
 from dist_tsp.logit_cache import CachedLogits, CacheLayout, cache_key
-from dist_tsp.models import ModelError, build_model, load_pretrained, scale_inputs
+from dist_tsp.models import ModelError, build_model, fit_whitening, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
 from dist_tsp.teacher_modes import (
@@ -30,6 +32,8 @@ from dist_tsp.teacher_modes import (
     local_parameter_bytes,
     shard_parameters,
 )
+
+WHITENING_SAMPLES = 5000  # the first training images, whose patches fit a whitening layer (airbench's count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +86,16 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
     model.to(accelerator.device)
     if cfg.teacher.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.teacher.weights is None:  # the same images on every rank: the same start
+        first = torch.arange(min(len(data.train), WHITENING_SAMPLES))
+        fit_whitening(model, (b.images for b in eval_batches(data.train, cfg.data.eval_batch_size, data.normalize,
+                                                             first)))
+    started = time.perf_counter()
     trained = _fit(model, cfg, data, accelerator) if cfg.teacher.epochs > 0 else model
     if accelerator.is_main_process:
         checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
+        print(f"teacher: trained {cfg.teacher.epochs} epochs and saved in {time.perf_counter() - started:.1f} s")
     accelerator.wait_for_everyone()
 
 
@@ -158,17 +168,30 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerat
                           replica=accelerator.process_index, seed=seed,
                           augmentation=data.augmentation(seed, cfg.data.augment), normalize=data.normalize)
     total = cfg.teacher.epochs * len(batches)
-    optimizer, schedule = build_optimizer(model.parameters(), cfg.teacher.optimizer, total)
+    device = accelerator.device
+    choice = choose_teacher_step(cfg, accelerator.num_processes, device.type)
+    optimizer, schedule = build_optimizer(model.parameters(), cfg.teacher.optimizer, total,
+                                          graph_safe_on=device if choice.graph_ready else None)
     model = accelerator.prepare_model(model)
     model.train()
+    autocast = step_autocast(accelerator, choice.captured)
+
+    def learn(batch: Batch, _: None = None) -> None:
+        with autocast():
+            loss = F.cross_entropy(model(batch.images).float(), batch.labels,
+                                   label_smoothing=cfg.teacher.label_smoothing)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step = CapturedStep(learn, capture=choice.captured, warmup=cfg.train.graph_warmup) if choice.graph_ready \
+        else learn
+    if accelerator.is_main_process:
+        print(choice.line())
     with tqdm(total=total, desc="teacher", disable=not accelerator.is_main_process) as bar:
         for epoch in range(cfg.teacher.epochs):
-            for images, labels, _ in batches.epoch(epoch):
-                with accelerator.autocast():
-                    loss = F.cross_entropy(model(images).float(), labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            for batch in batches.epoch(epoch):
+                step(batch, None)
                 schedule.step()
                 bar.update()
     model = accelerator.unwrap_model(model)

@@ -29,7 +29,10 @@ PARAMETER_SHARDED = ("fsdp", "deepspeed")
 class TeacherLogits(Protocol):
     """The teacher's logits [B, C] for a batch that every rank of a group holds, in two calls around the step's
     all-gather over that group: what this rank adds to it (`contribution`, possibly nothing), then the batch's
-    logits from what the all-gather brought back (`logits`)."""
+    logits from what the all-gather brought back (`logits`). `capturable`: both calls are device work only, so
+    that a CUDA graph can capture them (else a captured step takes the logits at its boundary)."""
+
+    capturable: bool
 
     def start_epoch(self, epoch: int) -> None: ...
 
@@ -49,6 +52,8 @@ def gathered_logits(teacher: TeacherLogits, batch: Batch, group: dist.ProcessGro
 class RunTeacher:
     """Run the teacher every step: on the whole batch (replicated), or on this rank's 1/G slice of it, the slices
     joined by the all-gather (sharded, when the group has G > 1 ranks)."""
+
+    capturable = True
 
     def __init__(self, teacher: nn.Module, *, sharded: bool, autocast) -> None:
         self.teacher, self.sharded, self.autocast = teacher, sharded, autocast

@@ -20,6 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
+from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, load_dataset
 from dist_tsp.errors import RunStopped, UserError
 from dist_tsp.graph import TeachingGraph
@@ -63,6 +64,9 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
         return cfg, None
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
+    # a step train.step=graph cannot capture is refused here too (the device is the one start() will choose)
+    choose_step(cfg, placement.replicas, TeachingGraph.from_config(cfg).uses_teacher,
+                "cuda" if torch.cuda.is_available() else "cpu")
     return cfg, placement
 
 

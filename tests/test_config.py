@@ -187,8 +187,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["loss.alpha=0", "loss.beta=0", "loss.gamma=0"], r"all 0: set at least one"),
     (["train.epochs=abc"], r"'train.epochs': Input should be a valid integer"),
     (["teacher.mode=cached-ish"], r"'teacher.mode': Input should be 'replicated', 'sharded', 'cached', 'fsdp' or"),
-    (["data.name=mnist"], r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10', 'image_folder' or "
-                          r"'arrow'"),
+    (["data.name=mnist"], r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10', 'npz', 'image_folder'"
+                          r" or 'arrow'"),
     (["students.0.model=resnet9000"], r"unknown model 'resnet9000': choose one of lenet"),
     (["students.1.name=a"], r"duplicate student names \['a'\]"),
     (["students.1.name=bad name"], r"'students.1.name': String should match pattern"),

@@ -156,6 +156,23 @@ def test_cifar10_absent_offline_says_where_to_put_it(tmp_path):
         load_dataset(DataConfig(name="cifar10", root=tmp_path, download=False), seed=0)
 
 
+def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=np.array([0, 1, 2, 0, 1, 2]), classes=["a", "b", "c"])
+    np.savez(tmp_path / "val.npz", images=images[:2], labels=np.array([2, 1]))
+    data = load_dataset(DataConfig(name="npz", root=tmp_path, image_size=40), seed=0)
+    assert data.classes == ["a", "b", "c"] and data.test.labels.tolist() == [2, 1]
+    assert torch.equal(data.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "val.npz", images=images[:2].astype(np.float32), labels=np.array([2, 1]))
+    with pytest.raises(DataError, match=r"val.npz must hold `images` \(uint8 \[N, H, W, 3\]\) and `labels` "
+                                        r"\(\[N\]\); it holds images float32\[2, 40, 40, 3\], labels int64\[2\]$"):
+        load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
+    (tmp_path / "val.npz").unlink()
+    with pytest.raises(DataError, match=r"test.npz does not exist: save train.npz and test.npz"):
+        load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
+
+
 def test_image_folder_loads_and_resizes_class_folders(tmp_path):
     for split in ("train", "test"):
         for cls, color in (("cat", 10), ("dog", 200)):

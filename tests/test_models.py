@@ -8,7 +8,7 @@ from torch import nn
 
 from dist_tsp.models import UnknownModelError, build_model, model_names
 
-REGISTERED = ["lenet", "alexnet", "mobilenet", "vgg11_cifar", "resnet_cifar", "resnet50"]
+REGISTERED = ["lenet", "alexnet", "mobilenet", "vgg11_cifar", "resnet_cifar", "resnet50", "airbench"]
 TORCHVISION = ["resnet18", "shufflenet_v2_x0_5"]
 
 

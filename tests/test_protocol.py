@@ -102,6 +102,25 @@ def test_mentored_phase_on_three_ranks_matches_one_process(protocol, tmp_path):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
 
 
+def test_runs_side_by_side_give_the_sequential_runs_results_with_logs_and_one_start_up_line(protocol, tmp_path,
+                                                                                           capsys):
+    """--parallel-runs 2: the seed's runs in processes of their own, two at once, the teacher's logit cache built by
+    two of them at the same time; the same per-step losses and test accuracies as one at a time in this process."""
+    out = tmp_path / "side_by_side"
+    main([*TINY, "--out", str(out), "--seeds", "1", "--methods", "scratch,kd,tsp", "--parallel-runs", "2",
+          f"teacher.checkpoint={protocol / 'teacher' / 'model.pt'}"])
+    assert "protocol: 2 runs at once (--parallel-runs 2)" in capsys.readouterr().out.splitlines()
+    for method in ("scratch", "kd", "tsp"):
+        alone, beside = protocol / "seed_0" / method, out / "seed_0" / method
+        for a, b in zip(train_rows(alone), train_rows(beside), strict=True):
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-7), method
+        tested = [{s: r["test_acc"] for s, r in json.loads((d / "results.json").read_text())["students"].items()}
+                  for d in (alone, beside)]
+        assert tested[1] == pytest.approx(tested[0], abs=1e-6), method
+        assert f"Results in {beside}/results.json" in (out / "logs" / f"seed_0-{method}.log").read_text()
+    assert "parallel" not in (out / "protocol.json").read_text()
+
+
 def test_bad_method_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit) as stop:
         main([*TINY, "--out", str(tmp_path / "p"), "--methods", "scratch,tsp2"])

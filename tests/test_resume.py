@@ -38,15 +38,17 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, tmp_path):
+    """The killed run takes the graph-ready step (train.step=graph, without capture on the CPU): its static buffers,
+    tensor learning rates and checkpoints end bitwise where the uninterrupted eager run does."""
     args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *RESUMABLE,
-            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt", "train.step=graph"]
     kill_at = random.Random().randint(3, 9)
     process = start(args, processes=3)
     wait_for_step(tmp_path, process, kill_at)
     kill_run(process, tmp_path)
     assert last_step(tmp_path) < 12
     done = launch(args, processes=3)
-    assert "resuming from" in done.stdout
+    assert "resuming from" in done.stdout and "step: graph-ready, not captured" in done.stdout
     for name in STUDENTS:
         a, b = student_state(uninterrupted, 12, name), student_state(tmp_path, 12, name)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name

@@ -18,7 +18,7 @@ from dist_tsp.teacher import prepare_teacher, teacher_logits
 from dist_tsp.teacher_modes import gathered_logits
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
-from tests.runs import DEEPSPEED, TINY, launch, train_rows
+from tests.runs import DEEPSPEED, TINY, launch, student_state, train_rows
 
 WORLD, BATCH, EPOCHS, STEPS = 3, 13, (0, 1), 2  # a batch of 13 over 3 ranks: the last slice is padded
 MODES = ("replicated", "sharded", "fsdp", "deepspeed", "cached")
@@ -170,8 +170,8 @@ def cached_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cached")
     common = ["--config", "configs/demo.yaml", *TINY, f"teacher.checkpoint={teacher_file(tmp / 'teacher.pt')}",
               "teacher.mode=cached", "teacher.channels_last=false", f"teacher.cache_dir={tmp / 'cache'}"]
-    for run in ("first", "second"):
-        launch([*common, f"output_dir={tmp / run}"], processes=3)
+    for run, step in (("first", "eager"), ("second", "graph")):  # the second: the graph-ready step (no capture)
+        launch([*common, f"output_dir={tmp / run}", f"train.step={step}"], processes=3)
     return tmp
 
 
@@ -181,6 +181,13 @@ def test_cached_mode_run_computes_each_epoch_once_and_a_second_run_reuses_them(c
     assert second["teacher"]["cache"]["computed_epochs"] == [] and second["teacher"]["cache"]["reused_epochs"] == [0]
     assert first["students"] == second["students"]
     assert train_rows(cached_runs / "first") == train_rows(cached_runs / "second")
+
+
+def test_graph_ready_step_given_the_cached_logits_at_its_boundary_trains_bitwise_like_the_eager_step(cached_runs):
+    for name in ("lenet", "alexnet", "mobilenet"):
+        eager, graph_ready = (student_state(cached_runs / run, 6, name) for run in ("first", "second"))
+        assert all(torch.equal(eager["model"][k], graph_ready["model"][k]) for k in eager["model"]), name
+        assert eager["optimizer"]["param_groups"] == graph_ready["optimizer"]["param_groups"], name
 
 
 def test_deepspeed_accelerate_config_shards_the_teacher_and_trains_like_the_cached_run(cached_runs, tmp_path):

@@ -1,0 +1,355 @@
+"""The GPU check, one command and one markdown report: is the captured step right, how fast is each step beside the
+floor of the same step written minimally, does bf16 pay, the fast CIFAR teacher, the paper's protocol, the teacher
+modes.
+
+    python benchmarks/gpu_check.py                          # CIFAR-size synthetic data: about 5 min on one H100/H200
+    python benchmarks/gpu_check.py --cifar10 DATA           # CIFAR-10 as the image folder unpack_cifar10.py writes
+    python benchmarks/gpu_check.py --cifar10 DATA --seeds 3 # the protocol's 3-seed target
+    python benchmarks/gpu_check.py --quick                  # tiny, on any device: on a CPU all but the capture
+
+Parts (--parts, default all): correctness (the captured step against the same step uncaptured, bitwise, in fp32 and
+bf16; against the eager step; a resume on the GPU), steps (eager and captured, fp32 and bf16, with train.profile,
+beside the floor: three students' forward, backward and Adam, the teacher's forward and the TSP loss, captured in
+one CUDA graph), teacher (configs/paper/teacher_airbench.yaml: time and test accuracy), protocol (scratch, KD, TSP for
+--seeds seeds, teacher shared), modes (benchmarks/teacher_modes.py on one GPU). The images are decoded once into
+data.name=npz arrays, so that no part needs TorchCodec. A part that needs a missing package, or no GPU, says so in
+one line. The report goes to --out and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+# this checkout's dist_tsp, here and in every run it starts, also where it is not installed (a lent GPU machine)
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+from step_breakdown import profile, train  # noqa: E402
+
+from dist_tsp import checkpoint  # noqa: E402
+from dist_tsp.config import LOSS_PRESETS, TEACHER_MODES, load_config  # noqa: E402
+from dist_tsp.models import build_model  # noqa: E402
+
+PARTS = ("correctness", "steps", "teacher", "protocol", "modes")
+RECIPE = ROOT / "configs" / "paper" / "teacher_airbench.yaml"
+PAPER = ROOT / "configs" / "paper" / "tsp.yaml"
+STUDENTS = ("alexnet", "lenet", "mobilenet")
+TSP = [f"loss.{k}={w}" for k, w in zip(("alpha", "beta", "gamma"), LOSS_PRESETS["tsp"])]
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+OPTIONAL = ("pydantic", "wandb", "deepspeed", "torchcodec", "datasets")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar10", type=Path, help="CIFAR-10 as an image folder (train/<class>/*.jpg, test/...)")
+    parser.add_argument("--seeds", type=int, default=1, help="protocol seeds (1; 3 for the 3-seed target)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, on any device")
+    parser.add_argument("--out", type=Path, default=Path("gpu_report.md"), help="the markdown report")
+    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := [p for p in parts if p not in PARTS]:
+        sys.exit(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    check = GpuCheck(work, args.quick, write_data(work / "data", args.cifar10, args.quick), args.seeds)
+    sections = [environment(args.cifar10)]
+    for part in parts:
+        started = time.perf_counter()
+        try:
+            body = getattr(check, part)()
+        except (Exception, SystemExit) as error:  # a failed part is reported; the others still run
+            body = f"**failed**: {str(error).strip()[-3000:]}"
+        sections.append(f"## {part} ({time.perf_counter() - started:.0f} s)\n\n{body}")
+    report = "# dist-tsp GPU check\n\n" + "\n\n".join(sections) + "\n"
+    args.out.write_text(report)
+    print(report)
+
+
+def environment(cifar10: Path | None) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
+    missing = [name for name in OPTIONAL if find_spec(name) is None]
+    return (f"- device: {device}; torch {torch.__version__}; Python {platform.python_version()}\n"
+            f"- data: {cifar10 or 'synthetic, CIFAR-10 sized (accuracies are not meaningful)'}\n"
+            f"- not installed here: {', '.join(missing) or 'nothing of ' + ', '.join(OPTIONAL)}")
+
+
+def write_data(folder: Path, cifar10: Path | None, quick: bool) -> list[str]:
+    """The data overrides of every run: CIFAR-10 (or random images of its size) as data.name=npz arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": 512 if quick else 50_000, "test": 256 if quick else 10_000}
+    for split, size in sizes.items():
+        path = folder / f"{split}.npz"
+        if path.is_file():
+            continue
+        if cifar10 is None:
+            rng = np.random.default_rng(len(split))
+            images, labels = rng.integers(0, 256, (size, 32, 32, 3), np.uint8), rng.integers(0, 10, size)
+        else:
+            images, labels = decode_folder(cifar10 / split, size if quick else None)
+        np.savez(path, images=images, labels=labels, classes=np.array(CIFAR_CLASSES))
+    return ["data.name=npz", f"data.root={folder}", "data.batch_size=128"]
+
+
+def decode_folder(split: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """An image folder's images [N, 32, 32, 3] and labels, decoded with Pillow (every CIFAR class folder)."""
+    from PIL import Image
+
+    files = [(path, label) for label, name in enumerate(CIFAR_CLASSES) for path in sorted((split / name).iterdir())]
+    files = files[:: max(1, len(files) // limit)][:limit] if limit else files
+    with ThreadPoolExecutor() as pool:
+        images = list(pool.map(lambda item: np.asarray(Image.open(item[0]).convert("RGB")), files))
+    return np.stack(images), np.array([label for _, label in files])
+
+
+class GpuCheck:
+    """The parts; each returns its markdown."""
+
+    def __init__(self, work: Path, quick: bool, data: list[str], seeds: int) -> None:
+        self.work, self.quick, self.data, self.seeds = work, quick, data, seeds
+        self.cuda = torch.cuda.is_available()
+        self.teacher_file = work / "untrained_teacher.pt"  # the demo's teacher shape: its cost is what is measured
+        if not self.teacher_file.is_file():
+            demo = load_config(ROOT / "configs" / "demo.yaml")
+            model = build_model(demo.teacher.model, 10, **demo.teacher.args)
+            checkpoint.save_atomic({"model": model.state_dict()}, self.teacher_file)
+        students = "students=[" + ", ".join(f"{{name: {s}, model: {s}}}" for s in STUDENTS) + "]"
+        self.paper_size = [*self.data, students, *TSP, f"teacher.checkpoint={self.teacher_file}",
+                           "teacher.mode=replicated", "train.epochs=1000"]
+        self.teacher_for_protocol = [f"teacher.checkpoint={self.teacher_file}", *teacher_spec(ROOT / "configs" /
+                                                                                                "demo.yaml")]
+
+    def _run(self, name: str, overrides: list[str], precision: str = "no") -> Path:
+        run = self.work / name
+        train(run, [*self.paper_size, *overrides], 1, ["--mixed_precision", precision])
+        return run
+
+    def correctness(self) -> str:
+        """The captured step against itself uncaptured (bitwise), against the eager step, and resumed."""
+        steps = 8
+        cosine = [f"train.max_steps={steps}", "train.log_every=1", "train.optimizer.schedule=cosine"]
+        runs = {
+            "eager": (["train.step=eager", *cosine], "no"),
+            "captured": (["train.step=graph", *cosine], "no"),
+            "uncaptured": (["train.step=graph", "train.graph_warmup=1000", *cosine], "no"),
+            "captured bf16": (["train.step=graph", *cosine], "bf16"),
+            "uncaptured bf16": (["train.step=graph", "train.graph_warmup=1000", *cosine], "bf16"),
+            "captured constant": (["train.step=graph", f"train.max_steps={steps}", "train.log_every=1"], "no"),
+        }
+        resumed = ["train.step=graph", "train.log_every=1", "resume=auto"]
+
+        def run_resumed() -> Path:  # 4 steps (3 eager, 1 replayed), then 4 more from the checkpoint
+            self._run("resumed", [*resumed, "train.max_steps=4"])
+            return self._run("resumed", [*resumed, f"train.max_steps={steps}"])
+
+        with ThreadPoolExecutor(len(runs) + 1) as pool:
+            futures = {name: pool.submit(self._run, f"correctness/{name}", overrides, precision)
+                       for name, (overrides, precision) in runs.items()}
+            futures["resumed"] = pool.submit(run_resumed)
+            done = {name: future.result() for name, future in futures.items()}
+        rows = [
+            ["captured = uncaptured, fp32 (losses of every step, final weights)",
+             *same(done["captured"], done["uncaptured"], steps), "bitwise"],
+            ["captured = uncaptured, bf16", *same(done["captured bf16"], done["uncaptured bf16"], steps), "bitwise"],
+            ["resumed after step 4 = uninterrupted (captured)",
+             *same(done["resumed"], done["captured constant"], steps), "bitwise"],
+        ]
+        eager, captured = train_rows(done["eager"]), train_rows(done["captured"])
+        rows.append(["eager = captured, step 1 losses (same weights, same dropout)",
+                     f"{max_relative(eager[:1], captured[:1]):.1e}", "", "<= 1e-5"])
+        rows.append([f"eager vs captured, steps 2-{steps} (foreach vs fused Adam)",
+                     f"{max_relative(eager[1:], captured[1:]):.1e}", "", "reported"])
+        note = "" if self.cuda else "\n\nNo CUDA device: the 'captured' runs ran the graph-ready step without capture."
+        return tabulate(rows, headers=["check", "losses", "weights", "required"], tablefmt="github") + note
+
+    def steps(self) -> str:
+        """Step time (train.profile, after warm-up) of the eager and captured step, fp32 and bf16, and the floor."""
+        count = 8 if self.quick else 40
+        rows, measured = [], {}
+        for step in ("eager", "graph"):
+            for precision in ("no", "bf16"):
+                run = self._run(f"steps/{step}-{precision}", [
+                    f"train.step={step}", "train.profile=true", f"train.max_steps={count}",
+                    f"train.log_every={count}"], precision)
+                ms = profile(run)[0]["ms"]
+                parts = {k: v for k, v in ms.items() if v > 0 and k != "data"}
+                measured[step, precision] = sum(parts.values())
+                rows.append([f"dist-tsp, {'captured' if step == 'graph' else 'eager'}, "
+                             f"{'fp32' if precision == 'no' else 'bf16'}", f"{measured[step, precision]:.2f}",
+                             ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
+        floors = {precision: floor_ms(self.teacher_file, precision == "bf16", 5 if self.quick else 50)
+                  for precision in ("no", "bf16")} if self.cuda else {}
+        for precision, ms in floors.items():
+            rows.append([f"floor (minimal step, one CUDA graph), {'fp32' if precision == 'no' else 'bf16'}",
+                         f"{ms:.2f}", "3 students fwd+bwd+Adam, teacher fwd, TSP loss"])
+        table = tabulate(rows, headers=["step (paper-size TSP, batch 128)", "ms", "parts (ms)"], tablefmt="github")
+        targets = [["bf16 captured step < fp32 captured step", f"{measured['graph', 'bf16']:.2f} vs "
+                    f"{measured['graph', 'no']:.2f}", yes(measured["graph", "bf16"] < measured["graph", "no"])]]
+        for precision, ms in floors.items():
+            ratio = measured["graph", precision] / ms
+            targets.append([f"captured step <= 1.25 x floor ({'fp32' if precision == 'no' else 'bf16'})",
+                            f"{ratio:.2f}", yes(ratio <= 1.25)])
+        if not floors:
+            targets.append(["captured step <= 1.25 x floor", "no CUDA device: the floor is a CUDA graph", "-"])
+        return table + "\n\n" + tabulate(targets, headers=["target", "measured", "met"], tablefmt="github")
+
+    def teacher(self) -> str:
+        """The fast CIFAR teacher recipe: wall time of its teacher stage and its test accuracy."""
+        out = self.work / "teacher"
+        quick = ["teacher.epochs=1", "teacher.batch_size=128"] if self.quick else []
+        device = ["--mixed_precision", "bf16"] if self.cuda else ["--cpu"]
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                               "--num_processes", "1", *device, str(ROOT / "dist_tsp" / "train.py"),
+                               "--teacher-only", "--config", str(RECIPE), *self.data, f"output_dir={out}",
+                               f"teacher.checkpoint={out / 'model.pt'}", *quick],
+                              cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        self.teacher_for_protocol = [f"teacher.checkpoint={out / 'model.pt'}", *teacher_spec(RECIPE)]
+        accuracy = float(re.search(r"test accuracy ([\d.]+) %", done.stdout).group(1))
+        rows = [["test accuracy %", f"{accuracy:.2f}", ">= 94", yes(accuracy >= 94)],
+                ["teacher stage, wall s (start-up included)", f"{seconds:.0f}", "<= 120", yes(seconds <= 120)]]
+        return f"`{RECIPE.relative_to(ROOT)}`\n\n" + tabulate(rows, headers=["", "measured", "target", "met"],
+                                                              tablefmt="github")
+
+    def protocol(self) -> str:
+        """The paper's comparison (scratch, KD, TSP) for --seeds seeds on one GPU, the teacher shared."""
+        quick = ["train.max_steps=4", "train.epochs=1"] if self.quick else []
+        out = self.work / "protocol"
+        env = {**os.environ, **({"ACCELERATE_MIXED_PRECISION": "bf16"} if self.cuda else {})}
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
+                               str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
+                               *self.teacher_for_protocol, "train.step=auto", *quick],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        target = "" if self.seeds != 3 else f"\n\n3 seeds in {seconds:.0f} s (target <= 300 s with the teacher: " \
+                                            f"{yes(seconds <= 300)})"
+        return (f"{self.seeds} seed(s), scratch + KD + TSP, the teacher shared: {seconds:.0f} s\n\n"
+                + (out / "table2.md").read_text() + target)
+
+    def modes(self) -> str:
+        """benchmarks/teacher_modes.py on this one device."""
+        modes = [m for m in TEACHER_MODES if m != "deepspeed" or find_spec("deepspeed") is not None]
+        flags = ["--steps", "3", "--batch", "48"] if self.quick else []
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_modes.py"), "--worlds", "1",
+                               "--modes", *modes, *flags, *(["--gpu"] if self.cuda else []),
+                               "--work-dir", str(self.work / "modes")], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-3000:])
+        skipped = "" if "deepspeed" in modes else "\n\ndeepspeed: skipped (not installed here)"
+        return done.stdout.strip() + skipped
+
+
+def teacher_spec(config: Path) -> list[str]:
+    """The teacher architecture of a config, as overrides (what a teacher checkpoint from it is loaded into)."""
+    teacher = load_config(config).teacher
+    return [f"teacher.model={teacher.model}", f"teacher.args={json.dumps(teacher.args)}",
+            f"teacher.input_scale={teacher.input_scale}"]
+
+
+def train_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k.startswith("train/")} for row in rows
+            if any(k.startswith("train/") for k in row)]
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    directory = checkpoint.step_dir(run, step)
+    return {f"{name}.{key}": value for name in STUDENTS
+            for key, value in checkpoint.load(checkpoint.student_file(directory, name), name)["model"].items()}
+
+
+def same(a: Path, b: Path, steps: int) -> list[str]:
+    """Whether two runs' losses at every step and weights at step `steps` are bitwise equal."""
+    rows_equal = train_rows(a) == train_rows(b)
+    wa, wb = weights(a, steps), weights(b, steps)
+    weights_equal = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return [yes(rows_equal, "equal"), yes(weights_equal, "equal")]
+
+
+def max_relative(a: list[dict], b: list[dict]) -> float:
+    return max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def yes(ok: bool, word: str = "yes") -> str:
+    return word if ok else "**NO**"
+
+
+def floor_ms(teacher_file: Path, bf16: bool, replays: int) -> float:
+    """The paper-size TSP step written minimally and captured in one CUDA graph: ms per replay."""
+    device = torch.device("cuda")
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    teacher = build_model(demo.teacher.model, 10, **demo.teacher.args)
+    teacher.load_state_dict(checkpoint.load(teacher_file, "teacher")["model"])
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    students = [build_model(name, 10).to(device) for name in STUDENTS]
+    optimizers = [torch.optim.Adam(s.parameters(), lr=torch.tensor(1e-3, device=device), fused=True,
+                                   capturable=True) for s in students]
+    images = torch.randn(128, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (128,), device=device)
+    (alpha, beta, gamma), temperature = LOSS_PRESETS["tsp"], 10.0
+
+    def step() -> None:
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
+            with torch.no_grad():
+                soft_teacher = F.softmax(teacher(images).float() / temperature, dim=-1)
+            logits = torch.stack([s(images) for s in students]).float()
+        log_probs = F.log_softmax(logits / temperature, dim=-1)
+        probs = log_probs.detach().exp()
+        loss = 0.0
+        for k in range(len(students)):
+            kd = F.kl_div(log_probs[k], soft_teacher, reduction="batchmean")
+            peer = sum(F.kl_div(log_probs[k], probs[j], reduction="batchmean") for j in range(len(students)) if j != k)
+            loss = loss + alpha * F.cross_entropy(logits[k], labels) + temperature**2 * (beta * kd + gamma * peer)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - started) / replays
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The graph-ready step's parts on the CPU: which step a launch gets, optimizers with a device learning rate, static
+buffers. (Launched runs: tests/test_resume.py and test_teacher_modes.py train with train.step=graph and end bitwise
+where the eager step does; the capture itself is checked on a GPU by benchmarks/gpu_check.py.)"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_tsp.config import ConfigError, OptimConfig, load_config
+from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
+from dist_tsp.data import Batch, load_dataset
+from dist_tsp.optim import build_optimizer
+from dist_tsp.teacher import train_teacher
+from dist_tsp.train import plan
+
+STUDENTS = "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]"
+
+
+def config(*overrides: str):
+    return load_config(None, [STUDENTS, *overrides])
+
+
+@pytest.mark.parametrize(("overrides", "replicas", "device", "expected"), [
+    ((), 1, "cuda", "step: eager (train.step=eager)"),
+    (("train.step=auto",), 1, "cuda", "step: CUDA graph (train.step=auto: captured after 3 eager steps)"),
+    (("train.step=graph",), 1, "cuda", "step: CUDA graph (train.step=graph: captured after 3 eager steps)"),
+    (("train.step=auto",), 1, "cpu", "step: eager (train.step=auto: no CUDA device)"),
+    (("train.step=graph",), 1, "cpu",
+     "step: graph-ready, not captured (train.step=graph on the CPU: the same step, without a CUDA graph)"),
+    (("train.step=auto",), 2, "cuda",
+     "step: eager (train.step=auto: the students have 2 replicas, whose DDP gradient all-reduce is not captured)"),
+    (("train.step=auto", "teacher.mode=fsdp"), 1, "cuda",
+     "step: eager (train.step=auto: teacher.mode=fsdp gathers its parameters under host control)"),
+])
+def test_each_launch_says_which_step_runs_and_why(overrides, replicas, device, expected):
+    assert choose_step(config(*overrides), replicas, uses_teacher=True, device_type=device).line() == expected
+
+
+@pytest.mark.parametrize("step, processes, device, expected", [
+    ("graph", 3, "cuda", "teacher step: eager (train.step=graph: the teacher trains on 3 processes, whose DDP "
+                         "gradient all-reduce is not captured)"),
+    ("auto", 1, "cuda", "teacher step: CUDA graph (train.step=auto: captured after 3 eager steps)"),
+    ("graph", 1, "cpu", "teacher step: graph-ready, not captured (train.step=graph on the CPU: the same step, "
+                        "without a CUDA graph)"),
+    ("eager", 1, "cuda", "teacher step: eager (train.step=eager)"),
+])
+def test_the_teachers_training_step_is_captured_on_one_process_and_stays_eager_under_ddp(step, processes, device,
+                                                                                         expected):
+    assert choose_teacher_step(config(f"train.step={step}"), processes, device).line() == expected
+
+
+def test_a_teacher_trained_with_the_graph_ready_step_is_bitwise_the_eager_one(tmp_path, capsys):
+    """The airbench recipe in small (Nesterov SGD with a tensor learning rate, the triangular schedule, label
+    smoothing, BatchNorm statistics) on one CPU process."""
+    from accelerate import Accelerator
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "paper" / "teacher_airbench.yaml"
+    trained = {}
+    for step in ("eager", "graph"):
+        cfg = load_config(recipe, ["data={name: digits, image_size: 16}", "teacher.args={widths: [8, 16, 16]}",
+                                   "teacher.epochs=2", "teacher.batch_size=64", f"train.step={step}",
+                                   f"output_dir={tmp_path / step}"])
+        data = load_dataset(cfg.data, cfg.seed)
+        train_teacher(cfg, data, Accelerator(cpu=True), tmp_path / step / "teacher.pt")
+        trained[step] = torch.load(tmp_path / step / "teacher.pt", weights_only=True)["model"]
+    assert "teacher step: graph-ready, not captured" in capsys.readouterr().out
+    assert trained["eager"].keys() == trained["graph"].keys()
+    assert all(torch.equal(trained["eager"][k], trained["graph"][k]) for k in trained["eager"])
+
+
+def test_a_sharded_teacher_the_students_do_not_learn_from_does_not_stop_the_capture():
+    cfg = config("train.step=graph", "teacher.mode=deepspeed")
+    assert choose_step(cfg, 1, uses_teacher=False, device_type="cuda").captured
+
+
+def test_graph_step_that_cannot_be_captured_is_refused_at_launch_in_one_line(tmp_path):
+    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", STUDENTS, "train.step=graph"]
+    with pytest.raises(ConfigError, match=r"^train.step=graph cannot capture this run's step: the students have 2 "
+                                          r"replicas, .* use train.step=auto .* or train.step=eager$"):
+        plan(args, world_size=6, rank=0)
+    with pytest.raises(ConfigError, match="train.compile makes torch.compile's own graphs"):
+        plan([*args, "train.compile=true"], world_size=3, rank=0)
+
+
+def _train(model, optimizer, schedule, steps: int = 4) -> None:
+    inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_graph_safe_optimizer_on_the_cpu_takes_the_eager_steps_and_saves_the_eager_state(name):
+    cfg = OptimConfig(name=name, lr=0.01, weight_decay=1e-4, schedule="cosine")
+    eager_model = torch.nn.Linear(4, 3)
+    graph_model = copy.deepcopy(eager_model)
+    eager = build_optimizer(eager_model.parameters(), cfg, total_steps=10)
+    graph_safe = build_optimizer(graph_model.parameters(), cfg, total_steps=10, graph_safe_on=torch.device("cpu"))
+    _train(eager_model, *eager)
+    _train(graph_model, *graph_safe)
+    assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), graph_model.parameters()))
+    assert isinstance(graph_safe[0].param_groups[0]["lr"], torch.Tensor)  # filled in place by the schedule
+    saved, expected = graph_safe[0].state_dict(), eager[0].state_dict()
+    assert saved["param_groups"] == expected["param_groups"]  # a float rate, the eager flags
+    for key, state in expected["state"].items():
+        assert all(torch.equal(value, saved["state"][key][part]) for part, value in state.items())
+    assert graph_safe[1].state_dict() == eager[1].state_dict()
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_graph_safe_and_eager_optimizers_resume_each_others_checkpoints(name):
+    cfg = OptimConfig(name=name, lr=0.01, schedule="cosine")
+    model = torch.nn.Linear(4, 3)
+    _train(model, *build_optimizer(model.parameters(), cfg, total_steps=10), steps=2)
+    for first, then in ((None, torch.device("cpu")), (torch.device("cpu"), None)):
+        trained = copy.deepcopy(model)
+        saved_by = build_optimizer(trained.parameters(), cfg, total_steps=10, graph_safe_on=first)
+        _train(trained, *saved_by, steps=2)
+        resumed = copy.deepcopy(trained)
+        optimizer, schedule = build_optimizer(resumed.parameters(), cfg, total_steps=10, graph_safe_on=then)
+        optimizer.load_state_dict(copy.deepcopy(saved_by[0].state_dict()))  # as from a file: no shared tensors
+        schedule.load_state_dict(copy.deepcopy(saved_by[1].state_dict()))
+        _train(trained, *saved_by, steps=2)
+        _train(resumed, optimizer, schedule, steps=2)
+        assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), resumed.parameters())), (first, then)
+        if then is not None:
+            assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_captured_step_runs_on_static_buffers_refilled_from_every_batch():
+    seen = []
+
+    def step(batch, teacher_logits):
+        seen.append((batch.images, teacher_logits))
+        return batch.images.sum() + teacher_logits.sum()
+
+    captured = CapturedStep(step, capture=False)
+    batches = [Batch(torch.full((2, 3), float(k)), torch.tensor([k, k]), torch.tensor([k, k + 1])) for k in range(3)]
+    outputs = [captured(batch, torch.full((2, 5), 10.0 * k)).item() for k, batch in enumerate(batches)]
+    assert outputs == [0.0, 6.0 + 100.0, 12.0 + 200.0]
+    assert all(images is seen[0][0] and logits is seen[0][1] for images, logits in seen)  # the same buffers
+    with pytest.raises(ValueError, match=r"batch of shape \(1, 3\), but the step was made for \(2, 3\)"):
+        captured(Batch(torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)), torch.zeros(1, 5))
