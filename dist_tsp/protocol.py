@@ -16,21 +16,14 @@ mostly idle.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from dist_tsp import checkpoint, protocol_report
+from dist_tsp import checkpoint, protocol_report, side_by_side
 from dist_tsp.checkpoint import write_text_atomic
 from dist_tsp.config import LOSS_PRESETS, RunConfig, load_config
 from dist_tsp.data import load_dataset
@@ -38,14 +31,10 @@ from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.protocol_report import GridPoint, Row
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("scratch", "kd", "tsp", "tuned", "alternate")
 GRID = ((0.1, 0.8, 0.1), (0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.7, 0.1), (0.2, 0.6, 0.2), (0.2, 0.5, 0.3))
 LABELS = {"scratch": "scratch", "kd": "vanilla KD", "tsp": "TSP (0.1/0.8/0.1)"}
 ALTERNATE_PHASES = ("tsp", "mentored")  # presets: (0.1, 0.8, 0.1), then (0.1, 0.6, 0.3)
-TRAIN = str(ROOT / "dist_tsp" / "train.py")
-RUN_GIB = 16  # --parallel-runs auto: GPU memory set aside per process of a run (ample for the configs here)
-MAX_RUNS_PER_GPU = 4  # --parallel-runs auto: however much memory is free, the GPU's compute and the CPU are shared
 
 
 @dataclass
@@ -77,26 +66,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--grid", default=" ".join(",".join(f"{w:g}" for w in point) for point in GRID),
                         help="grid points 'a,b,g a,b,g ...' for the tuned TSP (default: the 6 points of Table 1)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share for the grid (0.2)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="processes per run (1: every run in this process; more: accelerate launch)")
-    parser.add_argument("--accelerate-config", default=None,
-                        help="accelerate config for --processes > 1 (default: gpu.yaml with a GPU, else cpu.yaml)")
-    parser.add_argument("--parallel-runs", default="auto", metavar="N|auto",
-                        help="independent runs at once, each in a process of its own (1: one at a time, in this "
-                             "process when --processes is 1). Default auto: 1 on CPU; on GPUs, one run per "
-                             f"{RUN_GIB} GiB free on every GPU of a run, at most {MAX_RUNS_PER_GPU} per GPU and one "
-                             "process per CPU core, concurrent runs spread over disjoint sets of --processes GPUs "
-                             "when there are several. Not part of protocol.json: a rerun may change it")
+    side_by_side.add_options(parser, "protocol.json")
     return parser.parse_known_args(argv)
 
 
-def plan(argv: list[str] | None) -> tuple[Protocol, Path, Slots]:
+def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     """Parse and validate everything before any run starts."""
     args, overrides = parse_args(argv)
     if bad := [o for o in overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is neither an option nor key=value: see launch/protocol.sh --help")
-    if args.parallel_runs != "auto" and not (args.parallel_runs.isdigit() and int(args.parallel_runs) >= 1):
-        raise UserError(f"--parallel-runs {args.parallel_runs}: give a number of runs at once (1, 2, ...) or auto")
+    accelerate_config = side_by_side.accelerate_config(args)
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         raise UserError(f"--methods: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
@@ -116,10 +95,6 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, Slots]:
                         "students or choose --methods scratch,kd")
     if any(s.frozen for s in base.students):
         raise UserError("the protocol trains every student: remove frozen from the config's students")
-    accelerate_config = args.accelerate_config
-    if args.processes > 1 and accelerate_config is None:
-        kind = "gpu" if torch.cuda.is_available() else "cpu"
-        accelerate_config = str(ROOT / "configs" / "accelerate" / f"{kind}.yaml")
     protocol = Protocol(config=args.config, overrides=overrides, seeds=list(range(args.seeds)), methods=methods,
                         grid=grid, val_fraction=args.val_fraction, processes=args.processes,
                         accelerate_config=accelerate_config, base=base)
@@ -127,61 +102,7 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, Slots]:
     if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(protocol.record())):
         raise UserError(f"{args.out} holds another protocol ({record} differs): rerun with its options or choose "
                         "another --out")
-    return protocol, args.out, choose_slots(args.parallel_runs, args.processes)
-
-
-@dataclass(frozen=True, slots=True)
-class Slots:
-    """How many runs go at once (one slot each) and which GPUs each slot's runs see. Chosen by every command and kept
-    out of protocol.json: it decides when runs happen, not what they compute."""
-
-    devices: tuple[str | None, ...]  # per slot: CUDA_VISIBLE_DEVICES for its runs (None: this process's)
-    reason: str  # why that many, for the start-up line
-
-    def describe(self) -> str:
-        count = len(self.devices)
-        return f"protocol: {count} runs at once ({self.reason})" if count > 1 else \
-            f"protocol: 1 run at a time ({self.reason})"
-
-
-def choose_slots(parallel_runs: str, processes: int) -> Slots:
-    """--parallel-runs N, or auto from this machine's GPUs, their free memory and the CPU cores."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if parallel_runs == "auto":
-        free_gib = [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(gpus)]
-        count, reason = auto_runs(free_gib, processes, len(os.sched_getaffinity(0)))
-    else:
-        count, reason = int(parallel_runs), f"--parallel-runs {parallel_runs}"
-    names = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[:gpus]
-    return Slots(slot_devices(count, gpu_groups(gpus, processes), names), reason)
-
-
-def gpu_groups(gpus: int, processes: int) -> list[range]:
-    """Disjoint sets of `processes` GPUs, one per concurrent run placement (all of them when they hold fewer)."""
-    return [range(k * processes, (k + 1) * processes) for k in range(gpus // processes)] or [range(gpus)]
-
-
-def auto_runs(free_gib: Sequence[float], processes: int, cpus: int) -> tuple[int, str]:
-    """--parallel-runs auto: 1 without GPUs (runs would share the CPU's cores); else on each group of GPUs one run
-    per RUN_GIB free on its fullest GPU (per process a run puts there), at most MAX_RUNS_PER_GPU, and at most one
-    process per CPU core in all; never fewer than 1. Returns the number and why."""
-    if not free_gib:
-        return 1, "auto: no GPU, runs would share the CPU cores"
-    groups = gpu_groups(len(free_gib), processes)
-    per_gpu = -(-processes // len(groups[0]))  # a run's processes on each GPU of its group
-    by_memory = sum(min(MAX_RUNS_PER_GPU, int(min(free_gib[i] for i in group) // (RUN_GIB * per_gpu)))
-                    for group in groups)
-    where = f"GPU 0: {free_gib[0]:.0f} GiB free" if len(free_gib) == 1 else \
-        f"{len(free_gib)} GPUs in {len(groups)} group(s), the fullest {min(free_gib):.0f} GiB free"
-    return max(1, min(by_memory, cpus // processes)), (f"auto: {where}, {RUN_GIB} GiB per run process, at most "
-                                                       f"{MAX_RUNS_PER_GPU} per GPU; {cpus} CPU cores")
-
-
-def slot_devices(count: int, groups: list[range], names: list[str]) -> tuple[str | None, ...]:
-    """Each of `count` slots' CUDA_VISIBLE_DEVICES, spread over the groups in turn (None: one group, no change)."""
-    if len(groups) == 1 or count == 1:
-        return (None,) * count
-    return tuple(",".join(names[i] for i in groups[k % len(groups)]) for k in range(count))
+    return protocol, args.out, side_by_side.choose_slots(args.parallel_runs, args.processes)
 
 
 def processes_for(num_students: int, processes: int) -> int:
@@ -197,23 +118,16 @@ class Runner:
     """Runs the protocol's runs (a finished one is reused), one at a time or several at once, and knows where each
     lives; the bar counts them."""
 
-    def __init__(self, protocol: Protocol, out: Path, slots: Slots, bar: tqdm) -> None:
+    def __init__(self, protocol: Protocol, out: Path, slots: side_by_side.Slots, bar: tqdm) -> None:
         self.protocol, self.out, self.slots, self.bar = protocol, out, slots, bar
-        self.one_at_a_time = len(slots.devices) == 1
         self.teacher = protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
         self.shared = [f"teacher.checkpoint={self.teacher}", "teacher.mode=cached",
                        f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}"]
 
     def run_all(self, runs: list[PlannedRun]) -> list[Path]:
-        """Every run of `runs`; their directories in the same order."""
-        if not self.one_at_a_time:
-            return run_concurrently(runs, self.slots.devices, self.run, self.bar)
-        directories = []
-        for planned in runs:
-            self.bar.set_postfix_str(planned.name)
-            directories.append(self.run(planned))
-            self.bar.update()
-        return directories
+        """Every run of `runs` (a phase 2 after its phase 1); their directories in the same order."""
+        return side_by_side.run_concurrently(runs, self.slots.devices, self.run, self.bar,
+                                             waits_for=lambda planned: planned.mentors_from)
 
     def run(self, planned: PlannedRun, devices: str | None = None) -> Path:
         """Run `planned` (output_dir = out/name) unless its results exist, on `devices` (CUDA_VISIBLE_DEVICES, None:
@@ -225,7 +139,10 @@ class Runner:
             args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
                     f"output_dir={directory}", *planned.overrides, *self._mentors(planned)]
             args += ["--teacher-only"] if planned.teacher_only else []
-            self._launch(planned.name, args, processes_for(planned.num_students, self.protocol.processes), devices)
+            side_by_side.launch_run(planned.name, args, self.out / "logs" / f"{planned.name.replace('/', '-')}.log",
+                                    processes=processes_for(planned.num_students, self.protocol.processes),
+                                    accelerate_config=self.protocol.accelerate_config, devices=devices,
+                                    alone=self.slots.one_at_a_time, in_process=True)
         return directory
 
     def _mentors(self, planned: PlannedRun) -> list[str]:
@@ -238,83 +155,12 @@ class Runner:
                                    {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
                                    for s in students])]
 
-    def _launch(self, name: str, args: list[str], processes: int, devices: str | None) -> None:
-        """One run, its output appended to out/logs/<name>.log: in this process when it is alone on one process,
-        else in processes of its own (accelerate launch for several, on a port of its own beside other runs)."""
-        log = self.out / "logs" / f"{name.replace('/', '-')}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as output:
-            if processes == 1 and self.one_at_a_time:
-                code = _in_process(args, output)
-            else:
-                command = [sys.executable, TRAIN, *args]
-                if processes > 1:
-                    port = [] if self.one_at_a_time else ["--main_process_port", str(free_port())]
-                    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                               self.protocol.accelerate_config, "--num_processes", str(processes), *port, *command[1:]]
-                env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
-                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0:
-            tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
-            raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
-                            "Rerun the same command to continue from there")
-
-
-def run_concurrently(runs: list[PlannedRun], slots: Sequence[str | None],
-                     run: Callable[[PlannedRun, str | None], Path], bar: tqdm) -> list[Path]:
-    """`run(planned, slot)` for every run in threads, up to one per slot, each started as soon as a slot is free and
-    the run it takes mentors from has finished (in list order otherwise); their directories in list order. After a
-    failure none starts: those in flight finish, then the first failure is raised. The bar shows the runs in flight
-    and counts the finished ones."""
-    directories: dict[str, Path] = {}
-    waiting, running, free, failures = list(runs), {}, list(range(len(slots))), []
-    with ThreadPoolExecutor(len(slots)) as pool:
-        while running or (waiting and not failures):
-            unfinished = {p.name for p in waiting} | {p.name for p, _ in running.values()}
-            ready = [] if failures else [p for p in waiting if p.mentors_from not in unfinished]
-            for planned in ready[:len(free)]:
-                waiting.remove(planned)
-                slot = free.pop(0)
-                running[pool.submit(run, planned, slots[slot])] = planned, slot
-            bar.set_postfix_str(", ".join(p.name for p, _ in running.values()))
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                planned, slot = running.pop(future)
-                free = sorted([*free, slot])
-                if future.exception() is not None:
-                    failures.append(future.exception())
-                else:
-                    directories[planned.name] = future.result()
-                    bar.update()
-    if failures:
-        raise failures[0]
-    return [directories[p.name] for p in runs]
-
-
-def free_port() -> int:
-    """A TCP port free now, for one launch's rendezvous (concurrent launches on one node need one each)."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
-
 
 def run_name(name: str) -> str:
     """The W&B run name for a run directory name: seed_0/alternate_lenet/phase1 -> alternate_lenet-phase1-seed0."""
     first, *rest = name.split("/")
     return "-".join(rest) + "-seed" + first.removeprefix("seed_") if first.startswith("seed_") and rest \
         else name.replace("/", "-")
-
-
-def _in_process(args: list[str], output) -> int:
-    """train.main in this process, its output into `output`; the exit code it would have had."""
-    from dist_tsp import train
-
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        try:
-            train.main(args)
-        except SystemExit as stop:
-            return stop.code if isinstance(stop.code, int) else 1
-    return 0
 
 
 def student_overrides(students: list[dict]) -> str:
@@ -339,13 +185,13 @@ class PlannedRun:
     reports: tuple[str, ...] = ()  # the students whose results in that row come from this run
 
 
-def execute(protocol: Protocol, out: Path, slots: Slots) -> dict[str, Path]:
+def execute(protocol: Protocol, out: Path, slots: side_by_side.Slots) -> dict[str, Path]:
     """Every run of the protocol, then the report; returns the report's files by name. The teacher, then the grid,
     then every seed's runs once the grid has chosen: within each, up to one run per slot at once. The progress bar
     counts the runs planned so far."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
-    print(slots.describe(), flush=True)
+    print(slots.describe("protocol"), flush=True)
     teacher = PlannedRun("teacher", (), num_students=1, teacher_only=True)
     grid = grid_runs(protocol) if "tuned" in protocol.methods else []
     with tqdm(total=1 + len(grid), desc="protocol", unit="run") as bar:

@@ -62,7 +62,8 @@ class LocalStudent:
     def generating(self, device: torch.device) -> Iterator[None]:
         """Run with this student's random state on the global generators, and keep where it got to."""
         if self.generator is not None:  # graph-safe: the default generator points at the student's state
-            default = torch.cuda.default_generators[device.index]
+            default = torch.cuda.default_generators[device.index if device.index is not None else
+                                                    torch.cuda.current_device()]
             previous = default.graphsafe_get_state()
             default.graphsafe_set_state(self.generator)
             try:

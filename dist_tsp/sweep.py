@@ -1,7 +1,9 @@
-"""Sweeps (slurm/sweep.sh): a trials file with one line of config overrides per trial, each trial its own run in
-DIR/trial_N, and one table of every trial's results in DIR/sweep.md and DIR/sweep.csv.
+"""Sweeps: a trials file with one line of config overrides per trial, each trial its own run in DIR/trial_N, and one
+table of every trial's results in DIR/sweep.md and DIR/sweep.csv.
 
-    python -m dist_tsp.sweep trial TRIALS DIR N   # trial N's overrides, one per line (N counts from 1)
+    python -m dist_tsp.sweep run TRIALS DIR CONFIG [--parallel-runs N|auto] [key=value ...]
+                                                  # every unfinished trial on this machine, several at once
+    python -m dist_tsp.sweep trial TRIALS DIR N   # trial N's overrides, one per line (N counts from 1; slurm/sweep.sh)
     python -m dist_tsp.sweep collect DIR          # (re)writes DIR/sweep.md and DIR/sweep.csv
 """
 
@@ -12,12 +14,16 @@ import fcntl
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
+from dist_tsp import side_by_side
 from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.config import load_config
 from dist_tsp.errors import UserError
 from dist_tsp.report import write_table
 
@@ -57,6 +63,40 @@ def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
     return trials[number - 1]
 
 
+@dataclass(frozen=True, slots=True)
+class Trial:
+    name: str  # trial_N, its directory under the sweep's
+    overrides: list[str]
+
+
+def run(args: argparse.Namespace) -> str:
+    """Every trial of args.trials whose results are not in args.dir yet (an interrupted one resumes), up to
+    --parallel-runs at once, each with args.config and args.overrides under its own; then the table. Every trial's
+    config is checked before any starts."""
+    slots_config = side_by_side.accelerate_config(args)
+    if bad := [o for o in args.overrides if "=" not in o]:
+        raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
+    for n, overrides in enumerate(read_trials(args.trials), 1):
+        load_config(args.config, [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
+    trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(read_trials(args.trials)) + 1)]
+    slots = side_by_side.choose_slots(args.parallel_runs, args.processes)
+    print(slots.describe("sweep"), flush=True)
+
+    def run_trial(planned: Trial, devices: str | None) -> Path:
+        directory = args.dir / planned.name
+        if not (directory / "results.json").is_file():
+            side_by_side.launch_run(planned.name, ["--config", str(args.config), *args.overrides, *planned.overrides,
+                                                   f"output_dir={directory}"],
+                                    args.dir / "logs" / f"{planned.name}.log", processes=args.processes,
+                                    accelerate_config=slots_config, devices=devices, alone=slots.one_at_a_time,
+                                    in_process=True)
+        return directory
+
+    with tqdm(total=len(trials), desc="sweep", unit="run") as bar:
+        side_by_side.run_concurrently(trials, slots.devices, run_trial, bar)
+    return collect(args.dir)
+
+
 def collect(sweep_dir: Path) -> str:
     """Write sweep.md and sweep.csv, one row per trial (accuracies in %, `-` until it finishes); return the table."""
     if not (sweep_dir / RECORD).is_file():
@@ -93,14 +133,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dist_tsp.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    every = commands.add_parser("run", help="run every unfinished trial here, then write the table",
+                                usage="python -m dist_tsp.sweep run TRIALS DIR CONFIG [options] [key=value ...] "
+                                      "(key=value: for every trial, before its own)")
+    every.add_argument("trials", type=Path)
+    every.add_argument("dir", type=Path)
+    every.add_argument("config", type=Path)
+    side_by_side.add_options(every, "the sweep's files")
     one = commands.add_parser("trial", help="print trial N's overrides, one per line")
     one.add_argument("trials", type=Path)
     one.add_argument("dir", type=Path)
     one.add_argument("number", type=int)
     commands.add_parser("collect", help="write DIR/sweep.md and DIR/sweep.csv").add_argument("dir", type=Path)
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # key=value words may come before or after the options
+    args.overrides = overrides
+    if args.overrides and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     try:
-        print("\n".join(trial(args.trials, args.dir, args.number)) if args.command == "trial" else collect(args.dir))
+        if args.command == "run":
+            print(run(args))
+        else:
+            print("\n".join(trial(args.trials, args.dir, args.number)) if args.command == "trial" else
+                  collect(args.dir))
     except UserError as error:
         print(f"dist-tsp: error: {error}", file=sys.stderr)
         sys.exit(2)

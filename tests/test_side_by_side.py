@@ -1,4 +1,5 @@
-"""The protocol's concurrent runs (--parallel-runs): how many go at once, on which GPUs, and in which order."""
+"""Independent runs side by side (the protocol's and a sweep's --parallel-runs): how many go at once, on which GPUs,
+and in which order."""
 
 import io
 import threading
@@ -8,7 +9,8 @@ import pytest
 from tqdm import tqdm
 
 from dist_tsp.errors import UserError
-from dist_tsp.protocol import PlannedRun, auto_runs, gpu_groups, plan, run_concurrently, slot_devices
+from dist_tsp.protocol import PlannedRun, plan
+from dist_tsp.side_by_side import auto_runs, gpu_groups, run_concurrently, slot_devices
 
 
 @pytest.mark.parametrize("free_gib, processes, cpus, runs", [
@@ -39,7 +41,7 @@ def _recording_run(events: list, seconds: float = 0.05, failing: str | None = No
     def run(planned: PlannedRun, devices: str | None):
         with lock:
             events.append(("start", planned.name, devices))
-        time.sleep(seconds)
+        time.sleep(0.01 if planned.name == failing else seconds)
         with lock:
             events.append(("end", planned.name, devices))
         if planned.name == failing:
@@ -62,7 +64,8 @@ def test_concurrent_runs_fill_every_slot_wait_for_their_mentors_and_return_in_pl
             PlannedRun("b", (), 3), PlannedRun("c", (), 3)]
     events = []
     with tqdm(total=len(runs), file=io.StringIO()) as bar:
-        assert run_concurrently(runs, ("0", "1"), _recording_run(events), bar) == [p.name for p in runs]
+        assert run_concurrently(runs, ("0", "1"), _recording_run(events), bar,
+                                waits_for=lambda planned: planned.mentors_from) == [p.name for p in runs]
         assert bar.n == len(runs)
     order = [(kind, name) for kind, name, _ in events]
     assert order.index(("start", "phase2")) > order.index(("end", "phase1"))
@@ -81,9 +84,23 @@ def test_after_a_failed_run_none_starts_those_running_finish_and_the_failure_is_
     runs = [PlannedRun(name, (), 3) for name in ("a", "b", "c", "d")]
     events = []
     with tqdm(total=len(runs), disable=True) as bar, pytest.raises(UserError, match="^run a failed$"):
-        run_concurrently(runs, (None, None), _recording_run(events, failing="a"), bar)
+        run_concurrently(runs, (None, None), _recording_run(events, seconds=0.5, failing="a"), bar)
     started = [name for kind, name, _ in events if kind == "start"]
     assert started == ["a", "b"] and [name for kind, name, _ in events if kind == "end"] == ["a", "b"]
+
+
+def test_with_one_slot_the_runs_go_one_after_another_in_this_thread():
+    runs = [PlannedRun(name, (), 3) for name in ("a", "b", "c")]
+    threads = []
+
+    def run(planned: PlannedRun, devices: str | None):
+        threads.append(threading.current_thread())
+        return planned.name
+
+    with tqdm(total=len(runs), file=io.StringIO()) as bar:
+        assert run_concurrently(runs, (None,), run, bar) == ["a", "b", "c"]
+        assert bar.n == 3
+    assert threads == [threading.main_thread()] * 3
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])

@@ -1,0 +1,203 @@
+"""Independent runs side by side (the protocol's and a sweep's --parallel-runs): how many at once, on which GPUs,
+and each run's launch, in this process or in processes of its own with its output in a log file.
+
+One launch-bound run leaves a GPU mostly idle (paper-size students on an H200: scratch, KD and TSP took about 50 s
+each one after the other, 56 s for all three at once), so runs that do not depend on each other go together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from dist_tsp.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "dist_tsp" / "train.py")
+RUN_GIB = 16  # --parallel-runs auto: GPU memory set aside per process of a run (ample for the configs here)
+MAX_RUNS_PER_GPU = 4  # --parallel-runs auto: however much memory is free, the GPU's compute and the CPU are shared
+
+
+class Named(Protocol):
+    name: str
+
+
+Run = TypeVar("Run", bound=Named)
+
+
+def add_options(parser: argparse.ArgumentParser, record: str) -> None:
+    """--processes, --accelerate-config and --parallel-runs; `record` is the file that does not keep the last."""
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes per run (1: one process; more: accelerate launch)")
+    parser.add_argument("--accelerate-config", default=None,
+                        help="accelerate config for --processes > 1 (default: gpu.yaml with a GPU, else cpu.yaml)")
+    parser.add_argument("--parallel-runs", default="auto", metavar="N|auto",
+                        help="independent runs at once, each in a process of its own (1: one at a time). Default "
+                             f"auto: 1 on CPU; on GPUs, one run per {RUN_GIB} GiB free on every GPU of a run, at most "
+                             f"{MAX_RUNS_PER_GPU} per GPU and one process per CPU core, concurrent runs spread over "
+                             f"disjoint sets of --processes GPUs when there are several. Not part of {record}: a "
+                             "rerun may change it")
+
+
+def accelerate_config(args: argparse.Namespace) -> str | None:
+    """The accelerate config of multi-process runs: --accelerate-config, else the shipped one for this machine.
+    Raises UserError for a bad --processes or --parallel-runs."""
+    if args.processes < 1:
+        raise UserError(f"--processes {args.processes}: give the number of processes per run (1, 2, ...)")
+    if args.parallel_runs != "auto" and not (args.parallel_runs.isdigit() and int(args.parallel_runs) >= 1):
+        raise UserError(f"--parallel-runs {args.parallel_runs}: give a number of runs at once (1, 2, ...) or auto")
+    if args.processes == 1 or args.accelerate_config is not None:
+        return args.accelerate_config
+    return str(ROOT / "configs" / "accelerate" / f"{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml")
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """How many runs go at once (one slot each) and which GPUs each slot's runs see. Chosen by every command and kept
+    out of the records of what runs compute: it decides when runs happen, not what they compute."""
+
+    devices: tuple[str | None, ...]  # per slot: CUDA_VISIBLE_DEVICES for its runs (None: this process's)
+    reason: str  # why that many, for the start-up line
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return len(self.devices) == 1
+
+    def describe(self, what: str) -> str:
+        count = len(self.devices)
+        return f"{what}: {count} runs at once ({self.reason})" if count > 1 else \
+            f"{what}: 1 run at a time ({self.reason})"
+
+
+def choose_slots(parallel_runs: str, processes: int) -> Slots:
+    """--parallel-runs N, or auto from this machine's GPUs, their free memory and the CPU cores."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parallel_runs == "auto":
+        free_gib = [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(gpus)]
+        count, reason = auto_runs(free_gib, processes, len(os.sched_getaffinity(0)))
+    else:
+        count, reason = int(parallel_runs), f"--parallel-runs {parallel_runs}"
+    names = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")[:gpus]
+    return Slots(slot_devices(count, gpu_groups(gpus, processes), names), reason)
+
+
+def gpu_groups(gpus: int, processes: int) -> list[range]:
+    """Disjoint sets of `processes` GPUs, one per concurrent run placement (all of them when they hold fewer)."""
+    return [range(k * processes, (k + 1) * processes) for k in range(gpus // processes)] or [range(gpus)]
+
+
+def auto_runs(free_gib: Sequence[float], processes: int, cpus: int) -> tuple[int, str]:
+    """--parallel-runs auto: 1 without GPUs (runs would share the CPU's cores); else on each group of GPUs one run
+    per RUN_GIB free on its fullest GPU (per process a run puts there), at most MAX_RUNS_PER_GPU, and at most one
+    process per CPU core in all; never fewer than 1. Returns the number and why."""
+    if not free_gib:
+        return 1, "auto: no GPU, runs would share the CPU cores"
+    groups = gpu_groups(len(free_gib), processes)
+    per_gpu = -(-processes // len(groups[0]))  # a run's processes on each GPU of its group
+    by_memory = sum(min(MAX_RUNS_PER_GPU, int(min(free_gib[i] for i in group) // (RUN_GIB * per_gpu)))
+                    for group in groups)
+    where = f"GPU 0: {free_gib[0]:.0f} GiB free" if len(free_gib) == 1 else \
+        f"{len(free_gib)} GPUs in {len(groups)} group(s), the fullest {min(free_gib):.0f} GiB free"
+    return max(1, min(by_memory, cpus // processes)), (f"auto: {where}, {RUN_GIB} GiB per run process, at most "
+                                                       f"{MAX_RUNS_PER_GPU} per GPU; {cpus} CPU cores")
+
+
+def slot_devices(count: int, groups: list[range], names: list[str]) -> tuple[str | None, ...]:
+    """Each of `count` slots' CUDA_VISIBLE_DEVICES, spread over the groups in turn (None: one group, no change)."""
+    if len(groups) == 1 or count == 1:
+        return (None,) * count
+    return tuple(",".join(names[i] for i in groups[k % len(groups)]) for k in range(count))
+
+
+def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable[[Run, str | None], Path],
+                     bar: tqdm, waits_for: Callable[[Run], str | None] = lambda _: None) -> list[Path]:
+    """`run(planned, slot)` for every run in threads, up to one per slot, each started as soon as a slot is free and
+    the run named by `waits_for(run)` has finished (in list order otherwise); their directories in list order. After
+    a failure none starts: those in flight finish, then the first failure is raised. The bar shows the runs in
+    flight and counts the finished ones. With one slot the runs go one after another in this thread (a run in this
+    process needs the main thread, for its signal handlers)."""
+    if len(slots) == 1:
+        directories = []
+        for planned in runs:
+            bar.set_postfix_str(planned.name)
+            directories.append(run(planned, slots[0]))
+            bar.update()
+        return directories
+    directories: dict[str, Path] = {}
+    waiting, running, free, failures = list(runs), {}, list(range(len(slots))), []
+    with ThreadPoolExecutor(len(slots)) as pool:
+        while running or (waiting and not failures):
+            unfinished = {p.name for p in waiting} | {p.name for p, _ in running.values()}
+            ready = [] if failures else [p for p in waiting if waits_for(p) not in unfinished]
+            for planned in ready[:len(free)]:
+                waiting.remove(planned)
+                slot = free.pop(0)
+                running[pool.submit(run, planned, slots[slot])] = planned, slot
+            bar.set_postfix_str(", ".join(p.name for p, _ in running.values()))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                planned, slot = running.pop(future)
+                free = sorted([*free, slot])
+                if future.exception() is not None:
+                    failures.append(future.exception())
+                else:
+                    directories[planned.name] = future.result()
+                    bar.update()
+    if failures:
+        raise failures[0]
+    return [directories[p.name] for p in runs]
+
+
+def launch_run(name: str, args: list[str], log: Path, *, processes: int, accelerate_config: str | None,
+               devices: str | None, alone: bool, in_process: bool = False) -> None:
+    """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when asked, alone
+    (no other run at the same time) and on one process; else in processes of its own (accelerate launch for
+    several, on a rendezvous port of its own unless alone) seeing the GPUs `devices`. Raises UserError naming the log
+    when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as output:
+        if processes == 1 and alone and in_process:
+            code = _in_process(args, output)
+        else:
+            command = [sys.executable, TRAIN, *args]
+            if processes > 1:
+                port = [] if alone else ["--main_process_port", str(free_port())]
+                command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                           "--num_processes", str(processes), *port, *command[1:]]
+            env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
+            code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
+        raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
+                        "Rerun the same command to continue from there")
+
+
+def _in_process(args: list[str], output) -> int:
+    """train.main in this process, its output into `output`; the exit code it would have had."""
+    from dist_tsp import train
+
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            train.main(args)
+        except SystemExit as stop:
+            return stop.code if isinstance(stop.code, int) else 1
+    return 0
+
+
+def free_port() -> int:
+    """A TCP port free now, for one launch's rendezvous (concurrent launches on one node need one each)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
