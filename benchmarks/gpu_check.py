@@ -193,7 +193,8 @@ class GpuCheck:
                 ms = profile(run)[0]["ms"]
                 parts = {k: v for k, v in ms.items() if v > 0 and k != "data"}
                 measured[step, precision] = sum(parts.values())
-                rows.append([f"dist-tsp, {'captured' if step == 'graph' else 'eager'}, "
+                kind = "eager" if step == "eager" else "captured" if self.cuda else "graph-ready, not captured"
+                rows.append([f"dist-tsp, {kind}, "
                              f"{'fp32' if precision == 'no' else 'bf16'}", f"{measured[step, precision]:.2f}",
                              ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
         floors = {precision: floor_ms(self.teacher_file, precision == "bf16", 5 if self.quick else 50)
