@@ -22,7 +22,7 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["students.0.model=resnet9000"], 1, r"unknown model 'resnet9000': choose one of lenet"),
     (["teacher.model=bogusnet"], 1, r"'teacher.model': unknown model 'bogusnet'"),
     (["data.name=mnist"], 1,
-     r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10', 'image_folder' or 'arrow'"),
+     r"'data.name': Input should be 'digits', 'fashion_mnist', 'cifar10', 'npz', 'image_folder' or 'arrow'"),
     (["loss.beta=-0.1"], 1, r"'loss.beta': Input should be greater than or equal to 0"),
     (["loss.alpha=0", "loss.beta=0", "loss.gamma=0"], 1, r"all 0: set at least one"),
     (["loss.temperature=-1"], 1, r"'loss.temperature': Input should be greater than 0"),
