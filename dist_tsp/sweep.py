@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> str:
     """Every trial of args.trials whose results are not in args.dir yet (an interrupted one resumes), up to
     --parallel-runs at once, each with args.config and args.overrides under its own; then the table. Every trial's
     config is checked before any starts."""
-    slots_config = side_by_side.accelerate_config(args)
+    launch_config = side_by_side.accelerate_config(args)
     if bad := [o for o in args.overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
     for n, overrides in enumerate(read_trials(args.trials), 1):
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> str:
             side_by_side.launch_run(planned.name, ["--config", str(args.config), *args.overrides, *planned.overrides,
                                                    f"output_dir={directory}"],
                                     args.dir / "logs" / f"{planned.name}.log", processes=args.processes,
-                                    accelerate_config=slots_config, devices=devices, alone=slots.one_at_a_time,
+                                    accelerate_config=launch_config, devices=devices, alone=slots.one_at_a_time,
                                     in_process=True)
         return directory
 
