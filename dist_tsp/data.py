@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -228,8 +228,7 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     """Images already decoded: data.root/train.npz and test.npz (or val.npz), each with `images` (uint8
     [N, H, W, 3]), `labels` ([N], 0..C-1) and optionally `classes` (their names)."""
     root = Path(cfg.root)
-    held_out = next((root / f"{name}.npz" for name in ("test", "val") if (root / f"{name}.npz").is_file()),
-                    root / "test.npz")
+    held_out = held_out_split(root, ".npz", Path.is_file) or root / "test.npz"
     splits, classes = [], None
     for path in (root / "train.npz", held_out):
         if not path.is_file():
@@ -296,10 +295,15 @@ def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
 
 def split_folders(root: Path, what: str) -> tuple[Path, Path]:
     """root/train and the held-out split, root/test or else root/val."""
-    held_out = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    held_out = held_out_split(root, "", Path.is_dir)
     if not (root / "train").is_dir() or held_out is None:
         raise DataError(f"{root}: data.root needs train/ and test/ (or val/), {what}")
     return root / "train", held_out
+
+
+def held_out_split(root: Path, suffix: str, exists: Callable[[Path], bool]) -> Path | None:
+    """root/test<suffix>, or else root/val<suffix> (ImageNet's name), whichever `exists` first; None if neither."""
+    return next((path for name in ("test", "val") if exists(path := root / f"{name}{suffix}")), None)
 
 
 def _class_names(split: Path, table) -> list[str]:

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -74,6 +75,18 @@ def launch(args: list[str], processes: int | None = None, check: bool = True, ac
     if check and done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return done
+
+
+def two_at_a_time(request, tmp_path_factory, test: Callable, run_case: Callable[[str, Path], object]) -> dict:
+    """`run_case(case, folder)` for each case of the parametrized `test` that this session selected, each in a fresh
+    folder, two at a time (a one-process run keeps one of two cores busy): {case: future}, for a module fixture."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == test.__name__]
+    folders = {case: tmp_path_factory.mktemp("case") for case in selected}
+    pool = ThreadPoolExecutor(2)
+    futures = {case: pool.submit(run_case, case, folders[case]) for case in selected}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def train_rows(run: Path) -> list[dict]:

@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from dist_tsp.errors import UserError
 from dist_tsp.models import build_model
 from dist_tsp.train import plan
-from tests.runs import ENV, ROOT, TINY, command, launch
+from tests.runs import ENV, ROOT, TINY, command, launch, two_at_a_time
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -46,8 +45,12 @@ BEFORE_ANY_PROCESS_GROUP = [
 ]
 
 
+def case_id(overrides: list[str], world: int) -> str:
+    return " ".join(overrides) or f"world={world}"
+
+
 @pytest.mark.parametrize("overrides, world, message", BEFORE_ANY_PROCESS_GROUP,
-                         ids=[" ".join(o) or f"world={w}" for o, w, _ in BEFORE_ANY_PROCESS_GROUP])
+                         ids=[case_id(o, w) for o, w, _ in BEFORE_ANY_PROCESS_GROUP])
 def test_rejected_before_any_process_group(overrides, world, message):
     with pytest.raises(UserError, match=message) as info:
         plan(["--config", DEMO, *overrides], world, 0)
@@ -62,14 +65,17 @@ def test_missing_or_broken_config_file_is_rejected(tmp_path):
         plan(["--config", str(tmp_path / "bad.yaml")], 1, 0)
 
 
-# The same cases through the real command, `python dist_tsp/train.py --config ... output_dir=RUN ...`, where RUN is
-# a copy of a run directory that the real command wrote (checkpoint, metrics, config, teacher). A case with world
-# size W runs as torchrun starts rank 0 (RANK, WORLD_SIZE, ...; the check comes before any process group exists);
-# one more runs another rank of the same launch, which exits 2 in silence: the line is said once, by rank 0.
+# One case of each kind of check through the real command, `python dist_tsp/train.py --config ... output_dir=RUN ...`
+# (a process costs seconds of imports; the messages are all pinned above), where RUN is a copy of a run directory
+# that the real command wrote (checkpoint, metrics, config, teacher). A case with world size W runs as torchrun starts
+# rank 0 (RANK, WORLD_SIZE, ...; the check comes before any process group exists); one more runs another rank of the
+# same launch, which exits 2 in silence: the line is said once, by rank 0.
 EXISTING_RUN = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
+COMMAND_KINDS = ("--confg", "train.epochs", "train.epoch=3", "loss.beta=-0.1", "loss.alpha=0 loss.beta=0 loss.gamma=0",
+                 "students.0.model=resnet9000", "output_dir=/etc/hostname/run", "world=2")
 # case -> (overrides, world size, rank, expected line or None for no line)
 COMMAND_CASES = {
-    **{" ".join(o) or f"world={w}": (o, w, 0, m) for o, w, m in BEFORE_ANY_PROCESS_GROUP},
+    **{case_id(o, w): (o, w, 0, m) for o, w, m in BEFORE_ANY_PROCESS_GROUP if case_id(o, w) in COMMAND_KINDS},
     "world=4 rank 3": ([], 4, 3, None),
 }
 
@@ -103,12 +109,7 @@ def _run_case(case: str, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def commands(request, tmp_path_factory) -> dict:
-    """The selected cases' commands, two at a time (each is about 4.5 CPU seconds of imports)."""
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_the_command_exits_2_with_one_line_touching_nothing"]
-    tmp = tmp_path_factory.mktemp("commands")
-    with ThreadPoolExecutor(2) as pool:
-        return {case: pool.submit(_run_case, case, tmp / f"case{n}") for n, case in enumerate(selected)}
+    return two_at_a_time(request, tmp_path_factory, test_the_command_exits_2_with_one_line_touching_nothing, _run_case)
 
 
 @pytest.mark.slow
@@ -172,18 +173,29 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", AFTER_START, ids=list(AFTER_START))
-def test_rejected_before_training_without_touching_outputs(case, tmp_path):
-    overrides, message = AFTER_START[case]
-    run = tmp_path / "run"
+def _launch_after_start(case: str, folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """The case's run into a run directory that holds an earlier run's metrics and config."""
+    overrides, _ = AFTER_START[case]
+    run = folder / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     (run / "config.yaml").write_text("earlier run\n")
-    done = launch(["--config", DEMO, f"output_dir={run}", *TINY, *overrides(tmp_path)], check=False)
+    return launch(["--config", DEMO, f"output_dir={run}", *TINY, *overrides(folder)], check=False), run
+
+
+@pytest.fixture(scope="module")
+def after_start(request, tmp_path_factory) -> dict:
+    return two_at_a_time(request, tmp_path_factory, test_rejected_before_training_without_touching_outputs,
+                         _launch_after_start)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", AFTER_START, ids=list(AFTER_START))
+def test_rejected_before_training_without_touching_outputs(after_start, case):
+    done, run = after_start[case].result()
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("dist-tsp: error: ")
-    assert re.search(message, last), last
+    assert re.search(AFTER_START[case][1], last), last
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (run / "config.yaml").read_text() == "earlier run\n"

@@ -15,7 +15,7 @@ import torch
 
 from dist_tsp.checkpoint import load as load_checkpoint
 from dist_tsp.checkpoint import restore_rng_state, rng_state, save_atomic
-from tests.runs import launch, student_state
+from tests.runs import launch, student_state, two_at_a_time
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
 OLD_STEP = OLD / "checkpoints" / "step_00000002"
@@ -80,13 +80,25 @@ MALICIOUS_AS = {"teacher.checkpoint": _as_teacher, "teacher.weights": _as_teache
                 "resumed RNG file": _as_resumed_rng}
 
 
+def _launch_malicious(role: str, folder: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A checkpoint whose unpickling writes a marker file, given as `role`: the run, the marker, the file named."""
+    marker = folder / "pwned.txt"
+    torch.save({"model": Payload(f"echo PWNED > {marker}")}, folder / "evil.pt")
+    args, named = MALICIOUS_AS[role](folder / "evil.pt", folder)
+    return launch(args, check=False), marker, named
+
+
+@pytest.fixture(scope="module")
+def malicious(request, tmp_path_factory) -> dict:
+    return two_at_a_time(request, tmp_path_factory,
+                         test_a_checkpoint_that_would_run_code_is_refused_in_one_line_without_running_it,
+                         _launch_malicious)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("role", MALICIOUS_AS)
-def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_without_running_it(role, tmp_path):
-    marker = tmp_path / "pwned.txt"
-    torch.save({"model": Payload(f"echo PWNED > {marker}")}, tmp_path / "evil.pt")
-    args, named = MALICIOUS_AS[role](tmp_path / "evil.pt", tmp_path)
-    done = launch(args, check=False)
+@pytest.mark.parametrize("case", MALICIOUS_AS)
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_without_running_it(malicious, case):
+    done, marker, named = malicious[case].result()
     assert not marker.exists()
     line = one_line_error(done)
     assert f" {named} {REFUSED} (posix.system)" in line and "re-save it as a plain state dict" in line, line
@@ -100,16 +112,26 @@ WRONG_MODEL = {  # what the 'model' entry of a teacher checkpoint becomes, and t
 }
 
 
+def _launch_wrong_model(case: str, folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """A fresh run whose teacher checkpoint's 'model' entry is changed as the case says: the run, the file."""
+    bad = folder / "bad.pt"
+    torch.save({"model": WRONG_MODEL[case][0](torch.load(TEACHER, weights_only=True)["model"]), "num_classes": 10}, bad)
+    return launch([*fresh_run(folder / "run"), f"teacher.checkpoint={bad}"], check=False), bad
+
+
+@pytest.fixture(scope="module")
+def wrong_models(request, tmp_path_factory) -> dict:
+    return two_at_a_time(request, tmp_path_factory, test_a_model_entry_of_the_wrong_type_or_shape_is_one_line,
+                         _launch_wrong_model)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", WRONG_MODEL)
-def test_a_model_entry_of_the_wrong_type_or_shape_is_one_line(case, tmp_path):
-    change, message = WRONG_MODEL[case]
-    state = torch.load(TEACHER, weights_only=True)["model"]
-    torch.save({"model": change(state), "num_classes": 10}, tmp_path / "bad.pt")
-    line = one_line_error(launch([*fresh_run(tmp_path / "run"), f"teacher.checkpoint={tmp_path / 'bad.pt'}"],
-                                 check=False))
-    assert f"teacher checkpoint {tmp_path / 'bad.pt'}" in line, line
-    assert re.search(message, line), line
+def test_a_model_entry_of_the_wrong_type_or_shape_is_one_line(wrong_models, case):
+    done, bad = wrong_models[case].result()
+    line = one_line_error(done)
+    assert f"teacher checkpoint {bad}" in line, line
+    assert re.search(WRONG_MODEL[case][1], line), line
 
 
 def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
