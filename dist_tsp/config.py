@@ -233,7 +233,8 @@ class TrainConfig(Section):
     (the first steps wait for the compiler; see the README's benchmarks for when it pays). `step` is how each step
     runs: `eager`, `graph` (captured once in a CUDA graph and replayed, see dist_tsp/cuda_graph.py; on the CPU the
     same step without capture), or `auto` (the graph where it can be captured, else eager); `graph_warmup` is the
-    number of eager steps before the capture.
+    number of eager steps before the capture. `deterministic` has cuDNN use deterministic kernels only, so that the
+    same seed on the same GPU gives the same bits run after run (slower; CPU kernels are deterministic already).
     """
 
     epochs: int = Field(5, gt=0)
@@ -247,6 +248,7 @@ class TrainConfig(Section):
     compile: bool = False
     step: Literal["eager", "graph", "auto"] = "eager"
     graph_warmup: int = Field(3, ge=1)
+    deterministic: bool = False
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -303,7 +305,7 @@ class RunConfig(Section):
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
         for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
-                    "profile", "channels_last", "compile", "step", "graph_warmup"):
+                    "profile", "channels_last", "compile", "step", "graph_warmup", "deterministic"):
             tree["train"].pop(key)
         return tree
 

@@ -72,7 +72,9 @@ class StudentTrainer:
                                   device=device, output_dir=cfg.output_dir)
         self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, tracker, accelerator,
                                          len(self.batches))
-        self.profiler = StepProfiler(cfg.train.profile, device)
+        # a captured step's warmup and capture are not what its replays cost: timed from 3 steps after them
+        self.profiler = StepProfiler(cfg.train.profile, device,
+                                     warmup=3 + (cfg.train.graph_warmup if self.step_choice.captured else 0))
         self.autocast = step_autocast(accelerator, self.step_choice.captured)
         self.captured, self.parts_profiler = None, self.profiler
         if self.step_choice.graph_ready:

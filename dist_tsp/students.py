@@ -49,7 +49,7 @@ class LocalStudent:
 
     def load_random_state(self, state: RandomState) -> None:
         self.random_state = state
-        if self.generator is not None:
+        if self.generator is not None and state[1] is not None:  # None: written where there was no CUDA
             self.generator.set_state(state[1])
 
     def draw_from_generator(self, device: torch.device) -> None:

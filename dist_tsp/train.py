@@ -113,6 +113,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
+    torch.backends.cudnn.deterministic = cfg.train.deterministic
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
     return accelerator, data

@@ -178,6 +178,13 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
+@pytest.mark.parametrize("override", ["train.step=graph", "train.graph_warmup=5", "train.deterministic=true",
+                                      "train.channels_last=false", "train.profile=true", "data.loader_workers=2"])
+def test_how_a_run_runs_is_not_which_run_it_is_so_its_checkpoints_still_resume(tmp_path, override):
+    file = write(tmp_path, MINIMAL)
+    assert load_config(file, [override]).identity() == load_config(file).identity()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss.temprature=3"], r"unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, tem"),
     (["bogus=1"], r"unknown config key 'bogus'"),

@@ -12,6 +12,7 @@ from dist_tsp.config import ConfigError, OptimConfig, load_config
 from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
 from dist_tsp.data import Batch, load_dataset
 from dist_tsp.optim import build_optimizer
+from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
 
@@ -145,3 +146,13 @@ def test_captured_step_runs_on_static_buffers_refilled_from_every_batch():
     assert all(images is seen[0][0] and logits is seen[0][1] for images, logits in seen)  # the same buffers
     with pytest.raises(ValueError, match=r"batch of shape \(1, 3\), but the step was made for \(2, 3\)"):
         captured(Batch(torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)), torch.zeros(1, 5))
+
+
+def test_a_checkpoint_without_a_cuda_random_state_leaves_a_students_own_generator_as_seeded():
+    """A checkpoint written on a CPU holds no CUDA state: resumed by a captured step, whose student draws from a
+    generator of its own, the generator keeps its seeded state (as the eager step keeps the device's)."""
+    generator = torch.Generator().manual_seed(5)
+    seeded = generator.get_state()
+    student = LocalStudent("a", 0, torch.nn.Linear(2, 2), None, None, (torch.get_rng_state(), seeded), generator)
+    student.load_random_state((torch.get_rng_state(), None))
+    assert torch.equal(student.saved_random_state()[1], seeded)
