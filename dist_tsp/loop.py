@@ -19,7 +19,7 @@ from dist_tsp.evaluation import predict
 from dist_tsp.exchange import all_gather_cat_parts, all_reduce
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.placement import Groups, Placement
-from dist_tsp.profiling import StepProfiler
+from dist_tsp.profiling import WARMUP_STEPS, StepProfiler
 from dist_tsp.run_control import RunControl, StopRequest
 from dist_tsp.students import LocalStudent, build_local_students
 from dist_tsp.teacher import TeacherInfo
@@ -72,9 +72,9 @@ class StudentTrainer:
                                   device=device, output_dir=cfg.output_dir)
         self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, tracker, accelerator,
                                          len(self.batches))
-        # a captured step's warmup and capture are not what its replays cost: timed from 3 steps after them
+        # a captured step's eager warm-up and capture are not what its replays cost: timing starts after them too
         self.profiler = StepProfiler(cfg.train.profile, device,
-                                     warmup=3 + (cfg.train.graph_warmup if self.step_choice.captured else 0))
+                                     WARMUP_STEPS + (cfg.train.graph_warmup if self.step_choice.captured else 0))
         self.autocast = step_autocast(accelerator, self.step_choice.captured)
         self.captured, self.parts_profiler = None, self.profiler
         if self.step_choice.graph_ready:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 # "graph": the whole graph-ready step (replayed on CUDA), whose parts are not timed apart
 SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer", "graph")
+WARMUP_STEPS = 3  # steps not timed: first allocations, kernel choices, caches filling
 
 
 class StepProfiler:
@@ -27,7 +28,7 @@ class StepProfiler:
     (which the teacher's and the exchange's collectives would otherwise absorb).
     """
 
-    def __init__(self, enabled: bool, device: torch.device, warmup: int = 3) -> None:
+    def __init__(self, enabled: bool, device: torch.device, warmup: int = WARMUP_STEPS) -> None:
         self.enabled, self.device, self.warmup = enabled, device, warmup
         self.totals: dict[str, float] = defaultdict(float)
         self.steps_seen = 0
