@@ -78,9 +78,12 @@ def _logits_in_modes(tmp, modes=MODES):
 
 @pytest.fixture(scope="module")
 def every_mode(tmp_path_factory):
+    """The modes on 3 ranks, which JIT-build any C++ extension they load in tmp/torch_extensions."""
     tmp = tmp_path_factory.mktemp("modes")
     teacher_file(tmp / "teacher.pt")
-    return tmp, run_on_ranks(_logits_in_modes, WORLD, tmp, (*MODES, *TOPK), timeout=600)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
+        return tmp, run_on_ranks(_logits_in_modes, WORLD, tmp, (*MODES, *TOPK), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,14 @@ def test_parameter_sharded_modes_hold_a_third_of_the_teacher_per_rank(every_mode
     assert all(r[mode]["info"].parameter_bytes_per_rank == held for r in ranks)
     assert sum(held) >= full  # every parameter is somewhere
     assert max(held) <= 1.1 * full / WORLD + 4096  # and no rank holds much more than its third (plus padding)
+
+
+def test_the_deepspeed_mode_builds_no_cpu_extension(every_mode):
+    """DeepSpeed's CPU shared-memory all-reduce (for its inference alone) is not built: no compile on a new machine, no
+    hang on a lock file left to torch < 2.14 (pytorch/pytorch#189245)."""
+    tmp, ranks = every_mode
+    assert ranks[0]["deepspeed"]["info"].mode == "deepspeed"
+    assert not (tmp / "torch_extensions").exists()
 
 
 @pytest.mark.parametrize("mode", ["replicated", "sharded", "cached"])
