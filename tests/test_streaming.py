@@ -117,7 +117,7 @@ def test_random_resized_crops_vary_in_scale_and_evaluation_is_a_centre_crop(fold
     crops = [next(v([torch.tensor([0])], 0)) for v in views]
     assert not torch.equal(*crops)  # another seed, another crop
     centre = images_of(data.test, [0])[0]
-    decoded = torch.from_numpy(np.asarray(Image.open(folder / "test" / "ant" / "000.jpg"))).permute(2, 0, 1)
+    decoded = torch.from_numpy(np.array(Image.open(folder / "test" / "ant" / "000.jpg"))).permute(2, 0, 1)
     side = round(16 / 0.875)  # the shorter side (24) resized to 18, then the centre 16 x 16
     resized = torch.nn.functional.interpolate(decoded[None].float(), size=(side, round(side * 30 / 24)),
                                               mode="bilinear", antialias=True)[0]
