@@ -243,8 +243,8 @@ class GpuCheck:
         step = re.search(r"^teacher step: .*$", done.stdout, re.MULTILINE)
         table = tabulate(rows, headers=["", "measured", "target", "met"], tablefmt="github")
         return (f"`{RECIPE.relative_to(ROOT)}`, {step[0] if step else 'teacher step: not said'}\n\n{table}\n\n"
-                "On the JPEG copy of CIFAR-10 (unpack_cifar10.py) airbench94.py itself scores 3.5 points below its "
-                "published 94.01 % (README, 'The fast CIFAR-10 teacher on CPUs').")
+                "On the JPEG copy of CIFAR-10 (unpack_cifar10.py) even airbench94.py falls short of its published "
+                "accuracy: see the README, 'The fast CIFAR-10 teacher on CPUs'.")
 
     def protocol(self) -> str:
         """The paper's comparison (scratch, KD, TSP) for --seeds seeds on one GPU, the teacher shared."""
