@@ -20,8 +20,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
+
+# torchvision is imported by the two functions that resize images: its import (which brings torch._dynamo) would add
+# seconds to every rank's start-up, and runs whose images are all of one size never need it.
 
 VIEW_STREAM = 0x5EED  # seeds the per-sample augmentation, apart from the sample order
 CENTER_CROP_SHARE = 0.875  # evaluation: the centre crop's side over the resized shorter side (224 of 256)
@@ -84,6 +85,9 @@ class Augmentation:
 
     def random_resized(self, image: torch.Tensor, size: int, epoch: int, index: int) -> torch.Tensor:
         """Sample `index`'s RandomResizedCrop (and flip) of decoded `image` [3, H, W] in `epoch`, at size x size."""
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as TF
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM, index))
             top, left, height, width = RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
@@ -95,6 +99,8 @@ class Augmentation:
 def evaluation_view(image: torch.Tensor, size: int, crop: Crop) -> torch.Tensor:
     """A decoded image [3, H, W] as the model sees it unaugmented: resized to size x size (padded), or its shorter
     side resized to size/0.875 and centre-cropped (random_resized)."""
+    from torchvision.transforms.v2 import functional as TF
+
     if crop == "padded":
         return TF.resize(image, [size, size], antialias=True)
     return TF.center_crop(TF.resize(image, round(size / CENTER_CROP_SHARE), antialias=True), [size, size])

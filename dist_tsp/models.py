@@ -2,6 +2,8 @@
 
 The students follow "Offline Knowledge Distillation using Teacher and Peer Learning" (Keras models adapted
 to 3x32x32 inputs); any other torchvision classification model can be built by its torchvision name.
+torchvision is imported where it is used: its import (which brings torch._dynamo) would add seconds to every rank's
+start-up, and the registered models never need it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from dist_tsp.checkpoint import read
@@ -55,7 +56,11 @@ def model_names() -> list[str]:
 
 def check_model_name(name: str) -> None:
     """Raise UnknownModelError unless ``name`` is registered or a torchvision classification model."""
-    if name not in _REGISTRY and name not in torchvision.models.list_models(module=torchvision.models):
+    if name in _REGISTRY:
+        return
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
         raise UnknownModelError(
             f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)} "
             "or a torchvision classification model name (e.g. resnet18)"
@@ -106,6 +111,8 @@ def subsample_strided_pointwise(model: nn.Module) -> nn.Module:
 
 def _torchvision_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A randomly initialised torchvision classification model; ``kwargs`` go to its builder."""
+    import torchvision
+
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
@@ -281,6 +288,8 @@ class ResNetCifar(_PooledConvNet):
 @register("resnet50")
 def resnet50(num_classes: int, **kwargs) -> nn.Module:
     """torchvision's ResNet-50, randomly initialised; ``kwargs`` go to ``torchvision.models.resnet50``."""
+    import torchvision
+
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kwargs)
 
 
@@ -389,6 +398,8 @@ def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:
     state-dict file. Entries whose shape differs (the classifier head) keep their fresh initialisation; their
     names are returned."""
     if weights == "imagenet":
+        import torchvision
+
         try:
             state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
         except ValueError:

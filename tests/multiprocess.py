@@ -15,6 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# The ranks fork from one server process that imported torch and dist_tsp once for the whole session: a spawned rank
+# spends seconds importing them again on every call.
+CONTEXT = mp.get_context("forkserver")
+CONTEXT.set_forkserver_preload(["dist_tsp.train", "tests.multiprocess"])
 POLL_S = 0.2  # how often the parent looks at the ranks while it waits for their results
 FAILURE_GRACE_S = 5.0  # after a rank raised, the others' time to report too (they may wait for it in a collective)
 
@@ -26,14 +30,16 @@ def free_port() -> int:
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
-    """Call `fn(*args)` on `world_size` spawned processes joined in a gloo group; results by rank.
+    """Call `fn(*args)` on `world_size` new processes, with this process's environment, joined in a gloo group;
+    results by rank.
 
     Raises AssertionError, after killing the ranks still running, when a rank raised (with its traceback), exited
     without a result (with its exit code), or when the ranks have not all given their result within `timeout` s."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue = CONTEXT.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, queue, args)) for rank in range(world_size)]
+    environment = dict(os.environ)  # now, not the server's from when it started
+    procs = [CONTEXT.Process(target=_entry, args=(fn, rank, world_size, port, queue, environment, args))
+             for rank in range(world_size)]
     for p in procs:
         p.start()
     finished = False
@@ -89,8 +95,9 @@ def _collect(procs: list, queue, timeout: float) -> tuple[dict[int, Any], dict[i
     return results, failures, None
 
 
-def _entry(fn, rank: int, world_size: int, port: int, queue, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+def _entry(fn, rank: int, world_size: int, port: int, queue, environment: dict[str, str], args) -> None:
+    os.environ.clear()
+    os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
