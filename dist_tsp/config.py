@@ -235,6 +235,8 @@ class TrainConfig(Section):
     same step without capture), or `auto` (the graph where it can be captured, else eager); `graph_warmup` is the
     number of eager steps before the capture. `deterministic` has cuDNN use deterministic kernels only, so that the
     same seed on the same GPU gives the same bits run after run (slower; CPU kernels are deterministic already).
+    `collective_timeout_s` bounds the student steps' collectives; before the steps (data, teacher, checkpoints) ranks
+    may wait for each other up to 30 minutes, or longer if it is longer.
     """
 
     epochs: int = Field(5, gt=0)

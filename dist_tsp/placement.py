@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch._C._distributed_c10d import Backend as C10dBackend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dist_tsp.errors import UserError
 
@@ -116,6 +117,13 @@ class Groups:
         replica = mesh.get_group("replica") if mesh["replica"].size() > 1 else None
         control = dist.new_group(backend="gloo", timeout=timeout)
         return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=control)
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """From now on every group's collectives raise after `timeout` (torch's `_set_pg_timeout`, which torch 2.14
+        names `set_timeout`; torchtitan switches from its start-up timeout to its training one the same way)."""
+        for group in (self.world, self.peer, self.replica, self.control):
+            if group is not None:
+                _set_pg_timeout(timeout, group)
 
     @classmethod
     def world_only(cls) -> Groups:

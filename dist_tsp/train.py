@@ -33,6 +33,8 @@ from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
+STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
+
 
 class _ArgumentParser(argparse.ArgumentParser):
     """An unknown or malformed option is a UserError: one line, exit 2, like every other bad input."""
@@ -107,7 +109,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     """The process group (through accelerate), the seed, and the dataset on this rank's device."""
     # A DeepSpeed accelerate config's ZeRO settings serve the teacher (teacher_modes.py); the students stay on DDP.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    timeout = InitProcessGroupKwargs(timeout=startup_timeout(cfg))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg) if trackers else None,
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
     if accelerator.mixed_precision not in ("no", "bf16"):
@@ -117,6 +119,12 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     with accelerator.main_process_first():
         data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
     return accelerator, data
+
+
+def startup_timeout(cfg: RunConfig) -> timedelta:
+    """How long a collective may wait before the student steps: ranks part there for as long as one of them reads
+    its data or a checkpoint, however short train.collective_timeout_s (which the steps keep)."""
+    return max(STARTUP_TIMEOUT, timedelta(seconds=cfg.train.collective_timeout_s))
 
 
 def run_teacher_stage(cfg: RunConfig) -> None:
@@ -130,7 +138,7 @@ def run_teacher_stage(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
     accelerator, data = start(cfg, trackers=True)
-    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    timeout = startup_timeout(cfg)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +157,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
+    groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
     try:
         evaluation = trainer.train(start_step)
     except RunStopped:

@@ -34,7 +34,9 @@ def first_epoch_checkpointed(run: Path) -> bool:
 
 def stop_one_rank(tmp: Path, processes: int, ready, *args: str) -> dict:
     """Start a run on `processes` ranks, SIGSTOP rank STUCK once `ready(run)` (in the student phase), and watch the
-    others for TIMEOUT_S + MARGIN_S: when each exited; then the launcher's exit code and stderr."""
+    others for TIMEOUT_S + MARGIN_S: when each exited; then the launcher's exit code and stderr. Rank STUCK is also
+    held at start-up for longer than TIMEOUT_S, as a slow data scan would: only the student steps' collectives have
+    that timeout."""
     torch.manual_seed(0)  # a teacher file, so that the run starts with the students
     torch.save({"model": build_model("resnet_cifar", 10, depth=8, width=8).state_dict()}, tmp / "teacher.pt")
     run, others = tmp / "run", [rank for rank in range(processes) if rank != STUCK]
@@ -44,6 +46,12 @@ def stop_one_rank(tmp: Path, processes: int, ready, *args: str) -> dict:
     victim = None
     try:
         deadline = time.monotonic() + 180
+        while (victim := rank_pid(run, STUCK)) is None:
+            assert process.poll() is None and time.monotonic() < deadline, f"rank {STUCK} did not start"
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(TIMEOUT_S + 3)
+        os.kill(victim, signal.SIGCONT)
         while not ready(run):
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline, f"the run did not reach {ready.__name__}"
