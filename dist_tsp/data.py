@@ -4,6 +4,7 @@ evaluation batches."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedIm
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
 DEFAULT_WORKERS = 4
+DIGITS_FILE = "digits.csv.gz"  # in scikit-learn's sklearn/datasets/data/
 STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's weights expect
 
@@ -172,15 +174,27 @@ def _gray_to_rgb(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _digits(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     """scikit-learn's 1,797 handwritten 8x8 digits (shipped with the package); a fixed 20 % test split."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = _gray_to_rgb(np.clip(digits.images * 16, 0, 255).astype(np.uint8))
-    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    pixels, target = digits_arrays()
+    images = _gray_to_rgb(np.clip(pixels * 16, 0, 255).astype(np.uint8))
+    labels = torch.as_tensor(target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(12345))
     n_test = len(labels) // 5
     full = ImageSet(images, labels)
     return full.subset(order[n_test:]), full.subset(order[:n_test]), [str(d) for d in range(10)], False
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """load_digits()'s images [1797, 8, 8] (values 0-16) and labels, read from the file scikit-learn ships: importing
+    scikit-learn (and SciPy) would add ~1.7 CPU-s to every rank's start-up. load_digits where the file is not listed."""
+    shipped = [f for f in importlib.metadata.files("scikit-learn") or ()
+               if f.name == DIGITS_FILE and f.parent.name == "data" and f.parent.parent.name == "datasets"]
+    if not shipped:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    table = np.loadtxt(shipped[0].locate(), delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 
 def _fashion_mnist(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:

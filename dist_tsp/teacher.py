@@ -91,9 +91,10 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
         fit_whitening(model, (b.images for b in eval_batches(data.train, cfg.data.eval_batch_size, data.normalize,
                                                              first)))
     started = time.perf_counter()
-    trained = _fit(model, cfg, data, accelerator) if cfg.teacher.epochs > 0 else model
+    if cfg.teacher.epochs > 0:
+        _fit(model, cfg, data, accelerator)
     if accelerator.is_main_process:
-        checkpoint.save_atomic({"model": trained.state_dict(), "model_name": cfg.teacher.model,
+        checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
         print(f"teacher: trained {cfg.teacher.epochs} epochs and saved in {time.perf_counter() - started:.1f} s")
     accelerator.wait_for_everyone()
@@ -161,8 +162,9 @@ def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose
     return scale_inputs(model, cfg.teacher.input_scale)
 
 
-def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerator) -> nn.Module:
-    """Plain data-parallel training of one model over all ranks (DDP through accelerate)."""
+def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerator) -> None:
+    """Plain data-parallel training of one model over all ranks (DDP through accelerate), in place: its parameters
+    are the DDP wrapper's (no unwrap_model, which imports DeepSpeed wherever it is installed)."""
     seed = mixed_seed(cfg.seed, -1)
     batches = PeerBatches(data.train, batch_size=cfg.teacher.batch_size, num_replicas=accelerator.num_processes,
                           replica=accelerator.process_index, seed=seed,
@@ -172,13 +174,13 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerat
     choice = choose_teacher_step(cfg, accelerator.num_processes, device.type)
     optimizer, schedule = build_optimizer(model.parameters(), cfg.teacher.optimizer, total,
                                           graph_safe_on=device if choice.graph_ready else None)
-    model = accelerator.prepare_model(model)
-    model.train()
+    wrapped = accelerator.prepare_model(model)
+    wrapped.train()
     autocast = step_autocast(accelerator, choice.captured)
 
     def learn(batch: Batch, _: None = None) -> None:
         with autocast():
-            loss = F.cross_entropy(model(batch.images).float(), batch.labels,
+            loss = F.cross_entropy(wrapped(batch.images).float(), batch.labels,
                                    label_smoothing=cfg.teacher.label_smoothing)
         accelerator.backward(loss)
         optimizer.step()
@@ -194,6 +196,4 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerat
                 step(batch, None)
                 schedule.step()
                 bar.update()
-    model = accelerator.unwrap_model(model)
     accelerator.free_memory()
-    return model

@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
         if "timed out" not in str(error).lower():
             raise
-        print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than "
-              f"train.collective_timeout_s={cfg.train.collective_timeout_s:g} s: another rank is stuck or gone "
+        print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
+              f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
+              f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
               "(its own error, if any, is above)", file=sys.stderr, flush=True)
         os._exit(1)  # its groups hold work that can never complete: their destructors would abort (SIGABRT)
     except RunStopped as stopped:

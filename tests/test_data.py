@@ -1,6 +1,9 @@
 import gzip
 import hashlib
+import importlib.metadata
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +13,10 @@ from PIL import Image
 
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
-from dist_tsp.data import DataError, PeerBatches, load_dataset
+from dist_tsp.data import DataError, PeerBatches, digits_arrays, load_dataset
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
+from tests.runs import ROOT
 
 
 def digits_batches(replica: int, replicas: int, augment: bool = True, seed: int = 0) -> PeerBatches:
@@ -93,6 +97,24 @@ def test_digits_is_the_embedded_default_resized_to_rgb_32():
     data = load_dataset(DataConfig(), seed=0)
     assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
     assert len(data.train) + len(data.test) == 1797 and data.num_classes == 10 and data.val is None
+
+
+def test_digits_are_read_from_scikit_learns_file_without_importing_it_and_equal_load_digits():
+    """A rank's start-up does not pay for importing scikit-learn and SciPy; the arrays are load_digits()'s."""
+    check = ("import sys, numpy as np; from dist_tsp.data import digits_arrays; images, labels = digits_arrays(); "
+             "assert 'sklearn' not in sys.modules and 'scipy' not in sys.modules, 'imported'; "
+             "from sklearn.datasets import load_digits; digits = load_digits(); "
+             "assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target), 'differ'")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_digits_fall_back_to_load_digits_where_the_file_is_not_listed(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: None)  # e.g. an install without a RECORD
+    images, labels = digits_arrays()
+    assert np.array_equal(images, load_digits().images) and np.array_equal(labels, load_digits().target)
 
 
 def test_val_fraction_splits_train_80_20_with_the_seed():
