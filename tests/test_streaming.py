@@ -150,11 +150,10 @@ def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards
 @pytest.fixture(scope="module")
 def runs(folder, shards, tmp_path_factory) -> Path:
     """The demo students on 3 ranks learning from the folder (streamed, and decoded into memory) and from its Arrow
-    shards, with one teacher (trained here) through its logit cache."""
+    shards, with one teacher (trained by the first run) through its logit cache."""
     tmp = tmp_path_factory.mktemp("runs")
     common = ["--config", "configs/demo.yaml", *TINY, "data.name=image_folder", f"data.root={folder}",
               "teacher.mode=cached", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.cache_dir={tmp / 'cache'}"]
-    launch([*common, f"output_dir={tmp / 'teacher'}", "--teacher-only"], 3)
     for name, extra in (("streamed", []), ("in_memory", ["data.in_memory=true"]),
                         ("arrow", ["data.name=arrow", f"data.root={shards}"]), ("resumed", ["train.max_steps=4"]),
                         ("resumed", [])):  # stopped after step 4 (mid-epoch 2), then run on to step 6
