@@ -18,6 +18,10 @@ from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dist_tsp.errors import UserError
 
+# torch 2.14 names it set_timeout and deprecates _set_pg_timeout (a FutureWarning on every call); torch 2.11, on the
+# GPU machine, has only the latter.
+set_group_timeout = getattr(dist, "set_timeout", _set_pg_timeout)
+
 
 class PlacementError(UserError):
     """The launch shape does not fit the student count."""
@@ -119,11 +123,11 @@ class Groups:
         return cls(peer=peer, replica=replica, world=dist.group.WORLD, control=control)
 
     def set_timeout(self, timeout: timedelta) -> None:
-        """From now on every group's collectives raise after `timeout` (torch's `_set_pg_timeout`, which torch 2.14
-        names `set_timeout`; torchtitan switches from its start-up timeout to its training one the same way)."""
+        """From now on every group's collectives raise after `timeout` (torchtitan switches from its start-up timeout
+        to its training one the same way)."""
         for group in (self.world, self.peer, self.replica, self.control):
             if group is not None:
-                _set_pg_timeout(timeout, group)
+                set_group_timeout(timeout, group)
 
     @classmethod
     def world_only(cls) -> Groups:

@@ -1,6 +1,7 @@
 """End to end: real `accelerate launch` runs of dist_tsp/train.py on CPU (gloo)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -90,6 +91,8 @@ def test_demo_on_three_processes_beats_chance(tmp_path):
         assert student["test_acc"] > 0.3, (name, student)  # 10 classes: chance is 0.1; half a demo is short
     assert results["teacher"]["test_acc"] > 0.6  # half the demo teacher's epochs
     assert "| lenet" in done.stdout and "test acc %" in done.stdout
+    ours = re.compile(r"dist_tsp/\w+\.py:\d+: \w*Warning")  # e.g. a deprecated torch API called
+    assert not ours.search(done.stderr), done.stderr[-3000:]
 
 
 def test_tensorboard_tracker_receives_per_student_scalars(single_and_three_ranks):
