@@ -13,7 +13,9 @@ beside the floor: three students' forward, backward and Adam, the teacher's forw
 one CUDA graph), teacher (configs/paper/teacher_airbench.yaml: time and test accuracy), protocol (scratch, KD, TSP for
 --seeds seeds, teacher shared), modes (benchmarks/teacher_modes.py on one GPU). The images are decoded once into
 data.name=npz arrays, so that no part needs TorchCodec. A part that needs a missing package, or no GPU, says so in
-one line. The report goes to --out and to stdout.
+one line; a part that fails says why (with the end of each unfinished run's log) and the next part runs; on a GPU a
+command that hangs is killed after a limit (GPU_LIMITS_S). The report goes to --out and to stdout, rewritten after
+every part.
 """
 
 from __future__ import annotations
@@ -23,25 +25,28 @@ import json
 import os
 import platform
 import re
-import subprocess
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 # this checkout's dist_tsp, here and in every run it starts, also where it is not installed (a lent GPU machine)
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-from step_breakdown import profile, train  # noqa: E402
+from step_breakdown import profile, run_command, train  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
 from dist_tsp.config import LOSS_PRESETS, TEACHER_MODES, load_config  # noqa: E402
@@ -54,6 +59,9 @@ STUDENTS = ("alexnet", "lenet", "mobilenet")
 TSP = [f"loss.{k}={w}" for k, w in zip(("alpha", "beta", "gamma"), LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 OPTIONAL = ("pydantic", "wandb", "deepspeed", "torchcodec", "datasets")
+# On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.
+# Several times what each took on an H200; per seed for the protocol. On a CPU commands are not timed out.
+GPU_LIMITS_S = {"run": 240, "teacher": 300, "protocol": 150, "modes": 180}
 
 
 def main() -> None:
@@ -68,6 +76,7 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     if unknown := [p for p in parts if p not in PARTS]:
         sys.exit(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the running command's processes go too
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     check = GpuCheck(work, args.quick, write_data(work / "data", args.cifar10, args.quick), args.seeds)
@@ -78,7 +87,7 @@ def main() -> None:
         try:
             body = getattr(check, part)()
         except (Exception, SystemExit) as error:  # a failed part is reported; the others still run
-            body = f"**failed**: {str(error).strip()[-3000:]}"
+            body = f"**failed**: {str(error).strip()[-8000:]}"
         sections.append(f"## {part} ({time.perf_counter() - started:.0f} s)\n\n{body}")
         print(f"\n{sections[-1]}", flush=True)
         args.out.write_text("\n\n".join(sections) + "\n")  # after every part: a check cut short keeps its parts
@@ -126,6 +135,7 @@ class GpuCheck:
     def __init__(self, work: Path, quick: bool, data: list[str], seeds: int) -> None:
         self.work, self.quick, self.data, self.seeds = work, quick, data, seeds
         self.cuda = torch.cuda.is_available()
+        self.limits = GPU_LIMITS_S if self.cuda else dict.fromkeys(GPU_LIMITS_S)
         self.teacher_file = work / "untrained_teacher.pt"  # the demo's teacher shape: its cost is what is measured
         if not self.teacher_file.is_file():
             demo = load_config(ROOT / "configs" / "demo.yaml")
@@ -139,7 +149,7 @@ class GpuCheck:
 
     def _run(self, name: str, overrides: list[str], precision: str = "no") -> Path:
         run = self.work / name
-        train(run, [*self.paper_size, *overrides], 1, ["--mixed_precision", precision])
+        train(run, [*self.paper_size, *overrides], 1, ["--mixed_precision", precision], self.limits["run"])
         return run
 
     def correctness(self) -> str:
@@ -199,13 +209,17 @@ class GpuCheck:
                 rows.append([f"dist-tsp, {kind}, "
                              f"{'fp32' if precision == 'no' else 'bf16'}", f"{measured[step, precision]:.2f}",
                              ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
-        floors = {precision: min(floor_ms(self.teacher_file, precision == "bf16", layout, 5 if self.quick else 50)
-                                 for layout in (torch.contiguous_format, torch.channels_last))
-                  for precision in ("no", "bf16")} if self.cuda else {}
-        for precision, ms in floors.items():
-            rows.append([f"floor (minimal step, one CUDA graph, the faster layout), "
-                         f"{'fp32' if precision == 'no' else 'bf16'}",
-                         f"{ms:.2f}", "3 students fwd+bwd+Adam, teacher fwd, TSP loss"])
+        floors = {}
+        for precision in ("no", "bf16") if self.cuda else ():
+            name = f"floor (minimal step, one CUDA graph, the faster layout), {'fp32' if precision == 'no' else 'bf16'}"
+            try:  # the steps above stay in the report whatever happens here
+                floors[precision] = min(floor_ms(self.teacher_file, precision == "bf16", layout,
+                                                 5 if self.quick else 50)
+                                        for layout in (torch.contiguous_format, torch.channels_last))
+            except Exception as error:
+                rows.append([name, "failed", " ".join(str(error).split())[-300:]])
+            else:
+                rows.append([name, f"{floors[precision]:.2f}", "3 students fwd+bwd+Adam, teacher fwd, TSP loss"])
         table = tabulate(rows, headers=["step (paper-size TSP, batch 128)", "ms", "parts (ms)"], tablefmt="github")
         targets = [["bf16 captured step < fp32 captured step", f"{measured['graph', 'bf16']:.2f} vs "
                     f"{measured['graph', 'no']:.2f}", yes(measured["graph", "bf16"] < measured["graph", "no"])]
@@ -215,10 +229,12 @@ class GpuCheck:
             ratio = measured["graph", precision] / ms
             targets.append([f"captured step <= 1.25 x floor ({'fp32' if precision == 'no' else 'bf16'})",
                             f"{ratio:.2f}", yes(ratio <= 1.25)])
-        if not floors:
+        if not self.cuda:
             targets.append(["captured step <= 1.25 x floor", "no CUDA device: the floor is a CUDA graph", "-"])
         note = ("Each part of the eager step is timed between device synchronisations, so its sum is an upper bound on "
-                "the eager step; the captured step is timed whole.")
+                "the eager step; the captured step is timed whole, from the copy of its inputs to the replay's end "
+                "(the host's work between steps, the learning-rate update and the stop vote, is outside both, as "
+                "the batch's gather is).")
         return f"{table}\n\n{note}\n\n" + tabulate(targets, headers=["target", "measured", "met"], tablefmt="github")
 
     def teacher(self) -> str:
@@ -228,11 +244,11 @@ class GpuCheck:
         quick = ["teacher.epochs=1", "teacher.batch_size=128"] if self.quick else []
         device = ["--mixed_precision", "bf16"] if self.cuda else ["--cpu"]
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                               "--num_processes", "1", *device, str(ROOT / "dist_tsp" / "train.py"),
-                               "--teacher-only", "--config", str(RECIPE), *self.data, f"output_dir={out}",
-                               f"teacher.checkpoint={out / 'model.pt'}", "train.step=auto", *quick],
-                              cwd=ROOT, capture_output=True, text=True)
+        done = run_command([sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                            "--num_processes", "1", *device, str(ROOT / "dist_tsp" / "train.py"), "--teacher-only",
+                            "--config", str(RECIPE), *self.data, f"output_dir={out}",
+                            f"teacher.checkpoint={out / 'model.pt'}", "train.step=auto", *quick],
+                           self.limits["teacher"], cwd=ROOT)
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
@@ -252,13 +268,13 @@ class GpuCheck:
         out = self.work / "protocol"
         env = {**os.environ, **({"ACCELERATE_MIXED_PRECISION": "bf16"} if self.cuda else {})}
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
-                               str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
-                               *self.teacher_for_protocol, "train.step=auto", *quick],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
+        limit = self.limits["protocol"] and self.limits["protocol"] * self.seeds
+        done = run_command([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
+                            str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
+                            *self.teacher_for_protocol, "train.step=auto", *quick], limit, cwd=ROOT, env=env)
         seconds = time.perf_counter() - started
         if done.returncode != 0:
-            raise RuntimeError(done.stderr[-3000:])
+            raise RuntimeError(done.stderr[-2000:] + unfinished_logs(out / "logs"))
         target = "" if self.seeds != 3 else f"\n\n3 seeds in {seconds:.0f} s (target <= 300 s with the teacher: " \
                                             f"{yes(seconds <= 300)})"
         return (f"{self.seeds} seed(s), scratch + KD + TSP, the teacher shared: {seconds:.0f} s\n\n"
@@ -268,13 +284,24 @@ class GpuCheck:
         """benchmarks/teacher_modes.py on this one device."""
         modes = [m for m in TEACHER_MODES if m != "deepspeed" or find_spec("deepspeed") is not None]
         flags = ["--steps", "3", "--batch", "48"] if self.quick else []
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_modes.py"), "--worlds", "1",
-                               "--modes", *modes, *flags, *(["--gpu"] if self.cuda else []),
-                               "--work-dir", str(self.work / "modes")], cwd=ROOT, capture_output=True, text=True)
+        done = run_command([sys.executable, str(ROOT / "benchmarks" / "teacher_modes.py"), "--worlds", "1",
+                            "--modes", *modes, *flags, *(["--gpu"] if self.cuda else []),
+                            "--work-dir", str(self.work / "modes")], self.limits["modes"], cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
         skipped = "" if "deepspeed" in modes else "\n\ndeepspeed: skipped (not installed here)"
         return done.stdout.strip() + skipped
+
+
+def unfinished_logs(logs: Path, lines: int = 25) -> str:
+    """The last lines of every run log under `logs` that does not end with its results (only the report leaves a
+    lent GPU machine, not the logs)."""
+    tails = []
+    for log in sorted(logs.glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        if not any(line.startswith("Results in ") for line in text):
+            tails.append(f"\n\n{log.name}, last {lines} lines:\n```\n" + "\n".join(text[-lines:]) + "\n```")
+    return "".join(tails)
 
 
 def teacher_spec(config: Path) -> list[str]:
@@ -312,10 +339,19 @@ def yes(ok: bool, word: str = "yes") -> str:
     return word if ok else "**NO**"
 
 
-def floor_ms(teacher_file: Path, bf16: bool, layout: torch.memory_format, replays: int) -> float:
-    """The paper-size TSP step written minimally, its models and images in `layout`, and captured in one CUDA graph:
-    ms per replay."""
-    device = torch.device("cuda")
+class MinimalStep(NamedTuple):
+    """The floor's step and what it works on: each call of `step` is one step and returns its loss."""
+
+    step: Callable[[], torch.Tensor]
+    teacher: nn.Module
+    students: list[nn.Module]
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def minimal_step(teacher_file: Path, bf16: bool, layout: torch.memory_format, device: torch.device) -> MinimalStep:
+    """The paper-size TSP step written minimally, its models and images in `layout` on `device`: three students'
+    forward, backward and fused Adam, the teacher's forward, the TSP loss (summed over the students) at batch 128."""
     demo = load_config(ROOT / "configs" / "demo.yaml")
     teacher = build_model(demo.teacher.model, 10, **demo.teacher.args)
     teacher.load_state_dict(checkpoint.load(teacher_file, "teacher")["model"])
@@ -327,8 +363,10 @@ def floor_ms(teacher_file: Path, bf16: bool, layout: torch.memory_format, replay
     labels = torch.randint(0, 10, (128,), device=device)
     (alpha, beta, gamma), temperature = LOSS_PRESETS["tsp"], 10.0
 
-    def step() -> None:
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16, cache_enabled=False):
+    def step() -> torch.Tensor:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
             with torch.no_grad():
                 soft_teacher = F.softmax(teacher(images).float() / temperature, dim=-1)
             logits = torch.stack([s(images) for s in students]).float()
@@ -342,17 +380,20 @@ def floor_ms(teacher_file: Path, bf16: bool, layout: torch.memory_format, replay
         loss.backward()
         for optimizer in optimizers:
             optimizer.step()
+        return loss.detach()
 
+    return MinimalStep(step, teacher, students, images, labels)
+
+
+def floor_ms(teacher_file: Path, bf16: bool, layout: torch.memory_format, replays: int) -> float:
+    """The minimal step captured in one CUDA graph: ms per replay."""
+    step = minimal_step(teacher_file, bf16, layout, torch.device("cuda")).step
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
             step()
     torch.cuda.current_stream().wait_stream(side)
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,25 @@ CPU_GRID = [("scratch", "sharded", ""), *((method, mode, "") for method in ("kd"
 QUICK = [("scratch", "sharded", ""), ("tsp", "cached", "")]
 
 
-def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str]) -> None:
+def run_command(command: list[str], timeout: float | None = None, **options) -> subprocess.CompletedProcess:
+    """subprocess.run with the output captured, in a process group of its own: past `timeout` seconds (or on Ctrl-C)
+    the whole group goes (an accelerate launch and its workers) and TimeoutError (or the interrupt) is raised."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **options)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException as error:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise TimeoutError(f"not done in {timeout:.0f} s, killed: ...{' '.join(command)[-300:]}") from None
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str],
+          timeout: float | None = None) -> None:
+    """One run of dist_tsp/train.py on the demo config with `overrides`; exits naming them if it fails."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
                 "--num_processes", str(processes), *extra_launch]
     if processes > 1 and "--multi_gpu" not in extra_launch:
@@ -60,7 +79,7 @@ def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: 
     command = [*launcher, str(ROOT / "dist_tsp" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                f"output_dir={output_dir}", "resume=off", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = run_command(command, timeout, cwd=ROOT, env=env)
     if done.returncode != 0:
         sys.exit(f"benchmark run failed ({' '.join(overrides)}):\n{done.stderr[-3000:]}")
 

@@ -117,7 +117,9 @@ class CapturedStep:
             self.graph = torch.cuda.CUDAGraph()
             for generator in self.generators:  # registered before the capture begins (their state is reset then)
                 self.graph.register_generator_state(generator)
-            with torch.cuda.graph(self.graph):
+            # thread_local: a streamed loader's pin-memory thread may allocate pinned memory during the capture,
+            # which the default (global) mode turns into a failed capture (as in torch.compile's CUDA graphs)
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = self.step(*self.inputs)
         self.graph.replay()
         return self.output

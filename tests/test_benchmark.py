@@ -1,9 +1,15 @@
 import importlib.util
+import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
+import torch
 
+from dist_tsp.config import LOSS_PRESETS
+from dist_tsp.losses import tsp_loss
 from tests.runs import ROOT
 
 pytestmark = pytest.mark.slow
@@ -45,12 +51,65 @@ def test_loss_fusion_quick_mode_prints_both_timings_after_checking_the_losses_ag
     assert len(cells) == 1 and float(cells[0][5]) > 0 and float(cells[0][6]) > 0
 
 
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_rounds_report_each_number_as_its_median_over_the_rounds():
-    spec = importlib.util.spec_from_file_location("step_breakdown", ROOT / "benchmarks" / "step_breakdown.py")
-    step_breakdown = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_breakdown)
+    step_breakdown = load_benchmark("step_breakdown")
     rounds = [[{"ms": {"teacher": t, "loss": 1.0}, "step_ms": s},
                {"ms": {"teacher": 0.0, "loss": loss}, "step_ms": 9.0}]
               for t, s, loss in ((3.0, 10.0, 2.0), (1.0, 30.0, 4.0), (2.0, 20.0, 3.0))]
     assert step_breakdown.median_ranks(rounds) == [{"ms": {"teacher": 2.0, "loss": 1.0}, "step_ms": 20.0},
                                                   {"ms": {"teacher": 0.0, "loss": 3.0}, "step_ms": 9.0}]
+
+
+def test_the_gpu_checks_floor_step_computes_the_tsp_loss_of_its_models_and_moves_every_student(tmp_path, monkeypatch):
+    """The floor the GPU check holds the captured step against, run uncaptured here: its loss is dist-tsp's TSP loss
+    of the same logits (same dropout), and its fused Adam steps move every parameter tensor of every student."""
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # gpu_check.py adds the checkout to both
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu_check = load_benchmark("gpu_check")
+    teacher_file = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1).teacher_file
+    torch.manual_seed(0)
+    floor = gpu_check.minimal_step(teacher_file, False, torch.channels_last, torch.device("cpu"))
+    random_state = torch.random.get_rng_state()
+    with torch.no_grad():
+        teacher = floor.teacher(floor.images)
+        logits = torch.stack([student(floor.images) for student in floor.students])
+    torch.random.set_rng_state(random_state)  # the step's forwards draw the same dropout masks
+    before = [p.clone() for student in floor.students for p in student.parameters()]
+    loss = floor.step()
+    alpha, beta, gamma = LOSS_PRESETS["tsp"]
+    expected = sum(tsp_loss(logits[k], floor.labels, teacher, torch.cat([logits[:k], logits[k + 1:]]), alpha=alpha,
+                            beta=beta, gamma=gamma, temperature=10.0).total for k in range(len(floor.students)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    after = [p for student in floor.students for p in student.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_benchmark_command_past_its_time_limit_is_killed_with_what_it_started(tmp_path):
+    """The GPU check's limit per command: the command and the processes it started (an accelerate launch's workers)
+    all go, and the caller gets TimeoutError at the limit, not when the command would have ended."""
+    pid_file = tmp_path / "worker.pid"
+    worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    launcher = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"not done in 3 s, killed"):
+        load_benchmark("step_breakdown").run_command([sys.executable, "-c", launcher], timeout=3)
+    assert time.monotonic() - started < 20 and pid_file.is_file()
+    worker_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while alive(worker_pid):
+        assert time.monotonic() < deadline, "the worker outlived its launcher"
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
