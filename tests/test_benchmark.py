@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import psutil
 import pytest
 import torch
 
+from dist_tsp import checkpoint
 from dist_tsp.config import LOSS_PRESETS
 from dist_tsp.losses import tsp_loss
 from tests.runs import ROOT
@@ -58,6 +60,12 @@ def load_benchmark(name: str):
     return module
 
 
+def load_gpu_check(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # gpu_check.py adds the checkout to both
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return load_benchmark("gpu_check")
+
+
 def test_rounds_report_each_number_as_its_median_over_the_rounds():
     step_breakdown = load_benchmark("step_breakdown")
     rounds = [[{"ms": {"teacher": t, "loss": 1.0}, "step_ms": s},
@@ -70,9 +78,7 @@ def test_rounds_report_each_number_as_its_median_over_the_rounds():
 def test_the_gpu_checks_floor_step_computes_the_tsp_loss_of_its_models_and_moves_every_student(tmp_path, monkeypatch):
     """The floor the GPU check holds the captured step against, run uncaptured here: its loss is dist-tsp's TSP loss
     of the same logits (same dropout), and its fused Adam steps move every parameter tensor of every student."""
-    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # gpu_check.py adds the checkout to both
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_gpu_check(monkeypatch)
     teacher_file = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1).teacher_file
     torch.manual_seed(0)
     floor = gpu_check.minimal_step(teacher_file, False, torch.channels_last, torch.device("cpu"))
@@ -89,6 +95,42 @@ def test_the_gpu_checks_floor_step_computes_the_tsp_loss_of_its_models_and_moves
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     after = [p for student in floor.students for p in student.parameters()]
     assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_the_gpu_checks_correctness_reruns_on_cudnns_default_kernels_where_its_deterministic_ones_fail(
+        tmp_path, monkeypatch):
+    """A GPU whose cuDNN has no deterministic kernel for one of the convolutions still gets the comparisons (and says
+    so), from runs of their own; any other failure fails the part."""
+    gpu_check = load_gpu_check(monkeypatch)
+    check = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1)
+    runs = []
+
+    def fake_run(name, overrides, precision="no"):  # what a run leaves: its losses and its students' weights
+        runs.append(name)
+        if "train.deterministic=true" in overrides:
+            raise SystemExit("benchmark run failed: RuntimeError: cuDNN error: GET was unable to find an engine")
+        run = tmp_path / name
+        (run / "metrics.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/lenet/loss": 2.0 / s}) + "\n"
+                                                   for s in range(1, 9)))
+        for student in gpu_check.STUDENTS:
+            path = checkpoint.student_file(checkpoint.step_dir(run, 8), student)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": {"weight": torch.ones(2)}}, path)
+        return run
+
+    monkeypatch.setattr(check, "_run", fake_run)
+    report = check.correctness()
+    assert "cuDNN's deterministic kernels failed here" in report and "unable to find an engine" in report
+    assert report.count("| equal") == 6 and "**NO**" not in report
+    assert {name.split("/")[0] for name in runs} == {"correctness", "correctness-default-kernels"}
+
+    def broken_run(name, overrides, precision="no"):
+        raise SystemExit("benchmark run failed: RuntimeError: CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(check, "_run", broken_run)
+    with pytest.raises(SystemExit, match="illegal memory access"):
+        check.correctness()
 
 
 def test_a_benchmark_command_past_its_time_limit_is_killed_with_what_it_started(tmp_path):
