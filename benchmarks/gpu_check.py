@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-from step_breakdown import profile, run_command, train  # noqa: E402
+from step_breakdown import profile, run_command, stop_commands, train  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
 from dist_tsp.config import LOSS_PRESETS, TEACHER_MODES, load_config  # noqa: E402
@@ -59,6 +59,8 @@ STUDENTS = ("alexnet", "lenet", "mobilenet")
 TSP = [f"loss.{k}={w}" for k, w in zip(("alpha", "beta", "gamma"), LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 OPTIONAL = ("pydantic", "wandb", "deepspeed", "torchcodec", "datasets")
+# What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
+CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
 # On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.
 # Several times what each took on an H200; per seed for the protocol. On a CPU commands are not timed out.
 GPU_LIMITS_S = {"run": 240, "teacher": 300, "protocol": 150, "modes": 180}
@@ -159,7 +161,7 @@ class GpuCheck:
         try:
             done = self._correctness_runs(steps, deterministic=True)
         except (Exception, SystemExit) as error:
-            if not re.search(r"cudnn|engine|deterministic", str(error), re.IGNORECASE):
+            if not CUDNN_WITHOUT_KERNEL.search(str(error)):
                 raise
             done = self._correctness_runs(steps, deterministic=False)
             note = ("\n\ncuDNN's deterministic kernels failed here, so these runs used its default ones (a difference "
@@ -203,7 +205,11 @@ class GpuCheck:
             futures = {name: pool.submit(self._run, f"{folder}/{name}", overrides, precision)
                        for name, (overrides, precision) in runs.items()}
             futures["resumed"] = pool.submit(run_resumed)
-            return {name: future.result() for name, future in futures.items()}
+            try:
+                return {name: future.result() for name, future in futures.items()}
+            except BaseException:  # one failed, or Ctrl-C: the others need not finish (the pool waits for them)
+                stop_commands()
+                raise
 
     def steps(self) -> str:
         """Step time (train.profile, after warm-up) of the eager and captured step, fp32 and bf16, and the floor."""
@@ -282,9 +288,12 @@ class GpuCheck:
         env = {**os.environ, **({"ACCELERATE_MIXED_PRECISION": "bf16"} if self.cuda else {})}
         started = time.perf_counter()
         limit = self.limits["protocol"] and self.limits["protocol"] * self.seeds
-        done = run_command([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
-                            str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
-                            *self.teacher_for_protocol, "train.step=auto", *quick], limit, cwd=ROOT, env=env)
+        try:
+            done = run_command([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
+                                str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
+                                *self.teacher_for_protocol, "train.step=auto", *quick], limit, cwd=ROOT, env=env)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}{unfinished_logs(out / 'logs')}") from None
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-2000:] + unfinished_logs(out / "logs"))

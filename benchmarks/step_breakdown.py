@@ -16,6 +16,7 @@ are met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -53,20 +54,42 @@ CPU_GRID = [("scratch", "sharded", ""), *((method, mode, "") for method in ("kd"
 QUICK = [("scratch", "sharded", ""), ("tsp", "cached", "")]
 
 
+RUNNING: set[subprocess.Popen] = set()  # the commands run_command is running now (threads may start several)
+
+
 def run_command(command: list[str], timeout: float | None = None, **options) -> subprocess.CompletedProcess:
-    """subprocess.run with the output captured, in a process group of its own: past `timeout` seconds (or on Ctrl-C)
-    the whole group goes (an accelerate launch and its workers) and TimeoutError (or the interrupt) is raised."""
+    """subprocess.run with the output captured, in a process group of its own: past `timeout` seconds (or on Ctrl-C
+    in this thread) the whole group goes (an accelerate launch and its workers) and TimeoutError (or the interrupt)
+    is raised; stop_commands() ends every running one from any thread."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, **options)
+    RUNNING.add(process)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except BaseException as error:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        _kill(process)
+        try:
+            stderr = process.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:  # a process of another session still holds the pipe
+            stderr = ""
         if isinstance(error, subprocess.TimeoutExpired):
-            raise TimeoutError(f"not done in {timeout:.0f} s, killed: ...{' '.join(command)[-300:]}") from None
+            raise TimeoutError(f"not done in {timeout:.0f} s, killed: ...{' '.join(command)[-300:]}\n"
+                               f"{stderr[-2000:]}") from None
         raise
+    finally:
+        RUNNING.discard(process)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def stop_commands() -> None:
+    """Kill every command that run_command is running, with the processes each started."""
+    for process in list(RUNNING):
+        _kill(process)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str],

@@ -186,14 +186,18 @@ def _digits(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """load_digits()'s images [1797, 8, 8] (values 0-16) and labels, read from the file scikit-learn ships: importing
     scikit-learn (and SciPy) would add ~1.7 CPU-s to every rank's start-up. load_digits where the file is not listed."""
-    shipped = [f for f in importlib.metadata.files("scikit-learn") or ()
-               if f.name == DIGITS_FILE and f.parent.name == "data" and f.parent.parent.name == "datasets"]
+    try:
+        listed = importlib.metadata.files("scikit-learn") or ()
+    except importlib.metadata.PackageNotFoundError:  # importable without its metadata (e.g. a source tree)
+        listed = ()
+    shipped = [path for f in listed if f.name == DIGITS_FILE and f.parent.name == "data"
+               and f.parent.parent.name == "datasets" and (path := Path(f.locate())).is_file()]
     if not shipped:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         return digits.images, digits.target
-    table = np.loadtxt(shipped[0].locate(), delimiter=",")
+    table = np.loadtxt(shipped[0], delimiter=",")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 

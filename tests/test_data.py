@@ -4,6 +4,7 @@ import importlib.metadata
 import struct
 import subprocess
 import sys
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -109,10 +110,24 @@ def test_digits_are_read_from_scikit_learns_file_without_importing_it_and_equal_
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_digits_fall_back_to_load_digits_where_the_file_is_not_listed(monkeypatch):
+class ListedButGone(PurePosixPath):
+    """A file scikit-learn's metadata lists but that is not on disk (a stale RECORD)."""
+
+    def locate(self) -> Path:
+        return Path("/nonexistent") / self
+
+
+def no_metadata(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+
+@pytest.mark.parametrize("files", [lambda name: None, no_metadata,
+                                   lambda name: [ListedButGone("sklearn/datasets/data/digits.csv.gz")]],
+                         ids=["not listed (no RECORD)", "no metadata (a source tree)", "listed but not on disk"])
+def test_digits_fall_back_to_load_digits_where_the_file_is_not_found(monkeypatch, files):
     from sklearn.datasets import load_digits
 
-    monkeypatch.setattr(importlib.metadata, "files", lambda name: None)  # e.g. an install without a RECORD
+    monkeypatch.setattr(importlib.metadata, "files", files)
     images, labels = digits_arrays()
     assert np.array_equal(images, load_digits().images) and np.array_equal(labels, load_digits().target)
 
