@@ -28,7 +28,7 @@ from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedIm
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
 DEFAULT_WORKERS = 4
-DIGITS_FILE = "digits.csv.gz"  # in scikit-learn's sklearn/datasets/data/
+DIGITS_FILE = "sklearn/datasets/data/digits.csv.gz"  # as scikit-learn's installed-files list names it
 STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's weights expect
 
@@ -185,13 +185,13 @@ def _digits(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """load_digits()'s images [1797, 8, 8] (values 0-16) and labels, read from the file scikit-learn ships: importing
-    scikit-learn (and SciPy) would add ~1.7 CPU-s to every rank's start-up. load_digits where the file is not listed."""
+    scikit-learn (and SciPy) would add ~1.7 CPU-s to every rank's start-up. load_digits where that file is not found
+    through the package's metadata."""
     try:
         listed = importlib.metadata.files("scikit-learn") or ()
     except importlib.metadata.PackageNotFoundError:  # importable without its metadata (e.g. a source tree)
         listed = ()
-    shipped = [path for f in listed if f.name == DIGITS_FILE and f.parent.name == "data"
-               and f.parent.parent.name == "datasets" and (path := Path(f.locate())).is_file()]
+    shipped = [path for f in listed if f.as_posix() == DIGITS_FILE and (path := Path(f.locate())).is_file()]
     if not shipped:
         from sklearn.datasets import load_digits
 
