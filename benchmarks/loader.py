@@ -33,6 +33,7 @@ from torchcodec.decoders import decode_image, decode_jpeg
 from dist_tsp.config import DataConfig
 from dist_tsp.data import load_dataset
 from dist_tsp.shards import convert
+from dist_tsp.side_by_side import port_of_its_own
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480))  # typical ImageNet photos (w, h)
@@ -90,10 +91,11 @@ def step_share(work: Path, steps: int) -> float:
         make_folder(folder, 1536, ((32, 32),), classes=10)
     run = work / "step"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", "3", str(ROOT / "dist_tsp" /
-               "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "data.name=image_folder",
-               f"data.root={folder}", f"output_dir={run}", "teacher.epochs=1", f"train.max_steps={steps}",
-               "train.epochs=100", f"train.log_every={steps}", "train.profile=true", "resume=off"]
+               str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", "3", *port_of_its_own(),
+               str(ROOT / "dist_tsp" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+               "data.name=image_folder", f"data.root={folder}", f"output_dir={run}", "teacher.epochs=1",
+               f"train.max_steps={steps}", "train.epochs=100", f"train.log_every={steps}", "train.profile=true",
+               "resume=off"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks = [json.loads(p.read_text()) for p in sorted((run / "profile").glob("rank*.json"))]
     return max(100 * r["ms"]["data"] / r["step_ms"] for r in ranks)

@@ -33,6 +33,7 @@ from dist_tsp import checkpoint
 from dist_tsp.config import LOSS_PRESETS, load_config
 from dist_tsp.models import build_model
 from dist_tsp.profiling import SECTIONS
+from dist_tsp.side_by_side import port_of_its_own
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_STUDENTS = ("students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet},"
@@ -96,7 +97,7 @@ def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: 
           timeout: float | None = None) -> None:
     """One run of dist_tsp/train.py on the demo config with `overrides`; exits naming them if it fails."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--num_processes", str(processes), *extra_launch]
+                "--num_processes", str(processes), *port_of_its_own(), *extra_launch]
     if processes > 1 and "--multi_gpu" not in extra_launch:
         launcher += ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
     command = [*launcher, str(ROOT / "dist_tsp" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dist_tsp.config import TEACHER_MODES
+from dist_tsp.side_by_side import port_of_its_own
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVICE = """Which mode when:
@@ -104,7 +105,7 @@ def synchronize(device) -> None:
 def launch(world: int, args: argparse.Namespace) -> list[dict]:
     """One `accelerate launch` of W workers; their rows."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
-                str(world), "--mixed_precision", "no"]
+                str(world), "--mixed_precision", "no", *port_of_its_own()]
     launcher += ["--multi_gpu"] if args.gpu and world > 1 else []
     launcher += [] if args.gpu or world == 1 else ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml")]
     launcher += ["--cpu"] if not args.gpu and world == 1 else []

@@ -164,7 +164,7 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
                devices: str | None, alone: bool, in_process: bool = False) -> None:
     """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when asked, alone
     (no other run at the same time) and on one process; else in processes of its own (accelerate launch for
-    several, on a rendezvous port of its own unless alone) seeing the GPUs `devices`. Raises UserError naming the log
+    several, on a rendezvous port of its own) seeing the GPUs `devices`. Raises UserError naming the log
     when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
@@ -173,9 +173,8 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
         else:
             command = [sys.executable, TRAIN, *args]
             if processes > 1:
-                port = [] if alone else ["--main_process_port", str(free_port())]
                 command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                           "--num_processes", str(processes), *port, *command[1:]]
+                           "--num_processes", str(processes), *port_of_its_own(), *command[1:]]
             env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
             code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
@@ -196,8 +195,9 @@ def _in_process(args: list[str], output) -> int:
     return 0
 
 
-def free_port() -> int:
-    """A TCP port free now, for one launch's rendezvous (concurrent launches on one node need one each)."""
+def port_of_its_own() -> list[str]:
+    """accelerate launch's option for a rendezvous port free now: launches side by side on one node (runs, benchmarks,
+    tests) need one each, and accelerate's own check of its default port races with a launch starting beside it."""
     with socket.socket() as probe:
         probe.bind(("", 0))
-        return probe.getsockname()[1]
+        return ["--main_process_port", str(probe.getsockname()[1])]

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from dist_tsp.side_by_side import port_of_its_own
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
 CPU3 = str(ROOT / "configs" / "accelerate" / "cpu.yaml")
@@ -52,7 +54,7 @@ def command(args: list[str], processes: int | None = None, accelerate_config: st
     if processes is None:
         return [sys.executable, TRAIN, *args]
     return [sys.executable, "-m", LAUNCHERS[launcher], "--config_file", accelerate_config,
-            "--num_processes", str(processes), TRAIN, *args]
+            "--num_processes", str(processes), *port_of_its_own(), TRAIN, *args]
 
 
 def start(args: list[str], processes: int | None = None, launcher: str = "accelerate",

@@ -23,6 +23,7 @@ from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from dist_tsp.launch import TERM_GRACE_S
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.run_control import StopRequest, StopVote
+from dist_tsp.side_by_side import port_of_its_own
 from tests.multiprocess import run_on_ranks
 from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
 
@@ -237,7 +238,7 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     launcher = psutil.Popen([sys.executable, "-m", "dist_tsp.launch", "--config_file", CPU3, "--num_processes", "2",
-                             str(script)], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+                             *port_of_its_own(), str(script)], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60
