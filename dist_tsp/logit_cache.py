@@ -7,14 +7,18 @@ A row holds all C logits, or (teacher.cache_topk=k) the k largest and their clas
 (teacher.cache_precision): ImageNet's 1.28 M x 1000 dense float32 logits are 5 GB per epoch, its top-10 in
 float16 77 MB. The folder is named by a hash of everything the logits depend on (teacher file, teacher model and
 input scale, training images and labels, augmentation, seed, precision, layout), so runs that share
-`teacher.cache_dir` reuse it and a changed input never matches a stale file.
+`teacher.cache_dir` reuse it and a changed input never matches a stale file. Runs side by side that share it (the
+protocol's KD and TSP) compute each epoch once: while one computes, the others wait for its file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +34,8 @@ from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Normalizer, Samples
 from dist_tsp.exchange import all_reduce
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
+
+WAIT_POLL_S = 1.0  # how often the ranks of a run waiting for another run's epoch look again
 
 
 def cache_key(cfg: RunConfig, teacher_sha256: str, train: Samples, augmentation: Augmentation,
@@ -101,11 +107,12 @@ class CachedLogits:
 
     def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: Samples, augmentation: Augmentation,
                  normalize: Normalizer, layout: CacheLayout, *, world: dist.ProcessGroup | None, batch_size: int,
-                 device: torch.device, writer: bool, verbose: bool) -> None:
-        """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed."""
+                 device: torch.device, writer: bool, main: bool) -> None:
+        """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed; the
+        `main` rank shows progress and holds the epoch's lock for the run."""
         self.folder, self.key, self.teacher, self.layout = folder, key, teacher, layout
         self.data, self.augmentation, self.normalize, self.world = data, augmentation, normalize, world
-        self.batch_size, self.device, self.writer, self.verbose = batch_size, device, writer, verbose
+        self.batch_size, self.device, self.writer, self.main = batch_size, device, writer, main
         self.computed: list[int] = []
         self.reused: list[int] = []
         self.current: np.ndarray | None = None
@@ -122,14 +129,43 @@ class CachedLogits:
     def start_epoch(self, epoch: int) -> None:
         """Compute the epoch's logits if no run has yet (every rank takes part), then map them."""
         path = self.path(epoch)
-        exists = torch.tensor([float(path.is_file())], device=self.device)
-        all_reduce(exists, self.world, dist.ReduceOp.MIN)  # decide together: none computes alone
-        if exists.item():
-            self.reused.append(epoch)
-        else:
-            self._compute(epoch, path)
-            self.computed.append(epoch)
+        with self._claimed(epoch):
+            exists = torch.tensor([float(path.is_file())], device=self.device)
+            all_reduce(exists, self.world, dist.ReduceOp.MIN)  # decide together: none computes alone
+            if exists.item():
+                self.reused.append(epoch)
+            else:
+                self._compute(epoch, path)
+                self.computed.append(epoch)
         self.current = np.load(path, mmap_mode="r")
+
+    @contextmanager
+    def _claimed(self, epoch: int) -> Iterator[None]:
+        """Hold the epoch's lock file (the main rank, for the whole run): while another run that shares the cache
+        holds it, computing that epoch, every rank of this one waits (in short collectives, well inside any
+        timeout). The lock goes with the process that held it, however it ends; a folder this run cannot write to
+        is only read."""
+        lock = None
+        if self.main:
+            with suppress(OSError):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                lock = open(self.path(epoch).with_suffix(".lock"), "ab")
+        try:
+            said = False
+            while True:
+                held = torch.tensor([float(lock is None or _try_lock(lock))], device=self.device)
+                all_reduce(held, self.world, dist.ReduceOp.MIN)
+                if held.item():
+                    break
+                if lock is not None and not said:
+                    print(f"teacher logits, epoch {epoch}: another run is computing them in {self.folder}; waiting",
+                          flush=True)
+                    said = True
+                time.sleep(WAIT_POLL_S)
+            yield
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
 
     def contribution(self, batch: Batch, group: dist.ProcessGroup | None) -> None:
         """Every rank reads the rows itself."""
@@ -144,7 +180,7 @@ class CachedLogits:
         views = self.data.loader(self.augmentation, self.device)(chunks, epoch)
         rows = (self.layout.encode(gathered_logits(self.teacher, self._batch(indices, images), self.world).float())
                 for indices, images in tqdm(zip(chunks, views), total=len(chunks),
-                                            desc=f"teacher logits, epoch {epoch}", disable=not self.verbose))
+                                            desc=f"teacher logits, epoch {epoch}", disable=not self.main))
         if self.writer:
             self._write(rows, path)
         else:
@@ -167,3 +203,15 @@ class CachedLogits:
         """For results.json: where the cache is and which epochs this run computed or reused."""
         return {"path": str(self.folder), "computed_epochs": self.computed, "reused_epochs": self.reused}
 
+
+
+def _try_lock(file: BinaryIO) -> bool:
+    """Take `file`'s exclusive lock unless another process holds it. On a filesystem without locks (Lustre mounted
+    without `flock`) every run goes ahead, as if alone: side by side, an epoch may then be computed twice."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -146,7 +146,7 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
         augmentation=augmentation, normalize=data.normalize,
         layout=CacheLayout(data.num_classes, topk, cfg.teacher.cache_precision), world=groups.world,
         batch_size=cfg.data.eval_batch_size, device=accelerator.device,
-        writer=accelerator.is_local_main_process, verbose=accelerator.is_main_process)
+        writer=accelerator.is_local_main_process, main=accelerator.is_main_process)
 
 
 def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose: bool = False) -> nn.Module:

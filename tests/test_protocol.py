@@ -104,8 +104,9 @@ def test_mentored_phase_on_three_ranks_matches_one_process(protocol, tmp_path):
 
 def test_runs_side_by_side_give_the_sequential_runs_results_with_logs_and_one_start_up_line(protocol, tmp_path,
                                                                                            capsys):
-    """--parallel-runs 2: the seed's runs in processes of their own, two at once, the teacher's logit cache built by
-    two of them at the same time; the same per-step losses and test accuracies as one at a time in this process."""
+    """--parallel-runs 2: the seed's runs in processes of their own, two at once, KD and TSP sharing the teacher's
+    logit cache (each epoch computed by one of them); the same per-step losses and test accuracies as one at a time
+    in this process."""
     out = tmp_path / "side_by_side"
     main([*TINY, "--out", str(out), "--seeds", "1", "--methods", "scratch,kd,tsp", "--parallel-runs", "2",
           f"teacher.checkpoint={protocol / 'teacher' / 'model.pt'}"])
@@ -119,6 +120,8 @@ def test_runs_side_by_side_give_the_sequential_runs_results_with_logs_and_one_st
         assert tested[1] == pytest.approx(tested[0], abs=1e-6), method
         assert f"Results in {beside}/results.json" in (out / "logs" / f"seed_0-{method}.log").read_text()
     assert "parallel" not in (out / "protocol.json").read_text()
+    kd, tsp = (json.loads((out / "seed_0" / m / "results.json").read_text())["teacher"]["cache"] for m in ("kd", "tsp"))
+    assert sorted(kd["computed_epochs"] + tsp["computed_epochs"]) == sorted(kd["computed_epochs"] + kd["reused_epochs"])
 
 
 def test_bad_method_is_refused_before_any_run(tmp_path):

@@ -1,6 +1,7 @@
 """The five teacher modes on 3 gloo ranks: the same logits as one process running the whole teacher,
 the parameter-sharded modes holding 1/W of the parameters per rank, and the logit cache reused."""
 
+import fcntl
 import json
 from itertools import islice
 
@@ -18,7 +19,7 @@ from dist_tsp.teacher import prepare_teacher, teacher_logits
 from dist_tsp.teacher_modes import gathered_logits
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
-from tests.runs import DEEPSPEED, TINY, launch, student_state, train_rows
+from tests.runs import DEEPSPEED, TINY, launch, start, student_state, train_rows
 
 WORLD, BATCH, EPOCHS, STEPS = 3, 13, (0, 1), 2  # a batch of 13 over 3 ranks: the last slice is padded
 MODES = ("replicated", "sharded", "fsdp", "deepspeed", "cached")
@@ -177,12 +178,25 @@ def test_cache_is_computed_once_per_epoch_then_reused(every_mode):
 def cached_runs(tmp_path_factory):
     """Two accelerate launches (3 ranks) of the same run in cached mode, sharing one cache folder; the teacher in
     the default layout, as the parameter-sharded modes run it (Adam's first steps amplify the last-bit differences
-    between channels-last and default-layout convolutions)."""
+    between channels-last and default-layout convolutions). The second (the graph-ready step, no capture) starts
+    while the test plays a run beside it still computing the cache: holding its lock, the file not there yet; once
+    the second says it waits, the file comes and the lock goes. Its output is in second.out."""
     tmp = tmp_path_factory.mktemp("cached")
     common = ["--config", "configs/demo.yaml", *TINY, f"teacher.checkpoint={teacher_file(tmp / 'teacher.pt')}",
               "teacher.mode=cached", "teacher.channels_last=false", f"teacher.cache_dir={tmp / 'cache'}"]
-    for run, step in (("first", "eager"), ("second", "graph")):  # the second: the graph-ready step (no capture)
-        launch([*common, f"output_dir={tmp / run}", f"train.step={step}"], processes=3)
+    launch([*common, f"output_dir={tmp / 'first'}", "train.step=eager"], processes=3)
+    [computed] = (tmp / "cache").glob("*/*.npy")  # epoch 0's: the six steps end inside it
+    computed.rename(tmp / "computed_beside")
+    with open(computed.with_suffix(".lock"), "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = start([*common, f"output_dir={tmp / 'second'}", "train.step=graph"], processes=3)
+        printed = []
+        while (line := second.stdout.readline()) and "another run is computing them" not in line:
+            printed.append(line)
+        (tmp / "computed_beside").rename(computed)
+    stdout, stderr = second.communicate(timeout=600)
+    (tmp / "second.out").write_text("".join(printed) + line + stdout)
+    assert second.returncode == 0, stderr[-5000:]
     return tmp
 
 
@@ -192,6 +206,13 @@ def test_cached_mode_run_computes_each_epoch_once_and_a_second_run_reuses_them(c
     assert second["teacher"]["cache"]["computed_epochs"] == [] and second["teacher"]["cache"]["reused_epochs"] == [0]
     assert first["students"] == second["students"]
     assert train_rows(cached_runs / "first") == train_rows(cached_runs / "second")
+
+
+def test_a_run_beside_one_computing_the_same_epoch_waits_for_its_file_and_reuses_it(cached_runs):
+    cache = json.loads((cached_runs / "second" / "results.json").read_text())["teacher"]["cache"]
+    assert cache["computed_epochs"] == [] and cache["reused_epochs"] == [0]
+    said = [line for line in (cached_runs / "second.out").read_text().splitlines() if "another run" in line]
+    assert said == [f"teacher logits, epoch 0: another run is computing them in {cache['path']}; waiting"]
 
 
 def test_graph_ready_step_given_the_cached_logits_at_its_boundary_trains_bitwise_like_the_eager_step(cached_runs):
