@@ -51,6 +51,7 @@ from step_breakdown import profile, run_command, stop_commands, train  # noqa: E
 from dist_tsp import checkpoint  # noqa: E402
 from dist_tsp.config import LOSS_PRESETS, TEACHER_MODES, load_config  # noqa: E402
 from dist_tsp.models import build_model  # noqa: E402
+from dist_tsp.report import RESULTS_LINE  # noqa: E402
 
 PARTS = ("correctness", "steps", "teacher", "protocol", "modes")
 RECIPE = ROOT / "configs" / "paper" / "teacher_airbench.yaml"
@@ -321,7 +322,7 @@ def unfinished_logs(logs: Path, lines: int = 25) -> str:
     tails = []
     for log in sorted(logs.glob("*.log")):
         text = log.read_text(errors="replace").splitlines()
-        if not any(line.startswith("Results in ") for line in text):
+        if not any(line.startswith(RESULTS_LINE) for line in text):
             tails.append(f"\n\n{log.name}, last {lines} lines:\n```\n" + "\n".join(text[-lines:]) + "\n```")
     return "".join(tails)
 

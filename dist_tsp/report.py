@@ -20,6 +20,8 @@ from dist_tsp.config import RunConfig
 if TYPE_CHECKING:  # importing the teacher (accelerate, torchvision) would slow `python -m dist_tsp.sweep`
     from dist_tsp.teacher import TeacherInfo
 
+RESULTS_LINE = "Results in "  # how a finished run's output announces its results.json (a log without it: unfinished)
+
 
 def build_results(cfg: RunConfig, teacher: TeacherInfo | None, accuracies: dict[str, dict[str, float]],
                   teacher_cache: dict[str, Any]) -> dict[str, Any]:

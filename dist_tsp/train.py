@@ -27,7 +27,7 @@ from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
-from dist_tsp.report import build_results, results_table, write_predictions, write_results
+from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
@@ -168,7 +168,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
         write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
                           teacher_predictions)
         write_results(results, cfg.output_dir)
-        print(f"\nResults in {cfg.output_dir}/results.json\n{results_table(results)}")
+        print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()
     return results
 

@@ -13,6 +13,7 @@ import torch
 from dist_tsp import checkpoint
 from dist_tsp.config import LOSS_PRESETS
 from dist_tsp.losses import tsp_loss
+from dist_tsp.report import RESULTS_LINE
 from tests.runs import ROOT
 
 pytestmark = pytest.mark.slow
@@ -158,3 +159,12 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_gpu_checks_failure_report_shows_the_end_of_every_unfinished_runs_log(tmp_path, monkeypatch):
+    finished = "step 6\n" + RESULTS_LINE + f"{tmp_path / 'kd'}/results.json\n| student | ... |\n"
+    (tmp_path / "seed_0-kd.log").write_text(finished)
+    (tmp_path / "seed_0-tsp.log").write_text("".join(f"step {n}\n" for n in range(1, 31)))
+    report = load_gpu_check(monkeypatch).unfinished_logs(tmp_path)
+    assert "seed_0-kd.log" not in report
+    assert "seed_0-tsp.log, last 25 lines:" in report and "step 30" in report and "step 5\n" not in report
