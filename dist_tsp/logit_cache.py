@@ -131,7 +131,9 @@ class CachedLogits:
         path = self.path(epoch)
         with self._claimed(epoch):
             exists = torch.tensor([float(path.is_file())], device=self.device)
-            all_reduce(exists, self.world, dist.ReduceOp.MIN)  # decide together: none computes alone
+            # Decide together (none computes alone), and only now that the lock is held: a file the run before
+            # finished meanwhile is then seen by every rank, and not computed again.
+            all_reduce(exists, self.world, dist.ReduceOp.MIN)
             if exists.item():
                 self.reused.append(epoch)
             else:

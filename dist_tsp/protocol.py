@@ -142,7 +142,7 @@ class Runner:
             side_by_side.launch_run(planned.name, args, self.out / "logs" / f"{planned.name.replace('/', '-')}.log",
                                     processes=processes_for(planned.num_students, self.protocol.processes),
                                     accelerate_config=self.protocol.accelerate_config, devices=devices,
-                                    alone=self.slots.one_at_a_time, in_process=True)
+                                    in_process=self.slots.one_at_a_time)
         return directory
 
     def _mentors(self, planned: PlannedRun) -> list[str]:

@@ -161,14 +161,14 @@ def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable
 
 
 def launch_run(name: str, args: list[str], log: Path, *, processes: int, accelerate_config: str | None,
-               devices: str | None, alone: bool, in_process: bool = False) -> None:
-    """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when asked, alone
-    (no other run at the same time) and on one process; else in processes of its own (accelerate launch for
-    several, on a rendezvous port of its own) seeing the GPUs `devices`. Raises UserError naming the log
-    when it fails."""
+               devices: str | None, in_process: bool) -> None:
+    """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when it may be
+    (`in_process`: no other run at the same time) and the run has one process; else in processes of its own
+    (accelerate launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. Raises UserError
+    naming the log when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
-        if processes == 1 and alone and in_process:
+        if processes == 1 and in_process:
             code = _in_process(args, output)
         else:
             command = [sys.executable, TRAIN, *args]
@@ -198,6 +198,11 @@ def _in_process(args: list[str], output) -> int:
 def port_of_its_own() -> list[str]:
     """accelerate launch's option for a rendezvous port free now: launches side by side on one node (runs, benchmarks,
     tests) need one each, and accelerate's own check of its default port races with a launch starting beside it."""
+    return ["--main_process_port", str(free_port())]
+
+
+def free_port() -> int:
+    """A TCP port no process on this machine listens on now (the system's pick)."""
     with socket.socket() as probe:
         probe.bind(("", 0))
-        return ["--main_process_port", str(probe.getsockname()[1])]
+        return probe.getsockname()[1]

@@ -88,8 +88,7 @@ def run(args: argparse.Namespace) -> str:
             side_by_side.launch_run(planned.name, ["--config", str(args.config), *args.overrides, *planned.overrides,
                                                    f"output_dir={directory}"],
                                     args.dir / "logs" / f"{planned.name}.log", processes=args.processes,
-                                    accelerate_config=launch_config, devices=devices, alone=slots.one_at_a_time,
-                                    in_process=True)
+                                    accelerate_config=launch_config, devices=devices, in_process=slots.one_at_a_time)
         return directory
 
     with tqdm(total=len(trials), desc="sweep", unit="run") as bar:

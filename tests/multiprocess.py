@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import queue as queues
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -15,18 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_tsp.side_by_side import free_port
+
 # The ranks fork from one server process that imported torch and dist_tsp once for the whole session: a spawned rank
 # spends seconds importing them again on every call.
 CONTEXT = mp.get_context("forkserver")
 CONTEXT.set_forkserver_preload(["dist_tsp.train", "tests.multiprocess"])
 POLL_S = 0.2  # how often the parent looks at the ranks while it waits for their results
 FAILURE_GRACE_S = 5.0  # after a rank raised, the others' time to report too (they may wait for it in a collective)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:

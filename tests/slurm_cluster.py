@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_tsp.side_by_side import free_port
+
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol")
 PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"  # the daemons live in sbin
 HOSTS = Path("/etc/hosts")
@@ -31,12 +33,6 @@ def unavailable() -> str | None:
         return (f"Slurm is not installed (no {', '.join(missing)}): "
                 "apt-get install slurmctld slurmd slurm-client munge (.ci/run does)")
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurm:
@@ -129,7 +125,7 @@ class LocalSlurm:
         """slurm.conf: this machine's hardware (as `slurmd -C` sees it) once per node; jobs may be requeued."""
         hardware = dict(f.split("=", 1) for f in self._slurmd_c().split() if "=" in f)
         host = socket.gethostname().split(".")[0]
-        ports = [_free_port() for _ in range(len(self.nodes) + 1)]
+        ports = [free_port() for _ in range(len(self.nodes) + 1)]
         memory = int(hardware["RealMemory"]) * 9 // 10 // len(self.nodes)
         cpus = " ".join(f"{k}={hardware[k]}" for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket",
                                                        "ThreadsPerCore"))
