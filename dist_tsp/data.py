@@ -231,10 +231,11 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     try:
         splits = [CIFAR10(str(root), train=train, download=cfg.download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
-        how = "the download failed (offline?)" if cfg.download else "data.download is false"
+        how, online = (("the download failed (offline?)", "rerun online") if cfg.download else
+                       ("data.download is false", "run online with data.download=true"))
         raise DataError(
             f"CIFAR-10 not found in {root} and {how}: put cifar-10-batches-py/ (from "
-            f"cifar-10-python.tar.gz) in {root}, or run online with data.download=true ({_first_line(error)})"
+            f"cifar-10-python.tar.gz) in {root}, or {online} ({_first_line(error)})"
         ) from None
     train, test = (
         ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(s.targets)) for s in splits

@@ -4,6 +4,12 @@
 class UserError(ValueError):
     """Bad input (config, data, checkpoint, launch shape), with a message naming the fix."""
 
+    exit_code = 2  # as argparse's: a command that can never work as given
+
+
+class SharedUserError(UserError):
+    """Bad input that one rank met and every rank has been told of: said once, by rank 0."""
+
 
 class RunStopped(Exception):
     """The run stopped on purpose at a step boundary; `exit_code` tells a scheduler what happened."""

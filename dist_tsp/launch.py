@@ -6,13 +6,15 @@ whatever they are doing, and SIGUSR1 kills it. Here the agent ignores both, and 
 workers, which torchrun starts in sessions of their own (a signal to the launcher's process group misses them). They
 stop together after their next step with a checkpoint. A deliberate stop (`RunStopped`: that one, or a non-finite loss)
 reaches this process through a file, so the workers end with 0, torchrun reports no failure, and this process prints
-the stop's one line and exits with its code (75: rerun to resume).
+the stop's one line and exits with its code (75: rerun to resume). Bad input (exit 2) has been said by the workers in
+one line each: torchrun's failure report, which would follow as a traceback, is left out, and this process exits 2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from dist_tsp.errors import Preempted, RunStopped
+from dist_tsp.errors import Preempted, RunStopped, UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops at once)
@@ -50,8 +52,8 @@ def launch(args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="dist-tsp-launch-") as tmp:
         stop_file = Path(tmp) / "stop.json"
         env = {**os.environ, STOP_FILE: str(stop_file), "PET_SIGNALS_TO_HANDLE": AGENT_SIGNALS}
-        agent = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], env=env,
-                                 preexec_fn=_ignore_stop_signals)
+        agent = subprocess.Popen([sys.executable, "-c", "from dist_tsp.launch import agent; agent()", *args],
+                                 env=env, preexec_fn=_ignore_stop_signals)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the agent as well: it stops the workers
         code = _wait(agent, received)
         if code is None:
@@ -64,6 +66,34 @@ def launch(args: list[str]) -> int:
             print(f"dist-tsp: {stopped['message']}", file=sys.stderr)
             return stopped["exit_code"]
         return code
+
+
+def agent() -> None:
+    """The agent's process: `accelerate launch` with this process's arguments. When every worker that failed exited
+    with bad input's code, each has said why in one line: it exits with that code, without torchrun's report."""
+    from accelerate.commands.launch import main as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    bad_input = UserError.exit_code
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet)
+    try:
+        accelerate_launch()
+    except ChildFailedError as failed:  # several workers (torchrun)
+        if {failure.exitcode for failure in failed.failures.values()} != {bad_input}:
+            raise
+        sys.exit(bad_input)
+    except subprocess.CalledProcessError as failed:  # one worker
+        if failed.returncode != bad_input:
+            raise
+        sys.exit(bad_input)
+
+
+def _quiet(record: logging.LogRecord) -> bool:
+    """torchrun's log lines but those that a worker exited with bad input's code, and that the others are closed after
+    a failure (its report names every failure; for bad input, the workers' own lines say what is wrong)."""
+    message = record.getMessage()
+    return not (message.startswith(f"failed (exitcode: {UserError.exit_code})") or
+                (message.startswith("Sending process") and "closing signal" in message))
 
 
 def hand_over(stopped: RunStopped) -> bool:

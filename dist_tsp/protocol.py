@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         files = execute(protocol, out, slots)
     except UserError as error:
         print(f"dist-tsp protocol: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(UserError.exit_code)
     print("Written: " + ", ".join(str(p) for p in files.values()))
 
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         written = convert(args.folder, args.out, args.max_shard_size)
     except UserError as error:
         print(f"dist-tsp shards: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(UserError.exit_code)
     print(f"Written: {', '.join(map(str, written))}; train with data.name=arrow data.root={args.out}")
 
 

@@ -21,6 +21,7 @@ from dist_tsp.data import Batch, Dataset, PeerBatches, eval_batches
 from dist_tsp.errors import UserError
 from dist_tsp.exchange import all_gather_cat
 from dist_tsp.logit_cache import CachedLogits, CacheLayout, cache_key
+from dist_tsp.main_first import main_process_first
 from dist_tsp.models import ModelError, build_model, fit_whitening, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
@@ -81,8 +82,8 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
         raise ModelError(f"teacher.epochs=0 uses a teacher as it is, but {path} does not exist: point "
                          "teacher.checkpoint to a trained teacher, or give teacher.weights")
     torch.manual_seed(mixed_seed(cfg.seed, -1))
-    with accelerator.main_process_first():  # a weights download happens once
-        model = build_teacher(cfg, data.num_classes, pretrained=True, verbose=accelerator.is_main_process)
+    model = main_process_first(accelerator, lambda: build_teacher(cfg, data.num_classes, pretrained=True,
+                                                                  verbose=accelerator.is_main_process))
     model.to(accelerator.device)
     if cfg.teacher.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -22,10 +22,11 @@ from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, load_dataset
-from dist_tsp.errors import RunStopped, UserError
+from dist_tsp.errors import RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
+from dist_tsp.main_first import main_process_first
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
@@ -116,8 +117,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
-    with accelerator.main_process_first():
-        data = load_dataset(cfg.data, cfg.seed).to(accelerator.device)
+    data = main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed)).to(accelerator.device)
     return accelerator, data
 
 
@@ -181,16 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:  # every rank sees the same problem: say it once
         if rank == 0:
             print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(UserError.exit_code)
     try:
         if placement is None:
             run_teacher_stage(cfg)
         else:
             with stop_on_signals() as stop_requested:
                 run(cfg, placement, stop_requested)
+    except SharedUserError as error:
+        if rank == 0:
+            print(f"dist-tsp: error: {error}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
         print(f"dist-tsp: error{_where(rank, world_size)}: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(UserError.exit_code)
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
         if "timed out" not in str(error).lower():
             raise

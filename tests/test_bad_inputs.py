@@ -131,6 +131,27 @@ def test_the_command_exits_2_with_one_line_touching_nothing(commands, case):
     assert not changed, f"changed in the existing run directory: {changed}"
 
 
+# (processes, overrides given the test's folder, the one line): through dist-tsp-launch, as a cluster job runs
+THROUGH_THE_LAUNCHER = {
+    "a misspelled key, one process": (1, lambda t: ["loss.temprature=3"], r"unknown config key 'loss.temprature'"),
+    "a launch shape that cannot hold the students": (2, lambda t: [], r"2 processes cannot hold 3 students"),
+    "data the main rank cannot load while the others wait": (
+        3, lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
+        r"CIFAR-10 not found in .*none and data.download is false"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", THROUGH_THE_LAUNCHER)
+def test_dist_tsp_launch_exits_2_with_the_one_line_and_no_torchrun_report(case, tmp_path):
+    processes, overrides, message = THROUGH_THE_LAUNCHER[case]
+    done = launch(["--config", DEMO, f"output_dir={tmp_path / 'run'}", *TINY, *overrides(tmp_path)],
+                  processes=processes, check=False, launcher="dist-tsp")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("dist-tsp: error: "), done.stderr[-3000:]
+    assert re.search(message, done.stderr), done.stderr
+
+
 def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10, **args) -> Path:
     torch.save({"model": build_model(model, num_classes, **args).state_dict(), "num_classes": num_classes}, path)
     return path
