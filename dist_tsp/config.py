@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -26,6 +26,8 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are type-checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # an override of the first key drops the others given before it (in the file or earlier overrides)
+    replaces: ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
 STREAMABLE = ("image_folder", "arrow")  # datasets read from disk as the steps need them (dist_tsp/streaming.py)
@@ -195,8 +197,10 @@ class LossConfig(Section):
     """Weights of L = alpha*CE + beta*T^2*KL(teacher||s) + gamma*sum_j T^2*KL(peer_j||s).
 
     `preset` sets alpha/beta/gamma from LOSS_PRESETS (scratch, kd, tsp, mentored, mutual); a weight given
-    beside it must agree with it.
+    beside it must agree with it. On the command line, loss.preset replaces the weights given before it.
     """
+
+    replaces: ClassVar[dict[str, tuple[str, ...]]] = {"preset": ("alpha", "beta", "gamma")}
 
     alpha: float = Field(0.1, ge=0.0)
     beta: float = Field(0.8, ge=0.0)
@@ -345,8 +349,9 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set a dotted key (`train.epochs=3`, `students.0.model=lenet`) in a nested dict, in place.
 
-    Only the named key changes: a section the dict lacks starts as its field's default (teacher.optimizer: the
-    SGD recipe), not as its class's. A mapping value (`train.optimizer={name: sgd}`) replaces the key whole.
+    Only the named key changes, and the keys its section says it replaces (loss.preset: the weights): a section the
+    dict lacks starts as its field's default (teacher.optimizer: the SGD recipe), not as its class's. A mapping value
+    (`train.optimizer={name: sgd}`) replaces the key whole.
     """
     key, sep, text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
@@ -370,6 +375,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if isinstance(node, list):
         node[_list_index(node, leaf, key)] = value
     else:
+        for replaced in model.replaces.get(leaf, ()) if model else ():
+            node.pop(replaced, None)
         node[leaf] = value
 
 

@@ -172,6 +172,16 @@ def test_loss_override_on_a_file_without_loss_pins_no_weight(tmp_path):
     assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (0.1, 0.9, 0.0, 4.0)
 
 
+def test_a_preset_on_the_command_line_replaces_the_files_weights_and_later_weights_must_agree(tmp_path):
+    file = write(tmp_path, MINIMAL + "loss: {alpha: 0.3, beta: 0.3, gamma: 0.4, temperature: 4}\n")
+    loss = load_config(file, ["loss.preset=kd"]).loss
+    assert (loss.alpha, loss.beta, loss.gamma, loss.temperature) == (0.1, 0.9, 0.0, 4.0)
+    with pytest.raises(ConfigError, match=r"preset kd sets .* but beta=0.3 is also given"):
+        load_config(file, ["loss.preset=kd", "loss.beta=0.3"])
+    with pytest.raises(ConfigError, match=r"preset kd sets .* but beta=0.3 is also given"):
+        load_config(write(tmp_path, MINIMAL + "loss: {preset: kd, beta: 0.3}\n"))
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL), ["output_dir=/tmp/x", "seed=7"])
     save_config(cfg, tmp_path / "resolved.yaml")
