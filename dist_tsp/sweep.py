@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> str:
     if bad := [o for o in args.overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
     for n, overrides in enumerate(read_trials(args.trials), 1):
-        load_config(args.config, [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
+        try:
+            load_config(args.config, [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
+        except UserError as error:
+            raise UserError(f"{args.trials}, trial {n} ({' '.join(overrides)}): {error}") from None
     trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(read_trials(args.trials)) + 1)]
     slots = side_by_side.choose_slots(args.parallel_runs, args.processes)
     print(slots.describe("sweep"), flush=True)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                   collect(args.dir))
     except UserError as error:
         print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(UserError.exit_code)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ def test_trials_run_two_at_a_time_fill_the_table_and_a_rerun_reuses_them(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")} == finished
 
 
-def test_a_bad_trial_is_refused_in_one_line_before_any_run(tmp_path, capsys):
+def test_a_bad_trial_is_refused_in_one_line_naming_it_before_any_run(tmp_path, capsys):
     trials, sweep = tmp_path / "grid.txt", tmp_path / "sweep"
-    trials.write_text("loss.gamma=0.1\nloss.temprature=3\n")
+    trials.write_text("# gamma, then the temperature\nloss.gamma=0.1\n\nloss.temprature=3\n")
     with pytest.raises(SystemExit) as stop:
         main(["run", str(trials), str(sweep), "configs/demo.yaml", *TINY])
     assert stop.value.code == 2 and not sweep.exists()
     assert capsys.readouterr().err.strip().splitlines() == [
-        "dist-tsp: error: unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, temperature, "
-        "peer_reduction, preset"]
+        f"dist-tsp: error: {trials}, trial 2 (loss.temprature=3): unknown config key 'loss.temprature': allowed keys "
+        "here are alpha, beta, gamma, temperature, peer_reduction, preset"]
