@@ -3,7 +3,7 @@ floor of the same step written minimally, does bf16 pay, the fast CIFAR teacher,
 modes.
 
     python benchmarks/gpu_check.py                          # CIFAR-size synthetic data: about 5 min on one H100/H200
-    python benchmarks/gpu_check.py --cifar10 DATA           # CIFAR-10 as the image folder unpack_cifar10.py writes
+    python benchmarks/gpu_check.py --cifar10 DATA           # CIFAR-10 as an image folder: {train,test}/<class>/*
     python benchmarks/gpu_check.py --cifar10 DATA --seeds 3 # the protocol's 3-seed target
     python benchmarks/gpu_check.py --quick                  # tiny, on any device: on a CPU all but the capture
 
