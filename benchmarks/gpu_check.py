@@ -49,7 +49,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 from step_breakdown import profile, run_command, stop_commands, train  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
-from dist_tsp.config import LOSS_PRESETS, TEACHER_MODES, load_config  # noqa: E402
+from dist_tsp.config import LOSS_PRESETS, LOSS_WEIGHTS, TEACHER_MODES, load_config  # noqa: E402
 from dist_tsp.models import build_model  # noqa: E402
 from dist_tsp.report import RESULTS_LINE  # noqa: E402
 
@@ -57,7 +57,7 @@ PARTS = ("correctness", "steps", "teacher", "protocol", "modes")
 RECIPE = ROOT / "configs" / "paper" / "teacher_airbench.yaml"
 PAPER = ROOT / "configs" / "paper" / "tsp.yaml"
 STUDENTS = ("alexnet", "lenet", "mobilenet")
-TSP = [f"loss.{k}={w}" for k, w in zip(("alpha", "beta", "gamma"), LOSS_PRESETS["tsp"])]
+TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 OPTIONAL = ("pydantic", "wandb", "deepspeed", "torchcodec", "datasets")
 # What a run says where cuDNN has no kernel for a convolution under train.deterministic=true

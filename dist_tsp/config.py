@@ -191,6 +191,7 @@ LOSS_PRESETS = {
     "mentored": (0.1, 0.6, 0.3),  # alternate learning's second phase: the teacher and frozen mentors teach
     "mutual": (1.0, 0.0, 1.0),  # online mutual learning: no teacher
 }
+LOSS_WEIGHTS = ("alpha", "beta", "gamma")  # what a preset sets, in its tuple's order
 
 
 class LossConfig(Section):
@@ -200,7 +201,7 @@ class LossConfig(Section):
     beside it must agree with it. On the command line, loss.preset replaces the weights given before it.
     """
 
-    replaces: ClassVar[dict[str, tuple[str, ...]]] = {"preset": ("alpha", "beta", "gamma")}
+    replaces: ClassVar[dict[str, tuple[str, ...]]] = {"preset": LOSS_WEIGHTS}
 
     alpha: float = Field(0.1, ge=0.0)
     beta: float = Field(0.8, ge=0.0)
@@ -214,7 +215,7 @@ class LossConfig(Section):
     def _apply_preset(cls, raw: Any) -> Any:
         if not isinstance(raw, dict) or raw.get("preset") not in LOSS_PRESETS:
             return raw
-        weights = dict(zip(("alpha", "beta", "gamma"), LOSS_PRESETS[raw["preset"]]))
+        weights = dict(zip(LOSS_WEIGHTS, LOSS_PRESETS[raw["preset"]]))
         for key, value in weights.items():
             if key in raw and raw[key] != value:
                 preset = ", ".join(f"{k}={v:g}" for k, v in weights.items())

@@ -78,12 +78,10 @@ def agent() -> None:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet)
     try:
         accelerate_launch()
-    except ChildFailedError as failed:  # several workers (torchrun)
-        if {failure.exitcode for failure in failed.failures.values()} != {bad_input}:
-            raise
-        sys.exit(bad_input)
-    except subprocess.CalledProcessError as failed:  # one worker
-        if failed.returncode != bad_input:
+    except (ChildFailedError, subprocess.CalledProcessError) as failed:  # several workers (torchrun), or one
+        codes = ({failure.exitcode for failure in failed.failures.values()} if isinstance(failed, ChildFailedError)
+                 else {failed.returncode})
+        if codes != {bad_input}:
             raise
         sys.exit(bad_input)
 

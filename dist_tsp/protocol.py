@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint, protocol_report, side_by_side
 from dist_tsp.checkpoint import write_text_atomic
-from dist_tsp.config import LOSS_PRESETS, RunConfig, load_config
+from dist_tsp.config import LOSS_PRESETS, LOSS_WEIGHTS, RunConfig, load_config
 from dist_tsp.data import load_dataset
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
@@ -111,7 +111,7 @@ def processes_for(num_students: int, processes: int) -> int:
 
 
 def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
-    return ["loss.preset=null", *(f"loss.{k}={w:g}" for k, w in zip(("alpha", "beta", "gamma"), weights))]
+    return ["loss.preset=null", *(f"loss.{k}={w:g}" for k, w in zip(LOSS_WEIGHTS, weights))]
 
 
 class Runner:

@@ -178,23 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg, placement = plan(argv, world_size, rank)
-    except UserError as error:  # every rank sees the same problem: say it once
-        if rank == 0:
-            print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+    except UserError as error:  # every rank sees the same problem
+        _refuse(error, rank, world_size, every_rank=True)
     try:
         if placement is None:
             run_teacher_stage(cfg)
         else:
             with stop_on_signals() as stop_requested:
                 run(cfg, placement, stop_requested)
-    except SharedUserError as error:
-        if rank == 0:
-            print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
-    except UserError as error:  # may be seen by one rank only (e.g. its checkpoint file): name the rank
-        print(f"dist-tsp: error{_where(rank, world_size)}: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+    except UserError as error:  # unless shared, may be seen by one rank only (e.g. its checkpoint file)
+        _refuse(error, rank, world_size, every_rank=isinstance(error, SharedUserError))
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
         if "timed out" not in str(error).lower():
             raise
@@ -209,6 +202,14 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             print(f"dist-tsp: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+
+
+def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool) -> NoReturn:
+    """Exit with bad input's code, its one line said by rank 0 when every rank met it, else by each rank that did,
+    naming itself."""
+    if not every_rank or rank == 0:
+        print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
+    sys.exit(UserError.exit_code)
 
 
 def _where(rank: int, world_size: int) -> str:
