@@ -3,6 +3,7 @@ their layout are dist_tsp/checkpoint.py's)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
@@ -12,6 +13,7 @@ from dist_tsp.config import RunConfig
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.placement import Placement
 from dist_tsp.run_control import RunControl
+from dist_tsp.shared_errors import on_every_rank
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import TeacherInfo
 from dist_tsp.tracking import Tracker
@@ -63,12 +65,24 @@ class Checkpointer:
                 "steps_since_log": control.steps_since_log}
 
     def resume(self, students: list[LocalStudent], control: RunControl) -> int:
-        """Load the latest complete checkpoint in output_dir (if any, and if it is this run's); return its step."""
+        """Load the latest complete checkpoint in output_dir (if any, and if it is this run's) on every rank, bad
+        input on any of them stopping all; return its step."""
+        found = on_every_rank(lambda: self._load(students, control))
+        if found is None:
+            return 0
+        directory, step = found
+        self.tracker.truncate_after(step)
+        if self.accelerator.is_main_process:
+            print(f"students: resuming from {directory} (step {step})")
+        return step
+
+    def _load(self, students: list[LocalStudent], control: RunControl) -> tuple[Path, int] | None:
+        """This rank's part of the latest complete checkpoint, loaded: its directory and step (None: none)."""
         used_teacher = self.teacher_info is not None and self.graph.uses_teacher
         directory = checkpoint.resumable(self.cfg, self.placement.replicas,
                                          self.teacher_info.sha256 if used_teacher else None)
         if directory is None:
-            return 0
+            return None
         manifest = checkpoint.read_manifest(directory)
         for student in students:
             if student.learns:
@@ -84,7 +98,4 @@ class Checkpointer:
             if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
                 control.running[student.index] = rng["metrics_since_log"]
         control.steps_since_log = manifest.get("steps_since_log", 0)
-        self.tracker.truncate_after(manifest["step"])
-        if self.accelerator.is_main_process:
-            print(f"students: resuming from {directory} (step {manifest['step']})")
-        return manifest["step"]
+        return directory, manifest["step"]

@@ -8,7 +8,7 @@ class UserError(ValueError):
 
 
 class SharedUserError(UserError):
-    """Bad input that one rank met and every rank has been told of: said once, by rank 0."""
+    """Bad input that every rank meets, or has been told of: said once, by rank 0."""
 
 
 class RunStopped(Exception):

@@ -18,13 +18,13 @@ from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
 from dist_tsp.cuda_graph import CapturedStep, choose_teacher_step, step_autocast
 from dist_tsp.data import Batch, Dataset, PeerBatches, eval_batches
-from dist_tsp.errors import UserError
+from dist_tsp.errors import SharedUserError
 from dist_tsp.exchange import all_gather_cat
 from dist_tsp.logit_cache import CachedLogits, CacheLayout, cache_key
-from dist_tsp.main_first import main_process_first
 from dist_tsp.models import ModelError, build_model, fit_whitening, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
+from dist_tsp.shared_errors import main_process_first, on_every_rank
 from dist_tsp.teacher_modes import (
     PARAMETER_SHARDED,
     RunTeacher,
@@ -79,8 +79,8 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
     """Build the teacher (from its pretrained weights when configured), train it data-parallel on all ranks, and
     save it to `path` (the main process writes; every rank returns once it is there)."""
     if cfg.teacher.epochs == 0 and cfg.teacher.weights is None:
-        raise ModelError(f"teacher.epochs=0 uses a teacher as it is, but {path} does not exist: point "
-                         "teacher.checkpoint to a trained teacher, or give teacher.weights")
+        raise SharedUserError(f"teacher.epochs=0 uses a teacher as it is, but {path} does not exist: point "
+                              "teacher.checkpoint to a trained teacher, or give teacher.weights")
     torch.manual_seed(mixed_seed(cfg.seed, -1))
     model = main_process_first(accelerator, lambda: build_teacher(cfg, data.num_classes, pretrained=True,
                                                                   verbose=accelerator.is_main_process))
@@ -106,14 +106,7 @@ def load_frozen_teacher(cfg: RunConfig, num_classes: int, path: Path, device: to
     """The teacher saved at `path`, frozen and placed for `teacher.mode`: whole on the device, or (fsdp, deepspeed
     on several ranks) its parameters split over all ranks, only each rank's shard leaving host memory. Also the
     whole teacher's parameter bytes."""
-    saved = checkpoint.load(path, "teacher")
-    if saved.get("num_classes", num_classes) != num_classes:
-        raise checkpoint.CheckpointError(
-            f"teacher checkpoint {path} predicts {saved['num_classes']} classes but {cfg.data.name} has "
-            f"{num_classes}: point teacher.checkpoint to a teacher trained on this dataset")
-    model = build_teacher(cfg, num_classes, pretrained=False)
-    checkpoint.load_weights(model, saved["model"], path, "teacher")
-    model.eval().requires_grad_(False)
+    model = on_every_rank(lambda: _read_teacher(cfg, num_classes, path))
     full_bytes = local_parameter_bytes(model)
     if cfg.teacher.mode in PARAMETER_SHARDED and groups.world is not None:
         return shard_parameters(model, cfg.teacher.mode, groups.world_mesh(device.type)), full_bytes
@@ -121,6 +114,18 @@ def load_frozen_teacher(cfg: RunConfig, num_classes: int, path: Path, device: to
     if cfg.teacher.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, full_bytes
+
+
+def _read_teacher(cfg: RunConfig, num_classes: int, path: Path) -> nn.Module:
+    """The teacher saved at `path`, frozen, on the host."""
+    saved = checkpoint.load(path, "teacher")
+    if saved.get("num_classes", num_classes) != num_classes:
+        raise checkpoint.CheckpointError(
+            f"teacher checkpoint {path} predicts {saved['num_classes']} classes but {cfg.data.name} has "
+            f"{num_classes}: point teacher.checkpoint to a teacher trained on this dataset")
+    model = build_teacher(cfg, num_classes, pretrained=False)
+    checkpoint.load_weights(model, saved["model"], path, "teacher")
+    return model.eval().requires_grad_(False)
 
 
 def _predictions(teacher: RunTeacher, data: Dataset, world: dist.ProcessGroup | None, batch_size: int
@@ -138,8 +143,8 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
     augmentation = data.augmentation(cfg.seed, cfg.data.augment)
     topk = cfg.teacher.cache_topk
     if topk is not None and topk > data.num_classes:
-        raise UserError(f"teacher.cache_topk={topk} but {cfg.data.name} has {data.num_classes} classes: choose "
-                        f"at most {data.num_classes}")
+        raise SharedUserError(f"teacher.cache_topk={topk} but {cfg.data.name} has {data.num_classes} classes: "
+                              f"choose at most {data.num_classes}")
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
         cache_key(cfg, info.sha256, data.train, augmentation, accelerator.mixed_precision),

@@ -26,10 +26,10 @@ from dist_tsp.errors import RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
-from dist_tsp.main_first import main_process_first
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
+from dist_tsp.shared_errors import main_process_first
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -114,7 +114,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg) if trackers else None,
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
     if accelerator.mixed_precision not in ("no", "bf16"):
-        raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
+        raise SharedUserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     data = main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed)).to(accelerator.device)

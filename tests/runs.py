@@ -91,6 +91,19 @@ def two_at_a_time(request, tmp_path_factory, test: Callable, run_case: Callable[
     return futures
 
 
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file's bytes, mode and mtime, and every folder's entries, mode and mtime, under `root`."""
+    state = {}
+    for folder, _, files in os.walk(root):
+        stat = os.stat(folder)
+        state[os.path.relpath(folder, root)] = (sorted(os.listdir(folder)), stat.st_mode, stat.st_mtime_ns)
+        for name in files:
+            path = Path(folder, name)
+            stat = path.stat()
+            state[str(path.relative_to(root))] = (path.read_bytes(), stat.st_mode, stat.st_mtime_ns)
+    return state
+
+
 def train_rows(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lenet/loss" in r]
 

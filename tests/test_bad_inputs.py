@@ -1,6 +1,5 @@
 """Every bad input gets one line naming what is wrong and the fix, before work starts, and touches nothing."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -9,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_tsp.errors import UserError
+from dist_tsp.errors import SharedUserError, UserError
 from dist_tsp.models import build_model
+from dist_tsp.shared_errors import on_every_rank
 from dist_tsp.train import plan
-from tests.runs import ENV, ROOT, TINY, command, launch, two_at_a_time
+from tests.multiprocess import run_on_ranks
+from tests.runs import ENV, ROOT, TINY, command, launch, snapshot, two_at_a_time
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -80,19 +81,6 @@ COMMAND_CASES = {
 }
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file's bytes, mode and mtime, and every folder's entries, mode and mtime, under `root`."""
-    state = {}
-    for folder, _, files in os.walk(root):
-        stat = os.stat(folder)
-        state[os.path.relpath(folder, root)] = (sorted(os.listdir(folder)), stat.st_mode, stat.st_mtime_ns)
-        for name in files:
-            path = Path(folder, name)
-            stat = path.stat()
-            state[str(path.relative_to(root))] = (path.read_bytes(), stat.st_mode, stat.st_mtime_ns)
-    return state
-
-
 def _run_case(case: str, folder: Path) -> dict:
     """One case's command against a fresh copy of the existing run: what it printed, and the run before and after."""
     overrides, world, rank, _ = COMMAND_CASES[case]
@@ -138,6 +126,9 @@ THROUGH_THE_LAUNCHER = {
     "data the main rank cannot load while the others wait": (
         3, lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
         r"CIFAR-10 not found in .*none and data.download is false"),
+    "a teacher file every rank finds truncated": (
+        3, lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}"],
+        r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
 }
 
 
@@ -220,3 +211,45 @@ def test_rejected_before_training_without_touching_outputs(after_start, case):
     assert re.search(AFTER_START[case][1], last), last
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (run / "config.yaml").read_text() == "earlier run\n"
+
+
+# rank -> the bad input it meets (none: its work returns the rank)
+MET_ON_RANKS = {
+    "none": ({}, None),
+    "every rank, the same": ({0: "cut.pt is truncated", 1: "cut.pt is truncated", 2: "cut.pt is truncated"},
+                             "cut.pt is truncated"),
+    "one rank": ({1: "lenet.pt is truncated"}, "rank 1: lenet.pt is truncated"),
+    "two ranks, the same": ({0: "x.pt is truncated", 2: "x.pt is truncated"}, "ranks 0, 2: x.pt is truncated"),
+    "two ranks, each its own": ({2: "b.pt is truncated", 1: "a.pt is truncated"},
+                                "rank 1: a.pt is truncated; rank 2: b.pt is truncated"),
+}
+
+
+def _met_on_every_rank() -> dict[str, str]:
+    """Each case's work on every rank: what on_every_rank returned or raised (SharedUserError's message)."""
+    import torch.distributed as dist
+
+    def work(met: dict[int, str]) -> str:
+        if dist.get_rank() in met:
+            raise UserError(met[dist.get_rank()])
+        return f"rank {dist.get_rank()}"
+
+    outcomes = {}
+    for case, (met, _) in MET_ON_RANKS.items():
+        try:
+            outcomes[case] = on_every_rank(lambda met=met: work(met))
+        except SharedUserError as error:
+            outcomes[case] = f"raised: {error}"
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def met_on_every_rank() -> list[dict[str, str]]:
+    return run_on_ranks(_met_on_every_rank, 3)
+
+
+@pytest.mark.parametrize("case", MET_ON_RANKS)
+def test_bad_input_met_on_some_ranks_stops_every_rank_with_one_message_naming_them(met_on_every_rank, case):
+    expected = MET_ON_RANKS[case][1]
+    assert [ranks[case] for ranks in met_on_every_rank] == (
+        [f"rank {rank}" for rank in range(3)] if expected is None else [f"raised: {expected}"] * 3)

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,21 @@ import time
 import pytest
 import torch
 
-from dist_tsp.checkpoint import CheckpointError, complete_checkpoints, load, read_manifest, step_dir
+from dist_tsp.checkpoint import complete_checkpoints, load, read_manifest, step_dir
 from dist_tsp.errors import UserError
 from dist_tsp.train import plan
-from tests.runs import TINY, kill_run, last_step, launch, process_state, rank_pid, start, student_state, train_rows
+from tests.runs import (
+    TINY,
+    kill_run,
+    last_step,
+    launch,
+    process_state,
+    rank_pid,
+    snapshot,
+    start,
+    student_state,
+    train_rows,
+)
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -159,12 +171,20 @@ def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_pa
     assert kept and str(kept[-1]) == found[2] and read_manifest(kept[-1])["step"] == int(found[1]) - 1, message
 
 
-def test_truncated_checkpoint_is_reported_in_one_line(uninterrupted, tmp_path):
-    source = uninterrupted / "checkpoints" / "step_00000012" / "students" / "lenet.pt"
-    broken = tmp_path / "lenet.pt"
-    broken.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cannot be read .*truncated or not a dist-tsp checkpoint"):
-        load(broken, "student lenet")
+def test_a_checkpoint_file_one_rank_finds_truncated_stops_every_rank_with_one_line_naming_it(uninterrupted, tmp_path):
+    """Rank 1 alone reads alexnet's file: every rank exits 2 with rank 0's one line, and the run is left as it was
+    (rank 0 read its own files well, and writes nothing)."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    broken = run / "checkpoints" / "step_00000012" / "students" / "alexnet.pt"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    before = snapshot(run)
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE], processes=3, check=False,
+                  launcher="dist-tsp")
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = rf"dist-tsp: error: rank 1: student alexnet checkpoint {broken} cannot be read \(.*\): it is truncated"
+    assert re.fullmatch(line + r"[^\n]*\n", done.stderr), done.stderr[-3000:]
+    assert snapshot(run) == before
 
 
 def test_a_partial_checkpoint_directory_is_never_resumed(uninterrupted, tmp_path):
