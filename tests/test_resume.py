@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,9 +85,10 @@ LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tmp_path, layout):
-    """K = 2 students per rank or R = 2 replicas, logging every 3 steps, a checkpoint every 4: SIGKILL to every
-    process or to one rank right after a checkpoint (the main process pauses once it is complete); the rerun
-    resumes from it and ends as if never killed."""
+    """K = 2 students per rank, or R = 2 replicas (W = 4, N = 2: DDP over each student's pair of ranks, peer groups
+    {0, 1} and {2, 3}), logging every 3 steps, a checkpoint every 4: SIGKILL to every process or to one rank right
+    after a checkpoint (the main process pauses once it is complete); the rerun resumes from it and ends as if never
+    killed, every student trained and reported."""
     students, processes, images, kill_after, victim = LAYOUTS[layout]
     args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
             "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
@@ -110,7 +112,8 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     assert [read_manifest(d)["step"] for d in complete_checkpoints(run)][-1] == kill_after
     done = launch(args, processes=processes)
     assert f"(step {kill_after})" in done.stdout, done.stdout[-2000:]
-    for name in re.findall(r"name: (\w+)", students):
+    names = re.findall(r"name: (\w+)", students)
+    for name in names:
         a, b = (student_state(r, 2 * STEPS_PER_EPOCH, name) for r in (reference, run))
         assert a["model"].keys() == b["model"].keys(), name
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
@@ -119,8 +122,9 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
             assert all(torch.equal(v, b["optimizer"]["state"][key][s]) for s, v in state.items()), name
     assert [r["step"] for r in train_rows(run)] == [3, 4, 6, 8, 9, 12, 15, 16]
     assert train_rows(run) == train_rows(reference)
+    assert all(row[f"train/{name}/loss"] > 0 for row in train_rows(reference) for name in names)
     results = [json.loads((r / "results.json").read_text())["students"] for r in (reference, run)]
-    assert results[0] == results[1]
+    assert results[0] == results[1] and set(results[0]) == set(names)
 
 
 def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, tmp_path):
@@ -142,19 +146,36 @@ def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, 
     assert last_step(tmp_path) == 2 and last_step(previous) == 4
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(uninterrupted, tmp_path):
-    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *RESUMABLE, "train.checkpoint_every=100",
-            "train.max_steps=40", "train.epochs=3", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+@pytest.fixture(scope="module")
+def stopped_by_sigterm(uninterrupted, tmp_path_factory) -> tuple[Path, int, str, int | None,
+                                                                 subprocess.CompletedProcess]:
+    """One process logging to W&B offline: SIGTERM after step 2, then the same command to the end. The run, the
+    stopped process's exit code and stderr, the step it stopped at, the rerun."""
+    run = tmp_path_factory.mktemp("sigterm")
+    args = ["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE, "train.checkpoint_every=100",
+            "train.max_steps=40", "train.epochs=3", "tracking.report_to=wandb",
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
     process = start(args)
-    wait_for_step(tmp_path, process, 2)
+    wait_for_step(run, process, 2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 75, stderr[-2000:]
+    stopped_at = read_manifest(found[-1])["step"] if (found := complete_checkpoints(run)) else None
+    return run, process.returncode, stderr, stopped_at, launch(args)
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(stopped_by_sigterm):
+    run, code, stderr, stopped_at, done = stopped_by_sigterm
+    assert code == 75, stderr[-2000:]
     assert "stopped by a signal at step" in stderr
-    stopped_at = json.loads((complete_checkpoints(tmp_path)[-1] / "manifest.json").read_text())["step"]
-    assert 2 <= stopped_at < 40
-    done = launch(args)
-    assert f"(step {stopped_at})" in done.stdout and last_step(tmp_path) == 40
+    assert stopped_at is not None and 2 <= stopped_at < 40
+    assert f"(step {stopped_at})" in done.stdout and last_step(run) == 40
+
+
+def test_resumed_run_continues_the_same_wandb_run(stopped_by_sigterm):
+    run = stopped_by_sigterm[0]
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert {d.name.rsplit("-", 1)[-1] for d in runs} == {(run / "tracker_run_id").read_text().strip()}
 
 
 def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_path):
@@ -217,13 +238,3 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     writer.wait()
     saved = load(path, "student")
     assert saved["version"] >= 1 and bool((saved["model"]["w"] == saved["version"]).all())
-
-
-def test_resumed_run_continues_the_same_wandb_run(uninterrupted, tmp_path):
-    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=2",
-            "tracking.report_to=wandb", f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
-    launch(args)
-    launch([*args, "train.max_steps=4"])
-    run_ids = {d.name.rsplit("-", 1)[-1] for d in (tmp_path / "wandb").glob("offline-run-*")}
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
-    assert run_ids == {(tmp_path / "tracker_run_id").read_text().strip()}

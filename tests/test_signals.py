@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import psutil
 import pytest
@@ -193,32 +194,52 @@ def test_a_rank_that_stops_voting_makes_the_others_raise_after_the_collective_ti
     assert all(seconds is not None and VOTE_TIMEOUT_S - 0.5 < seconds < VOTE_TIMEOUT_S + 3 for seconds in raised_after)
 
 
-def test_each_form_stops_every_rank_within_30_s_with_a_checkpoint_and_the_reruns_end_bitwise_equal(
-        reference, tmp_path):
-    """One run, stopped three times (each rerun resumes the stop before), then run to its end."""
-    stopped_at = 0
-    for form, signum in (("workers", signal.SIGTERM), ("launcher", signal.SIGUSR1), ("all", signal.SIGTERM)):
-        watched = Watched(tmp_path, reference)
-        watched.wait_until(lambda: watched.step() >= stopped_at + 3)
-        at = watched.step()
-        deliver(watched, form, signum)
+FORMS = {"workers": signal.SIGTERM, "launcher": signal.SIGUSR1, "all": signal.SIGTERM}
+
+
+@pytest.fixture(scope="module")
+def stopped(reference, tmp_path_factory) -> tuple[Path, dict[str, dict], subprocess.CompletedProcess]:
+    """One run stopped four times, each rerun resuming from the stop before: by SIGUSR1 to the launcher while its
+    workers start, then by each form of signal at least 3 steps after the last stop; then run to its end. The run,
+    each stop's record and the last rerun."""
+    run = tmp_path_factory.mktemp("stopped")
+    stops, stopped_at = {}, 0
+    for form in ("before the student phase", *FORMS):
+        watched = Watched(run, reference)
+        if form in FORMS:
+            watched.wait_until(lambda: watched.step() >= stopped_at + 3)
+            at = watched.step()
+            deliver(watched, form, FORMS[form])
+        else:
+            watched.wait_until(lambda: len(watched.workers()) == 3)  # starting: they ignore it, and hear it later
+            at = 0
+            watched.process.send_signal(signal.SIGUSR1)
         code, took, stderr = watched.wait()
-        stopped_at = read_manifest(complete_checkpoints(tmp_path)[-1])["step"]  # complete when the launcher returned
-        assert watched.workers() == [], form  # none left to finish it later
-        assert_stopped_in_one_line(code, stderr, stopped_at)
-        assert at < stopped_at < STEPS and took < 30, (form, at, stopped_at, took)
-    rerun = launch([*ARGS, f"output_dir={tmp_path}", f"teacher.checkpoint={reference}/teacher/model.pt"],
+        stopped_at = read_manifest(complete_checkpoints(run)[-1])["step"]  # complete when the launcher returned
+        stops[form] = {"code": code, "took": took, "stderr": stderr, "at": at, "stopped_at": stopped_at,
+                       "workers left": watched.workers()}
+    rerun = launch([*ARGS, f"output_dir={run}", f"teacher.checkpoint={reference}/teacher/model.pt"],
                    processes=3, launcher="dist-tsp")
-    assert f"(step {stopped_at})" in rerun.stdout
-    assert_bitwise_equal(tmp_path, reference)
+    return run, stops, rerun
 
 
-def test_a_signal_before_the_student_phase_stops_it_after_its_first_step(reference, tmp_path):
-    watched = Watched(tmp_path, reference)
-    watched.wait_until(lambda: len(watched.workers()) == 3)  # starting: they ignore it, and hear it again later
-    watched.process.send_signal(signal.SIGUSR1)
-    code, _, stderr = watched.wait()
-    assert_stopped_in_one_line(code, stderr, 1)
+def test_a_signal_before_the_student_phase_stops_it_after_its_first_step(stopped):
+    stop = stopped[1]["before the student phase"]
+    assert_stopped_in_one_line(stop["code"], stop["stderr"], 1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_stops_every_rank_within_30_s_with_a_checkpoint(stopped, form):
+    stop = stopped[1][form]
+    assert stop["workers left"] == []  # none left to finish it later
+    assert_stopped_in_one_line(stop["code"], stop["stderr"], stop["stopped_at"])
+    assert stop["at"] < stop["stopped_at"] < STEPS and stop["took"] < 30, stop
+
+
+def test_the_reruns_of_a_run_stopped_four_times_end_bitwise_equal_to_the_run_never_stopped(stopped, reference):
+    run, stops, rerun = stopped
+    assert f"(step {stops['all']['stopped_at']})" in rerun.stdout
+    assert_bitwise_equal(run, reference)
 
 
 def test_a_signal_after_a_nonfinite_loss_between_log_steps_stops_with_exit_3_and_no_checkpoint(reference, tmp_path):

@@ -53,18 +53,6 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(single_and_t
     assert saved["peers"] == ["alexnet", "mobilenet"] and saved["step"] == 6
 
 
-def test_two_replicas_per_student_train_and_report_every_student(tmp_path):
-    """W=4, N=2: each student on 2 replicas (DDP over that pair only), peer groups {0,1} and {2,3}."""
-    args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY,
-            "students=[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
-            "train.max_steps=4"]
-    launch(args, processes=4)
-    rows = train_rows(tmp_path)
-    assert len(rows) == 4 and all(r["train/lenet/loss"] > 0 for r in rows)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["students"]) == {"lenet", "alexnet"}
-
-
 def test_launch_shape_that_does_not_fit_is_rejected(tmp_path):
     done = launch(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", *TINY,
                    "students=[{name: a, model: lenet}, {name: b, model: lenet}]"], processes=3, check=False)
