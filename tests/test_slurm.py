@@ -227,17 +227,17 @@ def job_processes(job_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
 def test_array_sweep_collects_every_trial_into_one_table(cluster, teacher, tmp_path):
     sweep = tmp_path / "sweep"
     job = Job(cluster, tmp_path, "sweep.sh", "slurm/seeds.txt", str(sweep),
-              *run_args(teacher[0], "train.max_steps=4"), options=("--array=1-2",),  # its first 2 trials
+              *run_args(teacher[0], "train.max_steps=4"), options=("--array=1-3",),
               processes_per_node=1)
     assert job.wait() == 0, job
     with (sweep / "sweep.csv").open() as table:
         rows = list(csv.DictReader(table))
-    assert [row["seed"] for row in rows] == ["0", "1"]
+    assert [row["seed"] for row in rows] == ["0", "1", "2"]
     for number, row in enumerate(rows, 1):
         students = results(sweep / f"trial_{number}")["students"]
         assert {name: float(row[f"{name} test %"]) for name in students} == pytest.approx(
             {name: 100 * s["test_acc"] for name, s in students.items()})
-    assert (sweep / "sweep.md").read_text().count("\n") == 2 + 2 and "| -" not in (sweep / "sweep.md").read_text()
+    assert (sweep / "sweep.md").read_text().count("\n") == 2 + 3 and "| -" not in (sweep / "sweep.md").read_text()
 
 
 def test_a_failing_task_fails_the_job_without_hanging(cluster, teacher, tmp_path):
