@@ -189,10 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:  # unless shared, may be seen by one rank only (e.g. its checkpoint file)
         _refuse(error, rank, world_size, every_rank=isinstance(error, SharedUserError))
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-        if (lost := _lost_peer(str(error).lower(), cfg)) is None:
+        if "timed out" not in str(error).lower():
             raise
-        print(f"dist-tsp: error{_where(rank, world_size)}: {lost} (its own error, if any, is above)", file=sys.stderr,
-              flush=True)
+        print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
+              f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
+              f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
+              "(its own error, if any, is above)", file=sys.stderr, flush=True)
         os._exit(1)  # its groups hold work that can never complete: their destructors would abort (SIGABRT)
     except RunStopped as stopped:
         if hand_over(stopped):
@@ -208,18 +210,6 @@ def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool) -
     if not every_rank or rank == 0:
         print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
     sys.exit(UserError.exit_code)
-
-
-def _lost_peer(error: str, cfg: RunConfig) -> str | None:
-    """What a collective's error (lower case) says of the other ranks, as this rank's one line; None for any other."""
-    if "timed out" in error:
-        before = startup_timeout(cfg).total_seconds() / 60
-        return (f"a collective waited longer than its timeout (train.collective_timeout_s="
-                f"{cfg.train.collective_timeout_s:g} s in the student steps, {before:g} min before them): another rank "
-                "is stuck or gone")
-    if "connection closed by peer" in error or "connection reset by peer" in error:  # gloo's
-        return "another rank left a collective (its connection closed): it failed or was killed"
-    return None
 
 
 def _where(rank: int, world_size: int) -> str:

@@ -21,10 +21,6 @@ def test_exception_on_rank_1_stops_every_rank_and_names_it(tmp_path):
     summary = done.stderr[done.stderr.rindex("Root Cause"):]
     assert "rank      : 1" in summary and "exitcode  : 1" in summary
     assert "RuntimeError: Calculated padded input size" in summary  # the why, through @record
-    for rank in (0, 2):  # the others say in one line that it left, without a traceback of their own
-        assert (f"dist-tsp: error (rank {rank}): another rank left a collective (its connection closed): it failed or "
-                "was killed (its own error, if any, is above)") in done.stderr, done.stderr[-5000:]
-    assert "Connection closed by peer" not in done.stderr, done.stderr[-5000:]
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
