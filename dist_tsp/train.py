@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -187,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
             with stop_on_signals() as stop_requested:
                 run(cfg, placement, stop_requested)
     except UserError as error:  # unless shared, may be seen by one rank only (e.g. its checkpoint file)
-        _refuse(error, rank, world_size, every_rank=isinstance(error, SharedUserError))
+        shared = isinstance(error, SharedUserError)
+        if shared and dist.is_initialized():
+            dist.destroy_process_group()  # every rank is here with nothing in flight (gloo may crash at exit otherwise)
+        _refuse(error, rank, world_size, every_rank=shared)
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
         if "timed out" not in str(error).lower():
             raise
