@@ -49,16 +49,22 @@ class Tracker:
     """Logs one dict per call: appended to metrics.jsonl (main process) and sent to accelerate's trackers."""
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator) -> None:
+        self.cfg = cfg
         self.accelerator = accelerator
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self.run_id = None
-        if cfg.tracking.report_to != "none" and accelerator.is_main_process:
-            tracking = cfg.tracking
-            self.run_id = _persistent_run_id(Path(cfg.output_dir) / "tracker_run_id")
-            wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(cfg.output_dir),
-                          "id": self.run_id, "resume": "allow"}
-            accelerator.init_trackers(tracking.project, config=flat_config(cfg.to_dict()),
-                                      init_kwargs={"wandb": {k: v for k, v in wandb_args.items() if v is not None}})
+
+    def start(self) -> None:
+        """Start (or continue) the trackers' run: once the resume is accepted, so that a refused one leaves the W&B
+        run (its config and state) and the run directory as they were."""
+        tracking = self.cfg.tracking
+        if tracking.report_to == "none" or not self.accelerator.is_main_process:
+            return
+        self.run_id = _persistent_run_id(Path(self.cfg.output_dir) / "tracker_run_id")
+        wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(self.cfg.output_dir),
+                      "id": self.run_id, "resume": "allow"}
+        self.accelerator.init_trackers(tracking.project, config=flat_config(self.cfg.to_dict()),
+                                       init_kwargs={"wandb": {k: v for k, v in wandb_args.items() if v is not None}})
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:

@@ -156,6 +156,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,
                              stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
+    tracker.start()
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
     groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))

@@ -194,14 +194,14 @@ def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_pa
 
 def test_a_checkpoint_file_one_rank_finds_truncated_stops_every_rank_with_one_line_naming_it(uninterrupted, tmp_path):
     """Rank 1 alone reads alexnet's file: every rank exits 2 with rank 0's one line, and the run is left as it was
-    (rank 0 read its own files well, and writes nothing)."""
+    (rank 0 read its own files well, and writes nothing: no W&B run is started or continued for a refused resume)."""
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     broken = run / "checkpoints" / "step_00000012" / "students" / "alexnet.pt"
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     before = snapshot(run)
-    done = launch(["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE], processes=3, check=False,
-                  launcher="dist-tsp")
+    done = launch(["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE, "tracking.report_to=wandb"],
+                  processes=3, check=False, launcher="dist-tsp")
     assert done.returncode == 2, done.stderr[-3000:]
     line = rf"dist-tsp: error: rank 1: student alexnet checkpoint {broken} cannot be read \(.*\): it is truncated"
     assert re.fullmatch(line + r"[^\n]*\n", done.stderr), done.stderr[-3000:]
