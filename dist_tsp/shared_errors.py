@@ -17,12 +17,7 @@ T = TypeVar("T")
 
 def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
     """`work()` on the main process, then on the others (a download happens once)."""
-    problem = None
-    if accelerator.is_main_process:
-        try:
-            result = work()
-        except UserError as error:
-            problem = str(error)
+    result, problem = _attempt(work) if accelerator.is_main_process else (None, None)
     problem = broadcast_object_list([problem])[0]
     if problem is not None:
         raise SharedUserError(problem)
@@ -34,10 +29,7 @@ def on_every_rank(work: Callable[[], T]) -> T:
     the ranks that met it unless all did."""
     if not dist.is_initialized():
         return work()
-    try:
-        result, problem = work(), None
-    except UserError as error:
-        result, problem = None, str(error)
+    result, problem = _attempt(work)
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     met: dict[str, list[int]] = {}
@@ -50,3 +42,11 @@ def on_every_rank(work: Callable[[], T]) -> T:
         raise SharedUserError(next(iter(met)))
     raise SharedUserError("; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: {message}"
                                     for message, ranks in met.items()))
+
+
+def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
+    """`work()`'s result, or the bad input it met."""
+    try:
+        return work(), None
+    except UserError as error:
+        return None, str(error)
