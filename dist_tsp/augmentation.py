@@ -89,7 +89,7 @@ class Augmentation:
         from torchvision.transforms.v2 import functional as TF
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM, index))
+            torch.default_generator.manual_seed(mixed_seed(self.seed, epoch, VIEW_STREAM, index))  # not CUDA's
             top, left, height, width = RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
             flip = self.hflip and bool(torch.rand(1) < 0.5)
         view = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)

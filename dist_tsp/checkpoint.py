@@ -30,10 +30,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     file or the complete new one, and concurrent writers (other processes, other nodes) never clash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:  # a writer that fails (or is interrupted) leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

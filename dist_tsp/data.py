@@ -141,8 +141,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.val_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         n_val = int(round(cfg.val_fraction * len(train)))
+        if n_val == 0:
+            raise DataError(f"data.val_fraction={cfg.val_fraction:g} of {len(train)} training images holds none out: "
+                            "raise it, or set it to 0")
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalization == "imagenet" else _training_stats(train)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalization == "imagenet" else \
+        _training_stats(train, sampled=cfg.name in STREAMABLE)
     return Dataset(cfg.name, train, val, test, classes, mean, std, hflip, cfg.crop)
 
 
@@ -153,13 +157,15 @@ def _resized(images: ImageSet, size: int) -> ImageSet:
     return ImageSet(resized.round().clamp(0, 255).to(torch.uint8), images.labels)
 
 
-def _training_stats(train: Samples) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the training images (of a fixed subset of STATS_SAMPLES when streamed)."""
+def _training_stats(train: Samples, sampled: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images; when `sampled` (a source that can be streamed, streamed or
+    held in memory alike), of a fixed subset of STATS_SAMPLES."""
+    if sampled and len(train) > STATS_SAMPLES:
+        subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))[:STATS_SAMPLES]
+        train = train.subset(subset.sort().values)
     if isinstance(train, ImageSet):
         return _channel_stats(train.images)
-    indices = torch.arange(len(train)) if len(train) <= STATS_SAMPLES else \
-        torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))[:STATS_SAMPLES].sort().values
-    return _channel_stats(decode_all(train.subset(indices), "normalisation statistics").images)
+    return _channel_stats(decode_all(train, "normalisation statistics").images)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -260,11 +266,10 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
                 raise DataError(f"{path} must hold `images` (uint8 [N, H, W, 3]) and `labels` ([N]); it holds "
                                 f"{', '.join(f'{k} {arrays[k].dtype}{list(arrays[k].shape)}' for k in arrays)}")
             classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else classes
-            splits.append(ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                                   torch.from_numpy(labels.astype(np.int64))))
-    train, test = splits
-    count = int(max(train.labels.max(), test.labels.max())) + 1
-    return train, test, classes or [str(c) for c in range(count)], True
+            splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))
+    classes = classes or [str(c) for c in range(int(max(labels.max(initial=0) for *_, labels in splits)) + 1)]
+    train, test = (ImageSet(images, _class_ids(path, labels, len(classes))) for path, images, labels in splits)
+    return train, test, classes, True
 
 
 def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
@@ -306,10 +311,21 @@ def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
         tables.append(table.cast_column("image", datasets.Image(decode=False)))
     classes = [_class_names(split, table) for split, table in zip(splits, tables)]
     same_classes(root, splits[1].name, classes[0], classes[1])
+    # each split's label ids follow its own ClassLabel names: the held-out split's are mapped to train's by name
+    relabel = [torch.arange(len(classes[0])), torch.tensor([classes[0].index(name) for name in classes[1]])]
     train, test = (_streamed(cfg, ArrowImages(split, np.arange(len(table)), table),
-                             torch.as_tensor(table.with_format("numpy")["label"], dtype=torch.int64))
-                   for split, table in zip(splits, tables))
+                             ids[_class_ids(split, table.with_format("numpy")["label"], len(ids))])
+                   for split, table, ids in zip(splits, tables, relabel))
     return train, test, classes[0], True
+
+
+def _class_ids(where: Path, labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """A split's labels, checked to be class ids 0..num_classes-1 (a benchmark's unlabelled test split has -1)."""
+    ids = torch.as_tensor(labels, dtype=torch.int64)
+    if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < num_classes:
+        raise DataError(f"{where} has labels from {int(ids.min())} to {int(ids.max())}, but its classes are 0.."
+                        f"{num_classes - 1}: use a split with labels, or name every class")
+    return ids
 
 
 def split_folders(root: Path, what: str) -> tuple[Path, Path]:
@@ -394,14 +410,15 @@ class PeerBatches:
     """
 
     def __init__(self, data: Samples, *, batch_size: int, num_replicas: int, replica: int, seed: int,
-                 augmentation: Augmentation, normalize: Normalizer) -> None:
+                 augmentation: Augmentation, normalize: Normalizer, batch_size_setting: str = "data.batch_size"
+                 ) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.num_replicas, self.replica = num_replicas, replica
         self.augmentation, self.normalize = augmentation, normalize
         if len(self) == 0:
             raise DataError(
                 f"{len(data)} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
-                "lower data.batch_size"
+                f"lower {batch_size_setting}"
             )
         self.views = data.loader(augmentation, data.labels.device, persistent=True)
 
@@ -434,7 +451,8 @@ def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices:
     """The samples `indices` (default: the whole set) in order, unaugmented, `batch_size` at a time, on every rank
     of `group`. A streamed set is read once over the group: each rank decodes 1/G of every batch, and one all-gather
     (of uint8 images) completes it."""
-    chunks = (torch.arange(len(data)) if indices is None else indices).split(batch_size)
+    indices = torch.arange(len(data)) if indices is None else indices
+    chunks = indices.split(batch_size) if len(indices) else ()
     device = data.labels.device
     size = group_size(group) if isinstance(data, StreamedImages) else 1
     if size == 1:

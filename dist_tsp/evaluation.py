@@ -20,7 +20,8 @@ def predict(models: list[nn.Module], data: Samples, *, shard: int, num_shards: i
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    for batch in eval_batches(data, batch_size, normalize, torch.arange(shard, len(data), num_shards), group):
+    mine = torch.arange(min(shard, len(data)), len(data), num_shards)  # none when shard is past the set's end
+    for batch in eval_batches(data, batch_size, normalize, mine, group):
         columns = batch.indices.to(device)
         with autocast():
             for k, model in enumerate(models):

@@ -31,20 +31,22 @@ from tqdm.auto import tqdm
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
-from dist_tsp.data import Batch, Normalizer, Samples
+from dist_tsp.data import Batch, Dataset, Normalizer, Samples
 from dist_tsp.exchange import all_reduce
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
 
 WAIT_POLL_S = 1.0  # how often the ranks of a run waiting for another run's epoch look again
 
 
-def cache_key(cfg: RunConfig, teacher_sha256: str, train: Samples, augmentation: Augmentation,
+def cache_key(cfg: RunConfig, teacher_sha256: str, data: Dataset, augmentation: Augmentation,
               mixed_precision: str) -> dict:
-    """Everything the cached logits depend on (a streamed set by its file names and labels, not its pixels)."""
-    content = hashlib.sha256(train.fingerprint())
+    """Everything the cached logits depend on: the teacher, the training images (a streamed set by its file names
+    and labels, not its pixels) at their size and normalisation, their views, the precision and the layout."""
+    content = hashlib.sha256(data.train.fingerprint())
     return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
             "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
-            **augmentation.key(), "mixed_precision": mixed_precision, **layout_key(cfg)}
+            "image_size": data.train.image_size, "mean": data.mean, "std": data.std, **augmentation.key(),
+            "mixed_precision": mixed_precision, **layout_key(cfg)}
 
 
 def layout_key(cfg: RunConfig) -> dict:

@@ -9,6 +9,7 @@ numpy byte-string array, shared by forked workers without copy-on-write growth (
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ except ImportError:
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view
 from dist_tsp.errors import UserError
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# torchvision ImageFolder's and GIF: TorchCodec decodes JPEG, PNG, WebP and GIF, Pillow the rest (BMP, TIFF, PPM, PGM)
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+_UNSUPPORTED = "Unsupported or unrecognized image format"  # TorchCodec's message for a format it does not read
 PREFETCH_BATCHES = 4  # per worker
 _SOURCE_LOCATION = re.compile(r"^\w+, \S+:\d+, ")  # "decode_rows, .../DecodeJpeg.cpp:287, " in a decoder's error
 
@@ -166,11 +169,9 @@ class _Views(torch.utils.data.Dataset):
         epoch, index = key
         name, encoded = self.files.images.encoded(index)
         try:
-            image = decode_image(encoded, mode="RGB")
+            image = decode_rgb(encoded)
         except (RuntimeError, ValueError, OSError) as error:
             return f"image {name} cannot be read ({_reason(error)}): replace or remove it"
-        if image.ndim == 4:  # an animated GIF or WebP: its first frame
-            image = image[0]
         size, augmentation = self.files.image_size, self.augmentation
         if epoch < 0 or augmentation is None or not augmentation.enabled:
             return evaluation_view(image, size, self.files.crop)
@@ -185,6 +186,26 @@ class _Views(torch.utils.data.Dataset):
         if self.epoch_views[0] != epoch:
             self.epoch_views = (epoch, self.augmentation.epoch_views(epoch, len(self.files), torch.device("cpu")))
         return self.epoch_views[1]
+
+
+def decode_rgb(encoded: str | bytes) -> torch.Tensor:
+    """An image file (path or bytes) as uint8 RGB [3, H, W], an animated one's first frame."""
+    try:
+        image = decode_image(encoded, mode="RGB")
+    except ValueError as error:
+        if not str(error).startswith(_UNSUPPORTED):
+            raise
+        return _decode_with_pillow(encoded)
+    return image[0] if image.ndim == 4 else image
+
+
+def _decode_with_pillow(encoded: str | bytes) -> torch.Tensor:
+    """What TorchCodec does not read (BMP, TIFF, PPM, PGM), as torchvision's ImageFolder reads it."""
+    from PIL import Image
+
+    with Image.open(encoded if isinstance(encoded, str) else io.BytesIO(encoded)) as image:
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def _reason(error: BaseException) -> str:

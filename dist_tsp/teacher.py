@@ -147,7 +147,7 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
                               f"choose at most {data.num_classes}")
     return CachedLogits.under(
         cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
-        cache_key(cfg, info.sha256, data.train, augmentation, accelerator.mixed_precision),
+        cache_key(cfg, info.sha256, data, augmentation, accelerator.mixed_precision),
         teacher=RunTeacher(model, sharded=True, autocast=accelerator.autocast), data=data.train,
         augmentation=augmentation, normalize=data.normalize,
         layout=CacheLayout(data.num_classes, topk, cfg.teacher.cache_precision), world=groups.world,
@@ -174,7 +174,8 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerat
     seed = mixed_seed(cfg.seed, -1)
     batches = PeerBatches(data.train, batch_size=cfg.teacher.batch_size, num_replicas=accelerator.num_processes,
                           replica=accelerator.process_index, seed=seed,
-                          augmentation=data.augmentation(seed, cfg.data.augment), normalize=data.normalize)
+                          augmentation=data.augmentation(seed, cfg.data.augment), normalize=data.normalize,
+                          batch_size_setting="teacher.batch_size")
     total = cfg.teacher.epochs * len(batches)
     device = accelerator.device
     choice = choose_teacher_step(cfg, accelerator.num_processes, device.type)

@@ -87,6 +87,18 @@ def test_a_samples_view_depends_on_seed_and_epoch_not_on_the_replica():
         assert torch.equal(images, one.normalize(view)) is same
 
 
+def test_a_random_resized_view_draws_from_its_own_seed_and_leaves_every_global_generator_as_it_was(monkeypatch):
+    """Loader-less on a GPU, the views are made in the training process: reseeding CUDA's generator there would
+    reset the teacher's dropout stream at every sample."""
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("CUDA's generator was reseeded"))
+    augmentation = Augmentation(enabled=True, hflip=True, pad=4, seed=0, crop="random_resized")
+    image = torch.arange(3 * 40 * 50, dtype=torch.float32).reshape(3, 40, 50)
+    state = torch.get_rng_state()
+    views = [augmentation.random_resized(image, 32, epoch=0, index=i) for i in (0, 1, 0)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])
+
+
 def test_too_few_images_for_one_batch_is_a_clear_error():
     data = load_dataset(DataConfig(name="digits"), seed=0)
     with pytest.raises(DataError, match=r"do not fill one batch of 4096: lower data.batch_size"):

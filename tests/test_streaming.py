@@ -16,19 +16,21 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from dist_tsp.config import DataConfig
+from dist_tsp.config import DataConfig, load_config
 from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
+from dist_tsp.logit_cache import cache_key
 from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import TINY, launch, train_rows
+from tests.runs import ROOT, TINY, launch, train_rows
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
 
 def write_folder(root: Path, per_class: int = 24, held_out: str = "test", size: tuple[int, int] = (30, 24)) -> Path:
-    """JPEGs of noise over a class colour (one grayscale and one PNG among them), in root/{train,held_out}/<class>/."""
+    """JPEGs of noise over a class colour (one grayscale, and a PNG, a BMP and a TIFF among them), in
+    root/{train,held_out}/<class>/."""
     rng = np.random.default_rng(0)
     for split, count in (("train", per_class), (held_out, per_class // 4)):
         for label, name in enumerate(CLASSES):
@@ -39,7 +41,7 @@ def write_folder(root: Path, per_class: int = 24, held_out: str = "test", size: 
                 image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
                 if i == 1:
                     image = image.convert("L")
-                image.save(folder / (f"{i:03d}.png" if i == 2 else f"{i:03d}.jpg"), quality=90)
+                image.save(folder / f"{i:03d}.{ {2: 'png', 3: 'bmp', 4: 'tif'}.get(i, 'jpg')}", quality=90)
     return root
 
 
@@ -69,7 +71,8 @@ def as_tensors(stream) -> list[torch.Tensor]:
     return [torch.cat([b.images.flatten(), b.labels.float(), b.indices.float()]) for b in stream]
 
 
-def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_memory(folder):
+def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_memory(folder, monkeypatch):
+    monkeypatch.setattr("dist_tsp.data.STATS_SAMPLES", 40)  # the statistics of the same subset, held in memory or not
     streamed, in_memory = folder_data(folder), folder_data(folder, in_memory=True)
     assert isinstance(streamed.train, StreamedImages) and in_memory.train.images.shape == (96, 3, 32, 32)
     assert streamed.mean == in_memory.mean and streamed.std == in_memory.std
@@ -91,6 +94,15 @@ def test_arrow_shards_give_the_batches_and_statistics_of_the_folder_they_were_ma
                                                   as_tensors(batches(from_folder).epoch(1)), strict=True))
     evaluated = [as_tensors(eval_batches(d.test, 10, d.normalize)) for d in (from_shards, from_folder)]
     assert all(torch.equal(a, b) for a, b in zip(*evaluated, strict=True))
+
+
+def test_a_streamed_folders_teacher_logit_cache_is_keyed_by_its_image_size_and_normalisation(folder):
+    """The cached logits are of normalised images at data.image_size, which the file names do not say."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    keys = {json.dumps(cache_key(cfg, "teacher", data, data.augmentation(0, True), "no"), sort_keys=True)
+            for data in (folder_data(folder), folder_data(folder, normalization="imagenet"),
+                         folder_data(folder, image_size=36))}
+    assert len(keys) == 3
 
 
 @pytest.mark.parametrize("crop", ["padded", "random_resized"])
@@ -188,7 +200,7 @@ def test_imagenet_layout_with_a_val_folder_is_found(tmp_path):
 @pytest.mark.parametrize("normalization", ["dataset", "imagenet"])  # read for the statistics, or first in training
 def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
     root = write_folder(tmp_path, per_class=8)
-    broken = root / "train" / "bee" / "003.jpg"
+    broken = root / "train" / "bee" / "005.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
     with pytest.raises(ImageError) as error:
         list(batches(folder_data(root, normalization=normalization)).epoch(0))
@@ -213,13 +225,42 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
         datasets.Dataset.from_dict({"image": [b"x"], "label": [0]}).save_to_disk(str(unlabelled / split))
     with pytest.raises(DataError, match=r"train: its label column is not a ClassLabel with class names"):
         folder_data(unlabelled, "arrow")
+    test_without_labels = tmp_path / "test_without_labels"
+    shutil.copytree(shards / "train", test_without_labels / "train")
+    saved_split(shards, "test").map(lambda row: {"label": -1}).save_to_disk(str(test_without_labels / "test"))
+    with pytest.raises(DataError, match=r"/test has labels from -1 to -1, but its classes are 0..3: use a split with "
+                                        r"labels, or name every class"):
+        folder_data(test_without_labels, "arrow")
+
+
+def saved_split(root: Path, name: str):
+    import datasets
+
+    return datasets.load_from_disk(str(root / name))
+
+
+def test_arrow_splits_whose_class_names_are_in_another_order_are_labelled_by_name(folder, shards, tmp_path):
+    """The held-out split's ids follow its own ClassLabel: ids of reversed names still mean the same classes."""
+    import shutil
+
+    import datasets
+
+    reordered = tmp_path / "reordered"
+    shutil.copytree(shards / "train", reordered / "train")
+    test = saved_split(shards, "test")
+    reversed_names = datasets.ClassLabel(names=list(reversed(CLASSES)))
+    test = test.map(lambda row: {"label": len(CLASSES) - 1 - row["label"]}).cast_column("label", reversed_names)
+    test.save_to_disk(str(reordered / "test"))
+    from_folder, from_reordered = folder_data(folder), folder_data(reordered, "arrow")
+    assert from_reordered.classes == list(CLASSES) and torch.equal(from_reordered.test.labels,
+                                                                    from_folder.test.labels)
 
 
 @pytest.mark.parametrize("problem, message", [
     ("missing class", r"class 'dog' is in train/ but not test/: both splits need the same classes"),
     ("extra class", r"class 'eel' is in test/ but not train/: both splits need the same classes"),
-    ("empty split", r"image folder .*/test has no images \(.jpg .jpeg .png .webp .bmp .gif\): put each image in "
-                    r"its class folder"),
+    ("empty split", r"image folder .*/test has no images \(.jpg .jpeg .png .webp .gif .bmp .tif .tiff .ppm .pgm\): "
+                    r"put each image in its class folder"),
 ])
 def test_a_bad_folder_layout_is_one_line_before_any_image_is_read(tmp_path, problem, message):
     root = write_folder(tmp_path, per_class=4)
