@@ -202,7 +202,8 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> 
 
 
 def set_aside(output_dir: Path) -> Path | None:
-    """resume=off: move an earlier run's checkpoints, metrics and results into output_dir/previous-N/."""
+    """Move an earlier attempt's checkpoints, metrics, results and W&B run id into output_dir/previous-N/; return it
+    (None: there were none)."""
     names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "tracker_run_id")
     present = [output_dir / n for n in names if (output_dir / n).exists()]
     if not present:

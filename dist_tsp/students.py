@@ -16,6 +16,7 @@ from dist_tsp.config import RunConfig
 from dist_tsp.models import build_model
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
+from dist_tsp.shared_errors import on_every_rank
 
 RandomState = tuple[torch.Tensor, torch.Tensor | None]  # the CPU generator's state, and the device's on CUDA
 
@@ -83,11 +84,14 @@ class LocalStudent:
 def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, device: torch.device,
                          num_classes: int, total_steps: int, graph_ready: bool = False) -> list[LocalStudent]:
     """The students of `placement.local_students`, in config order, built on `device` (with graph-safe optimizers
-    for the graph-ready step)."""
+    for the graph-ready step). Every rank reads its init files before the first collective (DDP's wrap), so that a
+    bad one, met by some ranks only, stops every rank."""
+    models = on_every_rank(lambda: [_build_model(cfg, index, device, num_classes)
+                                    for index in placement.local_students])
     students = []
-    for index in placement.local_students:
+    for index, model in zip(placement.local_students, models):
         spec = cfg.students[index]
-        model = _build_model(cfg, index, groups, device, num_classes)
+        model = _wrap(cfg, spec.frozen, model, groups, device)
         optimizer, schedule = (None, None) if spec.frozen else build_optimizer(
             model.parameters(), cfg.train.optimizer, total_steps, graph_safe_on=device if graph_ready else None)
         with torch.random.fork_rng(devices=_generator_devices(device)):
@@ -97,9 +101,8 @@ def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, d
     return students
 
 
-def _build_model(cfg: RunConfig, index: int, groups: Groups, device: torch.device, num_classes: int) -> nn.Module:
-    """The student's model (from its init weights when given); a frozen one in eval mode, never in DDP;
-    compiled when train.compile is set."""
+def _build_model(cfg: RunConfig, index: int, device: torch.device, num_classes: int) -> nn.Module:
+    """The student's model (from its init weights when given), a frozen one in eval mode; no collective."""
     spec = cfg.students[index]
     torch.manual_seed(mixed_seed(cfg.seed, index))
     model = build_model(spec.model, num_classes, **spec.args).to(device)
@@ -110,7 +113,13 @@ def _build_model(cfg: RunConfig, index: int, groups: Groups, device: torch.devic
         checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
     if spec.frozen:
         model.eval().requires_grad_(False)
-    elif groups.replica is not None:
+    return model
+
+
+def _wrap(cfg: RunConfig, frozen: bool, model: nn.Module, groups: Groups, device: torch.device) -> nn.Module:
+    """A learner with replicas in DDP (a collective: it broadcasts the first replica's weights), a frozen one never;
+    compiled when train.compile is set."""
+    if not frozen and groups.replica is not None:
         device_ids = [device] if device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids, process_group=groups.replica)
     if cfg.train.compile:

@@ -61,10 +61,11 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     --teacher-only)."""
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_writable(cfg.output_dir)
+    check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)
+    if args.teacher_only or saves_teacher(cfg):  # its folder is refused now, not once the teacher has trained
+        check_writable(teacher_path(cfg).parent, f"teacher checkpoint {teacher_path(cfg)}")
     if args.teacher_only:
-        check_writable(teacher_path(cfg).parent)
         return cfg, None
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
@@ -74,13 +75,19 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     return cfg, placement
 
 
-def check_writable(output_dir: Path) -> None:
-    """output_dir must be a directory, or creatable inside a writable one."""
-    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+def check_writable(folder: Path, what: str) -> None:
+    """`folder` must be a directory, or creatable inside a writable one (`what` names the setting that chose it)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another path")
+        raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir {output_dir}: {existing} is not writable; choose a path you can write")
+        raise UserError(f"{what}: {existing} is not writable; choose a path you can write")
+
+
+def saves_teacher(cfg: RunConfig) -> bool:
+    """Whether a student run trains (or fetches) its teacher and saves it to teacher_path (see train_teacher)."""
+    return (TeachingGraph.from_config(cfg).uses_teacher and not teacher_path(cfg).is_file()
+            and (cfg.teacher.epochs > 0 or cfg.teacher.weights is not None))
 
 
 def check_teacher_launch(cfg: RunConfig) -> None:
@@ -141,11 +148,6 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     accelerator, data = start(cfg, trackers=True)
     timeout = startup_timeout(cfg)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
-    if accelerator.is_main_process:
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume == "off" and (previous := checkpoint.set_aside(cfg.output_dir)):
-            print(f"resume=off: the earlier run's checkpoints and metrics were moved to {previous}")
-    accelerator.wait_for_everyone()
     tracker = Tracker(cfg, accelerator)
     graph = TeachingGraph.from_config(cfg)
     teacher, teacher_info, teacher_predictions = None, None, None
@@ -155,7 +157,9 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
         teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,
                              stop_requested)
-    start_step = trainer.resume()  # refuses another run's checkpoint before anything is overwritten
+    start_step = trainer.resume()  # refuses another run's checkpoint before anything is moved or overwritten
+    if start_step == 0:
+        set_aside_earlier_attempt(cfg, accelerator)
     tracker.start()
     if accelerator.is_main_process:
         save_config(cfg, cfg.output_dir / "config.yaml")
@@ -173,6 +177,17 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
         print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()
     return results
+
+
+def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """A run that starts at step 0 moves what an earlier attempt left (resume=off, or killed before its first
+    checkpoint) into output_dir/previous-N/, before its metrics, W&B run and config are written: the main process
+    moves, while the other ranks wait."""
+    if accelerator.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        if previous := checkpoint.set_aside(cfg.output_dir):
+            print(f"starting at step 0: the earlier attempt's checkpoints and metrics were moved to {previous}")
+    accelerator.wait_for_everyone()
 
 
 @record  # under torchrun/accelerate, the failure summary shows the failing rank's exception

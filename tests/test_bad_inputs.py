@@ -41,6 +41,8 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["train.checkpoint_every=0"], 1, r"'train.checkpoint_every': Input should be greater than 0"),
     (["output_dir=/etc/hostname"], 1, r"output_dir /etc/hostname: /etc/hostname is a file, not a directory"),
     (["output_dir=/etc/hostname/run"], 1, r"/etc/hostname is a file, not a directory; choose another path"),
+    (["teacher.checkpoint=/etc/hostname/teacher.pt"], 1,  # a teacher to train first, and save where none can
+     r"teacher checkpoint /etc/hostname/teacher.pt: /etc/hostname is a file, not a directory; choose another path"),
     (["students=[]"], 1, r"'students': List should have at least 1 item"),
     (["--confg"], 1, r"unrecognized arguments: --confg: see --help"),
 ]
@@ -129,6 +131,10 @@ THROUGH_THE_LAUNCHER = {
     "a teacher file every rank finds truncated": (
         3, lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}"],
         r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
+    "a student init file one of several ranks finds truncated": (  # rank 0 reads lenet's well, rank 1 alexnet's
+        3, lambda t: ["loss.beta=0", f"students.0.init={teacher_file(t / 'lenet.pt', 'lenet')}",
+                      f"students.1.init={_write(t / 'cut.pt', b'PK-half')}"],
+        r"^dist-tsp: error: rank 1: student alexnet's init checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
 }
 
 
@@ -164,8 +170,9 @@ AFTER_START = {
                                r"CIFAR-10 not found in .*none and data.download is false: put cifar-10-batches-py/"),
     "fashion-mnist files missing": (lambda t: ["data.name=fashion_mnist", f"data.root={t}"],
                                     r"Fashion-MNIST file train-images-idx3-ubyte\[.gz\] not found"),
-    "truncated teacher checkpoint": (lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}"],
-                                     r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
+    "truncated teacher checkpoint, resume=off": (
+        lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}", "resume=off"],
+        r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
     "teacher of another architecture": (
         lambda t: [f"teacher.checkpoint={teacher_file(t / 'lenet.pt', 'lenet')}", "teacher.args={depth: 8}"],
         r"teacher checkpoint .*lenet.pt does not fit the configured model: Error\(s\) in loading state_dict"),
@@ -211,6 +218,7 @@ def test_rejected_before_training_without_touching_outputs(after_start, case):
     assert re.search(AFTER_START[case][1], last), last
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (run / "config.yaml").read_text() == "earlier run\n"
+    assert not list(run.glob("previous-*"))  # nor set aside (resume=off) before the input was found bad
 
 
 # rank -> the bad input it meets (none: its work returns the rank)

@@ -127,10 +127,19 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     assert results[0] == results[1] and set(results[0]) == set(names)
 
 
-def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, tmp_path):
+def test_a_fresh_start_sets_the_earlier_attempt_aside_and_another_configs_checkpoint_is_refused_unless_forced(
+        uninterrupted, tmp_path):
+    """A rerun after a kill before the first checkpoint starts from step 0 with fresh metrics and a new W&B run id,
+    the dead attempt's in previous-1/; resume=off later sets the whole run aside in previous-2/."""
     args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=2",
             f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
-    launch(args)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "dead attempt": true}\n')
+    (tmp_path / "tracker_run_id").write_text("deadattempt\n")
+    first = launch(args)
+    assert "moved to" in first.stdout and "resuming from" not in first.stdout
+    assert (tmp_path / "previous-1" / "metrics.jsonl").read_text() == '{"step": 1, "dead attempt": true}\n'
+    assert (tmp_path / "previous-1" / "tracker_run_id").read_text() == "deadattempt\n"
+    assert "dead attempt" not in (tmp_path / "metrics.jsonl").read_text()
     refused = launch([*args, "train.max_steps=4", "loss.gamma=0.5"], check=False)
     assert refused.returncode == 2
     assert "holds a checkpoint of a different run (config.loss.gamma: 0.1 -> 0.5)" in refused.stderr
@@ -141,7 +150,7 @@ def test_checkpoint_from_another_config_is_refused_unless_forced(uninterrupted, 
         plan([*args, "students=[{name: lenet, model: lenet}]", "resume=force"], 1, 0)
     fresh = launch([*args, "resume=off"])
     assert "moved to" in fresh.stdout and "resuming from" not in fresh.stdout
-    previous = tmp_path / "previous-1"
+    previous = tmp_path / "previous-2"
     assert (previous / "checkpoints").is_dir() and (previous / "metrics.jsonl").is_file()
     assert last_step(tmp_path) == 2 and last_step(previous) == 4
 
