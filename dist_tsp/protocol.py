@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
-    """Parse and validate everything before any run starts."""
+    """Parse and validate everything, every run's config included, before any run starts or anything is written."""
     args, overrides = parse_args(argv)
     if bad := [o for o in overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is neither an option nor key=value: see launch/protocol.sh --help")
@@ -98,6 +97,8 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     protocol = Protocol(config=args.config, overrides=overrides, seeds=list(range(args.seeds)), methods=methods,
                         grid=grid, val_fraction=args.val_fraction, processes=args.processes,
                         accelerate_config=accelerate_config, base=base)
+    side_by_side.check_configs(args.config, ((f"run {planned.name}", run_overrides(protocol, args.out, planned))
+                                             for planned in every_run(protocol)))
     record = args.out / "protocol.json"
     if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(protocol.record())):
         raise UserError(f"{args.out} holds another protocol ({record} differs): rerun with its options or choose "
@@ -120,9 +121,7 @@ class Runner:
 
     def __init__(self, protocol: Protocol, out: Path, slots: side_by_side.Slots, bar: tqdm) -> None:
         self.protocol, self.out, self.slots, self.bar = protocol, out, slots, bar
-        self.teacher = protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
-        self.shared = [f"teacher.checkpoint={self.teacher}", "teacher.mode=cached",
-                       f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}"]
+        self.teacher = teacher_file(protocol, out)
 
     def run_all(self, runs: list[PlannedRun]) -> list[Path]:
         """Every run of `runs` (a phase 2 after its phase 1); their directories in the same order."""
@@ -135,9 +134,8 @@ class Runner:
         directory = self.out / planned.name
         done = self.teacher.is_file() if planned.teacher_only else (directory / "results.json").is_file()
         if not done:
-            tracking = [f"tracking.group={self.out.name}", f"tracking.run_name={run_name(planned.name)}"]
-            args = ["--config", self.protocol.config, *self.shared, *self.protocol.overrides, *tracking,
-                    f"output_dir={directory}", *planned.overrides, *self._mentors(planned)]
+            args = ["--config", self.protocol.config, *run_overrides(self.protocol, self.out, planned),
+                    *self._mentors(planned)]
             args += ["--teacher-only"] if planned.teacher_only else []
             side_by_side.launch_run(planned.name, args, self.out / "logs" / f"{planned.name.replace('/', '-')}.log",
                                     processes=processes_for(planned.num_students, self.protocol.processes),
@@ -154,6 +152,20 @@ class Runner:
         return [student_overrides([s if s["name"] in planned.reports else
                                    {**s, "init": str(final_student_file(phase1, s["name"])), "frozen": True}
                                    for s in students])]
+
+
+def teacher_file(protocol: Protocol, out: Path) -> Path:
+    """The teacher every run learns from: the config's teacher.checkpoint, else the one the protocol trains."""
+    return protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
+
+
+def run_overrides(protocol: Protocol, out: Path, planned: PlannedRun) -> list[str]:
+    """The overrides of `planned`'s config (output_dir = out/name) but alternate phase 2's mentors, known once its
+    phase 1 has finished."""
+    return [f"teacher.checkpoint={teacher_file(protocol, out)}", "teacher.mode=cached",
+            f"teacher.cache_dir={out / 'teacher' / 'logit_cache'}", *protocol.overrides,
+            f"tracking.group={out.name}", f"tracking.run_name={run_name(planned.name)}",
+            f"output_dir={out / planned.name}", *planned.overrides]
 
 
 def run_name(name: str) -> str:
@@ -185,6 +197,9 @@ class PlannedRun:
     reports: tuple[str, ...] = ()  # the students whose results in that row come from this run
 
 
+TEACHER = PlannedRun("teacher", (), num_students=1, teacher_only=True)
+
+
 def execute(protocol: Protocol, out: Path, slots: side_by_side.Slots) -> dict[str, Path]:
     """Every run of the protocol, then the report; returns the report's files by name. The teacher, then the grid,
     then every seed's runs once the grid has chosen: within each, up to one run per slot at once. The progress bar
@@ -192,11 +207,10 @@ def execute(protocol: Protocol, out: Path, slots: side_by_side.Slots) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
     print(slots.describe("protocol"), flush=True)
-    teacher = PlannedRun("teacher", (), num_students=1, teacher_only=True)
-    grid = grid_runs(protocol) if "tuned" in protocol.methods else []
+    grid = grid_runs(protocol)
     with tqdm(total=1 + len(grid), desc="protocol", unit="run") as bar:
         runner = Runner(protocol, out, slots, bar)
-        runner.run_all([teacher])
+        runner.run_all([TEACHER])
         tuned = choose_tuned(protocol, out, runner.run_all(grid)) if grid else {}
         later = seed_runs(protocol, tuned)
         bar.total += len(later)
@@ -214,12 +228,27 @@ def execute(protocol: Protocol, out: Path, slots: side_by_side.Slots) -> dict[st
         return report(protocol, out, rows, tuned)
 
 
+def every_run(protocol: Protocol) -> list[PlannedRun]:
+    """Every run the protocol may start, whichever grid points the grid chooses: the teacher, the grid, then every
+    seed's runs with each grid point as a tuned one (seed_<k>/tsp_tuned_<point>)."""
+    grid = grid_runs(protocol)
+    tuned = {f"tsp_tuned_{point_name(weights)}": ("", weights) for weights in protocol.grid} if grid else {}
+    return [TEACHER, *grid, *seed_runs(protocol, tuned)]
+
+
 def grid_runs(protocol: Protocol) -> list[PlannedRun]:
-    """Scratch and every grid point on the train/val split (first seed)."""
+    """Scratch and every grid point on the train/val split (first seed); none without the tuned method."""
+    if "tuned" not in protocol.methods:
+        return []
     split = (f"seed={protocol.seeds[0]}", f"data.val_fraction={protocol.val_fraction}")
     n = len(protocol.base.students)
     return [PlannedRun("grid/scratch", (*split, *loss_overrides(LOSS_PRESETS["scratch"])), n)] + [
-        PlannedRun(f"grid/a{a:g}_b{b:g}_g{g:g}", (*split, *loss_overrides((a, b, g))), n) for a, b, g in protocol.grid]
+        PlannedRun(f"grid/{point_name(weights)}", (*split, *loss_overrides(weights)), n) for weights in protocol.grid]
+
+
+def point_name(weights: tuple[float, float, float]) -> str:
+    """A grid point's name in run names: a0.1_b0.8_g0.1."""
+    return "_".join(f"{key}{w:g}" for key, w in zip("abg", weights))
 
 
 def choose_tuned(protocol: Protocol, out: Path, directories: list[Path]
@@ -325,9 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         protocol, out, slots = plan(argv)
         files = execute(protocol, out, slots)
-    except UserError as error:
-        print(f"dist-tsp protocol: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+    except side_by_side.ENDINGS as ending:
+        side_by_side.end("dist-tsp protocol", ending)
     print("Written: " + ", ".join(str(p) for p in files.values()))
 
 

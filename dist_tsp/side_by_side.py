@@ -13,21 +13,32 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
-from dist_tsp.errors import UserError
+from dist_tsp.config import load_config
+from dist_tsp.errors import NonFiniteLoss, Preempted, RunStopped, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
 RUN_GIB = 16  # --parallel-runs auto: GPU memory set aside per process of a run (ample for the configs here)
 MAX_RUNS_PER_GPU = 4  # --parallel-runs auto: however much memory is free, the GPU's compute and the CPU are shared
+
+
+class RunFailed(Exception):
+    """A run crashed (or was killed): the protocol or the sweep that launched it stops with 1."""
+
+    exit_code = 1
+
+
+ENDINGS = (UserError, RunStopped, RunFailed)  # how a launched run may end the protocol or a sweep (see `end`)
+ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)}  # else RunFailed
 
 
 class Named(Protocol):
@@ -61,6 +72,16 @@ def accelerate_config(args: argparse.Namespace) -> str | None:
     if args.processes == 1 or args.accelerate_config is not None:
         return args.accelerate_config
     return str(ROOT / "configs" / "accelerate" / f"{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml")
+
+
+def check_configs(config: str | Path, runs: Iterable[tuple[str, list[str]]]) -> None:
+    """Every run's config (`config` with its overrides), given as (name, overrides), loaded and so checked before any
+    run starts or anything is written; raises UserError naming the first bad run and its problem."""
+    for name, overrides in runs:
+        try:
+            load_config(config, overrides)
+        except UserError as error:
+            raise UserError(f"{name}: {error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +185,9 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
                devices: str | None, in_process: bool) -> None:
     """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when it may be
     (`in_process`: no other run at the same time) and the run has one process; else in processes of its own
-    (accelerate launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. Raises UserError
-    naming the log when it fails."""
+    (accelerate launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. When it fails, raises
+    what its exit code means, naming the log: UserError (bad input), Preempted (stopped by a signal with a
+    checkpoint), NonFiniteLoss, else RunFailed (a crash)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
         if processes == 1 and in_process:
@@ -179,8 +201,17 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
-        raise UserError(f"run {name} failed (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. "
-                        "Rerun the same command to continue from there")
+        ending = ENDING_BY_CODE.get(code, RunFailed)
+        how = "stopped" if issubclass(ending, RunStopped) else "failed"
+        raise ending(f"run {name} {how} (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. Rerun the "
+                     "same command to continue from there")
+
+
+def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
+    """Exit the protocol or a sweep (`prog`: its lines' prefix) with one line and the exit code of `ending`: 2 for
+    bad input, a launched run's deliberate stop's (75: rerun to resume; 3: non-finite loss), 1 for a run's crash."""
+    print(f"{prog}: {'error: ' if isinstance(ending, UserError) else ''}{ending}", file=sys.stderr)
+    sys.exit(ending.exit_code)
 
 
 def _in_process(args: list[str], output) -> int:

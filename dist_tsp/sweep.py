@@ -13,7 +13,6 @@ import argparse
 import fcntl
 import json
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from tqdm.auto import tqdm
 
 from dist_tsp import side_by_side
 from dist_tsp.checkpoint import write_text_atomic
-from dist_tsp.config import load_config
 from dist_tsp.errors import UserError
 from dist_tsp.report import write_table
 
@@ -76,11 +74,9 @@ def run(args: argparse.Namespace) -> str:
     launch_config = side_by_side.accelerate_config(args)
     if bad := [o for o in args.overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
-    for n, overrides in enumerate(read_trials(args.trials), 1):
-        try:
-            load_config(args.config, [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
-        except UserError as error:
-            raise UserError(f"{args.trials}, trial {n} ({' '.join(overrides)}): {error}") from None
+    side_by_side.check_configs(args.config, ((f"{args.trials}, trial {n} ({' '.join(overrides)})",
+                                              [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
+                                             for n, overrides in enumerate(read_trials(args.trials), 1)))
     trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(read_trials(args.trials)) + 1)]
     slots = side_by_side.choose_slots(args.parallel_runs, args.processes)
     print(slots.describe("sweep"), flush=True)
@@ -157,9 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print("\n".join(trial(args.trials, args.dir, args.number)) if args.command == "trial" else
                   collect(args.dir))
-    except UserError as error:
-        print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+    except side_by_side.ENDINGS as ending:
+        side_by_side.end("dist-tsp", ending)
 
 
 if __name__ == "__main__":

@@ -103,15 +103,16 @@ def check_teacher_launch(cfg: RunConfig) -> None:
 def stop_on_signals() -> Iterator[StopRequest]:
     """Inside, SIGTERM/SIGUSR1 ask for a checkpoint, then exit code 75 (requeue me): the student phase stops after the
     step that follows the signal, and a signal that comes before it (data, teacher) is kept until its first step.
-    After, they are ignored: the run is over, and dist-tsp-launch repeats them until its workers have exited."""
+    After, the handlers from before are back: in a worker of dist-tsp-launch they ignore them (its agent's, inherited),
+    as the launcher repeats them until its workers have exited; in the protocol or a sweep running runs in its own
+    process, a signal between runs does what it did before the first."""
     requested = StopRequest()
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda *_: requested.set())
+    before = {signum: signal.signal(signum, lambda *_: requested.set()) for signum in STOP_SIGNALS}
     try:
         yield requested
     finally:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from dist_tsp import side_by_side
 from dist_tsp.protocol import main, processes_for
 from tests.runs import launch, train_rows
 
@@ -128,6 +129,20 @@ def test_bad_method_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit) as stop:
         main([*TINY, "--out", str(tmp_path / "p"), "--methods", "scratch,tsp2"])
     assert stop.value.code == 2 and not (tmp_path / "p").exists()
+
+
+def test_a_grid_point_no_run_can_use_is_refused_in_one_line_naming_its_run_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    """Every planned run's config is checked first: a grid point of weights 0 was found only by its own run, after the
+    teacher's and scratch's, and the protocol.json written by then refused a rerun with the grid corrected."""
+    monkeypatch.setattr(side_by_side, "launch_run", lambda name, *_, **__: pytest.fail(f"run {name} was launched"))
+    out = tmp_path / "p"
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(out), "--grid", "0.1,0.8,0.1 0,0,0"])
+    assert stop.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dist-tsp protocol: error: run grid/a0_b0_g0: config key 'loss': loss.alpha, loss.beta and loss.gamma are all "
+        "0: set at least one (scratch is alpha=1)"]
 
 
 def test_runs_use_the_most_processes_that_fit_their_students():

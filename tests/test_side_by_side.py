@@ -1,14 +1,19 @@
 """Independent runs side by side (the protocol's and a sweep's --parallel-runs): how many go at once, on which GPUs,
-and in which order."""
+in which order, and how a run in the protocol's or the sweep's own process ends it."""
 
+import contextlib
 import io
+import signal
+import sys
 import threading
 import time
 
 import pytest
 from tqdm import tqdm
 
-from dist_tsp.errors import UserError
+from dist_tsp import protocol, sweep, train
+from dist_tsp.errors import Preempted, UserError
+from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.protocol import PlannedRun, plan
 from dist_tsp.side_by_side import auto_runs, gpu_groups, run_concurrently, slot_devices
 
@@ -109,3 +114,57 @@ def test_a_bad_parallel_runs_value_is_refused_in_one_line_before_any_run(tmp_pat
                                         "or auto$"):
         plan(["--config", "configs/demo.yaml", "--out", str(tmp_path / "p"), "--parallel-runs", value])
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("command", ["protocol", "sweep"])
+@pytest.mark.parametrize("code, said", [
+    (75, "dist-tsp: stopped by a signal at step 3; checkpoint written: rerun the same command to resume"),
+    (3, "dist-tsp: non-finite ce loss for student lenet at step 2: stopping"),
+    (1, "dist-tsp: error: a collective waited longer than its timeout"),
+])
+def test_a_run_stopped_or_crashed_in_process_ends_the_protocol_and_the_sweep_with_its_exit_code(
+        tmp_path, monkeypatch, capsys, command, code, said):
+    """A stop by a signal (75: a wrapper requeues, the rerun resumes), a non-finite loss (3) or a crash (1), not bad
+    input's 2, which every run's failure was; one line with the run's own and its log."""
+    def run(_args):
+        print(said, file=sys.stderr)
+        sys.exit(code)
+
+    monkeypatch.setattr(train, "main", run)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        if command == "protocol":
+            protocol.main(["--config", "configs/demo.yaml", "--out", str(out), "--methods", "scratch",
+                           "--parallel-runs", "1"])
+        else:
+            (tmp_path / "trials.txt").write_text("seed=0\n")
+            sweep.main(["run", str(tmp_path / "trials.txt"), str(out), "configs/demo.yaml", "--parallel-runs", "1"])
+    name, log = ("teacher", out / "logs" / "teacher.log") if command == "protocol" else \
+        ("trial_1", out / "logs" / "trial_1.log")
+    prog = "dist-tsp protocol" if command == "protocol" else "dist-tsp"
+    assert stop.value.code == code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # after the progress bar
+        f"{prog}: run {name} {'failed' if code == 1 else 'stopped'} (exit {code}): {said}; its log is {log}. Rerun the "
+        "same command to continue from there")
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_after_a_run_the_stop_signals_get_back_the_handlers_they_had_before(stopped):
+    """Set to be ignored when a run ended, they left the protocol or a sweep running runs in its own process deaf to
+    `kill` between runs; a worker of dist-tsp-launch, which starts with them ignored, still ignores the launcher's
+    repeats. The same when the run ends, or stops by raising."""
+    def own(*_):
+        pass
+
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGTERM, own)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        with contextlib.suppress(Preempted), train.stop_on_signals():
+            assert signal.getsignal(signal.SIGTERM) is not own and signal.getsignal(signal.SIGUSR1) != signal.SIG_IGN
+            if stopped:
+                raise Preempted("stopped by a signal")
+        assert signal.getsignal(signal.SIGTERM) is own and signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
