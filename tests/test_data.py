@@ -1,3 +1,4 @@
+import contextlib
 import gzip
 import hashlib
 import importlib.metadata
@@ -15,6 +16,7 @@ from PIL import Image
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
 from dist_tsp.data import DataError, PeerBatches, digits_arrays, load_dataset
+from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
 from tests.runs import ROOT
@@ -151,6 +153,17 @@ def test_val_fraction_splits_train_80_20_with_the_seed():
     assert torch.equal(split.test.labels, full.test.labels)
     other = load_dataset(DataConfig(val_fraction=0.2), seed=1)
     assert not torch.equal(split.val.labels, other.val.labels)
+    with pytest.raises(DataError, match=r"data.val_fraction=0.0001 of 1438 training images holds none out: raise it"):
+        load_dataset(DataConfig(val_fraction=0.0001), seed=0)
+
+
+def test_replicas_past_the_end_of_a_small_evaluation_set_predict_nothing_and_the_others_every_image():
+    data = load_dataset(DataConfig(), seed=0)
+    two = data.test.subset(torch.arange(2))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    shards = [predict([model], two, shard=shard, num_shards=4, batch_size=8, normalize=data.normalize,
+                      autocast=contextlib.nullcontext)[0] for shard in range(4)]
+    assert [(s >= 0).tolist() for s in shards] == [[True, False], [False, True], [False, False], [False, False]]
 
 
 def test_max_train_samples_keeps_the_same_subset_for_every_seed_and_the_whole_test_set():
