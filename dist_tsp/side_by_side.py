@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp.config import load_config
 from dist_tsp.errors import NonFiniteLoss, Preempted, RunStopped, UserError
+from dist_tsp.launch import STOP_SIGNALS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
@@ -37,6 +40,7 @@ class RunFailed(Exception):
     exit_code = 1
 
 
+_RUNNING: set[subprocess.Popen] = set()  # the runs in processes of their own now, which stop signals reach
 ENDINGS = (UserError, RunStopped, RunFailed)  # how a launched run may end the protocol or a sweep (see `end`)
 ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)}  # else RunFailed
 
@@ -148,20 +152,58 @@ def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable
     the run named by `waits_for(run)` has finished (in list order otherwise); their directories in list order. After
     a failure none starts: those in flight finish, then the first failure is raised. The bar shows the runs in
     flight and counts the finished ones. With one slot the runs go one after another in this thread (a run in this
-    process needs the main thread, for its signal handlers)."""
-    if len(slots) == 1:
-        directories = []
-        for planned in runs:
-            bar.set_postfix_str(planned.name)
-            directories.append(run(planned, slots[0]))
-            bar.update()
-        return directories
+    process needs the main thread, for its signal handlers). SIGTERM or SIGUSR1 stops them as it stops one run (see
+    `_stop_signals_reach_the_runs`): Preempted, exit 75, and a rerun continues."""
+    with _stop_signals_reach_the_runs() as stop:
+        directories = _sequentially(runs, slots[0], run, bar, stop) if len(slots) == 1 else \
+            _side_by_side(runs, slots, run, bar, waits_for, stop)
+    if stop.is_set():
+        raise Preempted("stopped by a signal: every run in flight stopped after its next step with a checkpoint; rerun "
+                        "the same command to continue")
+    return directories
+
+
+@contextlib.contextmanager
+def _stop_signals_reach_the_runs() -> Iterator[threading.Event]:
+    """While the runs go, SIGTERM and SIGUSR1 reach every run in processes of its own, which stops after its next step
+    with a checkpoint, and no further run starts (the event is set); a run in this process answers them itself
+    (train.stop_on_signals, which gives these handlers back after it)."""
+    requested = threading.Event()
+
+    def pass_on(signum: int, _frame: object) -> None:
+        requested.set()
+        for child in list(_RUNNING):
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    before = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
+    try:
+        yield requested
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _sequentially(runs: list[Run], slot: str | None, run: Callable[[Run, str | None], Path], bar: tqdm,
+                  stop: threading.Event) -> list[Path]:
+    directories = []
+    for planned in runs:
+        if stop.is_set():
+            break
+        bar.set_postfix_str(planned.name)
+        directories.append(run(planned, slot))
+        bar.update()
+    return directories
+
+
+def _side_by_side(runs: list[Run], slots: Sequence[str | None], run: Callable[[Run, str | None], Path], bar: tqdm,
+                  waits_for: Callable[[Run], str | None], stop: threading.Event) -> list[Path]:
     directories: dict[str, Path] = {}
     waiting, running, free, failures = list(runs), {}, list(range(len(slots))), []
     with ThreadPoolExecutor(len(slots)) as pool:
-        while running or (waiting and not failures):
+        while running or (waiting and not failures and not stop.is_set()):
             unfinished = {p.name for p in waiting} | {p.name for p, _ in running.values()}
-            ready = [] if failures else [p for p in waiting if waits_for(p) not in unfinished]
+            ready = [] if failures or stop.is_set() else [p for p in waiting if waits_for(p) not in unfinished]
             for planned in ready[:len(free)]:
                 waiting.remove(planned)
                 slot = free.pop(0)
@@ -178,14 +220,14 @@ def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable
                     bar.update()
     if failures:
         raise failures[0]
-    return [directories[p.name] for p in runs]
+    return [directories[p.name] for p in runs if p.name in directories]
 
 
 def launch_run(name: str, args: list[str], log: Path, *, processes: int, accelerate_config: str | None,
                devices: str | None, in_process: bool) -> None:
     """One training run (dist_tsp/train.py `args`), its output appended to `log`: in this process when it may be
     (`in_process`: no other run at the same time) and the run has one process; else in processes of its own
-    (accelerate launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. When it fails, raises
+    (dist-tsp-launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. When it fails, raises
     what its exit code means, naming the log: UserError (bad input), Preempted (stopped by a signal with a
     checkpoint), NonFiniteLoss, else RunFailed (a crash)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -195,10 +237,15 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
         else:
             command = [sys.executable, TRAIN, *args]
             if processes > 1:
-                command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                command = [sys.executable, "-m", "dist_tsp.launch", "--config_file", accelerate_config,
                            "--num_processes", str(processes), *port_of_its_own(), *command[1:]]
             env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
-            code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
+            child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+            _RUNNING.add(child)
+            try:
+                code = child.wait()
+            finally:
+                _RUNNING.discard(child)
     if code != 0:
         tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
         ending = ENDING_BY_CODE.get(code, RunFailed)

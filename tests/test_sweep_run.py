@@ -3,10 +3,17 @@ reuses finished trials; a bad trial is refused before any runs."""
 
 import csv
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from dist_tsp.sweep import main
+from tests.runs import ENV, ROOT
 
 pytestmark = pytest.mark.slow
 TINY = ["students=[{name: lenet, model: lenet}, {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}]",
@@ -14,10 +21,30 @@ TINY = ["students=[{name: lenet, model: lenet}, {name: mobilenet, model: mobilen
         "train.max_steps=3", "train.log_every=3"]
 
 
-def test_trials_run_two_at_a_time_fill_the_table_and_a_rerun_reuses_them(tmp_path, capsys):
+def test_trials_run_two_at_a_time_stop_together_on_sigterm_then_resume_fill_the_table_and_a_rerun_reuses_them(
+        tmp_path, capsys):
+    """SIGTERM to `sweep run` reaches both trials in flight: each stops after its next step with a checkpoint, the
+    sweep exits 75 with one line and leaves no process behind, and the same command resumes them."""
     trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
     trials.write_text("seed=0\n# the second seed\nseed=1\n")
-    main(["run", str(trials), str(sweep), "configs/demo.yaml", "--parallel-runs", "2", *TINY])
+    args = ["run", str(trials), str(sweep), "configs/demo.yaml", "--parallel-runs", "2", *TINY, "train.max_steps=30",
+            "train.log_every=1"]
+    sweeping = subprocess.Popen([sys.executable, "-m", "dist_tsp.sweep", *args], cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not all((sweep / f"trial_{n}" / "metrics.jsonl").is_file() for n in (1, 2)):
+        assert sweeping.poll() is None and time.monotonic() < deadline, sweeping.communicate()
+        time.sleep(0.1)
+    sweeping.send_signal(signal.SIGTERM)
+    _, stderr = sweeping.communicate(timeout=120)
+    assert sweeping.returncode == 75, stderr[-3000:]
+    assert re.fullmatch(r"dist-tsp: run trial_\d stopped \(exit 75\): dist-tsp: stopped by a signal at step \d+; .*",
+                        stderr.strip().splitlines()[-1]), stderr[-3000:]
+    for number in (1, 2):
+        assert "stopped by a signal at step" in (sweep / "logs" / f"trial_{number}.log").read_text()
+        assert not (sweep / f"trial_{number}" / "results.json").exists()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(sweep) in " ".join(p.info["cmdline"] or [])]
+    main(args)
     assert "sweep: 2 runs at once (--parallel-runs 2)" in capsys.readouterr().out.splitlines()
     with (sweep / "sweep.csv").open() as table:
         rows = list(csv.DictReader(table))
@@ -27,10 +54,11 @@ def test_trials_run_two_at_a_time_fill_the_table_and_a_rerun_reuses_them(tmp_pat
         assert results["seed"] == number - 1
         assert {name: float(row[f"{name} test %"]) for name in results["students"]} == pytest.approx(
             {name: 100 * s["test_acc"] for name, s in results["students"].items()})
-        assert f"Results in {sweep / f'trial_{number}'}/results.json" in (sweep / "logs" / f"trial_{number}.log") \
-            .read_text()
+        log = (sweep / "logs" / f"trial_{number}.log").read_text()
+        assert "students: resuming from" in log and f"Results in {sweep / f'trial_{number}'}/results.json" in log
     finished = {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")}
-    main(["run", str(trials), str(sweep), "configs/demo.yaml", "--parallel-runs", "1", *TINY])
+    main(["run", str(trials), str(sweep), "configs/demo.yaml", "--parallel-runs", "1", *TINY, "train.max_steps=30",
+          "train.log_every=1"])
     assert "sweep: 1 run at a time (--parallel-runs 1)" in capsys.readouterr().out.splitlines()
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("results.json")} == finished
 
