@@ -232,7 +232,7 @@ def every_run(protocol: Protocol) -> list[PlannedRun]:
     """Every run the protocol may start, whichever grid points the grid chooses: the teacher, the grid, then every
     seed's runs with each grid point as a tuned one (seed_<k>/tsp_tuned_<point>)."""
     grid = grid_runs(protocol)
-    tuned = {f"tsp_tuned_{point_name(weights)}": ("", weights) for weights in protocol.grid} if grid else {}
+    tuned = {f"tsp_tuned_{point_name(w)}": (f"TSP tuned {_weights(w)}", w) for w in protocol.grid} if grid else {}
     return [TEACHER, *grid, *seed_runs(protocol, tuned)]
 
 

@@ -169,7 +169,7 @@ class _Views(torch.utils.data.Dataset):
         epoch, index = key
         name, encoded = self.files.images.encoded(index)
         try:
-            image = decode_rgb(encoded)
+            image = _decode_rgb(encoded)
         except (RuntimeError, ValueError, OSError) as error:
             return f"image {name} cannot be read ({_reason(error)}): replace or remove it"
         size, augmentation = self.files.image_size, self.augmentation
@@ -188,7 +188,7 @@ class _Views(torch.utils.data.Dataset):
         return self.epoch_views[1]
 
 
-def decode_rgb(encoded: str | bytes) -> torch.Tensor:
+def _decode_rgb(encoded: str | bytes) -> torch.Tensor:
     """An image file (path or bytes) as uint8 RGB [3, H, W], an animated one's first frame."""
     try:
         image = decode_image(encoded, mode="RGB")

@@ -63,7 +63,8 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     cfg = load_config(args.config, args.overrides)
     check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)
-    if args.teacher_only or saves_teacher(cfg):  # its folder is refused now, not once the teacher has trained
+    if args.teacher_only or (TeachingGraph.from_config(cfg).uses_teacher and not teacher_path(cfg).is_file()):
+        # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained
         check_writable(teacher_path(cfg).parent, f"teacher checkpoint {teacher_path(cfg)}")
     if args.teacher_only:
         return cfg, None
@@ -82,12 +83,6 @@ def check_writable(folder: Path, what: str) -> None:
         raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{what}: {existing} is not writable; choose a path you can write")
-
-
-def saves_teacher(cfg: RunConfig) -> bool:
-    """Whether a student run trains (or fetches) its teacher and saves it to teacher_path (see train_teacher)."""
-    return (TeachingGraph.from_config(cfg).uses_teacher and not teacher_path(cfg).is_file()
-            and (cfg.teacher.epochs > 0 or cfg.teacher.weights is not None))
 
 
 def check_teacher_launch(cfg: RunConfig) -> None:
