@@ -1,8 +1,11 @@
-"""Work before the student steps whose bad input, met on any rank, stops every rank with it: said once by rank 0
-(a SharedUserError), where the others would crash in the next collective or wait in it until its timeout."""
+"""Bad input met on some ranks stops every rank with one line. Before the student steps, the ranks agree on it and
+rank 0 says it (a SharedUserError), where the others would crash in the next collective or wait in it until its
+timeout. Met later by some ranks alone (an image that cannot be decoded), it is recorded in the launch's store: the
+ranks that met it say it once, and those whose next collective fails because of it exit with its code, quietly."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -50,3 +53,37 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
         return work(), None
     except UserError as error:
         return None, str(error)
+
+
+def said_by_another_rank_first(message: str) -> bool:
+    """Record bad input this rank alone met, for the other ranks; True when another rank recorded the same first
+    (it has been said). False without a store to record it in."""
+    store = _store()
+    if store is None:
+        return False
+    order = store.add(_key("count"), 1)
+    store.set(_key(order), message)
+    return any(store.get(_key(earlier)).decode() == message for earlier in range(1, order))
+
+
+def met_by_another_rank() -> bool:
+    """Whether a rank recorded bad input: this rank's failed collective is its consequence, said by that rank."""
+    store = _store()
+    return store is not None and store.check([_key("count")])
+
+
+def _store() -> dist.Store | None:
+    """The store the default process group was made with (torchrun's agent holds it), if it can still be reached."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.check([_key("count")])
+    except (RuntimeError, ValueError):  # its server was in a process that has gone
+        return None
+    return store
+
+
+def _key(name: object) -> str:
+    """This attempt's key (torchrun restarts its workers with the same store)."""
+    return f"dist-tsp/bad-input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"

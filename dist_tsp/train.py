@@ -30,7 +30,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
-from dist_tsp.shared_errors import main_process_first
+from dist_tsp.shared_errors import main_process_first, met_by_another_rank, said_by_another_rank_first
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -199,19 +199,24 @@ def main(argv: list[str] | None = None) -> None:
         else:
             with stop_on_signals() as stop_requested:
                 run(cfg, placement, stop_requested)
-    except UserError as error:  # unless shared, may be seen by one rank only (e.g. its checkpoint file)
-        shared = isinstance(error, SharedUserError)
-        if shared and dist.is_initialized():
+    except SharedUserError as error:
+        if dist.is_initialized():
             dist.destroy_process_group()  # every rank is here with nothing in flight (gloo may crash at exit otherwise)
-        _refuse(error, rank, world_size, every_rank=shared)
+        _refuse(error, rank, world_size, every_rank=True)
+    except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
+        _refuse(error, rank, world_size, every_rank=False, said=said_by_another_rank_first(str(error)))
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-        if "timed out" not in str(error).lower():
-            raise
-        print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
-              f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
-              f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
-              "(its own error, if any, is above)", file=sys.stderr, flush=True)
-        os._exit(1)  # its groups hold work that can never complete: their destructors would abort (SIGABRT)
+        bad_input_elsewhere = met_by_another_rank()  # this collective failed because that rank left, saying why
+        if not bad_input_elsewhere:
+            if "timed out" not in str(error).lower():
+                raise
+            print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
+                  f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
+                  f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
+                  "(its own error, if any, is above)", file=sys.stderr)
+        sys.stderr.flush()
+        # its groups hold work that can never complete: their destructors would abort (SIGABRT)
+        os._exit(UserError.exit_code if bad_input_elsewhere else 1)
     except RunStopped as stopped:
         if hand_over(stopped):
             return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
@@ -220,10 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(stopped.exit_code)
 
 
-def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool) -> NoReturn:
-    """Exit with bad input's code, its one line said by rank 0 when every rank met it, else by each rank that did,
-    naming itself."""
-    if not every_rank or rank == 0:
+def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, said: bool = False) -> NoReturn:
+    """Exit with bad input's code, its one line said by rank 0 when every rank met it, else by each rank that did
+    (naming itself) unless another rank `said` the same."""
+    if not said and (rank == 0 or not every_rank):
         print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
     sys.exit(UserError.exit_code)
 

@@ -208,6 +208,29 @@ def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
                                 "remove it")
 
 
+# (students, what it shows): one replica meets the image while the others wait for it; every rank meets it at once
+MID_RUN = {"one student on 3 replicas": "[{name: solo, model: lenet}]",
+           "3 students on the same batches": f"[{', '.join(f'{{name: {n}, model: lenet}}' for n in 'abc')}]"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("students", MID_RUN)
+def test_an_image_met_mid_run_by_some_ranks_stops_every_rank_with_its_one_line_and_exit_2(tmp_path, students):
+    """The ranks that did not meet it exit with its code, quietly, when their next collective fails: no
+    traceback, no torchrun report, the line said once."""
+    root = write_folder(tmp_path / "folder", per_class=24)
+    broken = root / "train" / "bee" / "007.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    done = launch(["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
+                   f"students={MID_RUN[students]}", "loss.preset=scratch", "data.batch_size=8", "train.epochs=2",
+                   "train.max_steps=20", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet"],
+                  processes=3, check=False, launcher="dist-tsp")
+    said = [line for line in done.stderr.replace("\r", "\n").splitlines() if "dist-tsp" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(said) == 1 and said[0].endswith(f"image {broken} cannot be read (Image is incomplete or truncated.): "
+                                               "replace or remove it"), done.stderr[-3000:]
+
+
 def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_path):
     import shutil
 
