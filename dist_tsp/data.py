@@ -4,6 +4,7 @@ evaluation batches."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import os
 import tempfile
@@ -119,6 +120,19 @@ class Dataset:
         sets it suits)."""
         return Augmentation(enabled=enabled, hflip=self.hflip, pad=max(1, self.train.image_size // 8), seed=seed,
                             crop=self.crop)
+
+    def identity(self) -> str:
+        """Its splits' sizes and a digest of their content (a streamed split's file names and labels), classes and
+        statistics: what every rank of a run must have loaded alike."""
+        splits = (self.train, self.val, self.test)
+        content = hashlib.sha256(repr((self.name, self.classes, self.mean, self.std)).encode())
+        for split in splits:
+            content.update(repr(None if split is None else len(split)).encode())
+            if split is not None:
+                content.update(split.fingerprint())
+        sizes = [0 if split is None else len(split) for split in splits]
+        return (f"{sizes[0]} training, {sizes[1]} validation and {sizes[2]} test images in {self.num_classes} "
+                f"classes, content {content.hexdigest()[:12]}")
 
     def to(self, device: torch.device) -> Dataset:
         val = None if self.val is None else self.val.to(device)

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dist_tsp import checkpoint
+from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, load_dataset
@@ -30,7 +30,6 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
-from dist_tsp.shared_errors import main_process_first, met_by_another_rank, said_by_another_rank_first
 from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -121,8 +120,10 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
         raise SharedUserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
-    data = main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed)).to(accelerator.device)
-    return accelerator, data
+    data = shared_errors.main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed))
+    shared_errors.check_same_on_every_rank("a dataset", data.identity,
+                             "every node needs the same data (a node's own copy of data.root may differ)")
+    return accelerator, data.to(accelerator.device)
 
 
 def startup_timeout(cfg: RunConfig) -> timedelta:
@@ -204,9 +205,9 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()  # every rank is here with nothing in flight (gloo may crash at exit otherwise)
         _refuse(error, rank, world_size, every_rank=True)
     except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
-        _refuse(error, rank, world_size, every_rank=False, said=said_by_another_rank_first(str(error)))
+        _refuse(error, rank, world_size, every_rank=False, said=shared_errors.said_by_another_rank_first(str(error)))
     except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-        bad_input_elsewhere = met_by_another_rank()  # this collective failed because that rank left, saying why
+        bad_input_elsewhere = shared_errors.met_by_another_rank()  # its collective failed as that rank left
         if not bad_input_elsewhere:
             if "timed out" not in str(error).lower():
                 raise

@@ -18,6 +18,7 @@ from PIL import Image
 
 from dist_tsp.config import DataConfig, load_config
 from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
+from dist_tsp.errors import SharedUserError
 from dist_tsp.logit_cache import cache_key
 from dist_tsp.placement import Placement
 from dist_tsp.shards import main
@@ -157,6 +158,36 @@ def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards
         assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
         assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
         assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
+
+
+def _start_from(roots: list[Path], output_dir: Path) -> str | None:
+    """On each rank: a run's start-up (process group, seed, data) from that rank's own copy of the folder; the
+    one line that refused it, if any."""
+    from dist_tsp.train import start
+
+    own = [f"output_dir={output_dir}", "data.name=image_folder", "data.normalization=imagenet",
+           f"data.root={roots[dist.get_rank()]}"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", own)
+    try:
+        start(cfg, trackers=False)
+    except SharedUserError as error:
+        return str(error)
+    return None
+
+
+def test_ranks_whose_copy_of_the_folder_differs_from_rank_0s_are_refused_on_every_rank_naming_them(folder, tmp_path):
+    """A node's own copy of data.root with an image missing (rank 2), or one image in another class (rank 1: the same
+    counts), would train peers on other images under the same indices."""
+    import shutil
+
+    copies = [shutil.copytree(folder, tmp_path / name) for name in ("moved", "missing")]
+    (copies[0] / "train" / "ant" / "005.jpg").rename(copies[0] / "train" / "bee" / "ant-005.jpg")
+    (copies[1] / "train" / "cat" / "006.jpg").unlink()
+    assert run_on_ranks(_start_from, 3, [folder] * 3, tmp_path / "run") == [None] * 3
+    said = run_on_ranks(_start_from, 3, [folder, *copies], tmp_path / "run")
+    assert len(set(said)) == 1 and said[0].startswith("ranks 1, 2 loaded a dataset other than rank 0's (")
+    assert said[0].endswith("): every node needs the same data (a node's own copy of data.root may differ)")
+    assert said[0].count("96 training, 0 validation and 24 test images in 4 classes") == 2  # rank 1's, rank 0's
 
 
 @pytest.fixture(scope="module")
