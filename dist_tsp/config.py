@@ -299,8 +299,9 @@ class RunConfig(Section):
     def student_names(self) -> list[str]:
         return [s.name for s in self.students]
 
-    def identity(self) -> dict[str, Any]:
-        """The settings a checkpoint must agree with to be resumed (not run length, logging or paths)."""
+    def identity(self, finished: bool = False) -> dict[str, Any]:
+        """The settings a checkpoint must agree with to be resumed (not run length, logging or paths); `finished`: a
+        finished run's results, which its length decides too (train.epochs and train.max_steps)."""
         tree = self.to_dict()
         for key in ("output_dir", "resume", "tracking"):
             tree.pop(key)
@@ -311,8 +312,8 @@ class RunConfig(Section):
                 tree[section].pop(key)
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
-        for key in ("epochs", "max_steps", "log_every", "checkpoint_every", "keep_last", "collective_timeout_s",
-                    "profile", "channels_last", "compile", "step", "graph_warmup", "deterministic"):
+        for key in ("log_every", "checkpoint_every", "keep_last", "collective_timeout_s", "profile", "channels_last",
+                    "compile", "step", "graph_warmup", "deterministic", *(() if finished else ("epochs", "max_steps"))):
             tree["train"].pop(key)
         return tree
 

@@ -24,7 +24,7 @@ from typing import NoReturn, Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from dist_tsp.config import load_config
+from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import NonFiniteLoss, Preempted, RunStopped, UserError
 from dist_tsp.launch import STOP_SIGNALS
 
@@ -78,14 +78,16 @@ def accelerate_config(args: argparse.Namespace) -> str | None:
     return str(ROOT / "configs" / "accelerate" / f"{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml")
 
 
-def check_configs(config: str | Path, runs: Iterable[tuple[str, list[str]]]) -> None:
+def check_configs(config: str | Path, runs: Iterable[tuple[str, list[str]]]) -> list[RunConfig]:
     """Every run's config (`config` with its overrides), given as (name, overrides), loaded and so checked before any
     run starts or anything is written; raises UserError naming the first bad run and its problem."""
+    configs = []
     for name, overrides in runs:
         try:
-            load_config(config, overrides)
+            configs.append(load_config(config, overrides))
         except UserError as error:
             raise UserError(f"{name}: {error}") from None
+    return configs
 
 
 @dataclass(frozen=True, slots=True)

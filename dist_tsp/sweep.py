@@ -21,7 +21,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from dist_tsp import side_by_side
-from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.checkpoint import differences, write_text_atomic
+from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import UserError
 from dist_tsp.report import write_table
 
@@ -51,14 +52,35 @@ def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
     if not 1 <= number <= len(trials):
         raise UserError(f"{trials_file} has {len(trials)} trials, so no trial {number}: "
                         f"submit with --array=1-{len(trials)}")
-    record = sweep_dir / RECORD
-    if not record.is_file():
+    if not recorded(trials_file, sweep_dir, trials):
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(record, trials_file.read_text())
-    elif read_trials(record) != trials:
+        write_text_atomic(sweep_dir / RECORD, trials_file.read_text())
+    return trials[number - 1]
+
+
+def recorded(trials_file: Path, sweep_dir: Path, trials: list[list[str]]) -> bool:
+    """Whether the sweep directory records `trials` (False: it records none yet); refuses one that records others."""
+    record = sweep_dir / RECORD
+    if record.is_file() and read_trials(record) != trials:
         raise UserError(f"{sweep_dir} holds another sweep ({record} differs from {trials_file}): "
                         "choose another directory")
-    return trials[number - 1]
+    return record.is_file()
+
+
+def check_finished(configs: list[RunConfig]) -> None:
+    """A finished trial is reused only if it ran with the config it would run with now (RunConfig.identity, as a
+    checkpoint on resume, and the run's length); raises UserError naming the first that did not."""
+    for cfg in configs:
+        if not (cfg.output_dir / "results.json").is_file():
+            continue
+        try:
+            ran = load_config(cfg.output_dir / "config.yaml")
+        except UserError as error:
+            raise UserError(f"{cfg.output_dir} has finished but its config.yaml does not load ({error}): "
+                            f"remove {cfg.output_dir} to run it again") from None
+        if differ := differences(ran.identity(finished=True), cfg.identity(finished=True)):
+            raise UserError(f"{cfg.output_dir} finished with other settings ({'; '.join(differ[:4])}): rerun with "
+                            f"the settings it ran with, or choose another DIR or remove {cfg.output_dir}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +92,18 @@ class Trial:
 def run(args: argparse.Namespace) -> str:
     """Every trial of args.trials whose results are not in args.dir yet (an interrupted one resumes), up to
     --parallel-runs at once, each with args.config and args.overrides under its own; then the table. Every trial's
-    config is checked before any starts."""
+    config is checked before any starts, and a finished trial's against the one it ran with."""
     launch_config = side_by_side.accelerate_config(args)
     if bad := [o for o in args.overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
-    side_by_side.check_configs(args.config, ((f"{args.trials}, trial {n} ({' '.join(overrides)})",
-                                              [*args.overrides, *overrides, f"output_dir={args.dir / f'trial_{n}'}"])
-                                             for n, overrides in enumerate(read_trials(args.trials), 1)))
-    trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(read_trials(args.trials)) + 1)]
+    per_trial = read_trials(args.trials)
+    configs = side_by_side.check_configs(args.config, ((f"{args.trials}, trial {n} ({' '.join(overrides)})",
+                                                        [*args.overrides, *overrides,
+                                                         f"output_dir={args.dir / f'trial_{n}'}"])
+                                                       for n, overrides in enumerate(per_trial, 1)))
+    recorded(args.trials, args.dir, per_trial)  # another sweep's directory is refused before its trials are compared
+    check_finished(configs)
+    trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(per_trial) + 1)]
     slots = side_by_side.choose_slots(args.parallel_runs, args.processes)
     print(slots.describe("sweep"), flush=True)
 

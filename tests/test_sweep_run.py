@@ -1,5 +1,5 @@
 """`python -m dist_tsp.sweep run`: a trials file's trials on this machine, two at once, then the table; a rerun
-reuses finished trials; a bad trial is refused before any runs."""
+reuses finished trials, if they ran with its settings; a bad trial is refused before any runs."""
 
 import csv
 import json
@@ -12,6 +12,7 @@ import time
 import psutil
 import pytest
 
+from dist_tsp.config import load_config, save_config
 from dist_tsp.sweep import main
 from tests.runs import ENV, ROOT
 
@@ -72,3 +73,55 @@ def test_a_bad_trial_is_refused_in_one_line_naming_it_before_any_run(tmp_path, c
     assert capsys.readouterr().err.strip().splitlines() == [
         f"dist-tsp: error: {trials}, trial 2 (loss.temprature=3): unknown config key 'loss.temprature': allowed keys "
         "here are alpha, beta, gamma, temperature, peer_reduction, preset"]
+
+
+def finished_sweep(tmp_path):
+    """A sweep of seeds 0 and 1 as `sweep run` leaves it once both trials have finished with TINY, a copy of
+    configs/demo.yaml (loss.temperature 4.0) as CONFIG, and train.max_steps=3: each trial's config.yaml saved as
+    train.py saves it, and its results."""
+    trials, sweep, config = tmp_path / "seeds.txt", tmp_path / "sweep", tmp_path / "demo.yaml"
+    trials.write_text("seed=0\nseed=1\n")
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text())
+    sweep.mkdir()
+    (sweep / "trials.txt").write_text(trials.read_text())
+    for number in (1, 2):
+        directory = sweep / f"trial_{number}"
+        directory.mkdir()
+        save_config(load_config(config, [*TINY, f"seed={number - 1}", f"output_dir={directory}"]),
+                    directory / "config.yaml")
+        (directory / "results.json").write_text(json.dumps(
+            {"teacher": None, "students": {"lenet": {"val_acc": None, "test_acc": 0.25 * number}}}))
+    return trials, sweep, config
+
+
+def files(folder):
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("overrides, edit, change", [
+    (["loss.temperature=8"], None, "loss.temperature: 4.0 -> 8.0"),
+    (["train.max_steps=6"], None, "train.max_steps: 3 -> 6"),  # a finished run's length is part of its results
+    ([], ("temperature: 4.0", "temperature: 2.0"), "loss.temperature: 4.0 -> 2.0"),  # CONFIG edited since
+])
+def test_a_rerun_with_other_settings_is_refused_in_one_line_naming_the_finished_trial_before_anything_is_written(
+        tmp_path, capsys, overrides, edit, change):
+    trials, sweep, config = finished_sweep(tmp_path)
+    if edit:
+        config.write_text(config.read_text().replace(*edit))
+    before = files(sweep)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), str(config), *TINY, *overrides])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-tsp: error: {sweep / 'trial_1'} finished with other settings ({change}): rerun with the settings it "
+        f"ran with, or choose another DIR or remove {sweep / 'trial_1'}"]
+    assert files(sweep) == before  # no log, no table, nothing moved
+
+
+def test_a_rerun_with_the_settings_the_trials_ran_with_reuses_them_and_writes_the_table(tmp_path, capsys):
+    trials, sweep, config = finished_sweep(tmp_path)
+    main(["run", str(trials), str(sweep), str(config), *TINY, "train.log_every=1"])  # logging: not what a run computes
+    assert not (sweep / "logs").exists()
+    with (sweep / "sweep.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["seed"], float(row["lenet test %"])) for row in rows] == [("0", 25.0), ("1", 50.0)]
