@@ -51,7 +51,9 @@ class Protocol:
     base: RunConfig = field(repr=False, compare=False)
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "base"}
+        """Its options and what its runs start from: the config as it reads now (an edited file is another one)."""
+        options = {k: v for k, v in asdict(self).items() if k != "base"}
+        return json.loads(json.dumps({**options, "base_config": self.base.identity(finished=True)}))
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -100,9 +102,13 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     side_by_side.check_configs(args.config, ((f"run {planned.name}", run_overrides(protocol, args.out, planned))
                                              for planned in every_run(protocol)))
     record = args.out / "protocol.json"
-    if record.is_file() and json.loads(record.read_text()) != json.loads(json.dumps(protocol.record())):
-        raise UserError(f"{args.out} holds another protocol ({record} differs): rerun with its options or choose "
-                        "another --out")
+    if record.is_file():
+        saved, current = json.loads(record.read_text()), protocol.record()
+        if "base_config" not in saved:  # written before the record held the config's content
+            current.pop("base_config")
+        if differ := checkpoint.differences(saved, current):
+            raise UserError(f"{args.out} holds another protocol ({'; '.join(differ[:4])}): rerun with its options "
+                            "or choose another --out")
     return protocol, args.out, side_by_side.choose_slots(args.parallel_runs, args.processes)
 
 

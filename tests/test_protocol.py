@@ -7,7 +7,7 @@ import pytest
 
 from dist_tsp import side_by_side
 from dist_tsp.protocol import main, processes_for
-from tests.runs import launch, train_rows
+from tests.runs import ROOT, launch, train_rows
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -85,13 +85,28 @@ def test_rerunning_reuses_every_finished_run_and_the_progress_bar_counts_every_r
     assert f"| {runs}/{runs} [" in capsys.readouterr().err
 
 
-def test_other_options_in_the_same_directory_are_refused_in_one_line(protocol, capsys):
+def test_other_options_or_an_edited_config_file_in_the_same_directory_are_refused_in_one_line(protocol, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """Refused before anything runs or is written, naming what differs: the directory's finished runs started from
+    the config as it read then."""
     with pytest.raises(SystemExit) as stop:
         main([*TINY, "--out", str(protocol), "--seeds", "3"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"dist-tsp protocol: error: {protocol} holds another protocol ({protocol}/protocol.json differs): rerun "
-        "with its options or choose another --out"]
+        f"dist-tsp protocol: error: {protocol} holds another protocol (seeds: [0, 1] -> [0, 1, 2]): rerun with its "
+        "options or choose another --out"]
+    monkeypatch.chdir(tmp_path)  # the same --config configs/demo.yaml, edited
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text((ROOT / "configs" / "demo.yaml").read_text().replace(
+        "temperature: 4.0", "temperature: 2.0"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "protocol.json").write_bytes((protocol / "protocol.json").read_bytes())
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", "out", "--seeds", "2"])
+    assert stop.value.code == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["protocol.json"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dist-tsp protocol: error: out holds another protocol (base_config.loss.temperature: 4.0 -> 2.0): rerun with "
+        "its options or choose another --out"]
 
 
 def test_mentored_phase_on_three_ranks_matches_one_process(protocol, tmp_path):
