@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,7 +61,7 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
     """The frozen teacher for `teacher.mode` (trained on all ranks and saved first when its file is missing), with
     what results.json records about it and its predicted class of every test sample."""
     path = teacher_path(cfg)
-    if not path.is_file():
+    if not teacher_file_found(cfg, accelerator):
         train_teacher(cfg, data, accelerator, path)
     elif accelerator.is_main_process:
         print(f"teacher: loading {path}")
@@ -73,6 +74,12 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
                        test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
                        parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
     return model, info, predicted
+
+
+def teacher_file_found(cfg: RunConfig, accelerator: Accelerator) -> bool:
+    """Whether teacher.checkpoint exists, as the main process sees it: every rank then trains the teacher or loads it
+    alike (one that cannot read the file says so when it loads it), even if the file appears while they start."""
+    return broadcast_object_list([teacher_path(cfg).is_file() if accelerator.is_main_process else None])[0]
 
 
 def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path) -> None:

@@ -30,7 +30,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
-from dist_tsp.teacher import prepare_teacher, teacher_logits, teacher_path
+from dist_tsp.teacher import prepare_teacher, teacher_file_found, teacher_logits, teacher_path
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
@@ -149,7 +149,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     graph = TeachingGraph.from_config(cfg)
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
-    if graph.uses_teacher or teacher_path(cfg).is_file():
+    if graph.uses_teacher or teacher_file_found(cfg, accelerator):
         model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups)
         teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from dist_tsp import checkpoint
 from dist_tsp.config import load_config
 from dist_tsp.data import PeerBatches, load_dataset
-from dist_tsp.errors import UserError
+from dist_tsp.errors import SharedUserError, UserError
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.teacher import prepare_teacher, teacher_logits
@@ -172,6 +172,32 @@ def test_cache_is_computed_once_per_epoch_then_reused(every_mode):
         assert summary["computed_epochs"] == [] and summary["reused_epochs"] == list(EPOCHS)
         assert (rank["cached"]["logits"] == before["cached"]["logits"]).all()
     assert {f: f.stat().st_mtime_ns for f in files} == written  # not rewritten
+
+
+def _teacher_seen_by_rank_0_alone(tmp):
+    """On each rank: the teacher prepared while its file is on rank 0's node alone; the one line refusing it."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    cfg = config(tmp, "replicated")
+    if dist.get_rank() > 0:
+        is_file = Path.is_file
+        Path.is_file = lambda path: path != cfg.teacher.checkpoint and is_file(path)
+    accelerator = Accelerator(cpu=True)
+    groups = Groups.from_mesh(Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3).build_mesh("cpu"))
+    try:
+        prepare_teacher(cfg, load_dataset(cfg.data, seed=0), accelerator, groups)
+    except SharedUserError as error:
+        return str(error)
+    return None
+
+
+def test_a_teacher_file_rank_0_alone_finds_is_refused_on_every_rank_naming_the_others(tmp_path):
+    """Every rank follows rank 0 in loading it, not training a teacher of its own in collectives that do not match."""
+    path = teacher_file(tmp_path / "teacher.pt")
+    said = run_on_ranks(_teacher_seen_by_rank_0_alone, WORLD, tmp_path, timeout=60)
+    assert said == [f"ranks 1, 2: teacher checkpoint {path} does not exist: check the path"] * WORLD
 
 
 @pytest.fixture(scope="module")
