@@ -173,12 +173,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> Path | None:
+def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, total_steps: int | None = None
+              ) -> Path | None:
     """The checkpoint directory a run resumes from (None: start at step 0).
 
     Refuses, with the differences, a checkpoint of another run: other students or replica count
     (always), other settings or another teacher file (unless resume=force). The teacher is compared
-    only when `teacher_sha` is given (by a run whose students learn from the teacher).
+    only when `teacher_sha` is given (by a run whose students learn from the teacher), and the run's
+    length (one past `total_steps` cannot be undone) only when that is.
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
@@ -198,13 +200,18 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None) -> 
     if differ and cfg.resume != "force":
         raise UserError(f"{cfg.output_dir} holds a checkpoint of a different run ({'; '.join(differ[:4])}): "
                         "use another output_dir, or resume=force to continue with the new settings")
+    if total_steps is not None and manifest["step"] > total_steps:
+        raise UserError(f"{found[-1]} is at step {manifest['step']}, past this run's last step, {total_steps} "
+                        f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}): give it at least "
+                        f"{manifest['step']} steps, or resume=off to start again")
     return found[-1]
 
 
 def set_aside(output_dir: Path) -> Path | None:
-    """Move an earlier attempt's checkpoints, metrics, results and W&B run id into output_dir/previous-N/; return it
-    (None: there were none)."""
-    names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "tracker_run_id")
+    """Move an earlier attempt's checkpoints, metrics, results, predictions, config, profiles and W&B run id into
+    output_dir/previous-N/; return it (None: there were none)."""
+    names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "predictions.npz", "config.yaml", "profile",
+             "tracker_run_id")
     present = [output_dir / n for n in names if (output_dir / n).exists()]
     if not present:
         return None

@@ -25,9 +25,10 @@ class Checkpointer:
     manifest that identifies the run."""
 
     def __init__(self, cfg: RunConfig, placement: Placement, graph: TeachingGraph, teacher_info: TeacherInfo | None,
-                 tracker: Tracker, accelerator: Accelerator, steps_per_epoch: int) -> None:
+                 tracker: Tracker, accelerator: Accelerator, steps_per_epoch: int, total_steps: int) -> None:
         self.cfg, self.placement, self.graph, self.teacher_info = cfg, placement, graph, teacher_info
-        self.tracker, self.accelerator, self.steps_per_epoch = tracker, accelerator, steps_per_epoch
+        self.tracker, self.accelerator = tracker, accelerator
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
     def save(self, step: int, students: list[LocalStudent], control: RunControl, *, epoch_end: bool) -> None:
         """Every rank writes its files into checkpoints/step_N.partial/; once all are done the main process writes the
@@ -80,7 +81,7 @@ class Checkpointer:
         """This rank's part of the latest complete checkpoint, loaded: its directory and step (None: none)."""
         used_teacher = self.teacher_info is not None and self.graph.uses_teacher
         directory = checkpoint.resumable(self.cfg, self.placement.replicas,
-                                         self.teacher_info.sha256 if used_teacher else None)
+                                         self.teacher_info.sha256 if used_teacher else None, self.total_steps)
         if directory is None:
             return None
         manifest = checkpoint.read_manifest(directory)

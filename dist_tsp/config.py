@@ -108,6 +108,9 @@ class ModelSpec(Section):
         return name
 
 
+LABELS, TEACHER = "labels", "teacher"  # the sources beside the students: in the teaching graph, and in predictions.npz
+
+
 class StudentConfig(ModelSpec):
     """One student: a unique display name and the model it is.
 
@@ -119,6 +122,14 @@ class StudentConfig(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     init: Path | None = None
     frozen: bool = False
+
+    @field_validator("name")
+    def _not_another_source(cls, name: str) -> str:
+        if name in (LABELS, TEACHER):
+            what = {LABELS: "the true labels", TEACHER: "the teacher"}[name]
+            raise ValueError(f"student name {name!r} names {what} in the teaching graph and predictions.npz: "
+                             "rename the student")
+        return name
 
     @model_validator(mode="after")
     def _mentor_has_weights(self) -> StudentConfig:

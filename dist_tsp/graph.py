@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_tsp.config import RunConfig
+from dist_tsp.config import LABELS, TEACHER, RunConfig
 from dist_tsp.losses import graph_terms
-
-LABELS, TEACHER = "labels", "teacher"
 
 
 @dataclass(frozen=True, slots=True)

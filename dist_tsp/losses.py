@@ -79,7 +79,8 @@ def tsp_loss(
     if peer_reduction not in ("sum", "mean"):
         raise ValueError(f"tsp_loss: peer_reduction must be 'sum' or 'mean', not {peer_reduction!r}")
     peers = peer_logits.shape[0]
-    shares = student_logits.new_full((1, peers), 1 / peers if peer_reduction == "mean" else 1.0, dtype=torch.float32)
+    share = 1 / peers if peer_reduction == "mean" and peers else 1.0
+    shares = student_logits.new_full((1, peers), share, dtype=torch.float32)
     ce, kd, peer = graph_terms(student_logits.unsqueeze(0), labels, teacher_logits, peer_logits, shares,
                                temperature)[0]
     return TSPLoss(total=alpha * ce + beta * kd + gamma * peer, ce=ce, kd=kd, peer=peer)

@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
-from dist_tsp.config import RunConfig
+from dist_tsp.config import LABELS, TEACHER, RunConfig
 
 if TYPE_CHECKING:  # importing the teacher (accelerate, torchvision) would slow `python -m dist_tsp.sweep`
     from dist_tsp.teacher import TeacherInfo
@@ -57,9 +57,9 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
 def write_predictions(output_dir: Path, names: list[str], students: torch.Tensor, labels: torch.Tensor,
                       teacher: torch.Tensor | None) -> None:
     """predictions.npz: the test labels and every student's (and the teacher's) predicted class per test sample."""
-    arrays = {"labels": labels, **dict(zip(names, students))}
+    arrays = {LABELS: labels, **dict(zip(names, students))}
     if teacher is not None:
-        arrays["teacher"] = teacher
+        arrays[TEACHER] = teacher
     write_atomic(output_dir / "predictions.npz",
                  lambda file: np.savez_compressed(file, **{k: v.cpu().numpy() for k, v in arrays.items()}))
 

@@ -68,7 +68,7 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     if args.teacher_only:
         return cfg, None
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
-    checkpoint.resumable(cfg, placement.replicas)  # another run's checkpoint is refused here, before any work
+    checkpoint.resumable(cfg, placement.replicas, total_steps=cfg.train.max_steps)  # another run's: refused here
     # a step train.step=graph cannot capture is refused here too (the device is the one start() will choose)
     choose_step(cfg, placement.replicas, TeachingGraph.from_config(cfg).uses_teacher,
                 "cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,9 @@ BEFORE_ANY_PROCESS_GROUP = [
     ([], 2, r"2 processes cannot hold 3 students: launch a number of processes that divides or is a multiple of 3"),
     ([], 4, r"4 processes cannot hold 3 students"),
     (["students.1.name=lenet"], 1, r"duplicate student names \['lenet'\]: give every student a unique name"),
+    (["students.1.name=teacher"], 1, r"student name 'teacher' names the teacher in the teaching graph and "
+                                     r"predictions.npz: rename the student"),
+    (["students.0.name=labels"], 1, r"student name 'labels' names the true labels in the teaching graph"),
     (["train.epoch=3"], 1, r"unknown config key 'train.epoch': allowed keys here are epochs, max_steps"),
     (["train.epochs=three"], 1, r"'train.epochs': Input should be a valid integer"),
     (["train.epochs"], 1, r"override 'train.epochs' is not key=value"),

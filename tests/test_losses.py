@@ -70,10 +70,11 @@ def test_peer_mean_divides_the_sum_by_the_peer_count(logits):
     assert mean.item() == pytest.approx(total.item() / 2, rel=1e-9)
 
 
-def test_no_peers_gives_zero_peer_term(logits):
+@pytest.mark.parametrize("peer_reduction", ["sum", "mean"])
+def test_no_peers_gives_zero_peer_term(logits, peer_reduction):
     student, teacher, _, labels = logits
     out = tsp_loss(student, labels, teacher, torch.empty(0, 4, 5, dtype=torch.float64), alpha=1, beta=1, gamma=5,
-                   temperature=T)
+                   temperature=T, peer_reduction=peer_reduction)
     assert out.peer.item() == 0.0
     assert out.total.item() == pytest.approx(out.ce.item() + out.kd.item(), rel=1e-6)
 

@@ -148,10 +148,19 @@ def test_a_fresh_start_sets_the_earlier_attempt_aside_and_another_configs_checkp
     assert "resuming from" in forced.stdout and last_step(tmp_path) == 4
     with pytest.raises(UserError, match=r"checkpoint of other students .*resume=off to start again"):
         plan([*args, "students=[{name: lenet, model: lenet}]", "resume=force"], 1, 0)
+    with pytest.raises(UserError, match=r"step_00000004 is at step 4, past this run's last step, 3 \(train.epochs=2, "
+                                         r"train.max_steps=3\): give it at least 4 steps, or resume=off"):
+        plan([*args, "train.max_steps=3", "loss.gamma=0.5"], 1, 0)
+    shorter = launch([*args, "loss.gamma=0.5", "resume=force", "train.max_steps=null", "train.epochs=1",
+                      "data.batch_size=1000"], check=False)  # 1 step per epoch: known once the data is
+    assert shorter.returncode == 2, shorter.stderr
+    assert "is at step 4, past this run's last step, 1 (train.epochs=1, train.max_steps=None)" in shorter.stderr
+    finished = {name: (tmp_path / name).read_bytes() for name in ("results.json", "predictions.npz", "config.yaml")}
     fresh = launch([*args, "resume=off"])
     assert "moved to" in fresh.stdout and "resuming from" not in fresh.stdout
     previous = tmp_path / "previous-2"
     assert (previous / "checkpoints").is_dir() and (previous / "metrics.jsonl").is_file()
+    assert {name: (previous / name).read_bytes() for name in finished} == finished  # its results with their config
     assert last_step(tmp_path) == 2 and last_step(previous) == 4
 
 
