@@ -173,14 +173,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# what a checkpoint's state cannot be carried over to, even with resume=force: other students (their weights),
+# another replica count (their random streams), another optimizer (its per-parameter state)
+FATAL_DIFFERENCES = ("students", "replicas", "config.students", "config.train.optimizer.name")
+
+
 def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, total_steps: int | None = None
               ) -> Path | None:
     """The checkpoint directory a run resumes from (None: start at step 0).
 
-    Refuses, with the differences, a checkpoint of another run: other students or replica count
-    (always), other settings or another teacher file (unless resume=force). The teacher is compared
-    only when `teacher_sha` is given (by a run whose students learn from the teacher), and the run's
-    length (one past `total_steps` cannot be undone) only when that is.
+    Refuses, with the differences, a checkpoint of another run: FATAL_DIFFERENCES (always), other settings or
+    another teacher file (unless resume=force). The teacher is compared only when `teacher_sha` is given (by a run
+    whose students learn from the teacher), and the run's length (one past `total_steps` cannot be undone) only
+    when that is.
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
@@ -193,10 +198,10 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
         saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")
         current["teacher_sha256"] = teacher_sha
     differ = differences(saved, current)
-    fatal = any(line.startswith(("students", "replicas", "config.students")) for line in differ)
+    fatal = [line for line in differ if line.startswith(FATAL_DIFFERENCES)]
     if fatal:
-        raise UserError(f"{cfg.output_dir} holds a checkpoint of other students or another replica count "
-                        f"({'; '.join(differ[:4])}): use another output_dir, or resume=off to start again")
+        raise UserError(f"{cfg.output_dir} holds a checkpoint that cannot continue with these settings "
+                        f"({'; '.join(fatal[:4])}): use another output_dir, or resume=off to start again")
     if differ and cfg.resume != "force":
         raise UserError(f"{cfg.output_dir} holds a checkpoint of a different run ({'; '.join(differ[:4])}): "
                         "use another output_dir, or resume=force to continue with the new settings")

@@ -11,9 +11,10 @@ from accelerate import Accelerator
 from dist_tsp import checkpoint
 from dist_tsp.config import RunConfig
 from dist_tsp.graph import TeachingGraph
+from dist_tsp.optim import resume_state
 from dist_tsp.placement import Placement
 from dist_tsp.run_control import RunControl
-from dist_tsp.shared_errors import on_every_rank
+from dist_tsp.shared_errors import check_same_on_every_rank, on_every_rank
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import TeacherInfo
 from dist_tsp.tracking import Tracker
@@ -67,30 +68,29 @@ class Checkpointer:
 
     def resume(self, students: list[LocalStudent], control: RunControl) -> int:
         """Load the latest complete checkpoint in output_dir (if any, and if it is this run's) on every rank, bad
-        input on any of them stopping all; return its step."""
-        found = on_every_rank(lambda: self._load(students, control))
-        if found is None:
+        input on any of them stopping all; return its step. Every rank must find the one rank 0 finds."""
+        used_teacher = self.teacher_info is not None and self.graph.uses_teacher
+        directory = on_every_rank(lambda: checkpoint.resumable(
+            self.cfg, self.placement.replicas, self.teacher_info.sha256 if used_teacher else None, self.total_steps))
+        check_same_on_every_rank("would resume from a checkpoint",
+                                 lambda: "none" if directory is None else directory.name,
+                                 "output_dir must be one directory every node sees, on a shared filesystem")
+        if directory is None:
             return 0
-        directory, step = found
+        step = on_every_rank(lambda: self._load(directory, students, control))
         self.tracker.truncate_after(step)
         if self.accelerator.is_main_process:
             print(f"students: resuming from {directory} (step {step})")
         return step
 
-    def _load(self, students: list[LocalStudent], control: RunControl) -> tuple[Path, int] | None:
-        """This rank's part of the latest complete checkpoint, loaded: its directory and step (None: none)."""
-        used_teacher = self.teacher_info is not None and self.graph.uses_teacher
-        directory = checkpoint.resumable(self.cfg, self.placement.replicas,
-                                         self.teacher_info.sha256 if used_teacher else None, self.total_steps)
-        if directory is None:
-            return None
+    def _load(self, directory: Path, students: list[LocalStudent], control: RunControl) -> int:
+        """This rank's part of the checkpoint in `directory`, loaded; its step."""
         manifest = checkpoint.read_manifest(directory)
         for student in students:
             if student.learns:
                 state = checkpoint.load(checkpoint.student_file(directory, student.name), f"student {student.name}")
                 checkpoint.load_weights(student.module, state["model"], directory, f"student {student.name}")
-                student.optimizer.load_state_dict(state["optimizer"])
-                student.schedule.load_state_dict(state["scheduler"])
+                resume_state(student.optimizer, student.schedule, state["optimizer"], state["scheduler"])
         for student in students:
             rng = checkpoint.load(checkpoint.rng_file(directory, student.name, self.placement.replica_index),
                                   f"student {student.name} RNG", required="student_rng")
@@ -99,4 +99,4 @@ class Checkpointer:
             if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
                 control.running[student.index] = rng["metrics_since_log"]
         control.steps_since_log = manifest.get("steps_since_log", 0)
-        return directory, manifest["step"]
+        return manifest["step"]

@@ -51,6 +51,30 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, tota
     return optimizer, _FloatLRSchedule(optimizer, factor)
 
 
+def resume_state(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LambdaLR,
+                 optimizer_state: dict, schedule_state: dict) -> None:
+    """Load a checkpoint's optimizer and schedule state into a pair built for this run, keeping this run's settings.
+
+    The saved state brings the per-parameter state (moments, step counts) and the schedule's step; the settings
+    (learning rate, weight decay, momentum: resume=force may change them) and the rate of that step (another run
+    length changes it) are this run's, as an uninterrupted run with them would have at that step.
+    """
+    settings = [{key: value for key, value in group.items() if key not in ("params", "lr")}
+                for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    schedule.load_state_dict(schedule_state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    rates = [base * factor(schedule.last_epoch) for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):  # the graph-safe rate: filled in place, as the schedule does
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    schedule._last_lr = rates
+
+
 def _cosine(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 

@@ -48,13 +48,14 @@ def on_every_rank(work: Callable[[], T]) -> T:
 
 
 def check_same_on_every_rank(what: str, describe: Callable[[], str], fix: str) -> None:
-    """Refuse on every rank what a rank loaded when its description differs from rank 0's, naming the ranks."""
+    """Refuse on every rank what a rank holds when its description differs from rank 0's, naming the ranks: `what`
+    they did, e.g. "loaded a dataset"."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, describe())
     if differ := [rank for rank, other in enumerate(values) if other != values[0]]:
-        raise SharedUserError(f"rank{'s' * (len(differ) > 1)} {', '.join(map(str, differ))} loaded {what} other than "
+        raise SharedUserError(f"rank{'s' * (len(differ) > 1)} {', '.join(map(str, differ))} {what} other than "
                               f"rank 0's ({values[differ[0]]}; rank 0: {values[0]}): {fix}")
 
 

@@ -74,10 +74,11 @@ class Tracker:
         self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run logs them again)."""
+        """Drop rows logged after `step` (a resumed run logs them again), and a last row cut short by a kill."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        whole_rows = self.path.read_text().split("\n")[:-1]  # what follows the last newline was cut short
+        rows = [line for line in whole_rows if json.loads(line)["step"] <= step]
         write_text_atomic(self.path, "".join(line + "\n" for line in rows))
 
     def finish(self) -> None:

@@ -121,8 +121,8 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     data = shared_errors.main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed))
-    shared_errors.check_same_on_every_rank("a dataset", data.identity,
-                             "every node needs the same data (a node's own copy of data.root may differ)")
+    shared_errors.check_same_on_every_rank("loaded a dataset", data.identity,
+                                           "every node needs the same data (a node's own copy of data.root may differ)")
     return accelerator, data.to(accelerator.device)
 
 

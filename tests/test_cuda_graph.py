@@ -11,7 +11,7 @@ import torch
 from dist_tsp.config import ConfigError, OptimConfig, load_config
 from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
 from dist_tsp.data import Batch, load_dataset
-from dist_tsp.optim import build_optimizer
+from dist_tsp.optim import build_optimizer, resume_state
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
@@ -123,8 +123,8 @@ def test_graph_safe_and_eager_optimizers_resume_each_others_checkpoints(name):
         _train(trained, *saved_by, steps=2)
         resumed = copy.deepcopy(trained)
         optimizer, schedule = build_optimizer(resumed.parameters(), cfg, total_steps=10, graph_safe_on=then)
-        optimizer.load_state_dict(copy.deepcopy(saved_by[0].state_dict()))  # as from a file: no shared tensors
-        schedule.load_state_dict(copy.deepcopy(saved_by[1].state_dict()))
+        resume_state(optimizer, schedule, copy.deepcopy(saved_by[0].state_dict()),  # as from a file: no shared
+                     copy.deepcopy(saved_by[1].state_dict()))  # tensors
         _train(trained, *saved_by, steps=2)
         _train(resumed, optimizer, schedule, steps=2)
         assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), resumed.parameters())), (first, then)

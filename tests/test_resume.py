@@ -17,6 +17,7 @@ import torch
 from dist_tsp.checkpoint import complete_checkpoints, load, read_manifest, step_dir
 from dist_tsp.errors import UserError
 from dist_tsp.train import plan
+from tests.multiprocess import run_on_ranks
 from tests.runs import (
     TINY,
     kill_run,
@@ -60,6 +61,8 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
     wait_for_step(tmp_path, process, kill_at)
     kill_run(process, tmp_path)
     assert last_step(tmp_path) < 12
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 99, "train/lenet/lo')  # as a kill in the middle of writing a row leaves it
     done = launch(args, processes=3)
     assert "resuming from" in done.stdout and "step: graph-ready, not captured" in done.stdout
     for name in STUDENTS:
@@ -146,8 +149,13 @@ def test_a_fresh_start_sets_the_earlier_attempt_aside_and_another_configs_checkp
     assert "resume=force" in refused.stderr
     forced = launch([*args, "train.max_steps=4", "loss.gamma=0.5", "resume=force"])
     assert "resuming from" in forced.stdout and last_step(tmp_path) == 4
-    with pytest.raises(UserError, match=r"checkpoint of other students .*resume=off to start again"):
+    with pytest.raises(UserError, match=r"checkpoint that cannot continue with these settings \(config.students: .*"
+                                         r"students: \['lenet', 'alexnet', 'mobilenet'\] -> \['lenet'\]\): use "
+                                         r"another output_dir, or resume=off to start again"):
         plan([*args, "students=[{name: lenet, model: lenet}]", "resume=force"], 1, 0)
+    with pytest.raises(UserError, match=r"cannot continue with these settings \(config.train.optimizer.name: "
+                                         r"'adam' -> 'sgd'\): use another output_dir, or resume=off"):
+        plan([*args, "train.optimizer.name=sgd", "resume=force"], 1, 0)
     with pytest.raises(UserError, match=r"step_00000004 is at step 4, past this run's last step, 3 \(train.epochs=2, "
                                          r"train.max_steps=3\): give it at least 4 steps, or resume=off"):
         plan([*args, "train.max_steps=3", "loss.gamma=0.5"], 1, 0)
@@ -231,6 +239,45 @@ def test_a_partial_checkpoint_directory_is_never_resumed(uninterrupted, tmp_path
     (tmp_path / "checkpoints" / "step_00000099.partial" / "students" / "lenet.pt").write_bytes(b"half")
     assert complete_checkpoints(tmp_path) == []
     assert [d.name for d in complete_checkpoints(uninterrupted)][-1] == "step_00000012"
+
+
+def _resume_on_this_rank(run_dirs: list[Path]) -> int | str:
+    """The step this rank's Checkpointer resumes from (with no students: where it stops is the choice), or what it
+    says."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from dist_tsp.checkpointer import Checkpointer
+    from dist_tsp.config import load_config
+    from dist_tsp.graph import TeachingGraph
+    from dist_tsp.placement import Placement
+    from dist_tsp.shared_errors import SharedUserError
+    from dist_tsp.tracking import Tracker
+
+    rank = dist.get_rank()
+    cfg = load_config("configs/demo.yaml", [f"output_dir={run_dirs[rank]}", *RESUMABLE])
+    accelerator = Accelerator(cpu=True)
+    checkpointer = Checkpointer(cfg, Placement(world_size=3, rank=rank, num_students=3), TeachingGraph.from_config(cfg),
+                                None, Tracker(cfg, accelerator), accelerator, steps_per_epoch=8, total_steps=12)
+    try:
+        return checkpointer.resume([], SimpleNamespace())
+    except SharedUserError as error:
+        return str(error)
+
+
+def test_ranks_that_find_another_latest_checkpoint_than_rank_0_are_refused_on_every_rank(uninterrupted, tmp_path):
+    """A node whose output_dir is its own (not the shared one) finds no checkpoint, or an older one: it would start
+    from another step than the others."""
+    shared = shutil.copytree(uninterrupted, tmp_path / "shared")
+    assert run_on_ranks(_resume_on_this_rank, 3, [shared] * 3) == [12] * 3
+    older = shutil.copytree(shared, tmp_path / "older")
+    shutil.rmtree(older / "checkpoints" / "step_00000012")
+    said = run_on_ranks(_resume_on_this_rank, 3, [shared, tmp_path / "own", older])
+    assert len(set(said)) == 1, said
+    assert said[0] == ("ranks 1, 2 would resume from a checkpoint other than rank 0's (none; rank 0: step_00000012): "
+                       "output_dir must be one directory every node sees, on a shared filesystem")
 
 
 WRITER = """

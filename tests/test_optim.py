@@ -1,0 +1,58 @@
+"""A resumed optimizer and schedule: the checkpoint's state with this run's settings and schedule."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dist_tsp.config import OptimConfig
+from dist_tsp.optim import build_optimizer, resume_state
+
+
+def _train(model, optimizer, schedule, steps: int) -> None:
+    inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+
+
+def _settings(optimizer) -> list[dict]:
+    return [{key: float(value) if key == "lr" else value for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("graph_safe_on", [None, torch.device("cpu")], ids=["eager", "graph-safe"])
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_a_resumed_optimizer_takes_this_runs_settings_and_the_rate_its_own_schedule_gives_that_step(name,
+                                                                                                  graph_safe_on):
+    """A checkpoint of 3 steps of a 3-step cosine run (its last rate 0), resumed with another rate, weight decay and
+    momentum over 6 steps: the groups and schedule are those an uninterrupted 6-step run with the new settings has at
+    step 3 (before: the old settings, and a first resumed step at the old schedule's rate of 0)."""
+    before = OptimConfig(name=name, lr=0.01, weight_decay=0.0, momentum=0.9, schedule="cosine")
+    after = OptimConfig(name=name, lr=0.02, weight_decay=1e-3, momentum=0.5, schedule="cosine")
+    model = torch.nn.Linear(4, 3)
+    saved_by = build_optimizer(model.parameters(), before, total_steps=3, graph_safe_on=graph_safe_on)
+    _train(model, *saved_by, steps=3)
+    uninterrupted_model = torch.nn.Linear(4, 3)
+    uninterrupted = build_optimizer(uninterrupted_model.parameters(), after, total_steps=6)
+    _train(uninterrupted_model, *uninterrupted, steps=3)
+
+    optimizer, schedule = build_optimizer(copy.deepcopy(model).parameters(), after, total_steps=6,
+                                          graph_safe_on=graph_safe_on)
+    resume_state(optimizer, schedule, copy.deepcopy(saved_by[0].state_dict()), copy.deepcopy(saved_by[1].state_dict()))
+
+    assert _settings(optimizer) == _settings(uninterrupted[0])
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5)  # cosine at step 3 of 6
+    assert schedule.state_dict() == uninterrupted[1].state_dict()
+    if graph_safe_on is not None:
+        assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # still the tensor the schedule fills
+    saved = saved_by[0].state_dict()["state"]
+    assert all(torch.equal(value, optimizer.state_dict()["state"][key][part])
+               for key, entry in saved.items() for part, value in entry.items())  # the moments and step counts
+    schedule.step()
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
