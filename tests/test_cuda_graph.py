@@ -2,16 +2,14 @@
 buffers. (Launched runs: tests/test_resume.py and test_teacher_modes.py train with train.step=graph and end bitwise
 where the eager step does; the capture itself is checked on a GPU by benchmarks/gpu_check.py.)"""
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_tsp.config import ConfigError, OptimConfig, load_config
+from dist_tsp.config import ConfigError, load_config
 from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
 from dist_tsp.data import Batch, load_dataset
-from dist_tsp.optim import build_optimizer, resume_state
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
@@ -83,53 +81,6 @@ def test_graph_step_that_cannot_be_captured_is_refused_at_launch_in_one_line(tmp
         plan(args, world_size=6, rank=0)
     with pytest.raises(ConfigError, match="train.compile makes torch.compile's own graphs"):
         plan([*args, "train.compile=true"], world_size=3, rank=0)
-
-
-def _train(model, optimizer, schedule, steps: int = 4) -> None:
-    inputs = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-    for _ in range(steps):
-        model(inputs).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
-def test_graph_safe_optimizer_on_the_cpu_takes_the_eager_steps_and_saves_the_eager_state(name):
-    cfg = OptimConfig(name=name, lr=0.01, weight_decay=1e-4, schedule="cosine")
-    eager_model = torch.nn.Linear(4, 3)
-    graph_model = copy.deepcopy(eager_model)
-    eager = build_optimizer(eager_model.parameters(), cfg, total_steps=10)
-    graph_safe = build_optimizer(graph_model.parameters(), cfg, total_steps=10, graph_safe_on=torch.device("cpu"))
-    _train(eager_model, *eager)
-    _train(graph_model, *graph_safe)
-    assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), graph_model.parameters()))
-    assert isinstance(graph_safe[0].param_groups[0]["lr"], torch.Tensor)  # filled in place by the schedule
-    saved, expected = graph_safe[0].state_dict(), eager[0].state_dict()
-    assert saved["param_groups"] == expected["param_groups"]  # a float rate, the eager flags
-    for key, state in expected["state"].items():
-        assert all(torch.equal(value, saved["state"][key][part]) for part, value in state.items())
-    assert graph_safe[1].state_dict() == eager[1].state_dict()
-
-
-@pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_graph_safe_and_eager_optimizers_resume_each_others_checkpoints(name):
-    cfg = OptimConfig(name=name, lr=0.01, schedule="cosine")
-    model = torch.nn.Linear(4, 3)
-    _train(model, *build_optimizer(model.parameters(), cfg, total_steps=10), steps=2)
-    for first, then in ((None, torch.device("cpu")), (torch.device("cpu"), None)):
-        trained = copy.deepcopy(model)
-        saved_by = build_optimizer(trained.parameters(), cfg, total_steps=10, graph_safe_on=first)
-        _train(trained, *saved_by, steps=2)
-        resumed = copy.deepcopy(trained)
-        optimizer, schedule = build_optimizer(resumed.parameters(), cfg, total_steps=10, graph_safe_on=then)
-        resume_state(optimizer, schedule, copy.deepcopy(saved_by[0].state_dict()),  # as from a file: no shared
-                     copy.deepcopy(saved_by[1].state_dict()))  # tensors
-        _train(trained, *saved_by, steps=2)
-        _train(resumed, optimizer, schedule, steps=2)
-        assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), resumed.parameters())), (first, then)
-        if then is not None:
-            assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
 
 
 def test_captured_step_runs_on_static_buffers_refilled_from_every_batch():
