@@ -131,9 +131,11 @@ class Groups:
 
     @classmethod
     def world_only(cls) -> Groups:
-        """Every rank as one group, nothing else: the teacher stage of --teacher-only, which has no placement."""
-        several = dist.is_initialized() and dist.get_world_size() > 1
-        return cls(peer=None, replica=None, world=dist.group.WORLD if several else None)
+        """Every rank as one group, and the control group: the teacher stage of --teacher-only, which has no
+        placement."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return cls(peer=None, replica=None, world=None)
+        return cls(peer=None, replica=None, world=dist.group.WORLD, control=dist.new_group(backend="gloo"))
 
     def world_mesh(self, device_type: str) -> DeviceMesh:
         """Every rank as a 1-D mesh over the world group (no new group): where a parameter-sharded teacher lives."""

@@ -19,12 +19,13 @@ from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
 from dist_tsp.cuda_graph import CapturedStep, choose_teacher_step, step_autocast
 from dist_tsp.data import Batch, Dataset, PeerBatches, eval_batches
-from dist_tsp.errors import SharedUserError
+from dist_tsp.errors import Preempted, SharedUserError
 from dist_tsp.exchange import all_gather_cat
 from dist_tsp.logit_cache import CachedLogits, CacheLayout, cache_key
 from dist_tsp.models import ModelError, build_model, fit_whitening, load_pretrained, scale_inputs
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
+from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.shared_errors import main_process_first, on_every_rank
 from dist_tsp.teacher_modes import (
     PARAMETER_SHARDED,
@@ -56,13 +57,14 @@ def teacher_path(cfg: RunConfig) -> Path:
     return cfg.teacher.checkpoint or cfg.output_dir / "teacher" / "model.pt"
 
 
-def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, groups: Groups
-                    ) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
+def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, groups: Groups,
+                    stop_requested: StopRequest | None = None) -> tuple[nn.Module, TeacherInfo, torch.Tensor]:
     """The frozen teacher for `teacher.mode` (trained on all ranks and saved first when its file is missing), with
-    what results.json records about it and its predicted class of every test sample."""
+    what results.json records about it and its predicted class of every test sample. A stop requested while it
+    trains (`stop_requested`, over `groups.control`) ends its training after the next step: Preempted."""
     path = teacher_path(cfg)
     if not teacher_file_found(cfg, accelerator):
-        train_teacher(cfg, data, accelerator, path)
+        train_teacher(cfg, data, accelerator, path, StopVote(stop_requested or StopRequest(), groups.control))
     elif accelerator.is_main_process:
         print(f"teacher: loading {path}")
     # Every rank loads the saved file: identical teachers on all ranks (DDP does not sync BatchNorm statistics).
@@ -82,9 +84,11 @@ def teacher_file_found(cfg: RunConfig, accelerator: Accelerator) -> bool:
     return broadcast_object_list([teacher_path(cfg).is_file() if accelerator.is_main_process else None])[0]
 
 
-def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path) -> None:
+def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path,
+                  stop_vote: StopVote | None = None) -> None:
     """Build the teacher (from its pretrained weights when configured), train it data-parallel on all ranks, and
-    save it to `path` (the main process writes; every rank returns once it is there)."""
+    save it to `path` (the main process writes; every rank returns once it is there). When `stop_vote` agrees on a
+    stop, every rank raises Preempted after the same step and nothing is saved."""
     if cfg.teacher.epochs == 0 and cfg.teacher.weights is None:
         raise SharedUserError(f"teacher.epochs=0 uses a teacher as it is, but {path} does not exist: point "
                               "teacher.checkpoint to a trained teacher, or give teacher.weights")
@@ -100,7 +104,7 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
                                                              first)))
     started = time.perf_counter()
     if cfg.teacher.epochs > 0:
-        _fit(model, cfg, data, accelerator)
+        _fit(model, cfg, data, accelerator, stop_vote or StopVote(StopRequest(), None))
     if accelerator.is_main_process:
         checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
@@ -175,9 +179,10 @@ def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose
     return scale_inputs(model, cfg.teacher.input_scale)
 
 
-def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerator) -> None:
+def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerator, stop_vote: StopVote) -> None:
     """Plain data-parallel training of one model over all ranks (DDP through accelerate), in place: its parameters
-    are the DDP wrapper's (no unwrap_model, which imports DeepSpeed wherever it is installed)."""
+    are the DDP wrapper's (no unwrap_model, which imports DeepSpeed wherever it is installed). The stop vote runs
+    beside every step, as in the student phase."""
     seed = mixed_seed(cfg.seed, -1)
     batches = PeerBatches(data.train, batch_size=cfg.teacher.batch_size, num_replicas=accelerator.num_processes,
                           replica=accelerator.process_index, seed=seed,
@@ -205,9 +210,13 @@ def _fit(model: nn.Module, cfg: RunConfig, data: Dataset, accelerator: Accelerat
     if accelerator.is_main_process:
         print(choice.line())
     with tqdm(total=total, desc="teacher", disable=not accelerator.is_main_process) as bar:
-        for epoch in range(cfg.teacher.epochs):
-            for batch in batches.epoch(epoch):
-                step(batch, None)
-                schedule.step()
-                bar.update()
+        steps = (batch for epoch in range(cfg.teacher.epochs) for batch in batches.epoch(epoch))
+        for done, batch in enumerate(steps, start=1):
+            stop_vote.start()
+            step(batch, None)
+            schedule.step()
+            bar.update()
+            if stop_vote.result() and done < total:
+                raise Preempted(f"stopped by a signal at step {done} of {total} of the teacher's training, before it "
+                                "was saved: rerun the same command to train it again")
     accelerator.free_memory()

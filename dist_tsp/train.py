@@ -96,7 +96,8 @@ def check_teacher_launch(cfg: RunConfig) -> None:
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """Inside, SIGTERM/SIGUSR1 ask for a checkpoint, then exit code 75 (requeue me): the student phase stops after the
-    step that follows the signal, and a signal that comes before it (data, teacher) is kept until its first step.
+    step that follows the signal, the teacher's training too (unsaved: a rerun trains it again), and a signal that
+    comes before either (data, a teacher loading) is kept until the first step.
     After, the handlers from before are back: in a worker of dist-tsp-launch they ignore them (its agent's, inherited),
     as the launcher repeats them until its workers have exited; in the protocol or a sweep running runs in its own
     process, a signal between runs does what it did before the first."""
@@ -132,10 +133,10 @@ def startup_timeout(cfg: RunConfig) -> timedelta:
     return max(STARTUP_TIMEOUT, timedelta(seconds=cfg.train.collective_timeout_s))
 
 
-def run_teacher_stage(cfg: RunConfig) -> None:
+def run_teacher_stage(cfg: RunConfig, stop_requested: StopRequest) -> None:
     """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
     accelerator, data = start(cfg, trackers=False)
-    _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only())
+    _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only(), stop_requested)
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
 
@@ -150,7 +151,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):
-        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups)
+        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups, stop_requested)
         teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,
                              stop_requested)
@@ -195,10 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:  # every rank sees the same problem
         _refuse(error, rank, world_size, every_rank=True)
     try:
-        if placement is None:
-            run_teacher_stage(cfg)
-        else:
-            with stop_on_signals() as stop_requested:
+        with stop_on_signals() as stop_requested:
+            if placement is None:
+                run_teacher_stage(cfg, stop_requested)
+            else:
                 run(cfg, placement, stop_requested)
     except SharedUserError as error:
         if dist.is_initialized():
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         # its groups hold work that can never complete: their destructors would abort (SIGABRT)
         os._exit(UserError.exit_code if bad_input_elsewhere else 1)
     except RunStopped as stopped:
+        if dist.is_initialized():  # every rank stopped after the same step (gloo may abort at exit otherwise)
+            dist.destroy_process_group()
         if hand_over(stopped):
             return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
         if rank == 0:

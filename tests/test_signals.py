@@ -34,6 +34,7 @@ ARGS = ["--config", "configs/demo.yaml", *TINY, f"train.max_steps={STEPS}", "tra
         "train.optimizer.schedule=cosine"]  # one log step, the last: a signal never waits for one
 STUDENTS = ("lenet", "alexnet", "mobilenet")
 PROGRESS = re.compile(rf"students:.*\b(\d+)/{STEPS}\b")
+TEACHER_PROGRESS = re.compile(r"teacher:.*\b(\d+)/\d+\b")
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +47,22 @@ def reference(tmp_path_factory):
 class Watched:
     """A dist-tsp-launch run on 3 ranks, its output read as it comes (rank 0's progress bar tells the step)."""
 
-    def __init__(self, run, reference, *overrides: str):
+    def __init__(self, run, args: list[str]):
         self.run = run
-        self.process = start([*ARGS, f"output_dir={run}", f"teacher.checkpoint={reference}/teacher/model.pt",
-                              *overrides], processes=3, launcher="dist-tsp")
+        self.process = start([*args, f"output_dir={run}"], processes=3, launcher="dist-tsp")
         self.stdout, self.stderr = [], []
         self.readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
                         for lines, stream in ((self.stdout, self.process.stdout), (self.stderr, self.process.stderr))]
         for reader in self.readers:
             reader.start()
 
-    def step(self) -> int:
-        return max((int(m[1]) for line in list(self.stderr) if (m := PROGRESS.search(line))), default=0)
+    @classmethod
+    def students(cls, run, reference, *overrides: str) -> "Watched":
+        """The students' run of ARGS, with the reference's teacher."""
+        return cls(run, [*ARGS, f"teacher.checkpoint={reference}/teacher/model.pt", *overrides])
+
+    def step(self, progress: re.Pattern = PROGRESS) -> int:
+        return max((int(m[1]) for line in list(self.stderr) if (m := progress.search(line))), default=0)
 
     def wait_until(self, ready, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -205,7 +210,7 @@ def stopped(reference, tmp_path_factory) -> tuple[Path, dict[str, dict], subproc
     run = tmp_path_factory.mktemp("stopped")
     stops, stopped_at = {}, 0
     for form in ("before the student phase", *FORMS):
-        watched = Watched(run, reference)
+        watched = Watched.students(run, reference)
         if form in FORMS:
             watched.wait_until(lambda: watched.step() >= stopped_at + 3)
             at = watched.step()
@@ -243,13 +248,29 @@ def test_the_reruns_of_a_run_stopped_four_times_end_bitwise_equal_to_the_run_nev
 
 
 def test_a_signal_after_a_nonfinite_loss_between_log_steps_stops_with_exit_3_and_no_checkpoint(reference, tmp_path):
-    watched = Watched(tmp_path, reference, "train.optimizer={name: sgd, lr: 1.0e+12}")
+    watched = Watched.students(tmp_path, reference, "train.optimizer={name: sgd, lr: 1.0e+12}")
     watched.wait_until(lambda: watched.step() >= 3)
     watched.process.send_signal(signal.SIGUSR1)
     code, _, stderr = watched.wait()
     assert code == 3, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("dist-tsp: non-finite ") and "Traceback" not in stderr
     assert complete_checkpoints(tmp_path) == []  # the signal's checkpoint would have kept the damage
+
+
+def test_a_signal_while_the_teacher_trains_stops_every_rank_after_the_next_step_with_nothing_saved(tmp_path):
+    """--teacher-only (the protocol's teacher run) on 3 ranks: the stop vote runs beside the teacher's steps too, so
+    the launcher returns with 75 within seconds, before its grace for workers that never answer (before: they
+    trained the teacher to its end, or were killed after the grace)."""
+    watched = Watched(tmp_path, ["--teacher-only", *ARGS, "teacher.epochs=100"])
+    watched.wait_until(lambda: watched.step(TEACHER_PROGRESS) >= 3)
+    deliver(watched, "all", signal.SIGTERM)
+    code, took, stderr = watched.wait()
+    assert code == 75 and took < TERM_GRACE_S, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"dist-tsp: stopped by a signal at step \d+ of \d+ of the teacher's training, before it was "
+                        r"saved: rerun the same command to train it again", last), stderr[-3000:]
+    assert "Traceback" not in stderr and watched.workers() == []
+    assert not (tmp_path / "teacher" / "model.pt").exists()
 
 
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
