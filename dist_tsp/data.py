@@ -155,9 +155,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.val_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         n_val = int(round(cfg.val_fraction * len(train)))
-        if n_val == 0:
-            raise DataError(f"data.val_fraction={cfg.val_fraction:g} of {len(train)} training images holds none out: "
-                            "raise it, or set it to 0")
+        if n_val in (0, len(train)):
+            held, fix = ("none", "raise it, or set it to 0") if n_val == 0 else ("every one", "lower it")
+            raise DataError(f"data.val_fraction={cfg.val_fraction:g} of {len(train)} training images holds {held} "
+                            f"out: {fix}")
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalization == "imagenet" else \
         _training_stats(train, sampled=cfg.name in STREAMABLE)
@@ -276,8 +277,9 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
         with np.load(path) as arrays:
             images, labels = arrays.get("images"), arrays.get("labels")
             if images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4 \
-                    or images.shape[-1] != 3 or len(labels) != len(images):
-                raise DataError(f"{path} must hold `images` (uint8 [N, H, W, 3]) and `labels` ([N]); it holds "
+                    or images.shape[-1] != 3 or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) \
+                    or len(labels) != len(images):
+                raise DataError(f"{path} must hold `images` (uint8 [N, H, W, 3]) and `labels` (integers [N]); it holds "
                                 f"{', '.join(f'{k} {arrays[k].dtype}{list(arrays[k].shape)}' for k in arrays)}")
             classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else classes
             splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))

@@ -28,6 +28,7 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
     import datasets
 
     train, held_out = split_folders(folder, "<class>/ folders")
+    _refuse_overlap(folder, out, (train, held_out))
     classes, _, _ = list_image_folder(train)
     same_classes(folder, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
@@ -46,6 +47,14 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
             table.save_to_disk(str(target), max_shard_size=max_shard_size)
         written.append(target)
     return written
+
+
+def _refuse_overlap(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
+    """The output replaces out/<split> for each split: it may neither lie inside the images nor hold them."""
+    source, target = folder.resolve(), out.resolve()
+    if target.is_relative_to(source) or any(source.is_relative_to(target / split.name) for split in splits):
+        raise DataError(f"the output {out} overlaps the image folder {folder}: its split folders would replace the "
+                        "images; give an output folder outside it")
 
 
 def _rows(split: Path, paths: list[bytes], labels: list[int]) -> Iterator[dict]:

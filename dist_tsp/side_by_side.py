@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
     checkpoint), NonFiniteLoss, else RunFailed (a crash)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
+        earlier = output.tell()  # the log of attempts before this one
         if processes == 1 and in_process:
             code = _in_process(args, output)
         else:
@@ -249,7 +251,9 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             finally:
                 _RUNNING.discard(child)
     if code != 0:
-        tail = [line for line in log.read_text().splitlines() if line.startswith("dist-tsp:")][-1:]
+        with open(log) as written:
+            written.seek(earlier)
+            tail = [line for line in written.read().splitlines() if line.startswith("dist-tsp:")][-1:]
         ending = ENDING_BY_CODE.get(code, RunFailed)
         how = "stopped" if issubclass(ending, RunStopped) else "failed"
         raise ending(f"run {name} {how} (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. Rerun the "
@@ -264,7 +268,8 @@ def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
 
 
 def _in_process(args: list[str], output) -> int:
-    """train.main in this process, its output into `output`; the exit code it would have had."""
+    """train.main in this process, its output into `output`; the exit code it would have had (a crash's traceback goes
+    to `output`, as a launched run's would)."""
     from dist_tsp import train
 
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
@@ -272,6 +277,9 @@ def _in_process(args: list[str], output) -> int:
             train.main(args)
         except SystemExit as stop:
             return stop.code if isinstance(stop.code, int) else 1
+        except Exception:  # noqa: BLE001 -- a crash of the run, not of the protocol or the sweep
+            traceback.print_exc()
+            return 1
     return 0
 
 

@@ -2,6 +2,7 @@ import contextlib
 import gzip
 import hashlib
 import importlib.metadata
+import re
 import struct
 import subprocess
 import sys
@@ -155,6 +156,9 @@ def test_val_fraction_splits_train_80_20_with_the_seed():
     assert not torch.equal(split.val.labels, other.val.labels)
     with pytest.raises(DataError, match=r"data.val_fraction=0.0001 of 1438 training images holds none out: raise it"):
         load_dataset(DataConfig(val_fraction=0.0001), seed=0)
+    with pytest.raises(DataError, match=r"data.val_fraction=0.9999 of 1438 training images holds every one out: "
+                                        r"lower it$"):
+        load_dataset(DataConfig(val_fraction=0.9999), seed=0)
 
 
 def test_replicas_past_the_end_of_a_small_evaluation_set_predict_nothing_and_the_others_every_image():
@@ -226,10 +230,14 @@ def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_nam
     data = load_dataset(DataConfig(name="npz", root=tmp_path, image_size=40), seed=0)
     assert data.classes == ["a", "b", "c"] and data.test.labels.tolist() == [2, 1]
     assert torch.equal(data.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
-    np.savez(tmp_path / "val.npz", images=images[:2].astype(np.float32), labels=np.array([2, 1]))
-    with pytest.raises(DataError, match=r"val.npz must hold `images` \(uint8 \[N, H, W, 3\]\) and `labels` "
-                                        r"\(\[N\]\); it holds images float32\[2, 40, 40, 3\], labels int64\[2\]$"):
-        load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
+    bad = {"images float32[2, 40, 40, 3], labels int64[2]": (images[:2].astype(np.float32), np.array([2, 1])),
+           "images uint8[2, 40, 40, 3], labels int64[2, 1]": (images[:2], np.array([[2], [1]])),
+           "images uint8[2, 40, 40, 3], labels float64[2]": (images[:2], np.array([2.0, 1.0]))}
+    for held, (bad_images, bad_labels) in bad.items():
+        np.savez(tmp_path / "val.npz", images=bad_images, labels=bad_labels)
+        with pytest.raises(DataError, match=r"val.npz must hold `images` \(uint8 \[N, H, W, 3\]\) and `labels` "
+                                            rf"\(integers \[N\]\); it holds {re.escape(held)}$"):
+            load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
     (tmp_path / "val.npz").unlink()
     with pytest.raises(DataError, match=r"test.npz does not exist: save train.npz and test.npz"):
         load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)

@@ -148,6 +148,27 @@ def test_a_run_stopped_or_crashed_in_process_ends_the_protocol_and_the_sweep_wit
         "same command to continue from there")
 
 
+def test_a_run_crashing_in_process_is_a_failure_with_its_traceback_in_its_log_and_no_line_of_an_earlier_attempt(
+        tmp_path, monkeypatch, capsys):
+    """An exception other than SystemExit escaped the sweep raw, and the failure quoted the last `dist-tsp:` line of
+    the appended log, an earlier attempt's."""
+    def crash(_args):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train, "main", crash)
+    log = tmp_path / "out" / "logs" / "trial_1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("dist-tsp: stopped by a signal at step 3; checkpoint written: rerun the same command to resume\n")
+    (tmp_path / "trials.txt").write_text("seed=0\n")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["run", str(tmp_path / "trials.txt"), str(tmp_path / "out"), "configs/demo.yaml",
+                    "--parallel-runs", "1"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"dist-tsp: run trial_1 failed (exit 1); its log is {log}. Rerun the same command to continue from there")
+    assert log.read_text().strip().endswith("RuntimeError: simulated crash")
+
+
 @pytest.mark.parametrize("stopped", [False, True])
 def test_after_a_run_the_stop_signals_get_back_the_handlers_they_had_before(stopped):
     """Set to be ignored when a run ended, they left the protocol or a sweep running runs in its own process deaf to

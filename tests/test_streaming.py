@@ -287,6 +287,24 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
         folder_data(test_without_labels, "arrow")
 
 
+@pytest.mark.parametrize("out", ["the folder", "inside it", "its parent, the folder being named train"])
+def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_keeping_every_image(folder, tmp_path,
+                                                                                                      capsys, out):
+    import shutil
+
+    images = tmp_path / "train" if out.startswith("its parent") else tmp_path / "images"
+    shutil.copytree(folder, images)
+    before = sorted(p.relative_to(images) for p in images.rglob("*"))
+    target = {"the folder": images, "inside it": images / "arrow"}.get(out, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(images), str(target)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"dist-tsp shards: error: the output {target} overlaps the image "
+                                               f"folder {images}: its split folders would replace the images; give "
+                                               "an output folder outside it")
+    assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
+
+
 def saved_split(root: Path, name: str):
     import datasets
 
