@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,9 +85,11 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
         grid = [tuple(float(w) for w in point.split(",")) for point in args.grid.split()]
     except ValueError:
         grid = []
-    if not grid or any(len(point) != 3 or min(point) < 0 for point in grid):
+    if not grid or any(len(point) != 3 or min(point) < 0 or not all(map(math.isfinite, point)) for point in grid):
         raise UserError(f"--grid {args.grid!r}: write points as 'alpha,beta,gamma' separated by spaces, e.g. "
                         "'0.1,0.8,0.1 0.2,0.6,0.2'")
+    if twice := next((point for point in grid if grid.count(point) > 1), None):
+        raise UserError(f"--grid lists the point {','.join(f'{w:g}' for w in twice)} more than once: give each once")
     if args.seeds < 1 or args.processes < 1 or not 0 < args.val_fraction < 1:
         raise UserError("--seeds and --processes must be at least 1 and --val-fraction between 0 and 1")
     base = load_config(args.config, overrides)

@@ -24,6 +24,7 @@ from dist_tsp import side_by_side
 from dist_tsp.checkpoint import differences, write_text_atomic
 from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import UserError
+from dist_tsp.placement import Placement
 from dist_tsp.report import write_table
 
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
@@ -101,6 +102,10 @@ def run(args: argparse.Namespace) -> str:
                                                         [*args.overrides, *overrides,
                                                          f"output_dir={args.dir / f'trial_{n}'}"])
                                                        for n, overrides in enumerate(per_trial, 1)))
+    for n, cfg in enumerate(configs, 1):
+        if not Placement.fits(args.processes, len(cfg.students)):
+            raise UserError(f"{args.trials}, trial {n}: --processes {args.processes} cannot hold its "
+                            f"{len(cfg.students)} students: give a count that divides or is a multiple of it")
     recorded(args.trials, args.dir, per_trial)  # another sweep's directory is refused before its trials are compared
     check_finished(configs)
     trials = [Trial(f"trial_{n}", trial(args.trials, args.dir, n)) for n in range(1, len(per_trial) + 1)]

@@ -146,6 +146,18 @@ def test_bad_method_is_refused_before_any_run(tmp_path):
     assert stop.value.code == 2 and not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("grid, message", [
+    ("0.1,0.8,0.1 inf,0,0", "--grid '0.1,0.8,0.1 inf,0,0': write points as 'alpha,beta,gamma' separated by spaces"),
+    ("0.1,0.8,0.1 0.10,0.80,0.10", "--grid lists the point 0.1,0.8,0.1 more than once: give each once"),
+])
+def test_a_grid_with_an_infinite_weight_or_a_point_twice_is_refused_in_one_line(tmp_path, capsys, grid, message):
+    """A point twice would be two runs sharing one output_dir."""
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(tmp_path / "p"), "--grid", grid])
+    assert stop.value.code == 2 and not (tmp_path / "p").exists()
+    assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
+
+
 def test_a_grid_point_no_run_can_use_is_refused_in_one_line_naming_its_run_before_anything_is_written(
         tmp_path, monkeypatch, capsys):
     """Every planned run's config is checked first: a grid point of weights 0 was found only by its own run, after the

@@ -75,6 +75,17 @@ def test_a_bad_trial_is_refused_in_one_line_naming_it_before_any_run(tmp_path, c
         "here are alpha, beta, gamma, temperature, peer_reduction, preset"]
 
 
+def test_a_process_count_that_cannot_hold_a_trials_students_is_refused_in_one_line_before_any_run(tmp_path, capsys):
+    trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
+    trials.write_text("seed=0\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), "configs/demo.yaml", "--processes", "3", *TINY])
+    assert stop.value.code == 2 and not sweep.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-tsp: error: {trials}, trial 1: --processes 3 cannot hold its 2 students: give a count that divides or "
+        "is a multiple of it"]
+
+
 def finished_sweep(tmp_path):
     """A sweep of seeds 0 and 1 as `sweep run` leaves it once both trials have finished with TINY, a copy of
     configs/demo.yaml (loss.temperature 4.0) as CONFIG, and train.max_steps=3: each trial's config.yaml saved as
