@@ -2,12 +2,17 @@
 its accelerate launches, and the alternate-learning phase with mentors on 3 ranks against 1."""
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from dist_tsp import side_by_side
 from dist_tsp.protocol import main, processes_for
-from tests.runs import ROOT, launch, train_rows
+from tests.runs import ENV, ROOT, launch, train_rows
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -186,3 +191,26 @@ def test_wandb_runs_share_a_group_are_named_for_method_and_seed_and_get_table2(p
     table = json.loads(next((out / "wandb").glob("offline-run-*/files/media/table/table2_*.table.json")).read_text())
     assert table["columns"][:3] == ["method", "label", "student"]
     assert {row[2] for row in table["data"]} == {*STUDENTS, "teacher"}
+
+
+def test_sigterm_while_its_teacher_trains_in_its_own_process_stops_the_protocol_within_seconds_with_exit_75(tmp_path):
+    """The teacher run goes in the protocol's process (--parallel-runs 1 on a CPU): before, the signal waited for the
+    teacher's whole training."""
+    out = tmp_path / "p"
+    protocol = subprocess.Popen([sys.executable, "-m", "dist_tsp.protocol", *TINY, "--out", str(out), "--methods",
+                                 "scratch", "--parallel-runs", "1", "teacher.epochs=200"],
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "teacher.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and re.search(r"teacher:.*\b[1-9]\d*/\d+", log.read_text())):
+        assert protocol.poll() is None and time.monotonic() < deadline, protocol.communicate()[1][-3000:]
+        time.sleep(0.1)
+    protocol.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _, stderr = protocol.communicate(timeout=120)
+    assert protocol.returncode == 75 and time.monotonic() - signalled < 20, stderr[-3000:]
+    assert re.fullmatch(r"dist-tsp protocol: run teacher stopped \(exit 75\): dist-tsp: stopped by a signal at step "
+                        rf"\d+ of \d+ of the teacher's training, before it was saved: rerun the same command to train "
+                        rf"it again; its log is {re.escape(str(log))}\. Rerun the same command to continue from there",
+                        stderr.strip().splitlines()[-1]), stderr[-3000:]
+    assert not (out / "teacher" / "model.pt").exists()
