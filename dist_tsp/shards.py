@@ -29,6 +29,9 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
 
     train, held_out = split_folders(folder, "<class>/ folders")
     _refuse_overlap(folder, out, (train, held_out))
+    if (out / "test").exists() and held_out.name != "test":  # data.name=arrow would read it, not the new val/
+        raise DataError(f"{out / 'test'} is left from an earlier conversion and would be read instead of the new "
+                        f"{held_out.name}/: remove it, or choose another output folder")
     classes, _, _ = list_image_folder(train)
     same_classes(folder, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})

@@ -305,6 +305,23 @@ def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_
     assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
 
 
+def test_a_test_split_left_by_an_earlier_conversion_is_refused_when_the_folder_now_holds_val(folder, shards, tmp_path,
+                                                                                          capsys):
+    """data.name=arrow reads test/ before val/: the new val/ would never be read."""
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    (images / "test").rename(images / "val")
+    out = tmp_path / "arrow"
+    shutil.copytree(shards, out)
+    with pytest.raises(SystemExit):
+        main([str(images), str(out)])
+    assert capsys.readouterr().err.strip() == (f"dist-tsp shards: error: {out / 'test'} is left from an earlier "
+                                               "conversion and would be read instead of the new val/: remove it, or "
+                                               "choose another output folder")
+
+
 def saved_split(root: Path, name: str):
     import datasets
 
