@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import NonFiniteLoss, Preempted, RunStopped, UserError
 from dist_tsp.launch import STOP_SIGNALS
+from dist_tsp.run_control import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
@@ -42,6 +42,7 @@ class RunFailed(Exception):
 
 
 _RUNNING: set[subprocess.Popen] = set()  # the runs in processes of their own now, which stop signals reach
+_STOP_SIGNALS_RECEIVED: list[int] = []  # by the runs now going: one starting after a signal gets it too
 ENDINGS = (UserError, RunStopped, RunFailed)  # how a launched run may end the protocol or a sweep (see `end`)
 ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)}  # else RunFailed
 
@@ -167,18 +168,20 @@ def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable
 
 
 @contextlib.contextmanager
-def _stop_signals_reach_the_runs() -> Iterator[threading.Event]:
+def _stop_signals_reach_the_runs() -> Iterator[StopRequest]:
     """While the runs go, SIGTERM and SIGUSR1 reach every run in processes of its own, which stops after its next step
-    with a checkpoint, and no further run starts (the event is set); a run in this process answers them itself
+    with a checkpoint, and no further run starts (the request is set); a run in this process answers them itself
     (train.stop_on_signals, which gives these handlers back after it)."""
-    requested = threading.Event()
+    requested = StopRequest()  # no lock: a second signal may come while the handler runs
 
     def pass_on(signum: int, _frame: object) -> None:
         requested.set()
+        _STOP_SIGNALS_RECEIVED.append(signum)
         for child in list(_RUNNING):
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
+    _STOP_SIGNALS_RECEIVED.clear()
     before = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
     try:
         yield requested
@@ -188,7 +191,7 @@ def _stop_signals_reach_the_runs() -> Iterator[threading.Event]:
 
 
 def _sequentially(runs: list[Run], slot: str | None, run: Callable[[Run, str | None], Path], bar: tqdm,
-                  stop: threading.Event) -> list[Path]:
+                  stop: StopRequest) -> list[Path]:
     directories = []
     for planned in runs:
         if stop.is_set():
@@ -200,7 +203,7 @@ def _sequentially(runs: list[Run], slot: str | None, run: Callable[[Run, str | N
 
 
 def _side_by_side(runs: list[Run], slots: Sequence[str | None], run: Callable[[Run, str | None], Path], bar: tqdm,
-                  waits_for: Callable[[Run], str | None], stop: threading.Event) -> list[Path]:
+                  waits_for: Callable[[Run], str | None], stop: StopRequest) -> list[Path]:
     directories: dict[str, Path] = {}
     waiting, running, free, failures = list(runs), {}, list(range(len(slots))), []
     with ThreadPoolExecutor(len(slots)) as pool:
@@ -246,6 +249,8 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
             child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
             _RUNNING.add(child)
+            if _STOP_SIGNALS_RECEIVED:  # it came while this run started, before the signal handler could see it
+                child.send_signal(_STOP_SIGNALS_RECEIVED[-1])
             try:
                 code = child.wait()
             finally:

@@ -3,6 +3,7 @@ in which order, and how a run in the protocol's or the sweep's own process ends 
 
 import contextlib
 import io
+import os
 import signal
 import sys
 import threading
@@ -11,11 +12,11 @@ import time
 import pytest
 from tqdm import tqdm
 
-from dist_tsp import protocol, sweep, train
+from dist_tsp import protocol, side_by_side, sweep, train
 from dist_tsp.errors import Preempted, UserError
 from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.protocol import PlannedRun, plan
-from dist_tsp.side_by_side import auto_runs, gpu_groups, run_concurrently, slot_devices
+from dist_tsp.side_by_side import RunFailed, auto_runs, gpu_groups, run_concurrently, slot_devices
 
 
 @pytest.mark.parametrize("free_gib, processes, cpus, runs", [
@@ -167,6 +168,22 @@ def test_a_run_crashing_in_process_is_a_failure_with_its_traceback_in_its_log_an
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"dist-tsp: run trial_1 failed (exit 1); its log is {log}. Rerun the same command to continue from there")
     assert log.read_text().strip().endswith("RuntimeError: simulated crash")
+
+
+def test_a_run_started_just_after_a_stop_signal_gets_it_too(tmp_path, monkeypatch):
+    """A signal between a run's start and its entry among the running ones reached nobody: the run went to its end."""
+    script = tmp_path / "run.py"
+    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
+                      "time.sleep(120)\n")
+    monkeypatch.setattr(side_by_side, "TRAIN", str(script))
+    started = time.monotonic()
+    with side_by_side._stop_signals_reach_the_runs() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.is_set()
+        with pytest.raises((Preempted, RunFailed)):  # stopped by it, or killed if it came before the handler
+            side_by_side.launch_run("r", [], tmp_path / "r.log", processes=1, accelerate_config=None, devices=None,
+                                    in_process=False)
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("stopped", [False, True])
