@@ -89,7 +89,7 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
         raise UserError(f"--grid {args.grid!r}: write points as 'alpha,beta,gamma' separated by spaces, e.g. "
                         "'0.1,0.8,0.1 0.2,0.6,0.2'")
     if twice := next((point for point in grid if grid.count(point) > 1), None):
-        raise UserError(f"--grid lists the point {','.join(f'{w:g}' for w in twice)} more than once: give each once")
+        raise UserError(f"--grid lists the point {','.join(map(weight_text, twice))} more than once: give each once")
     if args.seeds < 1 or args.processes < 1 or not 0 < args.val_fraction < 1:
         raise UserError("--seeds and --processes must be at least 1 and --val-fraction between 0 and 1")
     base = load_config(args.config, overrides)
@@ -121,7 +121,13 @@ def processes_for(num_students: int, processes: int) -> int:
 
 
 def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
-    return ["loss.preset=null", *(f"loss.{k}={w:g}" for k, w in zip(LOSS_WEIGHTS, weights))]
+    return ["loss.preset=null", *(f"loss.{k}={weight_text(w)}" for k, w in zip(LOSS_WEIGHTS, weights))]
+
+
+def weight_text(weight: float) -> str:
+    """A loss weight as run names, overrides and labels write it: short (0.1, 1, 0) and exact (0.1234561)."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(weight)
 
 
 class Runner:
@@ -257,7 +263,7 @@ def grid_runs(protocol: Protocol) -> list[PlannedRun]:
 
 def point_name(weights: tuple[float, float, float]) -> str:
     """A grid point's name in run names: a0.1_b0.8_g0.1."""
-    return "_".join(f"{key}{w:g}" for key, w in zip("abg", weights))
+    return "_".join(f"{key}{weight_text(w)}" for key, w in zip("abg", weights))
 
 
 def choose_tuned(protocol: Protocol, out: Path, directories: list[Path]
@@ -277,7 +283,7 @@ def choose_tuned(protocol: Protocol, out: Path, directories: list[Path]
 
 
 def _weights(weights: tuple[float, float, float]) -> str:
-    return "/".join(f"{w:g}" for w in weights)
+    return "/".join(map(weight_text, weights))
 
 
 def seed_runs(protocol: Protocol, tuned: dict[str, tuple[str, tuple[float, float, float]]]) -> list[PlannedRun]:

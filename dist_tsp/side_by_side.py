@@ -41,10 +41,10 @@ class RunFailed(Exception):
     exit_code = 1
 
 
-_RUNNING: set[subprocess.Popen] = set()  # the runs in processes of their own now, which stop signals reach
-_STOP_SIGNALS_RECEIVED: list[int] = []  # by the runs now going: one starting after a signal gets it too
 ENDINGS = (UserError, RunStopped, RunFailed)  # how a launched run may end the protocol or a sweep (see `end`)
-ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)}  # else RunFailed
+# else RunFailed; a run killed by a stop signal was starting, before its handler was in place
+ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)} | \
+    {-signum: Preempted for signum in STOP_SIGNALS}
 
 
 class Named(Protocol):
@@ -150,6 +150,23 @@ def slot_devices(count: int, groups: list[range], names: list[str]) -> tuple[str
     return tuple(",".join(names[i] for i in groups[k % len(groups)]) for k in range(count))
 
 
+class SignalledStop(StopRequest):
+    """A stop signal to the protocol or a sweep, and which one: every run of theirs answers it, one starting as it
+    comes too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+
+    def receive(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
+
+
+_RUNNING: set[subprocess.Popen] = set()  # the runs in processes of their own now, which stop signals reach
+_STOP = SignalledStop()  # the one the runs now going answer (a fresh one for each run_concurrently)
+
+
 def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable[[Run, str | None], Path],
                      bar: tqdm, waits_for: Callable[[Run], str | None] = lambda _: None) -> list[Path]:
     """`run(planned, slot)` for every run in threads, up to one per slot, each started as soon as a slot is free and
@@ -172,22 +189,22 @@ def _stop_signals_reach_the_runs() -> Iterator[StopRequest]:
     """While the runs go, SIGTERM and SIGUSR1 reach every run in processes of its own, which stops after its next step
     with a checkpoint, and no further run starts (the request is set); a run in this process answers them itself
     (train.stop_on_signals, which gives these handlers back after it)."""
-    requested = StopRequest()  # no lock: a second signal may come while the handler runs
+    global _STOP
+    requested = _STOP = SignalledStop()
 
     def pass_on(signum: int, _frame: object) -> None:
-        requested.set()
-        _STOP_SIGNALS_RECEIVED.append(signum)
+        requested.receive(signum)
         for child in list(_RUNNING):
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
 
-    _STOP_SIGNALS_RECEIVED.clear()
     before = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
     try:
         yield requested
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+        _STOP = SignalledStop()
 
 
 def _sequentially(runs: list[Run], slot: str | None, run: Callable[[Run, str | None], Path], bar: tqdm,
@@ -236,11 +253,13 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
     (dist-tsp-launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. When it fails, raises
     what its exit code means, naming the log: UserError (bad input), Preempted (stopped by a signal with a
     checkpoint), NonFiniteLoss, else RunFailed (a crash)."""
+    if _STOP.is_set():  # it came while this run was handed its slot
+        raise Preempted(f"run {name} was not started: stopped by a signal. Rerun the same command to continue")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
         earlier = output.tell()  # the log of attempts before this one
         if processes == 1 and in_process:
-            code = _in_process(args, output)
+            code = _in_process(args, output, _STOP)
         else:
             command = [sys.executable, TRAIN, *args]
             if processes > 1:
@@ -249,8 +268,8 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
             child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
             _RUNNING.add(child)
-            if _STOP_SIGNALS_RECEIVED:  # it came while this run started, before the signal handler could see it
-                child.send_signal(_STOP_SIGNALS_RECEIVED[-1])
+            if _STOP.signum is not None:  # it came while this run started, before the signal handler could see it
+                child.send_signal(_STOP.signum)
             try:
                 code = child.wait()
             finally:
@@ -261,8 +280,9 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             tail = [line for line in written.read().splitlines() if line.startswith("dist-tsp:")][-1:]
         ending = ENDING_BY_CODE.get(code, RunFailed)
         how = "stopped" if issubclass(ending, RunStopped) else "failed"
-        raise ending(f"run {name} {how} (exit {code}){': ' + tail[0] if tail else ''}; its log is {log}. Rerun the "
-                     "same command to continue from there")
+        killed = f": {signal.Signals(-code).name}" if -code in set(signal.Signals) else ""
+        raise ending(f"run {name} {how} (exit {code}{killed}){': ' + tail[0] if tail else ''}; its log is {log}. "
+                     "Rerun the same command to continue from there")
 
 
 def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
@@ -272,14 +292,15 @@ def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
     sys.exit(ending.exit_code)
 
 
-def _in_process(args: list[str], output) -> int:
-    """train.main in this process, its output into `output`; the exit code it would have had (a crash's traceback goes
-    to `output`, as a launched run's would)."""
+def _in_process(args: list[str], output, stop_requested: StopRequest) -> int:
+    """train.main in this process, its output into `output`, answering `stop_requested` (set by a signal before its
+    own handlers are in place, too); the exit code it would have had (a crash's traceback goes to `output`, as a
+    launched run's would)."""
     from dist_tsp import train
 
     with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
         try:
-            train.main(args)
+            train.main(args, stop_requested)
         except SystemExit as stop:
             return stop.code if isinstance(stop.code, int) else 1
         except Exception:  # noqa: BLE001 -- a crash of the run, not of the protocol or the sweep

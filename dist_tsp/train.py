@@ -94,14 +94,15 @@ def check_teacher_launch(cfg: RunConfig) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
+def stop_on_signals(requested: StopRequest | None = None) -> Iterator[StopRequest]:
     """Inside, SIGTERM/SIGUSR1 ask for a checkpoint, then exit code 75 (requeue me): the student phase stops after the
     step that follows the signal, the teacher's training too (unsaved: a rerun trains it again), and a signal that
     comes before either (data, a teacher loading) is kept until the first step.
     After, the handlers from before are back: in a worker of dist-tsp-launch they ignore them (its agent's, inherited),
     as the launcher repeats them until its workers have exited; in the protocol or a sweep running runs in its own
-    process, a signal between runs does what it did before the first."""
-    requested = StopRequest()
+    process, a signal between runs does what it did before the first. `requested`: one that a signal before these
+    handlers may have set already (the protocol's or a sweep's)."""
+    requested = StopRequest() if requested is None else requested
     before = {signum: signal.signal(signum, lambda *_: requested.set()) for signum in STOP_SIGNALS}
     try:
         yield requested
@@ -189,14 +190,14 @@ def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
 
 
 @record  # under torchrun/accelerate, the failure summary shows the failing rank's exception
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, stop_requested: StopRequest | None = None) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg, placement = plan(argv, world_size, rank)
     except UserError as error:  # every rank sees the same problem
         _refuse(error, rank, world_size, every_rank=True)
     try:
-        with stop_on_signals() as stop_requested:
+        with stop_on_signals(stop_requested) as stop_requested:
             if placement is None:
                 run_teacher_stage(cfg, stop_requested)
             else:

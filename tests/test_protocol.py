@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dist_tsp import side_by_side
-from dist_tsp.protocol import main, processes_for
+from dist_tsp.protocol import grid_runs, main, plan, processes_for
 from tests.runs import ENV, ROOT, launch, train_rows
 
 pytestmark = pytest.mark.slow
@@ -161,6 +161,17 @@ def test_a_grid_with_an_infinite_weight_or_a_point_twice_is_refused_in_one_line(
         main([*TINY, "--out", str(tmp_path / "p"), "--grid", grid])
     assert stop.value.code == 2 and not (tmp_path / "p").exists()
     assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
+
+
+def test_grid_points_that_differ_past_six_digits_are_two_runs_with_their_exact_weights(tmp_path):
+    """Written with 6 significant digits, both were grid/a0.123456_b0.8_g0.1 with loss.alpha=0.123456."""
+    grid = "0.1234561,0.8,0.1 0.1234562,0.8,0.1 0.1,0.9,0"
+    protocol, _, _ = plan([*TINY, "--out", str(tmp_path / "p"), "--grid", grid])
+    planned = grid_runs(protocol)
+    assert [(run.name, run.overrides[-3:]) for run in planned[1:]] == [
+        ("grid/a0.1234561_b0.8_g0.1", ("loss.alpha=0.1234561", "loss.beta=0.8", "loss.gamma=0.1")),
+        ("grid/a0.1234562_b0.8_g0.1", ("loss.alpha=0.1234562", "loss.beta=0.8", "loss.gamma=0.1")),
+        ("grid/a0.1_b0.9_g0", ("loss.alpha=0.1", "loss.beta=0.9", "loss.gamma=0"))]
 
 
 def test_a_grid_point_no_run_can_use_is_refused_in_one_line_naming_its_run_before_anything_is_written(

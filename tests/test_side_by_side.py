@@ -16,7 +16,7 @@ from dist_tsp import protocol, side_by_side, sweep, train
 from dist_tsp.errors import Preempted, UserError
 from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.protocol import PlannedRun, plan
-from dist_tsp.side_by_side import RunFailed, auto_runs, gpu_groups, run_concurrently, slot_devices
+from dist_tsp.side_by_side import auto_runs, gpu_groups, run_concurrently, slot_devices
 
 
 @pytest.mark.parametrize("free_gib, processes, cpus, runs", [
@@ -170,20 +170,45 @@ def test_a_run_crashing_in_process_is_a_failure_with_its_traceback_in_its_log_an
     assert log.read_text().strip().endswith("RuntimeError: simulated crash")
 
 
-def test_a_run_started_just_after_a_stop_signal_gets_it_too(tmp_path, monkeypatch):
-    """A signal between a run's start and its entry among the running ones reached nobody: the run went to its end."""
+def test_a_stop_signal_as_a_run_is_handed_its_slot_or_starts_stops_it_with_75_not_as_a_failure(tmp_path, monkeypatch):
+    """A signal between a run's slot and its entry among the running ones reached nobody (the run went to its end);
+    one reaching a run still starting killed it, which ended the command with 1 (a crash), not 75."""
     script = tmp_path / "run.py"
-    script.write_text("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
-                      "time.sleep(120)\n")
-    monkeypatch.setattr(side_by_side, "TRAIN", str(script))
-    started = time.monotonic()
+    script.write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(120)\n")
+    monkeypatch.setattr(side_by_side, "TRAIN", str(script))  # a run that a stop signal kills as it starts
+
+    def launch(name: str) -> None:
+        side_by_side.launch_run(name, [], tmp_path / f"{name}.log", processes=1, accelerate_config=None, devices=None,
+                                in_process=False)
+
+    with pytest.raises(Preempted, match=r"^run starting stopped \(exit -15: SIGTERM\); its log is "):
+        launch("starting")
     with side_by_side._stop_signals_reach_the_runs() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.is_set()
-        with pytest.raises((Preempted, RunFailed)):  # stopped by it, or killed if it came before the handler
-            side_by_side.launch_run("r", [], tmp_path / "r.log", processes=1, accelerate_config=None, devices=None,
-                                    in_process=False)
-    assert time.monotonic() - started < 60
+        with pytest.raises(Preempted, match=r"^run next was not started: stopped by a signal\. Rerun"):
+            launch("next")
+    assert not (tmp_path / "next.log").exists()
+
+
+def test_a_run_in_this_process_answers_a_stop_signal_that_came_before_its_handlers(tmp_path, monkeypatch, capsys):
+    """While the run in the protocol's or the sweep's own process plans (before its handlers are in place), the
+    signal went to their handler only and the run trained to its end."""
+    plan = train.plan
+
+    def signalled_while_planning(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plan(*args)
+
+    monkeypatch.setattr(train, "plan", signalled_while_planning)
+    (tmp_path / "trials.txt").write_text("seed=0\n")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["run", str(tmp_path / "trials.txt"), str(tmp_path / "out"), "configs/demo.yaml",
+                    "--parallel-runs", "1", "teacher.args={depth: 8, width: 8}", "teacher.epochs=1",
+                    "train.max_steps=20"])
+    assert stop.value.code == 75
+    assert "stopped by a signal at step 1 of " in capsys.readouterr().err  # the teacher's first step
+    assert not (tmp_path / "out" / "trial_1" / "results.json").exists()
 
 
 @pytest.mark.parametrize("stopped", [False, True])
