@@ -73,7 +73,8 @@ class Checkpointer:
         directory = on_every_rank(lambda: checkpoint.resumable(
             self.cfg, self.placement.replicas, self.teacher_info.sha256 if used_teacher else None, self.total_steps))
         check_same_on_every_rank("would resume from a checkpoint",
-                                 lambda: "none" if directory is None else directory.name,
+                                 lambda: "none" if directory is None else
+                                 f"{directory.name} of run {checkpoint.read_manifest(directory).get('tracker_run_id')}",
                                  "output_dir must be one directory every node sees, on a shared filesystem")
         if directory is None:
             return 0

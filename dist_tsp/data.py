@@ -65,9 +65,10 @@ class ImageSet:
     def to(self, device: torch.device) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device))
 
-    def fingerprint(self) -> bytes:
-        """The content: every image and label."""
-        return self.images.cpu().numpy().tobytes() + self.labels.cpu().numpy().tobytes()
+    def add_content_to(self, digest: hashlib._Hash) -> None:
+        """The content, every image and label, hashed into `digest` without a copy of it."""
+        for tensor in (self.images, self.labels):
+            digest.update(tensor.cpu().contiguous().numpy())
 
     def loader(self, augmentation: Augmentation | None, device: torch.device, *, persistent: bool = False
                ) -> ViewLoader:
@@ -129,7 +130,7 @@ class Dataset:
         for split in splits:
             content.update(repr(None if split is None else len(split)).encode())
             if split is not None:
-                content.update(split.fingerprint())
+                split.add_content_to(content)
         sizes = [0 if split is None else len(split) for split in splits]
         return (f"{sizes[0]} training, {sizes[1]} validation and {sizes[2]} test images in {self.num_classes} "
                 f"classes, content {content.hexdigest()[:12]}")

@@ -42,7 +42,8 @@ def cache_key(cfg: RunConfig, teacher_sha256: str, data: Dataset, augmentation: 
               mixed_precision: str) -> dict:
     """Everything the cached logits depend on: the teacher, the training images (a streamed set by its file names
     and labels, not its pixels) at their size and normalisation, their views, the precision and the layout."""
-    content = hashlib.sha256(data.train.fingerprint())
+    content = hashlib.sha256()
+    data.train.add_content_to(content)
     return {"teacher_sha256": teacher_sha256, "teacher_model": cfg.teacher.model, "teacher_args": cfg.teacher.args,
             "input_scale": cfg.teacher.input_scale, "dataset": cfg.data.name, "train_sha256": content.hexdigest(),
             "image_size": data.train.image_size, "mean": data.mean, "std": data.std, **augmentation.key(),

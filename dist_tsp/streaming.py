@@ -9,6 +9,7 @@ numpy byte-string array, shared by forked workers without copy-on-write growth (
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Iterator, Sequence
@@ -57,9 +58,9 @@ class FolderImages:
         path = str(self.root / self.paths[index].decode())
         return path, path
 
-    def fingerprint(self) -> bytes:
-        """Its file names: what identifies it without reading it."""
-        return b"\0".join(self.paths.tolist())
+    def add_content_to(self, digest: hashlib._Hash) -> None:
+        """Its file names, hashed into `digest`: what identifies it without reading it."""
+        digest.update(b"\0".join(self.paths.tolist()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,10 @@ class ArrowImages:
         name = f"{self.path} row {row}" + (f" ({image['path']})" if image.get("path") else "")
         return name, image["bytes"] if image.get("bytes") is not None else image["path"]
 
-    def fingerprint(self) -> bytes:
-        """The saved dataset's own fingerprint and the rows taken from it."""
-        return self.table._fingerprint.encode() + self.rows.tobytes()
+    def add_content_to(self, digest: hashlib._Hash) -> None:
+        """The saved dataset's own fingerprint and the rows taken from it, hashed into `digest`."""
+        digest.update(self.table._fingerprint.encode())
+        digest.update(self.rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +110,11 @@ class StreamedImages:
         """The labels on `device`; images are decoded when loaded."""
         return StreamedImages(self.images, self.labels.to(device), self.image_size, self.crop, self.workers)
 
-    def fingerprint(self) -> bytes:
-        """What identifies the split's content without decoding it: its images' names and its labels."""
-        return self.images.fingerprint() + self.labels.cpu().numpy().tobytes()
+    def add_content_to(self, digest: hashlib._Hash) -> None:
+        """What identifies the split's content without decoding it, its images' names and its labels, hashed into
+        `digest`."""
+        self.images.add_content_to(digest)
+        digest.update(self.labels.cpu().contiguous().numpy())
 
     def loader(self, augmentation: Augmentation | None, device: torch.device, *, persistent: bool = False
                ) -> StreamLoader:

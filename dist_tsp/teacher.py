@@ -26,7 +26,7 @@ from dist_tsp.models import ModelError, build_model, fit_whitening, load_pretrai
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups
 from dist_tsp.run_control import StopRequest, StopVote
-from dist_tsp.shared_errors import main_process_first, on_every_rank
+from dist_tsp.shared_errors import check_same_on_every_rank, main_process_first, on_every_rank
 from dist_tsp.teacher_modes import (
     PARAMETER_SHARDED,
     RunTeacher,
@@ -69,10 +69,14 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
         print(f"teacher: loading {path}")
     # Every rank loads the saved file: identical teachers on all ranks (DDP does not sync BatchNorm statistics).
     model, full_bytes = load_frozen_teacher(cfg, data.num_classes, path, accelerator.device, groups)
+    digest = checkpoint.file_sha256(path)
+    check_same_on_every_rank("loaded a teacher file", lambda: f"sha256 {digest[:16]}",
+                             "every node needs the same teacher file: put teacher.checkpoint on a filesystem every "
+                             "node shares")
     per_rank = all_gather_cat(torch.tensor([local_parameter_bytes(model)], device=accelerator.device), groups.world)
     predicted = _predictions(RunTeacher(model, sharded=True, autocast=accelerator.autocast), data, groups.world,
                              cfg.data.eval_batch_size)
-    info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=checkpoint.file_sha256(path),
+    info = TeacherInfo(name=cfg.teacher.model, checkpoint=str(path), sha256=digest,
                        test_acc=(predicted == data.test.labels).float().mean().item(), mode=cfg.teacher.mode,
                        parameter_bytes=full_bytes, parameter_bytes_per_rank=per_rank.tolist())
     return model, info, predicted

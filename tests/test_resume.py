@@ -276,8 +276,17 @@ def test_ranks_that_find_another_latest_checkpoint_than_rank_0_are_refused_on_ev
     shutil.rmtree(older / "checkpoints" / "step_00000012")
     said = run_on_ranks(_resume_on_this_rank, 3, [shared, tmp_path / "own", older])
     assert len(set(said)) == 1, said
-    assert said[0] == ("ranks 1, 2 would resume from a checkpoint other than rank 0's (none; rank 0: step_00000012): "
-                       "output_dir must be one directory every node sees, on a shared filesystem")
+    run_id = read_manifest(shared / "checkpoints" / "step_00000012")["tracker_run_id"]
+    fix = "output_dir must be one directory every node sees, on a shared filesystem"
+    assert said[0] == (f"ranks 1, 2 would resume from a checkpoint other than rank 0's (none; rank 0: step_00000012 of "
+                       f"run {run_id}): {fix}")
+    # another run's checkpoint of the same step and settings (a node's own output_dir left from an earlier run)
+    another = shutil.copytree(shared, tmp_path / "another")
+    manifest = another / "checkpoints" / "step_00000012" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tracker_run_id": "0123456789ab"}))
+    said = run_on_ranks(_resume_on_this_rank, 3, [shared, shared, another])
+    assert said == [f"rank 2 would resume from a checkpoint other than rank 0's (step_00000012 of run 0123456789ab; "
+                    f"rank 0: step_00000012 of run {run_id}): {fix}"] * 3
 
 
 WRITER = """

@@ -200,6 +200,37 @@ def test_a_teacher_file_rank_0_alone_finds_is_refused_on_every_rank_naming_the_o
     assert said == [f"ranks 1, 2: teacher checkpoint {path} does not exist: check the path"] * WORLD
 
 
+def _teacher_file_of_its_own_on_rank_2(tmp):
+    """On each rank: the teacher prepared while rank 2's node has another file at its path; the one line refusing it."""
+    from accelerate import Accelerator
+
+    from dist_tsp import teacher
+
+    cfg = config(tmp, "replicated")
+    if dist.get_rank() == 2:
+        teacher.teacher_path = lambda _: tmp / "other" / "teacher.pt"
+    accelerator = Accelerator(cpu=True)
+    groups = Groups.from_mesh(Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3).build_mesh("cpu"))
+    try:
+        prepare_teacher(cfg, load_dataset(cfg.data, seed=0), accelerator, groups)
+    except SharedUserError as error:
+        return str(error)
+    return None
+
+
+def test_a_node_whose_teacher_file_differs_from_rank_0s_is_refused_on_every_rank_naming_it(tmp_path):
+    """A node-local teacher.checkpoint left from another run: rank 2 taught with other logits, silently."""
+    path = teacher_file(tmp_path / "teacher.pt")
+    torch.manual_seed(4)
+    checkpoint.save_atomic({"model": build_model("resnet_cifar", 10, depth=8, width=8).state_dict()},
+                           tmp_path / "other" / "teacher.pt")
+    digests = [checkpoint.file_sha256(p)[:16] for p in (path, tmp_path / "other" / "teacher.pt")]
+    said = run_on_ranks(_teacher_file_of_its_own_on_rank_2, WORLD, tmp_path, timeout=60)
+    assert said == [f"rank 2 loaded a teacher file other than rank 0's (sha256 {digests[1]}; rank 0: sha256 "
+                    f"{digests[0]}): every node needs the same teacher file: put teacher.checkpoint on a filesystem "
+                    "every node shares"] * WORLD
+
+
 @pytest.fixture(scope="module")
 def cached_runs(tmp_path_factory):
     """Two accelerate launches (3 ranks) of the same run in cached mode, sharing one cache folder; the teacher in
