@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,9 +26,23 @@ class ConfigError(UserError):
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are type-checked."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # an override of the first key drops the others given before it (in the file or earlier overrides)
     replaces: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/yes/on would pass as 1 (pydantic reads a boolean as a number)."""
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean is not a number: give a number")
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    """int, float or one of them or None."""
+    kinds = {a for a in (get_args(annotation) if get_origin(annotation) else (annotation,)) if a is not type(None)}
+    return bool(kinds) and kinds <= {int, float}
 
 
 STREAMABLE = ("image_folder", "arrow")  # datasets read from disk as the steps need them (dist_tsp/streaming.py)
@@ -292,6 +307,12 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("output_dir", mode="before")
+    def _not_empty(cls, value: Any) -> Any:
+        if value == "":  # Path("") is the current directory
+            raise ValueError("is empty: give a directory, e.g. runs/demo")
+        return value
+
     @field_validator("resume", mode="before")
     def _off_is_not_false(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads a bare `off` as false
@@ -339,11 +360,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+            how = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {how}: pass an existing YAML file to --config")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(error))}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file to --config") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     for override in overrides:

@@ -34,16 +34,25 @@ def read_trials(path: Path) -> list[list[str]]:
     """Trial N is the N-th line that is not blank or a # comment, split into key=value words like a shell line."""
     if not path.is_file():
         raise UserError(f"trials file {path} does not exist: write one line of key=value overrides per trial")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"trials file {path} is not UTF-8 text: write one line of key=value overrides per trial"
+                        ) from None
     trials = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         try:
             words = shlex.split(line, comments=True)
         except ValueError as error:
             raise UserError(f"{path}:{number}: {error}: quote a value with spaces as a whole word") from None
         if bad := [w for w in words if "=" not in w]:
             raise UserError(f"{path}:{number}: {bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
+        if any(w.startswith("output_dir=") for w in words):
+            raise UserError(f"{path}:{number}: a trial's output_dir is the sweep's DIR/trial_N: leave it out")
         if words:
             trials.append(words)
+    if not trials:
+        raise UserError(f"trials file {path} holds no trials: write one line of key=value overrides per trial")
     return trials
 
 

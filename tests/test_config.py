@@ -216,6 +216,12 @@ def test_how_a_run_runs_is_not_which_run_it_is_so_its_checkpoints_still_resume(t
     (["=3"], r"override '=3' is not key=value"),
     (["students.5.model=lenet"], r"override key students.5: use a list index from 0 to 1"),
     (["train.epochs.x=1"], r"train.epochs is a value, not a section"),
+    (["train.max_steps=true"], r"'train.max_steps': a boolean is not a number: give a number \(got True\)"),
+    (["loss.alpha=yes"], r"'loss.alpha': a boolean is not a number"),  # YAML 1.1: yes is true, which was 1.0
+    (["loss.temperature=.inf"], r"'loss.temperature': Input should be a finite number"),
+    (["train.optimizer.lr=.inf"], r"'train.optimizer.lr': Input should be a finite number"),
+    (["output_dir="], r"'output_dir'"),
+    (["output_dir=''"], r"'output_dir': is empty: give a directory, e.g. runs/demo"),  # not the current directory
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -235,6 +241,11 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         load_config(write(tmp_path, "students: [\n"))
     with pytest.raises(ConfigError, match=r"must hold a mapping of keys, not list"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"config file .* is a directory: pass an existing YAML file"):
+        load_config(tmp_path)
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe students")
+    with pytest.raises(ConfigError, match=r"config file .*binary.yaml is not UTF-8 text"):
+        load_config(tmp_path / "binary.yaml")
 
 
 def test_saved_config_is_plain_yaml(tmp_path):

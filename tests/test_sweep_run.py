@@ -75,6 +75,23 @@ def test_a_bad_trial_is_refused_in_one_line_naming_it_before_any_run(tmp_path, c
         "here are alpha, beta, gamma, temperature, peer_reduction, preset"]
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"# nothing yet\n\n", "trials file {trials} holds no trials: write one line of key=value overrides per trial"),
+    (b"seed=0\n\xff\xfe\n", "trials file {trials} is not UTF-8 text: write one line of key=value overrides per "
+                             "trial"),
+    (b"seed=0\nseed=1 output_dir=/elsewhere\n", "{trials}:2: a trial's output_dir is the sweep's DIR/trial_N: leave "
+                                                "it out"),  # it was ignored, yet shown in the table
+])
+def test_a_trials_file_without_trials_not_text_or_moving_a_trial_is_refused_in_one_line(tmp_path, capsys, content,
+                                                                                         message):
+    trials, sweep = tmp_path / "trials.txt", tmp_path / "sweep"
+    trials.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), "configs/demo.yaml", *TINY])
+    assert stop.value.code == 2 and not sweep.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [f"dist-tsp: error: {message.format(trials=trials)}"]
+
+
 def test_a_process_count_that_cannot_hold_a_trials_students_is_refused_in_one_line_before_any_run(tmp_path, capsys):
     trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
     trials.write_text("seed=0\n")
