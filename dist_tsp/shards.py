@@ -12,6 +12,7 @@ with `dataset.save_to_disk(OUT / split)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -24,40 +25,60 @@ from dist_tsp.streaming import list_image_folder
 
 
 def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
-    """Write out/train and out/<held-out> from the image folder's splits; return the split folders written."""
+    """Write out/train and out/<held-out> from the image folder's splits; return the split folders written. Every
+    split is read before an earlier conversion's is replaced."""
     import datasets
+    from datasets.utils.py_utils import convert_file_size_to_int
 
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise DataError(f"--max-shard-size {max_shard_size!r} is not a size: write e.g. 500MB or 1GB") from None
     train, held_out = split_folders(folder, "<class>/ folders")
-    _refuse_overlap(folder, out, (train, held_out))
-    if (out / "test").exists() and held_out.name != "test":  # data.name=arrow would read it, not the new val/
-        raise DataError(f"{out / 'test'} is left from an earlier conversion and would be read instead of the new "
-                        f"{held_out.name}/: remove it, or choose another output folder")
+    _check_output(folder, out, (train, held_out))
     classes, _, _ = list_image_folder(train)
     same_classes(folder, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
+    listed = {split: list_image_folder(split, classes)[1:] for split in (train, held_out)}
+    if empty := [split for split, (paths, _) in listed.items() if len(paths) == 0]:
+        raise DataError(f"image folder {empty[0]} has no images")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-    written = []
-    for split in (train, held_out):
-        _, paths, labels = list_image_folder(split, classes)
-        if len(paths) == 0:
-            raise DataError(f"image folder {split} has no images")
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as cache:
-            table = datasets.Dataset.from_generator(
-                _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()},
-                features=features, cache_dir=cache)
+    scratch = out.parent if out.parent.exists() else None  # the Arrow files are built beside the output
+    with contextlib.ExitStack() as caches:
+        tables = {split: datasets.Dataset.from_generator(
+            _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()}, features=features,
+            cache_dir=caches.enter_context(tempfile.TemporaryDirectory(dir=scratch)))
+            for split, (paths, labels) in listed.items()}
+        written = []
+        for split, table in tables.items():
             target = out / split.name
             if target.exists():
                 shutil.rmtree(target)
             table.save_to_disk(str(target), max_shard_size=max_shard_size)
-        written.append(target)
+            written.append(target)
     return written
 
 
-def _refuse_overlap(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
-    """The output replaces out/<split> for each split: it may neither lie inside the images nor hold them."""
+def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
+    """The output replaces out/<split> for each split: only an earlier conversion's, never the images or other
+    files; and no split of an earlier conversion may be left that data.name=arrow would read instead."""
     source, target = folder.resolve(), out.resolve()
     if target.is_relative_to(source) or any(source.is_relative_to(target / split.name) for split in splits):
         raise DataError(f"the output {out} overlaps the image folder {folder}: its split folders would replace the "
                         "images; give an output folder outside it")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"the output {out} is a file: give a folder")
+    for split in splits:
+        if (out / split.name).exists() and not _saved_split(out / split.name):
+            raise DataError(f"{out / split.name} exists and was not written by python -m dist_tsp.shards: choose "
+                            "another output folder, or remove it")
+    if (out / "test").exists() and all(split.name != "test" for split in splits):  # arrow would read it, not val/
+        raise DataError(f"{out / 'test'} is left from an earlier conversion and would be read instead of the new "
+                        f"{splits[1].name}/: remove it, or choose another output folder")
+
+
+def _saved_split(path: Path) -> bool:
+    """Whether `path` is a dataset saved with save_to_disk (what an earlier conversion wrote)."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _rows(split: Path, paths: list[bytes], labels: list[int]) -> Iterator[dict]:

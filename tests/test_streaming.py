@@ -305,6 +305,41 @@ def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_
     assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
 
 
+@pytest.mark.parametrize("problem", ["another image folder", "a file", "a split without images", "a bad size"])
+def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, shards, tmp_path, capsys, problem):
+    """Before, another image folder given as the output lost its images, and a split without images was found
+    after the train split of the earlier conversion had been replaced."""
+    import shutil
+
+    images, out, options = tmp_path / "images", tmp_path / "out", []
+    shutil.copytree(folder, images)
+    if problem == "another image folder":
+        shutil.copytree(folder, out)
+    elif problem == "a file":
+        out.write_text("notes\n")
+    else:
+        shutil.copytree(shards, out)
+    if problem == "a split without images":
+        for image in (images / "test").rglob("*.*"):
+            image.unlink()
+    if problem == "a bad size":
+        options = ["--max-shard-size", "banana"]
+    before = files(out) if out.is_dir() else out.read_bytes()
+    with pytest.raises(SystemExit):
+        main([str(images), str(out), *options])
+    said = {"another image folder": f"{out / 'train'} exists and was not written by python -m dist_tsp.shards: choose "
+                                    "another output folder, or remove it",
+            "a file": f"the output {out} is a file: give a folder",
+            "a split without images": f"image folder {images / 'test'} has no images",
+            "a bad size": "--max-shard-size 'banana' is not a size: write e.g. 500MB or 1GB"}[problem]
+    assert capsys.readouterr().err.strip() == f"dist-tsp shards: error: {said}"
+    assert (files(out) if out.is_dir() else out.read_bytes()) == before
+
+
+def files(root: Path) -> dict[Path, bytes]:
+    return {path.relative_to(root): path.read_bytes() for path in root.rglob("*") if path.is_file()}
+
+
 def test_a_test_split_left_by_an_earlier_conversion_is_refused_when_the_folder_now_holds_val(folder, shards, tmp_path,
                                                                                           capsys):
     """data.name=arrow reads test/ before val/: the new val/ would never be read."""
