@@ -73,7 +73,8 @@ def read(path: Path, what: str) -> Any:
                     "so it was not loaded and none of its code ran: if you trust it, re-save it as a plain state "
                     "dict, torch.save({'model': model.state_dict()}, path)") from None
             raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}): it is truncated or not a "
-                                  "dist-tsp checkpoint; delete it or point to another") from None
+                                  "dist-tsp checkpoint; point to another file (or delete it, if it is a damaged "
+                                  "checkpoint of this run)") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -160,6 +160,7 @@ class StudentConfig(ModelSpec):
 TEACHER_MODES = ("replicated", "sharded", "cached", "fsdp", "deepspeed")  # see dist_tsp/teacher_modes.py
 # Settings that change results but came after checkpoints were first written: left out of a run's identity at
 # their defaults, so those checkpoints still resume.
+DEFAULT_TEACHER_FILE = Path("teacher") / "model.pt"  # under output_dir, where teacher.checkpoint is not given
 SETTINGS_ADDED_SINCE_CHECKPOINTS = (("data", "crop"), ("data", "normalization"), ("teacher", "cache_topk"),
                                     ("teacher", "cache_precision"), ("teacher", "label_smoothing"))
 
@@ -331,6 +332,11 @@ class RunConfig(Section):
     def student_names(self) -> list[str]:
         return [s.name for s in self.students]
 
+    @property
+    def teacher_file(self) -> Path:
+        """Where the teacher lives: teacher.checkpoint, by default output_dir/teacher/model.pt."""
+        return self.teacher.checkpoint or self.output_dir / DEFAULT_TEACHER_FILE
+
     def identity(self, finished: bool = False) -> dict[str, Any]:
         """The settings a checkpoint must agree with to be resumed (not run length, logging or paths); `finished`: a
         finished run's results, which its length decides too (train.epochs and train.max_steps)."""
@@ -344,6 +350,9 @@ class RunConfig(Section):
                 tree[section].pop(key)
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
+        if self.teacher.checkpoint and self.teacher.checkpoint.absolute() == \
+                (self.output_dir / DEFAULT_TEACHER_FILE).absolute():
+            tree["teacher"]["checkpoint"] = None  # the default, named
         for key in ("log_every", "checkpoint_every", "keep_last", "collective_timeout_s", "profile", "channels_last",
                     "compile", "step", "graph_warmup", "deterministic", *(() if finished else ("epochs", "max_steps"))):
             tree["train"].pop(key)

@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,14 +268,31 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
 
 def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     """Images already decoded: data.root/train.npz and test.npz (or val.npz), each with `images` (uint8
-    [N, H, W, 3]), `labels` ([N], 0..C-1) and optionally `classes` (their names)."""
+    [N, H, W, 3]), `labels` ([N], 0..C-1) and optionally `classes` (their names, the same in both)."""
     root = Path(cfg.root)
     held_out = held_out_split(root, ".npz", Path.is_file) or root / "test.npz"
-    splits, classes = [], None
+    splits, named = [], {}
     for path in (root / "train.npz", held_out):
         if not path.is_file():
             raise DataError(f"data.name=npz: {path} does not exist: save train.npz and test.npz (or val.npz) in "
                             f"{root} with numpy.savez(path, images=..., labels=...)")
+        images, labels, named[path.name] = _npz_arrays(path)
+        splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))
+    if len(splits[0][2]) == 0:
+        raise DataError(f"{splits[0][0]} holds no images: save the training images in it")
+    given = [names for names in named.values() if names is not None]
+    if len(given) == 2 and given[0] != given[1]:
+        raise DataError(f"train.npz and {held_out.name} name the classes differently ({given[0]} and {given[1]}): "
+                        "save both with the same classes in the same order, as their labels index them")
+    classes = given[0] if given else \
+        [str(c) for c in range(int(max(labels.max(initial=0) for *_, labels in splits)) + 1)]
+    train, test = (ImageSet(images, _class_ids(path, labels, len(classes))) for path, images, labels in splits)
+    return train, test, classes, True
+
+
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """One npz file's images, labels and class names (None when it names none), checked."""
+    try:
         with np.load(path) as arrays:
             images, labels = arrays.get("images"), arrays.get("labels")
             if images is None or labels is None or images.dtype != np.uint8 or images.ndim != 4 \
@@ -282,11 +300,12 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
                     or len(labels) != len(images):
                 raise DataError(f"{path} must hold `images` (uint8 [N, H, W, 3]) and `labels` (integers [N]); it holds "
                                 f"{', '.join(f'{k} {arrays[k].dtype}{list(arrays[k].shape)}' for k in arrays)}")
-            classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else classes
-            splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))
-    classes = classes or [str(c) for c in range(int(max(labels.max(initial=0) for *_, labels in splits)) + 1)]
-    train, test = (ImageSet(images, _class_ids(path, labels, len(classes))) for path, images, labels in splits)
-    return train, test, classes, True
+            return images, labels, [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # numpy's for an empty or damaged file
+        raise DataError(f"{path} cannot be read as an npz file ({type(error).__name__}: {_first_line(error)}): save "
+                        "it with numpy.savez(path, images=..., labels=...)") from None
 
 
 def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
@@ -295,12 +314,12 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     root = Path(cfg.root)
     train_split, held_out = split_folders(root, "<class>/ folders")
     classes, train_paths, train_labels = list_image_folder(train_split)
+    every_class_has_images(train_split, classes, train_labels)
     same_classes(root, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
     _, test_paths, test_labels = list_image_folder(held_out, classes)
-    for split, paths in ((train_split, train_paths), (held_out, test_paths)):
-        if len(paths) == 0:
-            raise DataError(f"image folder {split} has no images ({' '.join(EXTENSIONS)}): put each image in its "
-                            "class folder")
+    if len(test_paths) == 0:
+        raise DataError(f"image folder {held_out} has no images ({' '.join(EXTENSIONS)}): put each image in its "
+                        "class folder")
     train, test = (_streamed(cfg, FolderImages(split, paths), labels)
                    for split, paths, labels in ((train_split, train_paths, train_labels),
                                                 (held_out, test_paths, test_labels)))
@@ -364,6 +383,16 @@ def _class_names(split: Path, table) -> list[str]:
         raise DataError(f"{split}: its label column is not a ClassLabel with class names: cast it with "
                         "datasets.ClassLabel(names=[...])")
     return list(names)
+
+
+def every_class_has_images(split: Path, classes: list[str], labels: torch.Tensor) -> None:
+    """A training class folder without images would be a class the models predict but never learn: named."""
+    if not classes:
+        raise DataError(f"image folder {split} has no class folders: put each image in its class folder")
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    if empty := [name for name, count in zip(classes, counts) if count == 0]:
+        raise DataError(f"class folder {split / empty[0]} has no images ({' '.join(EXTENSIONS)}): add its images, "
+                        "or remove the folder")
 
 
 def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) -> None:

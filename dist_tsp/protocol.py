@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint, protocol_report, side_by_side
 from dist_tsp.checkpoint import write_text_atomic
-from dist_tsp.config import LOSS_PRESETS, LOSS_WEIGHTS, RunConfig, load_config
+from dist_tsp.config import DEFAULT_TEACHER_FILE, LOSS_PRESETS, LOSS_WEIGHTS, RunConfig, load_config
 from dist_tsp.data import load_dataset
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
@@ -171,7 +171,7 @@ class Runner:
 
 def teacher_file(protocol: Protocol, out: Path) -> Path:
     """The teacher every run learns from: the config's teacher.checkpoint, else the one the protocol trains."""
-    return protocol.base.teacher.checkpoint or out / "teacher" / "model.pt"
+    return protocol.base.teacher.checkpoint or out / DEFAULT_TEACHER_FILE
 
 
 def run_overrides(protocol: Protocol, out: Path, planned: PlannedRun) -> list[str]:

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dist_tsp.data import DataError, same_classes, split_folders
+from dist_tsp.data import DataError, every_class_has_images, same_classes, split_folders
 from dist_tsp.errors import UserError
 from dist_tsp.streaming import list_image_folder
 
@@ -36,7 +36,8 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
         raise DataError(f"--max-shard-size {max_shard_size!r} is not a size: write e.g. 500MB or 1GB") from None
     train, held_out = split_folders(folder, "<class>/ folders")
     _check_output(folder, out, (train, held_out))
-    classes, _, _ = list_image_folder(train)
+    classes, _, labels = list_image_folder(train)
+    every_class_has_images(train, classes, labels)
     same_classes(folder, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
     listed = {split: list_image_folder(split, classes)[1:] for split in (train, held_out)}
     if empty := [split for split, (paths, _) in listed.items() if len(paths) == 0]:

@@ -52,9 +52,9 @@ class TeacherInfo:
     parameter_bytes_per_rank: list[int]  # what each rank holds (1/W of it when parameter-sharded)
 
 
-def teacher_path(cfg: RunConfig) -> Path:
-    """Where the teacher lives: loaded from there when present, else trained and saved there."""
-    return cfg.teacher.checkpoint or cfg.output_dir / "teacher" / "model.pt"
+def cache_folder(cfg: RunConfig) -> Path:
+    """Where teacher.mode=cached keeps its logits (one folder per cache key inside)."""
+    return cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache"
 
 
 def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, groups: Groups,
@@ -62,7 +62,7 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
     """The frozen teacher for `teacher.mode` (trained on all ranks and saved first when its file is missing), with
     what results.json records about it and its predicted class of every test sample. A stop requested while it
     trains (`stop_requested`, over `groups.control`) ends its training after the next step: Preempted."""
-    path = teacher_path(cfg)
+    path = cfg.teacher_file
     if not teacher_file_found(cfg, accelerator):
         train_teacher(cfg, data, accelerator, path, StopVote(stop_requested or StopRequest(), groups.control))
     elif accelerator.is_main_process:
@@ -85,7 +85,7 @@ def prepare_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, gro
 def teacher_file_found(cfg: RunConfig, accelerator: Accelerator) -> bool:
     """Whether teacher.checkpoint exists, as the main process sees it: every rank then trains the teacher or loads it
     alike (one that cannot read the file says so when it loads it), even if the file appears while they start."""
-    return broadcast_object_list([teacher_path(cfg).is_file() if accelerator.is_main_process else None])[0]
+    return broadcast_object_list([cfg.teacher_file.is_file() if accelerator.is_main_process else None])[0]
 
 
 def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path,
@@ -161,7 +161,7 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
         raise SharedUserError(f"teacher.cache_topk={topk} but {cfg.data.name} has {data.num_classes} classes: "
                               f"choose at most {data.num_classes}")
     return CachedLogits.under(
-        cfg.teacher.cache_dir or cfg.output_dir / "teacher" / "logit_cache",
+        cache_folder(cfg),
         cache_key(cfg, info.sha256, data, augmentation, accelerator.mixed_precision),
         teacher=RunTeacher(model, sharded=True, autocast=accelerator.autocast), data=data.train,
         augmentation=augmentation, normalize=data.normalize,

@@ -30,7 +30,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
-from dist_tsp.teacher import prepare_teacher, teacher_file_found, teacher_logits, teacher_path
+from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
@@ -62,9 +62,14 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     cfg = load_config(args.config, args.overrides)
     check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)
-    if args.teacher_only or (TeachingGraph.from_config(cfg).uses_teacher and not teacher_path(cfg).is_file()):
+    if cfg.teacher_file.is_dir():
+        raise UserError(f"teacher.checkpoint {cfg.teacher_file} is a directory: point it to the teacher's file "
+                        "(model.pt), or to a path where it is to be saved")
+    if args.teacher_only or (TeachingGraph.from_config(cfg).uses_teacher and not cfg.teacher_file.is_file()):
         # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained
-        check_writable(teacher_path(cfg).parent, f"teacher checkpoint {teacher_path(cfg)}")
+        check_writable(cfg.teacher_file.parent, f"teacher checkpoint {cfg.teacher_file}")
+    if cfg.teacher.mode == "cached" and not args.teacher_only:  # its logits are written there once the teacher is
+        check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
     if args.teacher_only:
         return cfg, None
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))

@@ -46,6 +46,11 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["output_dir=/etc/hostname/run"], 1, r"/etc/hostname is a file, not a directory; choose another path"),
     (["teacher.checkpoint=/etc/hostname/teacher.pt"], 1,  # a teacher to train first, and save where none can
      r"teacher checkpoint /etc/hostname/teacher.pt: /etc/hostname is a file, not a directory; choose another path"),
+    (["teacher.checkpoint=/etc"], 1,  # before: trained, then an IsADirectoryError and a stray temporary file
+     r"teacher.checkpoint /etc is a directory: point it to the teacher's file \(model.pt\), or to a path where it is "
+     r"to be saved"),
+    (["teacher.mode=cached", "teacher.cache_dir=/etc/hostname"], 1,  # before: a traceback once the teacher trained
+     r"teacher.cache_dir /etc/hostname: /etc/hostname is a file, not a directory; choose another path"),
     (["students=[]"], 1, r"'students': List should have at least 1 item"),
     (["--confg"], 1, r"unrecognized arguments: --confg: see --help"),
 ]

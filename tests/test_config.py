@@ -195,6 +195,18 @@ def test_how_a_run_runs_is_not_which_run_it_is_so_its_checkpoints_still_resume(t
     assert load_config(file, [override]).identity() == load_config(file).identity()
 
 
+def test_naming_the_default_teacher_file_is_the_same_run_and_another_file_is_not(tmp_path):
+    """Before: a run resumed with teacher.checkpoint=<output_dir>/teacher/model.pt, the file it had used, was refused
+    as a different run."""
+    config = write(tmp_path, MINIMAL)
+    run = tmp_path / "run"
+    default = load_config(config, [f"output_dir={run}"])
+    named = load_config(config, [f"output_dir={run}", f"teacher.checkpoint={run}/teacher/model.pt"])
+    other = load_config(config, [f"output_dir={run}", f"teacher.checkpoint={tmp_path}/model.pt"])
+    assert named.teacher_file == default.teacher_file == run / "teacher" / "model.pt"
+    assert named.identity() == default.identity() != other.identity()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loss.temprature=3"], r"unknown config key 'loss.temprature': allowed keys here are alpha, beta, gamma, tem"),
     (["bogus=1"], r"unknown config key 'bogus'"),

@@ -243,6 +243,46 @@ def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_nam
         load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
 
 
+@pytest.mark.parametrize("problem, message", [
+    ("empty", r"train.npz cannot be read as an npz file \(EOFError: .*\): save it with numpy.savez"),
+    ("garbage", r"train.npz cannot be read as an npz file \((BadZipFile|ValueError|OSError|UnpicklingError): "),
+    ("objects", r"train.npz cannot be read as an npz file \(ValueError: Object arrays cannot be loaded"),
+    ("no images", r"train.npz holds no images: save the training images in it$"),
+    ("other class names", r"train.npz and test.npz name the classes differently \(\['a', 'b'\] and \['b', 'a'\]\): "
+                          r"save both with the same classes in the same order"),
+])
+def test_an_npz_file_damaged_empty_or_naming_other_classes_is_one_line(tmp_path, problem, message):
+    """Before: numpy's tracebacks, NaN statistics for no images, and one split's class names used for both."""
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "test.npz", images=images, labels=np.array([0, 1]), classes=["b", "a"])
+    train = tmp_path / "train.npz"
+    if problem == "empty":
+        train.write_bytes(b"")
+    elif problem == "garbage":
+        train.write_bytes(b"not an npz file\n" * 10)
+    elif problem == "objects":
+        np.savez(train, images=np.array([images[0], None], dtype=object), labels=np.array([0, 1]))
+    elif problem == "no images":
+        np.savez(train, images=images[:0], labels=np.array([], np.int64))
+    else:
+        np.savez(train, images=images, labels=np.array([0, 1]), classes=["a", "b"])
+    with pytest.raises(DataError, match=message):
+        load_dataset(DataConfig(name="npz", root=tmp_path), seed=0)
+
+
+def test_a_training_class_folder_without_images_is_one_line_naming_it(tmp_path):
+    """Before: accepted, a class the models predicted but never learned (or, with no test/ folder for it, named as
+    a class missing from test/)."""
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
+    (tmp_path / "train" / "emu").mkdir()
+    with pytest.raises(DataError, match=rf"class folder {tmp_path / 'train' / 'emu'} has no images \(.*\): add its "
+                                        r"images, or remove the folder$"):
+        load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
+
+
 def test_image_folder_loads_and_resizes_class_folders(tmp_path):
     for split in ("train", "test"):
         for cls, color in (("cat", 10), ("dog", 200)):

@@ -204,11 +204,9 @@ def _teacher_file_of_its_own_on_rank_2(tmp):
     """On each rank: the teacher prepared while rank 2's node has another file at its path; the one line refusing it."""
     from accelerate import Accelerator
 
-    from dist_tsp import teacher
-
     cfg = config(tmp, "replicated")
     if dist.get_rank() == 2:
-        teacher.teacher_path = lambda _: tmp / "other" / "teacher.pt"
+        cfg.teacher.checkpoint = tmp / "other" / "teacher.pt"
     accelerator = Accelerator(cpu=True)
     groups = Groups.from_mesh(Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3).build_mesh("cpu"))
     try:
