@@ -448,6 +448,14 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
+def check_fills_a_batch(images: int, batch_size: int, num_replicas: int, batch_size_setting: str) -> None:
+    """Each replica's share of the training images must fill one batch (the batch stream drops the last partial
+    one)."""
+    if images // num_replicas < batch_size:
+        raise DataError(f"{images} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
+                        f"lower {batch_size_setting}")
+
+
 class PeerBatches:
     """One replica's batches: identical on every rank of a peer group, disjoint across replicas.
 
@@ -461,11 +469,7 @@ class PeerBatches:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.num_replicas, self.replica = num_replicas, replica
         self.augmentation, self.normalize = augmentation, normalize
-        if len(self) == 0:
-            raise DataError(
-                f"{len(data)} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
-                f"lower {batch_size_setting}"
-            )
+        check_fills_a_batch(len(data), batch_size, num_replicas, batch_size_setting)
         self.views = data.loader(augmentation, data.labels.device, persistent=True)
 
     def __len__(self) -> int:

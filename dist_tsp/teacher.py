@@ -134,6 +134,15 @@ def load_frozen_teacher(cfg: RunConfig, num_classes: int, path: Path, device: to
 def _read_teacher(cfg: RunConfig, num_classes: int, path: Path) -> nn.Module:
     """The teacher saved at `path`, frozen, on the host."""
     saved = checkpoint.load(path, "teacher")
+    if isinstance(saved.get("student"), dict):
+        raise checkpoint.CheckpointError(
+            f"teacher checkpoint {path} is student {saved['student'].get('name')!r}'s checkpoint (a "
+            f"{saved['student'].get('model')}), not a teacher: point teacher.checkpoint to a run's teacher/model.pt")
+    if saved.get("model_name", cfg.teacher.model) != cfg.teacher.model:
+        raise checkpoint.CheckpointError(
+            f"teacher checkpoint {path} holds a {saved['model_name']} teacher, but teacher.model is "
+            f"{cfg.teacher.model}: set teacher.model={saved['model_name']} with its teacher.args, or point "
+            "teacher.checkpoint to another file")
     if saved.get("num_classes", num_classes) != num_classes:
         raise checkpoint.CheckpointError(
             f"teacher checkpoint {path} predicts {saved['num_classes']} classes but {cfg.data.name} has "

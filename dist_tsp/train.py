@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
-from dist_tsp.data import Dataset, load_dataset
+from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
 from dist_tsp.errors import RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
@@ -154,6 +154,8 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     tracker = Tracker(cfg, accelerator)
     graph = TeachingGraph.from_config(cfg)
+    # the students' batches are checked before the teacher trains (they would be after it, in StudentTrainer)
+    check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):

@@ -5,9 +5,11 @@ import urllib.error
 import pytest
 import torch
 
+from dist_tsp.checkpoint import CheckpointError
 from dist_tsp.config import validate_config
 from dist_tsp.models import ModelError, build_model
-from dist_tsp.teacher import build_teacher
+from dist_tsp.placement import Groups
+from dist_tsp.teacher import build_teacher, load_frozen_teacher
 from tests.runs import TINY, launch
 
 
@@ -65,3 +67,17 @@ def test_teacher_fine_tunes_from_a_weights_file_at_a_larger_input_size(tmp_path)
                    f"teacher.weights={tmp_path / 'w.pth'}", "teacher.input_scale=2"])
     assert "re-initialised: fc.bias, fc.weight" in done.stdout
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"model": {}, "optimizer": {}, "student": {"name": "lenet", "model": "lenet"}},
+     r"is student 'lenet''s checkpoint \(a lenet\), not a teacher: point teacher.checkpoint to a run's "
+     r"teacher/model.pt"),
+    ({"model": {}, "model_name": "resnet18", "num_classes": 10},
+     r"holds a resnet18 teacher, but teacher.model is resnet_cifar: set teacher.model=resnet18 with its teacher.args"),
+])
+def test_a_student_checkpoint_or_another_model_given_as_the_teacher_is_named_as_such(tmp_path, saved, message):
+    """Before: both were 'does not fit the configured model' with a list of missing state-dict keys."""
+    torch.save(saved, tmp_path / "file.pt")
+    with pytest.raises(CheckpointError, match=message):
+        load_frozen_teacher(config(), 10, tmp_path / "file.pt", torch.device("cpu"), Groups(None, None, None))
