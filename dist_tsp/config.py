@@ -372,7 +372,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             how = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {how}: pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(error))}") from None
         except UnicodeDecodeError:
@@ -382,6 +382,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     for override in overrides:
         apply_override(raw, override)
     return validate_config(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        if twice := next((key for key in keys if keys.count(key) > 1), None):
+            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} is given twice: keep one",
+                                                    node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
@@ -403,7 +414,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r} is not key=value: write e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text else None
     except yaml.YAMLError:
         raise ConfigError(f"override {override!r} has a value that is not valid YAML") from None
     *parents, leaf = key.split(".")

@@ -253,6 +253,8 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         load_config(write(tmp_path, "students: [\n"))
     with pytest.raises(ConfigError, match=r"must hold a mapping of keys, not list"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"is not valid YAML: key 'alpha' is given twice: keep one .* line 3"):
+        load_config(write(tmp_path, MINIMAL + "loss:\n  alpha: 0.1\n  alpha: 0.5\n"))  # was the last, silently
     with pytest.raises(ConfigError, match=r"config file .* is a directory: pass an existing YAML file"):
         load_config(tmp_path)
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe students")
