@@ -194,6 +194,9 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
     manifest = read_manifest(found[-1])
     saved = {"students": manifest.get("students"), "replicas": manifest.get("replicas"),
              "config": manifest.get("config")}
+    if isinstance((saved["config"] or {}).get("teacher"), dict):
+        teacher = saved["config"]["teacher"]
+        teacher["checkpoint"] = cfg.teacher_checkpoint_identity(teacher.get("checkpoint"))
     current = {"students": cfg.student_names, "replicas": replicas, "config": cfg.identity()}
     if teacher_sha is not None:
         saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")

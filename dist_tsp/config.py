@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -350,13 +351,17 @@ class RunConfig(Section):
                 tree[section].pop(key)
         for key in ("mode", "cache_dir", "channels_last"):
             tree["teacher"].pop(key)
-        if self.teacher.checkpoint and self.teacher.checkpoint.absolute() == \
-                (self.output_dir / DEFAULT_TEACHER_FILE).absolute():
-            tree["teacher"]["checkpoint"] = None  # the default, named
+        tree["teacher"]["checkpoint"] = self.teacher_checkpoint_identity(tree["teacher"]["checkpoint"])
         for key in ("log_every", "checkpoint_every", "keep_last", "collective_timeout_s", "profile", "channels_last",
                     "compile", "step", "graph_warmup", "deterministic", *(() if finished else ("epochs", "max_steps"))):
             tree["train"].pop(key)
         return tree
+
+    def teacher_checkpoint_identity(self, checkpoint: str | None) -> str | None:
+        """teacher.checkpoint as a run's identity has it: None for the default file, named or not (a checkpoint's
+        manifest from before kept the name)."""
+        default = (self.output_dir / DEFAULT_TEACHER_FILE).absolute()
+        return None if checkpoint and Path(checkpoint).absolute() == default else checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, for logging and for config.yaml."""
@@ -385,14 +390,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently)."""
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently); merge
+    keys (`<<: *anchor`) merge as before."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        if twice := next((key for key in keys if keys.count(key) > 1), None):
-            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} is given twice: keep one",
-                                                    node.start_mark)
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            marker = (type(key), key)  # 1 and true are two keys
+            if marker in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
+                                                        key_node.start_mark)
+            with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
+                seen.add(marker)
         return super().construct_mapping(node, deep=deep)
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:

@@ -49,14 +49,16 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
             _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()}, features=features,
             cache_dir=caches.enter_context(tempfile.TemporaryDirectory(dir=scratch)))
             for split, (paths, labels) in listed.items()}
-        written = []
+        partials = {split: out / f".{split.name}.partial" for split in tables}  # a kill leaves the earlier ones whole
         for split, table in tables.items():
-            target = out / split.name
-            if target.exists():
-                shutil.rmtree(target)
-            table.save_to_disk(str(target), max_shard_size=max_shard_size)
-            written.append(target)
-    return written
+            if partials[split].exists():
+                shutil.rmtree(partials[split])
+            table.save_to_disk(str(partials[split]), max_shard_size=max_shard_size)
+    for split, partial in partials.items():
+        if (out / split.name).exists():
+            shutil.rmtree(out / split.name)
+        partial.rename(out / split.name)
+    return [out / split.name for split in partials]
 
 
 def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
@@ -70,8 +72,8 @@ def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
         raise DataError(f"the output {out} is a file: give a folder")
     for split in splits:
         if (out / split.name).exists() and not _saved_split(out / split.name):
-            raise DataError(f"{out / split.name} exists and was not written by python -m dist_tsp.shards: choose "
-                            "another output folder, or remove it")
+            raise DataError(f"{out / split.name} exists and is not a split that python -m dist_tsp.shards wrote: "
+                            "choose another output folder, or remove it")
     if (out / "test").exists() and all(split.name != "test" for split in splits):  # arrow would read it, not val/
         raise DataError(f"{out / 'test'} is left from an earlier conversion and would be read instead of the new "
                         f"{splits[1].name}/: remove it, or choose another output folder")

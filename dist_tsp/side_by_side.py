@@ -164,7 +164,7 @@ class SignalledStop(StopRequest):
 
 
 _RUNNING: set[subprocess.Popen] = set()  # the runs in processes of their own now, which stop signals reach
-_STOP = SignalledStop()  # the one the runs now going answer (a fresh one for each run_concurrently)
+_STOP: SignalledStop | None = None  # the one the runs of run_concurrently answer, while they go
 
 
 def run_concurrently(runs: list[Run], slots: Sequence[str | None], run: Callable[[Run, str | None], Path],
@@ -204,7 +204,7 @@ def _stop_signals_reach_the_runs() -> Iterator[StopRequest]:
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
-        _STOP = SignalledStop()
+        _STOP = None
 
 
 def _sequentially(runs: list[Run], slot: str | None, run: Callable[[Run, str | None], Path], bar: tqdm,
@@ -253,13 +253,14 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
     (dist-tsp-launch for several, on a rendezvous port of its own) seeing the GPUs `devices`. When it fails, raises
     what its exit code means, naming the log: UserError (bad input), Preempted (stopped by a signal with a
     checkpoint), NonFiniteLoss, else RunFailed (a crash)."""
-    if _STOP.is_set():  # it came while this run was handed its slot
+    stop = _STOP  # None outside run_concurrently
+    if stop is not None and stop.is_set():  # it came while this run was handed its slot
         raise Preempted(f"run {name} was not started: stopped by a signal. Rerun the same command to continue")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as output:
         earlier = output.tell()  # the log of attempts before this one
         if processes == 1 and in_process:
-            code = _in_process(args, output, _STOP)
+            code = _in_process(args, output, stop)
         else:
             command = [sys.executable, TRAIN, *args]
             if processes > 1:
@@ -268,8 +269,8 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
             env = None if devices is None else {**os.environ, "CUDA_VISIBLE_DEVICES": devices}
             child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
             _RUNNING.add(child)
-            if _STOP.signum is not None:  # it came while this run started, before the signal handler could see it
-                child.send_signal(_STOP.signum)
+            if stop is not None and stop.signum is not None:  # it came as this run started, before its handler
+                child.send_signal(stop.signum)
             try:
                 code = child.wait()
             finally:
@@ -292,7 +293,7 @@ def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
     sys.exit(ending.exit_code)
 
 
-def _in_process(args: list[str], output, stop_requested: StopRequest) -> int:
+def _in_process(args: list[str], output, stop_requested: StopRequest | None) -> int:
     """train.main in this process, its output into `output`, answering `stop_requested` (set by a signal before its
     own handlers are in place, too); the exit code it would have had (a crash's traceback goes to `output`, as a
     launched run's would)."""

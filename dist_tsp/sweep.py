@@ -30,8 +30,9 @@ from dist_tsp.report import write_table
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
 
 
-def read_trials(path: Path) -> list[list[str]]:
-    """Trial N is the N-th line that is not blank or a # comment, split into key=value words like a shell line."""
+def read_trials(path: Path, *, recorded: bool = False) -> list[list[str]]:
+    """Trial N is the N-th line that is not blank or a # comment, split into key=value words like a shell line.
+    A trial may not set output_dir, unless `recorded` (a sweep directory's copy, maybe from before this check)."""
     if not path.is_file():
         raise UserError(f"trials file {path} does not exist: write one line of key=value overrides per trial")
     try:
@@ -47,7 +48,7 @@ def read_trials(path: Path) -> list[list[str]]:
             raise UserError(f"{path}:{number}: {error}: quote a value with spaces as a whole word") from None
         if bad := [w for w in words if "=" not in w]:
             raise UserError(f"{path}:{number}: {bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
-        if any(w.startswith("output_dir=") for w in words):
+        if not recorded and any(w.startswith("output_dir=") for w in words):
             raise UserError(f"{path}:{number}: a trial's output_dir is the sweep's DIR/trial_N: leave it out")
         if words:
             trials.append(words)
@@ -71,7 +72,7 @@ def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
 def recorded(trials_file: Path, sweep_dir: Path, trials: list[list[str]]) -> bool:
     """Whether the sweep directory records `trials` (False: it records none yet); refuses one that records others."""
     record = sweep_dir / RECORD
-    if record.is_file() and read_trials(record) != trials:
+    if record.is_file() and read_trials(record, recorded=True) != trials:
         raise UserError(f"{sweep_dir} holds another sweep ({record} differs from {trials_file}): "
                         "choose another directory")
     return record.is_file()
@@ -141,7 +142,8 @@ def collect(sweep_dir: Path) -> str:
         raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): pass the DIR given to slurm/sweep.sh")
     with open(sweep_dir / ".sweep.lock", "w") as lock:  # of tasks finishing together, the last one reads every result
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = [_row(sweep_dir, n, overrides) for n, overrides in enumerate(read_trials(sweep_dir / RECORD), 1)]
+        trials = read_trials(sweep_dir / RECORD, recorded=True)
+        rows = [_row(sweep_dir, n, overrides) for n, overrides in enumerate(trials, 1)]
         keys = list(dict.fromkeys(key for row in rows for key in row["overrides"]))
         accuracies = list(dict.fromkeys(key for row in rows for key in row["accuracies"]))
         header = ["trial", *keys, *accuracies]

@@ -134,10 +134,13 @@ def load_frozen_teacher(cfg: RunConfig, num_classes: int, path: Path, device: to
 def _read_teacher(cfg: RunConfig, num_classes: int, path: Path) -> nn.Module:
     """The teacher saved at `path`, frozen, on the host."""
     saved = checkpoint.load(path, "teacher")
-    if isinstance(saved.get("student"), dict):
+    student = saved.get("student")
+    if isinstance(student, dict) and (student.get("model"), student.get("args") or {}) != \
+            (cfg.teacher.model, cfg.teacher.args):  # a student of the same kind may teach
         raise checkpoint.CheckpointError(
-            f"teacher checkpoint {path} is student {saved['student'].get('name')!r}'s checkpoint (a "
-            f"{saved['student'].get('model')}), not a teacher: point teacher.checkpoint to a run's teacher/model.pt")
+            f"teacher checkpoint {path} is student {student.get('name')!r}'s checkpoint (a {student.get('model')} "
+            f"with args {student.get('args') or {}}), not a {cfg.teacher.model} with args {cfg.teacher.args}: set "
+            "teacher.model and teacher.args to the student's, or point teacher.checkpoint to a run's teacher/model.pt")
     if saved.get("model_name", cfg.teacher.model) != cfg.teacher.model:
         raise checkpoint.CheckpointError(
             f"teacher checkpoint {path} holds a {saved['model_name']} teacher, but teacher.model is "

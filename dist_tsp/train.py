@@ -68,7 +68,8 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     if args.teacher_only or (TeachingGraph.from_config(cfg).uses_teacher and not cfg.teacher_file.is_file()):
         # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained
         check_writable(cfg.teacher_file.parent, f"teacher checkpoint {cfg.teacher_file}")
-    if cfg.teacher.mode == "cached" and not args.teacher_only:  # its logits are written there once the teacher is
+    if cfg.teacher.mode == "cached" and not args.teacher_only and TeachingGraph.from_config(cfg).uses_teacher \
+            and not cache_folder(cfg).is_dir():  # one made by other runs is read, even where this one cannot write
         check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
     if args.teacher_only:
         return cfg, None

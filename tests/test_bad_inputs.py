@@ -1,5 +1,6 @@
 """Every bad input gets one line naming what is wrong and the fix, before work starts, and touches nothing."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +67,20 @@ def test_rejected_before_any_process_group(overrides, world, message):
     with pytest.raises(UserError, match=message) as info:
         plan(["--config", DEMO, *overrides], world, 0)
     assert "\n" not in str(info.value)
+
+
+def test_a_logit_cache_folder_that_exists_is_read_where_this_run_cannot_write_and_a_new_one_must_be_writable(
+        tmp_path, monkeypatch):
+    """Runs that share a cache made by others read it from a read-only place (logit_cache: such a folder is only
+    read); only a folder still to be made must be creatable."""
+    shared = tmp_path / "read-only"
+    (shared / "cache").mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not Path(path).is_relative_to(shared))
+    options = ["--config", DEMO, f"output_dir={tmp_path / 'run'}", "teacher.mode=cached"]
+    plan([*options, f"teacher.cache_dir={shared / 'cache'}"], 1, 0)
+    with pytest.raises(UserError, match=rf"teacher.cache_dir {shared / 'new'}: {shared} is not writable"):
+        plan([*options, f"teacher.cache_dir={shared / 'new'}"], 1, 0)
 
 
 def test_missing_or_broken_config_file_is_rejected(tmp_path):

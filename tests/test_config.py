@@ -1,10 +1,12 @@
 import itertools
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dist_tsp.checkpoint import resumable
 from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
 from dist_tsp.placement import Placement
 from dist_tsp.sweep import read_trials
@@ -195,6 +197,25 @@ def test_how_a_run_runs_is_not_which_run_it_is_so_its_checkpoints_still_resume(t
     assert load_config(file, [override]).identity() == load_config(file).identity()
 
 
+def test_yaml_merge_keys_still_merge(tmp_path):
+    """The loader that refuses a key given twice builds the keys itself: `<<` has no constructor of its own."""
+    config = write(tmp_path, "students:\n  - &s {name: a, model: lenet}\n  - <<: *s\n    name: b\n")
+    assert [(s.name, s.model) for s in load_config(config).students] == [("a", "lenet"), ("b", "lenet")]
+
+
+def test_a_checkpoint_that_named_the_default_teacher_file_still_resumes(tmp_path):
+    """Its manifest, written before naming the default was the same run, kept the name."""
+    run = tmp_path / "run"
+    named = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}", f"teacher.checkpoint={run}/teacher/model.pt"])
+    identity = named.identity()
+    identity["teacher"]["checkpoint"] = str(run / "teacher" / "model.pt")  # as identity() wrote it before
+    step = run / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text(json.dumps({"step": 3, "students": named.student_names, "replicas": 1,
+                                                    "config": identity}))
+    assert resumable(load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"]), 1) == step
+
+
 def test_naming_the_default_teacher_file_is_the_same_run_and_another_file_is_not(tmp_path):
     """Before: a run resumed with teacher.checkpoint=<output_dir>/teacher/model.pt, the file it had used, was refused
     as a different run."""
@@ -253,7 +274,7 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         load_config(write(tmp_path, "students: [\n"))
     with pytest.raises(ConfigError, match=r"must hold a mapping of keys, not list"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
-    with pytest.raises(ConfigError, match=r"is not valid YAML: key 'alpha' is given twice: keep one .* line 3"):
+    with pytest.raises(ConfigError, match=r"is not valid YAML: key 'alpha' is given twice: keep one .* line 4"):
         load_config(write(tmp_path, MINIMAL + "loss:\n  alpha: 0.1\n  alpha: 0.5\n"))  # was the last, silently
     with pytest.raises(ConfigError, match=r"config file .* is a directory: pass an existing YAML file"):
         load_config(tmp_path)

@@ -127,7 +127,7 @@ def test_a_run_stopped_or_crashed_in_process_ends_the_protocol_and_the_sweep_wit
         tmp_path, monkeypatch, capsys, command, code, said):
     """A stop by a signal (75: a wrapper requeues, the rerun resumes), a non-finite loss (3) or a crash (1), not bad
     input's 2, which every run's failure was; one line with the run's own and its log."""
-    def run(_args):
+    def run(_args, _stop_requested):
         print(said, file=sys.stderr)
         sys.exit(code)
 
@@ -153,7 +153,7 @@ def test_a_run_crashing_in_process_is_a_failure_with_its_traceback_in_its_log_an
         tmp_path, monkeypatch, capsys):
     """An exception other than SystemExit escaped the sweep raw, and the failure quoted the last `dist-tsp:` line of
     the appended log, an earlier attempt's."""
-    def crash(_args):
+    def crash(_args, _stop_requested):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(train, "main", crash)

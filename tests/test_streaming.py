@@ -327,13 +327,27 @@ def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, sh
     before = files(out) if out.is_dir() else out.read_bytes()
     with pytest.raises(SystemExit):
         main([str(images), str(out), *options])
-    said = {"another image folder": f"{out / 'train'} exists and was not written by python -m dist_tsp.shards: choose "
-                                    "another output folder, or remove it",
+    said = {"another image folder": f"{out / 'train'} exists and is not a split that python -m dist_tsp.shards wrote: "
+                                    "choose another output folder, or remove it",
             "a file": f"the output {out} is a file: give a folder",
             "a split without images": f"image folder {images / 'test'} has no images",
             "a bad size": "--max-shard-size 'banana' is not a size: write e.g. 500MB or 1GB"}[problem]
     assert capsys.readouterr().err.strip() == f"dist-tsp shards: error: {said}"
     assert (files(out) if out.is_dir() else out.read_bytes()) == before
+
+
+def test_a_conversion_killed_while_saving_is_rerun_over_its_leftovers(folder, shards, tmp_path):
+    """Saved beside the output and renamed once every split is saved: a kill leaves the earlier conversion whole."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(shards, out)
+    (out / ".train.partial").mkdir()
+    (out / ".train.partial" / "data-00000-of-00002.arrow").write_bytes(b"cut short")
+    main([str(folder), str(out), "--max-shard-size", "20KB"])
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    for split in ("train", "test"):
+        assert saved_split(out, split)["label"] == saved_split(shards, split)["label"]
 
 
 def files(root: Path) -> dict[Path, bytes]:

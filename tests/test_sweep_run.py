@@ -92,6 +92,14 @@ def test_a_trials_file_without_trials_not_text_or_moving_a_trial_is_refused_in_o
     assert capsys.readouterr().err.strip().splitlines() == [f"dist-tsp: error: {message.format(trials=trials)}"]
 
 
+def test_a_sweep_directory_recorded_before_trials_were_refused_an_output_dir_still_collects(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "trials.txt").write_text("loss.gamma=0.2 output_dir=runs/x\n")
+    main(["collect", str(sweep)])
+    assert "loss.gamma" in capsys.readouterr().out
+
+
 def test_a_process_count_that_cannot_hold_a_trials_students_is_refused_in_one_line_before_any_run(tmp_path, capsys):
     trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
     trials.write_text("seed=0\n")

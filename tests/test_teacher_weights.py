@@ -71,8 +71,8 @@ def test_teacher_fine_tunes_from_a_weights_file_at_a_larger_input_size(tmp_path)
 
 @pytest.mark.parametrize("saved, message", [
     ({"model": {}, "optimizer": {}, "student": {"name": "lenet", "model": "lenet"}},
-     r"is student 'lenet''s checkpoint \(a lenet\), not a teacher: point teacher.checkpoint to a run's "
-     r"teacher/model.pt"),
+     r"is student 'lenet''s checkpoint \(a lenet with args \{\}\), not a resnet_cifar with args \{.*\}: set "
+     r"teacher.model and teacher.args to the student's, or point teacher.checkpoint to a run's teacher/model.pt"),
     ({"model": {}, "model_name": "resnet18", "num_classes": 10},
      r"holds a resnet18 teacher, but teacher.model is resnet_cifar: set teacher.model=resnet18 with its teacher.args"),
 ])
@@ -81,3 +81,14 @@ def test_a_student_checkpoint_or_another_model_given_as_the_teacher_is_named_as_
     torch.save(saved, tmp_path / "file.pt")
     with pytest.raises(CheckpointError, match=message):
         load_frozen_teacher(config(), 10, tmp_path / "file.pt", torch.device("cpu"), Groups(None, None, None))
+
+
+def test_a_students_checkpoint_teaches_as_a_teacher_of_its_kind(tmp_path):
+    torch.manual_seed(0)
+    student = build_model("lenet", 10)
+    torch.save({"model": student.state_dict(), "optimizer": {}, "student": {"name": "a", "model": "lenet", "args": {}}},
+               tmp_path / "a.pt")
+    teacher, _ = load_frozen_teacher(config(model="lenet", args={}), 10, tmp_path / "a.pt", torch.device("cpu"),
+                                     Groups(None, None, None))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(teacher(images), student.eval()(images))
