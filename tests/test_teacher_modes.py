@@ -174,16 +174,19 @@ def test_cache_is_computed_once_per_epoch_then_reused(every_mode):
     assert {f: f.stat().st_mtime_ns for f in files} == written  # not rewritten
 
 
-def _teacher_seen_by_rank_0_alone(tmp):
-    """On each rank: the teacher prepared while its file is on rank 0's node alone; the one line refusing it."""
+def _teacher_refused(tmp, other_nodes_see: str):
+    """On each rank: the teacher prepared while the other nodes see its file otherwise than rank 0 (`other_nodes_see`
+    "no file" on ranks 1 and 2, or "another file" on rank 2); the one line refusing it."""
     from pathlib import Path
 
     from accelerate import Accelerator
 
     cfg = config(tmp, "replicated")
-    if dist.get_rank() > 0:
+    if other_nodes_see == "no file" and dist.get_rank() > 0:
         is_file = Path.is_file
         Path.is_file = lambda path: path != cfg.teacher.checkpoint and is_file(path)
+    if other_nodes_see == "another file" and dist.get_rank() == 2:
+        cfg.teacher.checkpoint = tmp / "other" / "teacher.pt"
     accelerator = Accelerator(cpu=True)
     groups = Groups.from_mesh(Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3).build_mesh("cpu"))
     try:
@@ -196,24 +199,8 @@ def _teacher_seen_by_rank_0_alone(tmp):
 def test_a_teacher_file_rank_0_alone_finds_is_refused_on_every_rank_naming_the_others(tmp_path):
     """Every rank follows rank 0 in loading it, not training a teacher of its own in collectives that do not match."""
     path = teacher_file(tmp_path / "teacher.pt")
-    said = run_on_ranks(_teacher_seen_by_rank_0_alone, WORLD, tmp_path, timeout=60)
+    said = run_on_ranks(_teacher_refused, WORLD, tmp_path, "no file", timeout=60)
     assert said == [f"ranks 1, 2: teacher checkpoint {path} does not exist: check the path"] * WORLD
-
-
-def _teacher_file_of_its_own_on_rank_2(tmp):
-    """On each rank: the teacher prepared while rank 2's node has another file at its path; the one line refusing it."""
-    from accelerate import Accelerator
-
-    cfg = config(tmp, "replicated")
-    if dist.get_rank() == 2:
-        cfg.teacher.checkpoint = tmp / "other" / "teacher.pt"
-    accelerator = Accelerator(cpu=True)
-    groups = Groups.from_mesh(Placement(world_size=WORLD, rank=dist.get_rank(), num_students=3).build_mesh("cpu"))
-    try:
-        prepare_teacher(cfg, load_dataset(cfg.data, seed=0), accelerator, groups)
-    except SharedUserError as error:
-        return str(error)
-    return None
 
 
 def test_a_node_whose_teacher_file_differs_from_rank_0s_is_refused_on_every_rank_naming_it(tmp_path):
@@ -223,7 +210,7 @@ def test_a_node_whose_teacher_file_differs_from_rank_0s_is_refused_on_every_rank
     checkpoint.save_atomic({"model": build_model("resnet_cifar", 10, depth=8, width=8).state_dict()},
                            tmp_path / "other" / "teacher.pt")
     digests = [checkpoint.file_sha256(p)[:16] for p in (path, tmp_path / "other" / "teacher.pt")]
-    said = run_on_ranks(_teacher_file_of_its_own_on_rank_2, WORLD, tmp_path, timeout=60)
+    said = run_on_ranks(_teacher_refused, WORLD, tmp_path, "another file", timeout=60)
     assert said == [f"rank 2 loaded a teacher file other than rank 0's (sha256 {digests[1]}; rank 0: sha256 "
                     f"{digests[0]}): every node needs the same teacher file: put teacher.checkpoint on a filesystem "
                     "every node shares"] * WORLD
