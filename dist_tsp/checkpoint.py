@@ -159,11 +159,22 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def differences(saved: Any, current: Any, where: str = "") -> list[str]:
-    """Human-readable `key: old -> new` lines between two JSON-like trees."""
+    """Human-readable `key: old -> new` lines between two JSON-like trees (lists of one length item by item, long
+    values cut short)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         return [line for key in sorted(saved.keys() | current.keys())
                 for line in differences(saved.get(key), current.get(key), f"{where}.{key}" if where else key)]
-    return [] if saved == current else [f"{where}: {saved!r} -> {current!r}"]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [line for index, (old, new) in enumerate(zip(saved, current))
+                for line in differences(old, new, f"{where}.{index}")]
+    if saved == current:
+        return []
+    old, new = (_shortened(repr(value)) for value in (saved, current))
+    return [f"{where}: {old} -> {new}"]
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 4]} ..."
 
 
 def file_sha256(path: Path) -> str:

@@ -3,6 +3,7 @@ evaluation batches."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -251,9 +252,13 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     from torchvision.datasets import CIFAR10
 
     root = Path(cfg.root) if cfg.root else Path("data/cifar10")
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     try:
         splits = [CIFAR10(str(root), train=train, download=cfg.download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
+        for folder in made:  # the folders torchvision made for a download that failed, if it left them empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         how, online = (("the download failed (offline?)", "rerun online") if cfg.download else
                        ("data.download is false", "run online with data.download=true"))
         raise DataError(

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from dist_tsp.checkpoint import differences, restore_rng_state, rng_state, save_atomic
 from dist_tsp.checkpoint import load as load_checkpoint
-from dist_tsp.checkpoint import restore_rng_state, rng_state, save_atomic
 from tests.runs import launch, student_state, two_at_a_time
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
@@ -185,3 +185,13 @@ def test_the_files_save_writes_load_with_weights_only_and_no_allow_list(resumed)
     assert all(torch.serialization.get_unsafe_globals_in_checkpoint(f) == [] for f in files)
     assert set(student_state(run, 4, "alexnet")) >= {"model", "optimizer", "scheduler"}
     assert torch.load(files[0], weights_only=True)["rng"]["numpy"][1].dtype == torch.int64
+
+
+def test_a_refused_resumes_differences_name_the_changed_key_of_a_list_item_and_cut_long_values_short():
+    """A change of one student's model printed every student's whole config on one line."""
+    saved = {"students": [{"name": "a", "model": "lenet", "args": {}}, {"name": "b", "model": "lenet", "args": {}}],
+             "note": "x" * 300}
+    current = {"students": [{"name": "a", "model": "lenet", "args": {}}, {"name": "b", "model": "alexnet", "args": {}}],
+               "note": "y"}
+    assert differences(saved, current) == [f"note: {repr('x' * 300)[:96]} ... -> 'y'",
+                                           "students.1.model: 'lenet' -> 'alexnet'"]

@@ -222,6 +222,24 @@ def test_cifar10_absent_offline_says_where_to_put_it(tmp_path):
         load_dataset(DataConfig(name="cifar10", root=tmp_path, download=False), seed=0)
 
 
+def test_a_cifar10_download_that_fails_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    """torchvision makes data.root before it downloads: offline, an empty data/cifar10/ was left in the working
+    directory."""
+    import urllib.error
+
+    from torchvision.datasets import cifar
+
+    def offline(url, download_root, **_):
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    root = tmp_path / "data" / "cifar10"
+    with pytest.raises(DataError, match=r"CIFAR-10 not found in .* and the download failed \(offline\?\)"):
+        load_dataset(DataConfig(name="cifar10", root=root), seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_named(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
