@@ -389,6 +389,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return validate_config(raw)
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *anchor`, which the base class merges
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently); merge
     keys (`<<: *anchor`) merge as before."""
@@ -406,9 +409,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
                 seen.add(marker)
         return super().construct_mapping(node, deep=deep)
-
-
-MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:

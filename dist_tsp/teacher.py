@@ -88,8 +88,7 @@ def teacher_file_found(cfg: RunConfig, accelerator: Accelerator) -> bool:
     return broadcast_object_list([cfg.teacher_file.is_file() if accelerator.is_main_process else None])[0]
 
 
-def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path,
-                  stop_vote: StopVote | None = None) -> None:
+def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path: Path, stop_vote: StopVote) -> None:
     """Build the teacher (from its pretrained weights when configured), train it data-parallel on all ranks, and
     save it to `path` (the main process writes; every rank returns once it is there). When `stop_vote` agrees on a
     stop, every rank raises Preempted after the same step and nothing is saved."""
@@ -108,7 +107,7 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
                                                              first)))
     started = time.perf_counter()
     if cfg.teacher.epochs > 0:
-        _fit(model, cfg, data, accelerator, stop_vote or StopVote(StopRequest(), None))
+        _fit(model, cfg, data, accelerator, stop_vote)
     if accelerator.is_main_process:
         checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)

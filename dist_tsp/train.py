@@ -65,19 +65,19 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     if cfg.teacher_file.is_dir():
         raise UserError(f"teacher.checkpoint {cfg.teacher_file} is a directory: point it to the teacher's file "
                         "(model.pt), or to a path where it is to be saved")
-    if args.teacher_only or (TeachingGraph.from_config(cfg).uses_teacher and not cfg.teacher_file.is_file()):
+    uses_teacher = TeachingGraph.from_config(cfg).uses_teacher
+    if args.teacher_only or (uses_teacher and not cfg.teacher_file.is_file()):
         # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained
         check_writable(cfg.teacher_file.parent, f"teacher checkpoint {cfg.teacher_file}")
-    if cfg.teacher.mode == "cached" and not args.teacher_only and TeachingGraph.from_config(cfg).uses_teacher \
-            and not cache_folder(cfg).is_dir():  # one made by other runs is read, even where this one cannot write
-        check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
     if args.teacher_only:
         return cfg, None
+    if cfg.teacher.mode == "cached" and uses_teacher and not cache_folder(cfg).is_dir():
+        # its logits are written there; a folder other runs made is only read, even where this one cannot write
+        check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     checkpoint.resumable(cfg, placement.replicas, total_steps=cfg.train.max_steps)  # another run's: refused here
     # a step train.step=graph cannot capture is refused here too (the device is the one start() will choose)
-    choose_step(cfg, placement.replicas, TeachingGraph.from_config(cfg).uses_teacher,
-                "cuda" if torch.cuda.is_available() else "cpu")
+    choose_step(cfg, placement.replicas, uses_teacher, "cuda" if torch.cuda.is_available() else "cpu")
     return cfg, placement
 
 

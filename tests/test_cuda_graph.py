@@ -10,6 +10,7 @@ import torch
 from dist_tsp.config import ConfigError, load_config
 from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
 from dist_tsp.data import Batch, load_dataset
+from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
@@ -62,7 +63,7 @@ def test_a_teacher_trained_with_the_graph_ready_step_is_bitwise_the_eager_one(tm
                                    "teacher.epochs=2", "teacher.batch_size=64", f"train.step={step}",
                                    f"output_dir={tmp_path / step}"])
         data = load_dataset(cfg.data, cfg.seed)
-        train_teacher(cfg, data, Accelerator(cpu=True), tmp_path / step / "teacher.pt")
+        train_teacher(cfg, data, Accelerator(cpu=True), tmp_path / step / "teacher.pt", StopVote(StopRequest(), None))
         trained[step] = torch.load(tmp_path / step / "teacher.pt", weights_only=True)["model"]
     assert "teacher step: graph-ready, not captured" in capsys.readouterr().out
     assert trained["eager"].keys() == trained["graph"].keys()
