@@ -93,13 +93,14 @@ def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
     return payload
 
 
-def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
-    """load_state_dict with a one-line error when the entry is no state dict or does not fit the architecture."""
+def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str, assign: bool = False) -> None:
+    """load_state_dict (`assign`: its tensors in place of the model's) with a one-line error when the entry is no
+    state dict or does not fit the architecture."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{what} checkpoint {path} holds a {type(state).__name__} under 'model', not a state "
                               "dict: save it as torch.save({'model': model.state_dict()}, path)")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
     except RuntimeError as error:
         problems = textwrap.shorten(str(error), 300, placeholder=" ...")
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None

@@ -101,6 +101,19 @@ def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, d
     return students
 
 
+def check_local_students(cfg: RunConfig, placement: Placement, num_classes: int) -> None:
+    """Every rank builds its students on the meta device (no memory, no random draws) and reads their init files into
+    them, all ranks at once: a model argument or init file that does not fit stops every rank in one line before a
+    teacher trains, not after."""
+    def check() -> None:
+        for index in placement.local_students:
+            with torch.device("meta"):
+                model = build_model(cfg.students[index].model, num_classes, **cfg.students[index].args)
+            _load_init(model, cfg, index, assign=True)
+
+    on_every_rank(check)
+
+
 def _build_model(cfg: RunConfig, index: int, device: torch.device, num_classes: int) -> nn.Module:
     """The student's model (from its init weights when given), a frozen one in eval mode; no collective."""
     spec = cfg.students[index]
@@ -108,12 +121,18 @@ def _build_model(cfg: RunConfig, index: int, device: torch.device, num_classes: 
     model = build_model(spec.model, num_classes, **spec.args).to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    if spec.init is not None:
-        what = f"student {spec.name}'s init"
-        checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
+    _load_init(model, cfg, index)
     if spec.frozen:
         model.eval().requires_grad_(False)
     return model
+
+
+def _load_init(model: nn.Module, cfg: RunConfig, index: int, assign: bool = False) -> None:
+    """The student's init weights into `model`, when it has an init file (`assign`: in place of a meta model's)."""
+    spec = cfg.students[index]
+    if spec.init is not None:
+        what = f"student {spec.name}'s init"
+        checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what, assign=assign)
 
 
 def _wrap(cfg: RunConfig, frozen: bool, model: nn.Module, groups: Groups, device: torch.device) -> nn.Module:

@@ -30,6 +30,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
+from dist_tsp.students import check_local_students
 from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
 from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
@@ -155,8 +156,10 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     tracker = Tracker(cfg, accelerator)
     graph = TeachingGraph.from_config(cfg)
-    # the students' batches are checked before the teacher trains (they would be after it, in StudentTrainer)
+    # the students' batches, models and init files are checked before the teacher trains (else after, in
+    # StudentTrainer)
     check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
+    check_local_students(cfg, placement, data.num_classes)
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):

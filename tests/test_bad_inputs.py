@@ -188,7 +188,11 @@ def image_folder(root: Path, classes: int) -> Path:
     return root
 
 
-BATCH_LARGER_THAN_THE_DATA = "batch larger than the data"  # found before a teacher to train is trained
+BATCH_LARGER_THAN_THE_DATA = "batch larger than the data"
+BAD_MODEL_ARGUMENT = "bad model argument"
+STUDENT_INIT_OF_ANOTHER_MODEL = "a student init file of another model"
+# found before a teacher to train is trained (before: once it had trained and been saved)
+BEFORE_THE_TEACHER = (BATCH_LARGER_THAN_THE_DATA, BAD_MODEL_ARGUMENT, STUDENT_INIT_OF_ANOTHER_MODEL)
 AFTER_START = {
     "cifar10 absent offline": (lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
                                r"CIFAR-10 not found in .*none and data.download is false: put cifar-10-batches-py/"),
@@ -204,8 +208,11 @@ AFTER_START = {
         lambda t: [f"teacher.checkpoint={teacher_file(t / 't.pt', depth=8)}", "teacher.args={depth: 8}",
                    "data.name=image_folder", f"data.root={image_folder(t / 'imgs', 2)}", "data.batch_size=4"],
         r"predicts 10 classes but image_folder has 2: point teacher.checkpoint to a teacher trained on this"),
-    "bad model argument": (lambda t: ["students.0.args={bogus: 1}"],
-                           r"cannot build model 'lenet' with args \{'bogus': 1\}"),
+    BAD_MODEL_ARGUMENT: (lambda t: ["students.0.args={bogus: 1}"],
+                         r"cannot build model 'lenet' with args \{'bogus': 1\}"),
+    STUDENT_INIT_OF_ANOTHER_MODEL: (lambda t: [f"students.2.init={teacher_file(t / 'alexnet.pt', 'alexnet')}"],
+                                    r"student mobilenet's init checkpoint .*alexnet.pt does not fit the configured "
+                                    r"model: Error\(s\) in loading state_dict"),
     BATCH_LARGER_THAN_THE_DATA: (lambda t: ["data.batch_size=5000"],
                                  r"do not fill one batch of 5000: lower data.batch_size"),
 }
@@ -243,8 +250,8 @@ def test_rejected_before_training_without_touching_outputs(after_start, case):
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert (run / "config.yaml").read_text() == "earlier run\n"
     assert not list(run.glob("previous-*"))  # nor set aside (resume=off) before the input was found bad
-    if case == BATCH_LARGER_THAN_THE_DATA:
-        assert not (run / "teacher").exists()  # before: the teacher trained and was saved first
+    if case in BEFORE_THE_TEACHER:
+        assert not (run / "teacher").exists()
 
 
 # rank -> the bad input it meets (none: its work returns the rank)
