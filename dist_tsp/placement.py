@@ -75,13 +75,6 @@ class Placement:
         first = self.peer_rank * self.students_per_rank
         return list(range(first, first + self.students_per_rank))
 
-    def peer_group_ranks(self, replica: int) -> list[int]:
-        g = self.peer_group_size
-        return list(range(replica * g, (replica + 1) * g))
-
-    def student_group_ranks(self, peer_rank: int) -> list[int]:
-        return list(range(peer_rank, self.world_size, self.peer_group_size))
-
     def build_mesh(self, device_type: str, timeout: timedelta | None = None) -> DeviceMesh | None:
         """Create every subgroup once, on every rank, in the same order (None when single-process); their
         collectives raise after `timeout` (torch's default, 30 min, when None: a new group does not inherit the
