@@ -77,6 +77,7 @@ class StudentTrainer:
                                      WARMUP_STEPS + (cfg.train.graph_warmup if self.step_choice.captured else 0))
         self.autocast = step_autocast(accelerator, self.step_choice.captured)
         self.captured, self.parts_profiler = None, self.profiler
+        self.resumed = False  # until its first step, a run that resumes (train)
         if self.step_choice.graph_ready:
             if self.step_choice.captured:
                 for student in self.students:
@@ -95,6 +96,7 @@ class StudentTrainer:
     def train(self, start_step: int = 0) -> Evaluation:
         """Run the steps from `start_step` (see resume) to the end; return the final evaluation."""
         step, evaluation = start_step, None
+        self.resumed = start_step > 0
         self.control.device_step.fill_(start_step)
         with tqdm(total=self.total_steps, initial=step, desc="students",
                   disable=not self.accelerator.is_main_process) as self.bar:
@@ -141,6 +143,10 @@ class StudentTrainer:
 
     def train_step(self, batch: Batch) -> None:
         """One step for this rank's students on the peer group's batch."""
+        if self.resumed:
+            for student in self.learners:
+                student.lay_out_gradient_buckets(batch.images, self.accelerator.device, self.autocast)
+            self.resumed = False
         if self.captured is None:
             rows = self._learn(batch)
         else:  # a teacher that reads the host (the cache) gives its logits at the captured step's boundary

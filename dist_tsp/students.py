@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,22 @@ class LocalStudent:
         self.random_state = state
         if self.generator is not None and state[1] is not None:  # None: written where there was no CUDA
             self.generator.set_state(state[1])
+
+    def lay_out_gradient_buckets(self, images: torch.Tensor, device: torch.device,
+                                 autocast: Callable[[], AbstractContextManager]) -> None:
+        """For a replicated learner that resumes: DDP lays out its gradient buckets again after its first backward,
+        in the order the gradients came, and with 3 or more replicas another layout sums their gradients in another
+        order. One backward of a zero loss on the step's `images` gives it the layout the run it continues had; its
+        buffers, random state and gradients are put back."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return
+        buffers = [buffer.clone() for buffer in self.model.buffers()]
+        with torch.random.fork_rng(devices=_generator_devices(device)), autocast():
+            logits = self.model(images)
+        logits.float().sum().mul(0).backward()
+        for buffer, saved in zip(self.model.buffers(), buffers):
+            buffer.copy_(saved)
+        self.model.zero_grad(set_to_none=True)
 
     def draw_from_generator(self, device: torch.device) -> None:
         """Draw device random numbers from a CUDA generator of its own instead of swapping states on the host, so

@@ -105,7 +105,9 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 def train_rows(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/lenet/loss" in r]
+    """metrics.jsonl's training rows (those with a student's training loss)."""
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if any(key.startswith("train/") and key.endswith("/loss") for key in r)]
 
 
 def last_step(run: Path) -> int:
