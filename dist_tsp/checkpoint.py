@@ -137,13 +137,20 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(d for d in root.glob("step_*") if d.is_dir() and (d / MANIFEST).is_file())
+    return sorted(d for d in root.glob("step_*") if is_complete(d))
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether the checkpoint directory's manifest, the last thing written into it, is there."""
+    return directory.is_dir() and (directory / MANIFEST).is_file()
 
 
 def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
     """Main process, once every rank has written its files: manifest, atomic rename, pruning."""
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     final = directory.with_name(directory.name.removesuffix(".partial"))
+    if final.exists() and not is_complete(final):  # what a pruning that was killed left of it
+        shutil.rmtree(final)
     os.replace(directory, final)
     step_checkpoints = [d for d in complete_checkpoints(final.parent.parent) if not read_manifest(d)["epoch_end"]]
     for old in step_checkpoints[:-keep_last]:
@@ -191,14 +198,15 @@ def file_sha256(path: Path) -> str:
 FATAL_DIFFERENCES = ("students", "replicas", "config.students", "config.train.optimizer.name")
 
 
-def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, total_steps: int | None = None
-              ) -> Path | None:
+def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, total_steps: int | None = None,
+              started: dict[str, str] | None = None) -> Path | None:
     """The checkpoint directory a run resumes from (None: start at step 0).
 
     Refuses, with the differences, a checkpoint of another run: FATAL_DIFFERENCES (always), other settings or
     another teacher file (unless resume=force). The teacher is compared only when `teacher_sha` is given (by a run
-    whose students learn from the teacher), and the run's length (one past `total_steps` cannot be undone) only
-    when that is.
+    whose students learn from the teacher), the run's length (one past `total_steps` cannot be undone) only
+    when that is, and what only a started run knows (`started`: its mixed precision, its data) where the manifest
+    records it too.
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
@@ -213,6 +221,9 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
     if teacher_sha is not None:
         saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")
         current["teacher_sha256"] = teacher_sha
+    for key, value in (started or {}).items():
+        if key in manifest:  # checkpoints written before it was recorded are not compared on it
+            saved[key], current[key] = manifest[key], value
     differ = differences(saved, current)
     fatal = [line for line in differ if line.startswith(FATAL_DIFFERENCES)]
     if fatal:

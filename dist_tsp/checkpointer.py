@@ -17,6 +17,7 @@ from dist_tsp.run_control import RunControl
 from dist_tsp.shared_errors import check_same_on_every_rank, on_every_rank
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import TeacherInfo
+from dist_tsp.teacher_modes import TeacherLogits
 from dist_tsp.tracking import Tracker
 
 
@@ -26,16 +27,24 @@ class Checkpointer:
     manifest that identifies the run."""
 
     def __init__(self, cfg: RunConfig, placement: Placement, graph: TeachingGraph, teacher_info: TeacherInfo | None,
-                 tracker: Tracker, accelerator: Accelerator, steps_per_epoch: int, total_steps: int) -> None:
+                 teacher: TeacherLogits | None, tracker: Tracker, accelerator: Accelerator, data_identity: str,
+                 steps_per_epoch: int, total_steps: int) -> None:
+        """`teacher`: the one the students learn from (its summary goes on across attempts); `data_identity`: the
+        dataset's (Dataset.identity)."""
         self.cfg, self.placement, self.graph, self.teacher_info = cfg, placement, graph, teacher_info
-        self.tracker, self.accelerator = tracker, accelerator
+        self.teacher, self.tracker, self.accelerator = teacher, tracker, accelerator
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        # what the config does not say but the steps depend on: the manifest records it, and a resume compares it
+        # (the frozen mentors' weights are read from their init files again by every attempt)
+        self.started = {"mixed_precision": accelerator.mixed_precision, "data": data_identity,
+                        "mentors": {s.name: f"sha256 {checkpoint.file_sha256(s.init)[:16]}"
+                                    for s in cfg.students if s.frozen}}
 
     def save(self, step: int, students: list[LocalStudent], control: RunControl, *, epoch_end: bool) -> None:
         """Every rank writes its files into checkpoints/step_N.partial/; once all are done the main process writes the
         manifest and renames the directory, so a complete checkpoint is never half-written."""
         directory = checkpoint.step_dir(self.cfg.output_dir, step, partial=True)
-        if checkpoint.step_dir(self.cfg.output_dir, step).exists():
+        if checkpoint.is_complete(checkpoint.step_dir(self.cfg.output_dir, step)):
             return
         replica = self.placement.replica_index
         for student in students:
@@ -63,15 +72,17 @@ class Checkpointer:
                                                           "sha256": self.teacher_info.sha256}
         return {"step": step, "epoch": step // self.steps_per_epoch, "epoch_end": epoch_end,
                 "students": self.cfg.student_names, "replicas": self.placement.replicas, "teacher": teacher,
-                "config": self.cfg.identity(), "tracker_run_id": self.tracker.run_id,
-                "steps_since_log": control.steps_since_log}
+                "config": self.cfg.identity(), **self.started, "tracker_run_id": self.tracker.run_id,
+                "steps_since_log": control.steps_since_log,
+                "teacher_summary": None if self.teacher is None else self.teacher.summary()}
 
     def resume(self, students: list[LocalStudent], control: RunControl) -> int:
         """Load the latest complete checkpoint in output_dir (if any, and if it is this run's) on every rank, bad
         input on any of them stopping all; return its step. Every rank must find the one rank 0 finds."""
         used_teacher = self.teacher_info is not None and self.graph.uses_teacher
         directory = on_every_rank(lambda: checkpoint.resumable(
-            self.cfg, self.placement.replicas, self.teacher_info.sha256 if used_teacher else None, self.total_steps))
+            self.cfg, self.placement.replicas, self.teacher_info.sha256 if used_teacher else None, self.total_steps,
+            self.started))
         check_same_on_every_rank("would resume from a checkpoint",
                                  lambda: "none" if directory is None else
                                  f"{directory.name} of run {checkpoint.read_manifest(directory).get('tracker_run_id')}",
@@ -100,4 +111,6 @@ class Checkpointer:
             if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
                 control.running[student.index] = rng["metrics_since_log"]
         control.steps_since_log = manifest.get("steps_since_log", 0)
+        if self.teacher is not None and manifest.get("teacher_summary"):
+            self.teacher.resume_summary(manifest["teacher_summary"])
         return manifest["step"]

@@ -137,11 +137,11 @@ class CachedLogits:
             # Decide together (none computes alone), and only now that the lock is held: a file the run before
             # finished meanwhile is then seen by every rank, and not computed again.
             all_reduce(exists, self.world, dist.ReduceOp.MIN)
-            if exists.item():
-                self.reused.append(epoch)
-            else:
+            if not exists.item():
                 self._compute(epoch, path)
                 self.computed.append(epoch)
+            elif epoch not in self.computed + self.reused:  # not the epoch a resumed run goes on with
+                self.reused.append(epoch)
         self.current = np.load(path, mmap_mode="r")
 
     @contextmanager
@@ -207,6 +207,10 @@ class CachedLogits:
     def summary(self) -> dict:
         """For results.json: where the cache is and which epochs this run computed or reused."""
         return {"path": str(self.folder), "computed_epochs": self.computed, "reused_epochs": self.reused}
+
+    def resume_summary(self, saved: dict) -> None:
+        """A resumed run's: the epochs computed or reused before its checkpoint, as its summary said then."""
+        self.computed, self.reused = list(saved.get("computed_epochs", [])), list(saved.get("reused_epochs", []))
 
 
 def _try_lock(file: BinaryIO) -> bool:

@@ -70,8 +70,8 @@ class StudentTrainer:
         self.control = RunControl(cfg.student_names, self.graph.learners, replicas=placement.replicas,
                                   world=groups.world, control=groups.control, stop_requested=stop_requested,
                                   device=device, output_dir=cfg.output_dir)
-        self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, tracker, accelerator,
-                                         len(self.batches), self.total_steps)
+        self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, self.teacher, tracker, accelerator,
+                                         data.identity(), len(self.batches), self.total_steps)
         # a captured step's eager warm-up and capture are not what its replays cost: timing starts after them too
         self.profiler = StepProfiler(cfg.train.profile, device,
                                      WARMUP_STEPS + (cfg.train.graph_warmup if self.step_choice.captured else 0))

@@ -42,6 +42,8 @@ class TeacherLogits(Protocol):
 
     def summary(self) -> dict: ...
 
+    def resume_summary(self, saved: dict) -> None: ...
+
 
 def gathered_logits(teacher: TeacherLogits, batch: Batch, group: dist.ProcessGroup | None) -> torch.Tensor:
     """The batch's logits outside a training step: the contribution's own all-gather between the two calls."""
@@ -64,6 +66,9 @@ class RunTeacher:
     def summary(self) -> dict:
         """Nothing cached: results.json's teacher.cache stays empty."""
         return {}
+
+    def resume_summary(self, saved: dict) -> None:
+        """Nothing to go on from."""
 
     def contribution(self, batch: Batch, group: dist.ProcessGroup | None) -> torch.Tensor | None:
         """Sharded over G > 1 ranks: the logits of this rank's 1/G slice of the batch, the last slice zero-padded."""

@@ -60,7 +60,7 @@ class Tracker:
         tracking = self.cfg.tracking
         if tracking.report_to == "none" or not self.accelerator.is_main_process:
             return
-        self.run_id = _persistent_run_id(Path(self.cfg.output_dir) / "tracker_run_id")
+        self.run_id = persistent_run_id(Path(self.cfg.output_dir) / "tracker_run_id")
         wandb_args = {"name": tracking.run_name, "group": tracking.group, "dir": str(self.cfg.output_dir),
                       "id": self.run_id, "resume": "allow"}
         self.accelerator.init_trackers(tracking.project, config=flat_config(self.cfg.to_dict()),
@@ -85,10 +85,11 @@ class Tracker:
         self.accelerator.end_training()
 
 
-def _persistent_run_id(path: Path) -> str:
-    """The tracker's run id, created once per run directory so a resumed run continues the same W&B run."""
-    if path.is_file():
-        return path.read_text().strip()
+def persistent_run_id(path: Path) -> str:
+    """The tracker's run id, created once per run directory so a resumed run continues the same W&B run (written
+    whole or not at all; an empty file, as a kill left one before, is none)."""
+    if path.is_file() and (saved := path.read_text().strip()):
+        return saved
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id + "\n")
+    write_text_atomic(path, run_id + "\n")
     return run_id

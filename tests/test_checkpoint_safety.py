@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from dist_tsp.checkpoint import differences, restore_rng_state, rng_state, save_atomic
+from dist_tsp.checkpoint import (
+    complete_checkpoints,
+    differences,
+    finalize,
+    restore_rng_state,
+    rng_state,
+    save_atomic,
+    step_dir,
+)
 from dist_tsp.checkpoint import load as load_checkpoint
+from dist_tsp.tracking import persistent_run_id
 from tests.runs import launch, student_state, two_at_a_time
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
@@ -195,3 +204,25 @@ def test_a_refused_resumes_differences_name_the_changed_key_of_a_list_item_and_c
                "note": "y"}
     assert differences(saved, current) == [f"note: {repr('x' * 300)[:96]} ... -> 'y'",
                                            "students.1.model: 'lenet' -> 'alexnet'"]
+
+
+def test_a_checkpoint_left_without_its_manifest_by_a_killed_pruning_is_replaced_when_its_step_comes_again(tmp_path):
+    """Before: its step was skipped as already written, and a stop there said "checkpoint written" of none."""
+    stale = step_dir(tmp_path, 8)
+    stale.mkdir(parents=True)
+    (stale / "lenet.pt").write_bytes(b"half removed")
+    assert complete_checkpoints(tmp_path) == []
+    partial = step_dir(tmp_path, 8, partial=True)
+    partial.mkdir()
+    save_atomic({"model": {}}, partial / "lenet.pt")
+    assert finalize(partial, {"step": 8, "epoch_end": False}, keep_last=2) == stale
+    assert complete_checkpoints(tmp_path) == [stale] and not partial.exists()
+    assert load_checkpoint(stale / "lenet.pt", "student lenet") == {"model": {}}
+
+
+def test_an_empty_tracker_run_id_file_gets_a_new_id_written_whole(tmp_path):
+    """An empty file, as a kill while it was written left one before, is no id: W&B would get an empty one."""
+    path = tmp_path / "tracker_run_id"
+    path.write_text("")
+    run_id = persistent_run_id(path)
+    assert len(run_id) == 12 and path.read_text() == run_id + "\n" and persistent_run_id(path) == run_id

@@ -8,6 +8,7 @@ import yaml
 
 from dist_tsp.checkpoint import resumable
 from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
+from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.sweep import read_trials
 from dist_tsp.train import parse_args
@@ -214,6 +215,31 @@ def test_a_checkpoint_that_named_the_default_teacher_file_still_resumes(tmp_path
     (step / "manifest.json").write_text(json.dumps({"step": 3, "students": named.student_names, "replicas": 1,
                                                     "config": identity}))
     assert resumable(load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"]), 1) == step
+
+
+def test_a_checkpoint_of_other_data_or_precision_is_refused_unless_forced_and_one_that_did_not_record_them_resumes(
+        tmp_path):
+    """What a started run knows beside its config (its data's content, its mixed precision, its frozen mentors' files)
+    is compared where the manifest records it: before, an image folder changed between attempts resumed with another
+    sample order."""
+    run = tmp_path / "run"
+    cfg = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"])
+    step = run / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    manifest = {"step": 3, "students": cfg.student_names, "replicas": 1, "config": cfg.identity()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    started = {"mixed_precision": "no", "data": "40 training images, content 0123", "mentors": {"a": "sha256 01"}}
+    assert resumable(cfg, 1, started=started) == step  # written before they were recorded
+    (step / "manifest.json").write_text(json.dumps({**manifest, **started}))
+    assert resumable(cfg, 1, started=started) == step
+    with pytest.raises(UserError, match=r"holds a checkpoint of a different run \(data: '40 training images, content "
+                                        r"0123' -> '40 training images, content 4567'\): use another output_dir, or "
+                                        r"resume=force"):
+        resumable(cfg, 1, started={**started, "data": "40 training images, content 4567"})
+    with pytest.raises(UserError, match=r"different run \(mentors.a: 'sha256 01' -> 'sha256 23'\)"):
+        resumable(cfg, 1, started={**started, "mentors": {"a": "sha256 23"}})
+    forced = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}", "resume=force"])
+    assert resumable(forced, 1, started={"mixed_precision": "bf16", "data": "another"}) == step
 
 
 def test_naming_the_default_teacher_file_is_the_same_run_and_another_file_is_not(tmp_path):

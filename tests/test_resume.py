@@ -19,7 +19,10 @@ from dist_tsp.errors import UserError
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
 from tests.runs import (
+    ENV,
+    ROOT,
     TINY,
+    command,
     kill_run,
     last_step,
     launch,
@@ -151,6 +154,10 @@ def test_a_fresh_start_sets_the_earlier_attempt_aside_and_another_configs_checkp
     assert "resume=force" in refused.stderr
     forced = launch([*args, "train.max_steps=4", "loss.gamma=0.5", "resume=force"])
     assert "resuming from" in forced.stdout and last_step(tmp_path) == 4
+    in_bf16 = subprocess.run(command([*args, "train.max_steps=4", "loss.gamma=0.5"]), cwd=ROOT, capture_output=True,
+                             text=True, env={**ENV, "ACCELERATE_MIXED_PRECISION": "bf16"}, timeout=900)
+    assert in_bf16.returncode == 2, in_bf16.stderr[-3000:]  # before: resumed, and went on in bf16
+    assert "holds a checkpoint of a different run (mixed_precision: 'no' -> 'bf16')" in in_bf16.stderr
     with pytest.raises(UserError, match=r"checkpoint that cannot continue with these settings \(config.students: .*"
                                          r"students: \['lenet', 'alexnet', 'mobilenet'\] -> \['lenet'\]\): use "
                                          r"another output_dir, or resume=off to start again"):
@@ -253,6 +260,7 @@ def _resume_on_this_rank(run_dirs: list[Path]) -> int | str:
 
     from dist_tsp.checkpointer import Checkpointer
     from dist_tsp.config import load_config
+    from dist_tsp.data import load_dataset
     from dist_tsp.graph import TeachingGraph
     from dist_tsp.placement import Placement
     from dist_tsp.shared_errors import SharedUserError
@@ -262,7 +270,8 @@ def _resume_on_this_rank(run_dirs: list[Path]) -> int | str:
     cfg = load_config("configs/demo.yaml", [f"output_dir={run_dirs[rank]}", *RESUMABLE])
     accelerator = Accelerator(cpu=True)
     checkpointer = Checkpointer(cfg, Placement(world_size=3, rank=rank, num_students=3), TeachingGraph.from_config(cfg),
-                                None, Tracker(cfg, accelerator), accelerator, steps_per_epoch=8, total_steps=12)
+                                None, None, Tracker(cfg, accelerator), accelerator,
+                                load_dataset(cfg.data, cfg.seed).identity(), steps_per_epoch=8, total_steps=12)
     try:
         return checkpointer.resume([], SimpleNamespace())
     except SharedUserError as error:
