@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def agent() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     bad_input = UserError.exit_code
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet)
+    for torchrun in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(torchrun).addFilter(_quiet)
     try:
         accelerate_launch()
     except (ChildFailedError, subprocess.CalledProcessError) as failed:  # several workers (torchrun), or one
@@ -87,11 +89,13 @@ def agent() -> None:
 
 
 def _quiet(record: logging.LogRecord) -> bool:
-    """torchrun's log lines but those that a worker exited with bad input's code, and that the others are closed after
-    a failure (its report names every failure; for bad input, the workers' own lines say what is wrong)."""
+    """torchrun's log lines but those that a worker exited with bad input's code, that the others are closed after
+    a failure (its report names every failure; for bad input, the workers' own lines say what is wrong), and that
+    Ctrl-C stops the workers (rank 0 says it)."""
     message = record.getMessage()
     return not (message.startswith(f"failed (exitcode: {UserError.exit_code})") or
-                (message.startswith("Sending process") and "closing signal" in message))
+                (message.startswith("Sending process") and "closing signal" in message) or
+                re.match(r"Received (2|Signals\.SIGINT|SIGINT) death signal", message))
 
 
 def hand_over(stopped: RunStopped) -> bool:

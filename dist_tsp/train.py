@@ -36,6 +36,9 @@ from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tracker_settings
 
 STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
+INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
+               "from it (SIGTERM or SIGUSR1 stop after the next step with a checkpoint)")
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -203,6 +206,7 @@ def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
 @record  # under torchrun/accelerate, the failure summary shows the failing rank's exception
 def main(argv: list[str] | None = None, stop_requested: StopRequest | None = None) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    in_process = stop_requested is not None  # run by the protocol or a sweep in its own process
     try:
         cfg, placement = plan(argv, world_size, rank)
     except UserError as error:  # every rank sees the same problem
@@ -231,6 +235,13 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
         sys.stderr.flush()
         # its groups hold work that can never complete: their destructors would abort (SIGABRT)
         os._exit(UserError.exit_code if bad_input_elsewhere else 1)
+    except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
+        if in_process:
+            raise
+        if rank == 0:
+            print(f"dist-tsp: {INTERRUPTED}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)  # collectives may be in flight: their destructors would wait or abort
     except RunStopped as stopped:
         if dist.is_initialized():  # every rank stopped after the same step (gloo may abort at exit otherwise)
             dist.destroy_process_group()

@@ -25,6 +25,7 @@ from dist_tsp.launch import TERM_GRACE_S
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.side_by_side import port_of_its_own
+from dist_tsp.train import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from tests.multiprocess import run_on_ranks
 from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
 
@@ -271,6 +272,19 @@ def test_a_signal_while_the_teacher_trains_stops_every_rank_after_the_next_step_
                         r"saved: rerun the same command to train it again", last), stderr[-3000:]
     assert "Traceback" not in stderr and watched.workers() == []
     assert not (tmp_path / "teacher" / "model.pt").exists()
+
+
+def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130(reference, tmp_path):
+    """Ctrl-C reaches the launcher's process group (it and torchrun's agent, which passes it to the workers): before,
+    every rank's KeyboardInterrupt traceback (about 100 lines)."""
+    watched = Watched.students(tmp_path, reference)
+    watched.wait_until(lambda: watched.step() >= 2)
+    os.killpg(watched.process.pid, signal.SIGINT)
+    code, took, stderr = watched.wait()
+    assert code == INTERRUPTED_EXIT_CODE == 130 and took < 30, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"dist-tsp: {INTERRUPTED}", stderr[-3000:]
+    assert "Traceback" not in stderr and "death signal" not in stderr and stderr.count("dist-tsp:") == 1
+    assert watched.workers() == []
 
 
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
