@@ -239,12 +239,15 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
     return found[-1]
 
 
-def set_aside(output_dir: Path) -> Path | None:
-    """Move an earlier attempt's checkpoints, metrics, results, predictions, config, profiles and W&B run id into
-    output_dir/previous-N/; return it (None: there were none)."""
+def set_aside(output_dir: Path, tensorboard: Path) -> Path | None:
+    """Move an earlier attempt's checkpoints, metrics, results, predictions, config, profiles, W&B run id and
+    TensorBoard logs (the folder `tensorboard` in output_dir, where it holds event files) into output_dir/previous-N/;
+    return it (None: there were none)."""
     names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "predictions.npz", "config.yaml", "profile",
              "tracker_run_id")
     present = [output_dir / n for n in names if (output_dir / n).exists()]
+    if next(tensorboard.glob("**/events.out.tfevents.*"), None) is not None:
+        present.append(tensorboard)
     if not present:
         return None
     number = 1 + max((int(p.name.split("-")[1]) for p in output_dir.glob("previous-*") if p.name[9:].isdigit()),

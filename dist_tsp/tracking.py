@@ -85,6 +85,11 @@ class Tracker:
         self.accelerator.end_training()
 
 
+def tensorboard_folder(cfg: RunConfig) -> Path:
+    """Where accelerate's TensorBoard tracker writes the run's event files (its project_dir, then the project)."""
+    return Path(cfg.output_dir) / cfg.tracking.project
+
+
 def persistent_run_id(path: Path) -> str:
     """The tracker's run id, created once per run directory so a resumed run continues the same W&B run (written
     whole or not at all; an empty file, as a kill left one before, is none)."""

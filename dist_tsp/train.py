@@ -33,7 +33,7 @@ from dist_tsp.run_control import StopRequest
 from dist_tsp.students import check_local_students
 from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
 from dist_tsp.teacher_modes import deepspeed_zero_settings
-from dist_tsp.tracking import Tracker, tracker_settings
+from dist_tsp.tracking import Tracker, tensorboard_folder, tracker_settings
 
 STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
 INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
@@ -198,7 +198,7 @@ def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
     moves, while the other ranks wait."""
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        if previous := checkpoint.set_aside(cfg.output_dir):
+        if previous := checkpoint.set_aside(cfg.output_dir, tensorboard_folder(cfg)):
             print(f"starting at step 0: the earlier attempt's checkpoints and metrics were moved to {previous}")
     accelerator.wait_for_everyone()
 

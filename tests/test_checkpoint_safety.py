@@ -20,6 +20,7 @@ from dist_tsp.checkpoint import (
     restore_rng_state,
     rng_state,
     save_atomic,
+    set_aside,
     step_dir,
 )
 from dist_tsp.checkpoint import load as load_checkpoint
@@ -226,3 +227,16 @@ def test_an_empty_tracker_run_id_file_gets_a_new_id_written_whole(tmp_path):
     path.write_text("")
     run_id = persistent_run_id(path)
     assert len(run_id) == 12 and path.read_text() == run_id + "\n" and persistent_run_id(path) == run_id
+
+
+def test_a_fresh_start_sets_aside_the_earlier_attempts_tensorboard_logs_and_leaves_other_folders(tmp_path):
+    """Before: TensorBoard showed the earlier attempt's curves and the new one's as one run."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    events = tmp_path / "dist-tsp" / "events.out.tfevents.1.host"
+    events.parent.mkdir()
+    events.write_bytes(b"curves")
+    (tmp_path / "mine").mkdir()
+    previous = set_aside(tmp_path, tmp_path / "dist-tsp")
+    assert (previous / "dist-tsp" / events.name).read_bytes() == b"curves" and not events.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "previous-1"]
+    assert set_aside(tmp_path, tmp_path / "mine") is None  # no event files: not TensorBoard's
