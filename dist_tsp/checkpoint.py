@@ -168,7 +168,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def differences(saved: Any, current: Any, where: str = "") -> list[str]:
     """Human-readable `key: old -> new` lines between two JSON-like trees (lists of one length item by item, long
-    values cut short)."""
+    lists of two lengths by the items one has and the other not, long values cut short)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         return [line for key in sorted(saved.keys() | current.keys())
                 for line in differences(saved.get(key), current.get(key), f"{where}.{key}" if where else key)]
@@ -177,11 +177,20 @@ def differences(saved: Any, current: Any, where: str = "") -> list[str]:
                 for line in differences(old, new, f"{where}.{index}")]
     if saved == current:
         return []
-    old, new = (_shortened(repr(value)) for value in (saved, current))
-    return [f"{where}: {old} -> {new}"]
+    old, new = (repr(value) for value in (saved, current))
+    if isinstance(saved, list) and isinstance(current, list) and max(len(old), len(new)) > SHORT:
+        removed, added = ([item for item in one if item not in other] for one, other in ((saved, current),
+                                                                                          (current, saved)))
+        if removed or added:
+            return [f"{where}: " + " and ".join(f"{change} {_shortened(repr(items))}" for change, items in
+                                                (("without", removed), ("with", added)) if items)]
+    return [f"{where}: {_shortened(old)} -> {_shortened(new)}"]
 
 
-def _shortened(text: str, limit: int = 100) -> str:
+SHORT = 100  # characters of a value a difference shows
+
+
+def _shortened(text: str, limit: int = SHORT) -> str:
     return text if len(text) <= limit else f"{text[:limit - 4]} ..."
 
 

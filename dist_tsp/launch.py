@@ -76,6 +76,11 @@ def agent() -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     bad_input = UserError.exit_code
+    try:
+        check_launch(sys.argv[1:])
+    except UserError as error:
+        print(f"dist-tsp: error: {error}", file=sys.stderr)
+        sys.exit(bad_input)
     for torchrun in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(torchrun).addFilter(_quiet)
     try:
@@ -86,6 +91,21 @@ def agent() -> None:
         if codes != {bad_input}:
             raise
         sys.exit(bad_input)
+
+
+def check_launch(args: list[str]) -> None:
+    """UserError for launch arguments accelerate would meet with a traceback, or every worker with its own line: an
+    accelerate config file that is not there, fewer than 1 process, a script that is not there."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launch = launch_command_parser().parse_args(args)
+    if launch.config_file is not None and not Path(launch.config_file).is_file():
+        raise UserError(f"--config_file {launch.config_file} does not exist: give an accelerate config, e.g. "
+                        "configs/accelerate/cpu.yaml or gpu.yaml")
+    if launch.num_processes is not None and launch.num_processes < 1:
+        raise UserError(f"--num_processes {launch.num_processes}: give at least 1")
+    if not (launch.module or launch.no_python) and not Path(launch.training_script).is_file():
+        raise UserError(f"{launch.training_script} does not exist: give the script to launch, e.g. dist_tsp/train.py")
 
 
 def _quiet(record: logging.LogRecord) -> bool:

@@ -90,9 +90,16 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
                         "'0.1,0.8,0.1 0.2,0.6,0.2'")
     if twice := next((point for point in grid if grid.count(point) > 1), None):
         raise UserError(f"--grid lists the point {','.join(map(weight_text, twice))} more than once: give each once")
-    if args.seeds < 1 or args.processes < 1 or not 0 < args.val_fraction < 1:
-        raise UserError("--seeds and --processes must be at least 1 and --val-fraction between 0 and 1")
+    for option, value in (("--seeds", args.seeds), ("--processes", args.processes)):
+        if value < 1:
+            raise UserError(f"{option} {value}: give at least 1")
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction {args.val_fraction:g}: give a fraction between 0 and 1")
     base = load_config(args.config, overrides)
+    if not Placement.fits(args.processes, len(base.students)):
+        raise UserError(f"--processes {args.processes} cannot hold the config's {len(base.students)} students: give a "
+                        "number that divides or is a multiple of it (the alternate phases without a student take the "
+                        "most that fit)")
     needs_peers = {"tsp", "tuned", "alternate"} & set(methods)
     if needs_peers and len(base.students) < 2:
         raise UserError(f"{', '.join(sorted(needs_peers))} need at least 2 students; the config has 1: add "

@@ -111,7 +111,8 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
     if accelerator.is_main_process:
         checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
                                 "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
-        print(f"teacher: trained {cfg.teacher.epochs} epochs and saved in {time.perf_counter() - started:.1f} s")
+        epochs, took = cfg.teacher.epochs, time.perf_counter() - started
+        print(f"teacher: trained {epochs} epoch{'s' * (epochs != 1)} and saved in {took:.1f} s")
     accelerator.wait_for_everyone()
 
 

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from dist_tsp.models import build_model
 from dist_tsp.shared_errors import on_every_rank
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
-from tests.runs import ENV, ROOT, TINY, command, launch, snapshot, two_at_a_time
+from tests.runs import CPU3, ENV, ROOT, TINY, TRAIN, command, launch, snapshot, two_at_a_time
 
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
@@ -294,3 +295,23 @@ def test_bad_input_met_on_some_ranks_stops_every_rank_with_one_message_naming_th
     expected = MET_ON_RANKS[case][1]
     assert [ranks[case] for ranks in met_on_every_rank] == (
         [f"rank {rank}" for rank in range(3)] if expected is None else [f"raised: {expected}"] * 3)
+
+
+# launcher arguments, and the one line: before, accelerate's traceback, torch's AssertionError, or one line per rank
+BAD_LAUNCHES = {
+    "an accelerate config that is not there": (["--config_file", "configs/accelerate/cpux.yaml", TRAIN],
+                                               r"--config_file configs/accelerate/cpux.yaml does not exist: give an "
+                                               r"accelerate config"),
+    "no process": (["--config_file", CPU3, "--num_processes", "0", TRAIN], r"--num_processes 0: give at least 1"),
+    "a script that is not there": (["--config_file", CPU3, "dist_tsp/trian.py"],
+                                   r"dist_tsp/trian.py does not exist: give the script to launch"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LAUNCHES)
+def test_dist_tsp_launch_refuses_bad_launcher_arguments_in_one_line(case):
+    arguments, message = BAD_LAUNCHES[case]
+    done = subprocess.run([sys.executable, "-m", "dist_tsp.launch", *arguments, "--config", DEMO], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
+    assert re.match(f"dist-tsp: error: {message}", done.stderr), done.stderr

@@ -207,6 +207,16 @@ def test_a_refused_resumes_differences_name_the_changed_key_of_a_list_item_and_c
                                            "students.1.model: 'lenet' -> 'alexnet'"]
 
 
+def test_long_lists_of_two_lengths_differ_by_the_items_one_has_and_the_other_not():
+    """Before: both whole lists, each cut short before the item that differed (a protocol's overrides)."""
+    overrides = [f"students.{i}.args={{width: 0.25, hidden: 64}}" for i in range(3)]
+    assert differences({"overrides": overrides}, {"overrides": [*overrides, "loss.temperature=2"]}) == [
+        "overrides: with ['loss.temperature=2']"]
+    assert differences({"o": [*overrides, "a=1"]}, {"o": [overrides[0], "b=2"]}) == [
+        f"o: without {overrides[1:] + ['a=1']!r} and with ['b=2']"]
+    assert differences({"s": ["lenet", "alexnet"]}, {"s": ["lenet"]}) == ["s: ['lenet', 'alexnet'] -> ['lenet']"]
+
+
 def test_a_checkpoint_left_without_its_manifest_by_a_killed_pruning_is_replaced_when_its_step_comes_again(tmp_path):
     """Before: its step was skipped as already written, and a stop there said "checkpoint written" of none."""
     stale = step_dir(tmp_path, 8)

@@ -168,6 +168,19 @@ def test_a_grid_with_an_infinite_weight_or_a_point_twice_is_refused_in_one_line(
     assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--seeds", "0"], "--seeds 0: give at least 1"),
+    (["--val-fraction", "1.5"], "--val-fraction 1.5: give a fraction between 0 and 1"),
+    (["--processes", "2"], "--processes 2 cannot hold the config's 3 students: give a number that divides or is a "
+                           "multiple of it"),  # before: every run in one process, silently
+])
+def test_a_bad_option_is_refused_in_one_line_naming_it(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(tmp_path / "p"), *options])
+    assert stop.value.code == 2 and not (tmp_path / "p").exists()
+    assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
+
+
 def test_grid_points_that_differ_past_six_digits_are_two_runs_with_their_exact_weights(tmp_path):
     """Written with 6 significant digits, both were grid/a0.123456_b0.8_g0.1 with loss.alpha=0.123456."""
     grid = "0.1234561,0.8,0.1 0.1234562,0.8,0.1 0.1,0.9,0"
