@@ -116,6 +116,8 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
         saved, current = json.loads(record.read_text()), protocol.record()
         if "base_config" not in saved:  # written before the record held the config's content
             current.pop("base_config")
+        if saved.get("seeds") == current["seeds"][:len(saved.get("seeds") or [])]:  # more seeds: the earlier reused
+            saved["seeds"] = current["seeds"]
         if differ := checkpoint.differences(saved, current):
             raise UserError(f"{args.out} holds another protocol ({'; '.join(differ[:4])}): rerun with its options "
                             "or choose another --out")

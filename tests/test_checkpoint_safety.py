@@ -250,3 +250,13 @@ def test_a_fresh_start_sets_aside_the_earlier_attempts_tensorboard_logs_and_leav
     assert (previous / "dist-tsp" / events.name).read_bytes() == b"curves" and not events.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "previous-1"]
     assert set_aside(tmp_path, tmp_path / "mine") is None  # no event files: not TensorBoard's
+
+
+def test_pruning_keeps_the_last_step_checkpoints_and_every_epoch_end(tmp_path):
+    """keep_last=2 over step checkpoints at 2, 4, 6, 10 and epoch ends at 8 and 12."""
+    for step in (2, 4, 6, 8, 10, 12):
+        partial = step_dir(tmp_path, step, partial=True)
+        partial.mkdir(parents=True)
+        save_atomic({"model": {}}, partial / "lenet.pt")
+        finalize(partial, {"step": step, "epoch_end": step % 4 == 0 and step >= 8}, keep_last=2)
+    assert [d.name for d in complete_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (6, 8, 10, 12)]

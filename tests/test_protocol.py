@@ -98,10 +98,10 @@ def test_other_options_or_an_edited_config_file_in_the_same_directory_are_refuse
     """Refused before anything runs or is written, naming what differs: the directory's finished runs started from
     the config as it read then."""
     with pytest.raises(SystemExit) as stop:
-        main([*TINY, "--out", str(protocol), "--seeds", "3"])
+        main([*TINY, "--out", str(protocol), "--seeds", "1"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"dist-tsp protocol: error: {protocol} holds another protocol (seeds: [0, 1] -> [0, 1, 2]): rerun with its "
+        f"dist-tsp protocol: error: {protocol} holds another protocol (seeds: [0, 1] -> [0]): rerun with its "
         "options or choose another --out"]
     monkeypatch.chdir(tmp_path)  # the same --config configs/demo.yaml, edited
     (tmp_path / "configs").mkdir()
@@ -115,6 +115,18 @@ def test_other_options_or_an_edited_config_file_in_the_same_directory_are_refuse
     assert capsys.readouterr().err.strip().splitlines() == [
         "dist-tsp protocol: error: out holds another protocol (base_config.loss.temperature: 4.0 -> 2.0): rerun with "
         "its options or choose another --out"]
+
+
+def test_more_seeds_in_the_same_directory_run_the_new_seeds_and_reuse_the_others(protocol, tmp_path):
+    """Before: refused as another protocol (seeds: [0] -> [0, 1]), so more seeds meant every run again."""
+    out, options = tmp_path / "p", [*TINY, "--methods", "scratch", f"teacher.checkpoint={protocol}/teacher/model.pt"]
+    main([*options, "--out", str(out), "--seeds", "1"])
+    first = (out / "seed_0" / "scratch" / "results.json").stat().st_mtime_ns
+    main([*options, "--out", str(out), "--seeds", "2"])
+    assert (out / "seed_0" / "scratch" / "results.json").stat().st_mtime_ns == first
+    assert (out / "seed_1" / "scratch" / "results.json").is_file()
+    assert json.loads((out / "protocol.json").read_text())["seeds"] == [0, 1]
+    assert "(n=2)" in (out / "table2.md").read_text()
 
 
 def test_mentored_phase_on_three_ranks_matches_one_process(protocol, tmp_path):
