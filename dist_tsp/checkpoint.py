@@ -208,14 +208,14 @@ FATAL_DIFFERENCES = ("students", "replicas", "config.students", "config.train.op
 
 
 def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, total_steps: int | None = None,
-              started: dict[str, str] | None = None) -> Path | None:
+              started: dict[str, Any] | None = None) -> Path | None:
     """The checkpoint directory a run resumes from (None: start at step 0).
 
     Refuses, with the differences, a checkpoint of another run: FATAL_DIFFERENCES (always), other settings or
     another teacher file (unless resume=force). The teacher is compared only when `teacher_sha` is given (by a run
     whose students learn from the teacher), the run's length (one past `total_steps` cannot be undone) only
-    when that is, and what only a started run knows (`started`: its mixed precision, its data) where the manifest
-    records it too.
+    when that is, and what only a started run knows (`started`: its mixed precision, its data, its frozen mentors'
+    files) where the manifest records it too.
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
