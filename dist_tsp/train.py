@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             else:
                 run(cfg, placement, stop_requested)
     except SharedUserError as error:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # every rank is here with nothing in flight (gloo may crash at exit otherwise)
         _refuse(error, rank, world_size, every_rank=True)
     except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
         _refuse(error, rank, world_size, every_rank=False, said=shared_errors.said_by_another_rank_first(str(error)))
@@ -257,6 +255,11 @@ def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, s
     (naming itself) unless another rank `said` the same."""
     if not said and (rank == 0 or not every_rank):
         print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # the process groups' destructors can abort (gloo, as the other ranks leave) or wait for work in flight
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(UserError.exit_code)
     sys.exit(UserError.exit_code)
 
 
