@@ -79,29 +79,30 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
 
 STEPS_PER_EPOCH = 8
 LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on every replica), the kill
-    "2 students per rank, all killed after the epoch's last step": (
+    "2 students per rank, all killed after the epoch's last step, the teacher's logits cached": (
         "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
         " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}, {name: lenet2, model: lenet}]",
-        2, 256, STEPS_PER_EPOCH, "group"),
+        2, 256, STEPS_PER_EPOCH, "group", ["teacher.mode=cached"]),
     "2 replicas, one rank killed after a checkpoint step inside the epoch": (
         "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
-        4, 512, 4, "rank 3"),  # AlexNet's dropout draws from each replica's own random state
+        4, 512, 4, "rank 3", []),  # AlexNet's dropout draws from each replica's own random state
     "3 replicas, one rank killed after a checkpoint step inside the epoch": (  # 3 sum in another order if DDP's
-        "[{name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]", 3, 768, 4, "rank 2"),  # buckets differ
+        "[{name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]", 3, 768, 4, "rank 2", []),  # buckets
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tmp_path, layout):
-    """K = 2 students per rank, or R = 2 replicas (W = 4, N = 2: DDP over each student's pair of ranks, peer groups
-    {0, 1} and {2, 3}), or R = 3 replicas of one student, logging every 3 steps, a checkpoint every 4: SIGKILL to
-    every process or to one rank right after a checkpoint (the main process pauses once it is complete); the rerun
-    resumes from it and ends as if never killed, every student trained and reported."""
-    students, processes, images, kill_after, victim = LAYOUTS[layout]
+    """K = 2 students per rank (the teacher's logits from its cache), or R = 2 replicas (W = 4, N = 2: DDP over each
+    student's pair of ranks, peer groups {0, 1} and {2, 3}), or R = 3 replicas of one student, logging every 3 steps,
+    a checkpoint every 4: SIGKILL to every process or to one rank right after a checkpoint (the main process pauses
+    once it is complete); the rerun resumes from it and ends as if never killed, every student trained and reported,
+    results.json whole (the cache's computed epochs too)."""
+    students, processes, images, kill_after, victim, extra = LAYOUTS[layout]
     args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
             "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
             "train.log_every=3", "train.optimizer.schedule=cosine",
-            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt", *extra]
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
     launch([*args, f"output_dir={reference}"], processes=processes)
     args.append(f"output_dir={run}")
@@ -132,6 +133,8 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     assert train_rows(run) == train_rows(reference)
     assert all(row[f"train/{name}/loss"] > 0 for row in train_rows(reference) for name in names)
     results = [json.loads((r / "results.json").read_text()) for r in (reference, run)]
+    for result in results:  # each run's logit cache is in its own output_dir
+        (result["teacher"]["cache"] or {}).pop("path", None)
     assert results[0] == results[1] and set(results[0]["students"]) == set(names)
 
 
