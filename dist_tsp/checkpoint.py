@@ -93,14 +93,13 @@ def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
     return payload
 
 
-def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str, assign: bool = False) -> None:
-    """load_state_dict (`assign`: its tensors in place of the model's) with a one-line error when the entry is no
-    state dict or does not fit the architecture."""
+def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
+    """load_state_dict with a one-line error when the entry is no state dict or does not fit the architecture."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{what} checkpoint {path} holds a {type(state).__name__} under 'model', not a state "
                               "dict: save it as torch.save({'model': model.state_dict()}, path)")
     try:
-        model.load_state_dict(state, assign=assign)
+        model.load_state_dict(state)
     except RuntimeError as error:
         problems = textwrap.shorten(str(error), 300, placeholder=" ...")
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None
@@ -149,11 +148,10 @@ def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
     """Main process, once every rank has written its files: manifest, atomic rename, pruning."""
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     final = directory.with_name(directory.name.removesuffix(".partial"))
-    if final.exists() and not is_complete(final):  # what a pruning that was killed left of it
-        shutil.rmtree(final)
     os.replace(directory, final)
     step_checkpoints = [d for d in complete_checkpoints(final.parent.parent) if not read_manifest(d)["epoch_end"]]
     for old in step_checkpoints[:-keep_last]:
+        (old / MANIFEST).unlink(missing_ok=True)  # first: what a kill leaves is never taken for a checkpoint
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -164,6 +162,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be read ({error}): "
                               f"delete {directory} to resume from the one before") from None
+
+
+SHORT = 100  # characters of a value a difference shows
 
 
 def differences(saved: Any, current: Any, where: str = "") -> list[str]:
@@ -185,9 +186,6 @@ def differences(saved: Any, current: Any, where: str = "") -> list[str]:
             return [f"{where}: " + " and ".join(f"{change} {_shortened(repr(items))}" for change, items in
                                                 (("without", removed), ("with", added)) if items)]
     return [f"{where}: {_shortened(old)} -> {_shortened(new)}"]
-
-
-SHORT = 100  # characters of a value a difference shows
 
 
 def _shortened(text: str, limit: int = SHORT) -> str:
@@ -255,7 +253,8 @@ def set_aside(output_dir: Path, tensorboard: Path) -> Path | None:
     names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "predictions.npz", "config.yaml", "profile",
              "tracker_run_id")
     present = [output_dir / n for n in names if (output_dir / n).exists()]
-    if next(tensorboard.glob("**/events.out.tfevents.*"), None) is not None:
+    if output_dir.resolve() in tensorboard.resolve().parents and next(tensorboard.glob("**/events.out.tfevents.*"),
+                                                                        None) is not None:
         present.append(tensorboard)
     if not present:
         return None

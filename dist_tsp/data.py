@@ -373,7 +373,7 @@ def split_folders(root: Path, what: str) -> tuple[Path, Path]:
     """root/train and the held-out split, root/test or else root/val."""
     held_out = held_out_split(root, "", Path.is_dir)
     if not (root / "train").is_dir() or held_out is None:
-        raise DataError(f"{root} needs train/ and test/ (or val/) folders, each of {what}")
+        raise DataError(f"{root} needs train/ and test/ (or val/) folders holding {what}")
     return root / "train", held_out
 
 

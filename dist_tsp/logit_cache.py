@@ -139,9 +139,8 @@ class CachedLogits:
             all_reduce(exists, self.world, dist.ReduceOp.MIN)
             if not exists.item():
                 self._compute(epoch, path)
-                self.computed.append(epoch)
-            elif epoch not in self.computed + self.reused:  # not the epoch a resumed run goes on with
-                self.reused.append(epoch)
+            if epoch not in self.computed + self.reused:  # not the epoch a resumed run goes on with
+                (self.reused if exists.item() else self.computed).append(epoch)
         self.current = np.load(path, mmap_mode="r")
 
     @contextmanager
@@ -209,8 +208,10 @@ class CachedLogits:
         return {"path": str(self.folder), "computed_epochs": self.computed, "reused_epochs": self.reused}
 
     def resume_summary(self, saved: dict) -> None:
-        """A resumed run's: the epochs computed or reused before its checkpoint, as its summary said then."""
-        self.computed, self.reused = list(saved.get("computed_epochs", [])), list(saved.get("reused_epochs", []))
+        """A resumed run's: the epochs computed or reused before its checkpoint, as its summary said then (unless
+        that was another cache's: a forced resume with other settings starts its own)."""
+        if saved.get("path") == str(self.folder):
+            self.computed, self.reused = list(saved["computed_epochs"]), list(saved["reused_epochs"])
 
 
 def _try_lock(file: BinaryIO) -> bool:

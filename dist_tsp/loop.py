@@ -46,8 +46,9 @@ class StudentTrainer:
     """
 
     def __init__(self, cfg: RunConfig, placement: Placement, groups: Groups, accelerator: Accelerator,
-                 data: Dataset, graph: TeachingGraph, teacher: TeacherLogits | None,
+                 data: Dataset, data_identity: str, graph: TeachingGraph, teacher: TeacherLogits | None,
                  teacher_info: TeacherInfo | None, tracker: Tracker, stop_requested: StopRequest) -> None:
+        """`data_identity`: the dataset's (Dataset.identity, computed where it was loaded), which checkpoints record."""
         self.cfg, self.placement, self.groups, self.accelerator = cfg, placement, groups, accelerator
         self.data, self.graph, self.tracker = data, graph, tracker
         self.teacher = teacher if self.graph.uses_teacher else None
@@ -71,13 +72,13 @@ class StudentTrainer:
                                   world=groups.world, control=groups.control, stop_requested=stop_requested,
                                   device=device, output_dir=cfg.output_dir)
         self.checkpointer = Checkpointer(cfg, placement, self.graph, teacher_info, self.teacher, tracker, accelerator,
-                                         data.identity(), len(self.batches), self.total_steps)
+                                         data_identity, len(self.batches), self.total_steps)
         # a captured step's eager warm-up and capture are not what its replays cost: timing starts after them too
         self.profiler = StepProfiler(cfg.train.profile, device,
                                      WARMUP_STEPS + (cfg.train.graph_warmup if self.step_choice.captured else 0))
         self.autocast = step_autocast(accelerator, self.step_choice.captured)
         self.captured, self.parts_profiler = None, self.profiler
-        self.resumed = False  # until its first step, a run that resumes (train)
+        self.buckets_to_lay_out = False  # a resumed run's, before its first step (train)
         if self.step_choice.graph_ready:
             if self.step_choice.captured:
                 for student in self.students:
@@ -96,7 +97,7 @@ class StudentTrainer:
     def train(self, start_step: int = 0) -> Evaluation:
         """Run the steps from `start_step` (see resume) to the end; return the final evaluation."""
         step, evaluation = start_step, None
-        self.resumed = start_step > 0
+        self.buckets_to_lay_out = start_step > 0
         self.control.device_step.fill_(start_step)
         with tqdm(total=self.total_steps, initial=step, desc="students",
                   disable=not self.accelerator.is_main_process) as self.bar:
@@ -143,10 +144,10 @@ class StudentTrainer:
 
     def train_step(self, batch: Batch) -> None:
         """One step for this rank's students on the peer group's batch."""
-        if self.resumed:
+        if self.buckets_to_lay_out:
             for student in self.learners:
                 student.lay_out_gradient_buckets(batch.images, self.accelerator.device, self.autocast)
-            self.resumed = False
+            self.buckets_to_lay_out = False
         if self.captured is None:
             rows = self._learn(batch)
         else:  # a teacher that reads the host (the cache) gives its logits at the captured step's boundary

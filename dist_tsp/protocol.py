@@ -96,10 +96,6 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction:g}: give a fraction between 0 and 1")
     base = load_config(args.config, overrides)
-    if not Placement.fits(args.processes, len(base.students)):
-        raise UserError(f"--processes {args.processes} cannot hold the config's {len(base.students)} students: give a "
-                        "number that divides or is a multiple of it (the alternate phases without a student take the "
-                        "most that fit)")
     needs_peers = {"tsp", "tuned", "alternate"} & set(methods)
     if needs_peers and len(base.students) < 2:
         raise UserError(f"{', '.join(sorted(needs_peers))} need at least 2 students; the config has 1: add "
@@ -127,6 +123,15 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
 def processes_for(num_students: int, processes: int) -> int:
     """The most processes, up to `processes`, that can hold `num_students` (W = N*R or N = W*K)."""
     return max(w for w in range(1, processes + 1) if Placement.fits(w, num_students))
+
+
+def fewer_processes_line(num_students: int, processes: int) -> str | None:
+    """The start-up line when the runs of every student get fewer processes than --processes (None: they get it)."""
+    given = processes_for(num_students, processes)
+    if given == processes:
+        return None
+    return (f"protocol: the runs of all {num_students} students take {given} process{'es' * (given > 1)} each, the "
+            f"most up to --processes {processes} that can hold them")
 
 
 def loss_overrides(weights: tuple[float, float, float]) -> list[str]:
@@ -231,6 +236,8 @@ def execute(protocol: Protocol, out: Path, slots: side_by_side.Slots) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "protocol.json", json.dumps(protocol.record(), indent=2) + "\n")
     print(slots.describe("protocol"), flush=True)
+    if note := fewer_processes_line(len(protocol.base.students), protocol.processes):
+        print(note, flush=True)
     grid = grid_runs(protocol)
     with tqdm(total=1 + len(grid), desc="protocol", unit="run") as bar:
         runner = Runner(protocol, out, slots, bar)

@@ -118,14 +118,14 @@ def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, d
 
 
 def check_local_students(cfg: RunConfig, placement: Placement, num_classes: int) -> None:
-    """Every rank builds its students on the meta device (no memory, no random draws) and reads their init files into
+    """Every rank builds its students on the CPU (the random state put back after) and reads their init files into
     them, all ranks at once: a model argument or init file that does not fit stops every rank in one line before a
-    teacher trains, not after."""
+    teacher trains, not after. (Not on the meta device: some torchvision models read their tensors as they build.)"""
     def check() -> None:
         for index in placement.local_students:
-            with torch.device("meta"):
+            with torch.random.fork_rng(devices=[]):
                 model = build_model(cfg.students[index].model, num_classes, **cfg.students[index].args)
-            _load_init(model, cfg, index, assign=True)
+            _load_init(model, cfg, index)
 
     on_every_rank(check)
 
@@ -143,12 +143,12 @@ def _build_model(cfg: RunConfig, index: int, device: torch.device, num_classes: 
     return model
 
 
-def _load_init(model: nn.Module, cfg: RunConfig, index: int, assign: bool = False) -> None:
-    """The student's init weights into `model`, when it has an init file (`assign`: in place of a meta model's)."""
+def _load_init(model: nn.Module, cfg: RunConfig, index: int) -> None:
+    """The student's init weights into `model`, when it has an init file."""
     spec = cfg.students[index]
     if spec.init is not None:
         what = f"student {spec.name}'s init"
-        checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what, assign=assign)
+        checkpoint.load_weights(model, checkpoint.load(spec.init, what)["model"], spec.init, what)
 
 
 def _wrap(cfg: RunConfig, frozen: bool, model: nn.Module, groups: Groups, device: torch.device) -> nn.Module:

@@ -121,8 +121,9 @@ def stop_on_signals(requested: StopRequest | None = None) -> Iterator[StopReques
             signal.signal(signum, handler)
 
 
-def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
-    """The process group (through accelerate), the seed, and the dataset on this rank's device."""
+def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
+    """The process group (through accelerate), the seed, the dataset on this rank's device and its identity (the
+    same on every rank)."""
     # A DeepSpeed accelerate config's ZeRO settings serve the teacher (teacher_modes.py); the students stay on DDP.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     timeout = InitProcessGroupKwargs(timeout=startup_timeout(cfg))
@@ -133,9 +134,10 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset]:
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     data = shared_errors.main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed))
-    shared_errors.check_same_on_every_rank("loaded a dataset", data.identity,
+    identity = data.identity()
+    shared_errors.check_same_on_every_rank("loaded a dataset", lambda: identity,
                                            "every node needs the same data (a node's own copy of data.root may differ)")
-    return accelerator, data.to(accelerator.device)
+    return accelerator, data.to(accelerator.device), identity
 
 
 def startup_timeout(cfg: RunConfig) -> timedelta:
@@ -146,7 +148,7 @@ def startup_timeout(cfg: RunConfig) -> timedelta:
 
 def run_teacher_stage(cfg: RunConfig, stop_requested: StopRequest) -> None:
     """--teacher-only: the teacher trained (or loaded) and evaluated; student runs then load teacher.checkpoint."""
-    accelerator, data = start(cfg, trackers=False)
+    accelerator, data, _ = start(cfg, trackers=False)
     _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only(), stop_requested)
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
@@ -154,7 +156,7 @@ def run_teacher_stage(cfg: RunConfig, stop_requested: StopRequest) -> None:
 
 def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> dict:
     """Teacher stage, then the student phase; writes the run directory and returns results.json's content."""
-    accelerator, data = start(cfg, trackers=True)
+    accelerator, data, data_identity = start(cfg, trackers=True)
     timeout = startup_timeout(cfg)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type, timeout), timeout)
     tracker = Tracker(cfg, accelerator)
@@ -168,8 +170,8 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):
         model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups, stop_requested)
         teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, graph, teacher, teacher_info, tracker,
-                             stop_requested)
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, data_identity, graph, teacher, teacher_info,
+                             tracker, stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is moved or overwritten
     if start_step == 0:
         set_aside_earlier_attempt(cfg, accelerator)

@@ -217,20 +217,6 @@ def test_long_lists_of_two_lengths_differ_by_the_items_one_has_and_the_other_not
     assert differences({"s": ["lenet", "alexnet"]}, {"s": ["lenet"]}) == ["s: ['lenet', 'alexnet'] -> ['lenet']"]
 
 
-def test_a_checkpoint_left_without_its_manifest_by_a_killed_pruning_is_replaced_when_its_step_comes_again(tmp_path):
-    """Before: its step was skipped as already written, and a stop there said "checkpoint written" of none."""
-    stale = step_dir(tmp_path, 8)
-    stale.mkdir(parents=True)
-    (stale / "lenet.pt").write_bytes(b"half removed")
-    assert complete_checkpoints(tmp_path) == []
-    partial = step_dir(tmp_path, 8, partial=True)
-    partial.mkdir()
-    save_atomic({"model": {}}, partial / "lenet.pt")
-    assert finalize(partial, {"step": 8, "epoch_end": False}, keep_last=2) == stale
-    assert complete_checkpoints(tmp_path) == [stale] and not partial.exists()
-    assert load_checkpoint(stale / "lenet.pt", "student lenet") == {"model": {}}
-
-
 def test_an_empty_tracker_run_id_file_gets_a_new_id_written_whole(tmp_path):
     """An empty file, as a kill while it was written left one before, is no id: W&B would get an empty one."""
     path = tmp_path / "tracker_run_id"

@@ -236,6 +236,8 @@ def test_a_checkpoint_of_other_data_or_precision_is_refused_unless_forced_and_on
                                         r"0123' -> '40 training images, content 4567'\): use another output_dir, or "
                                         r"resume=force"):
         resumable(cfg, 1, started={**started, "data": "40 training images, content 4567"})
+    with pytest.raises(UserError, match=r"different run \(mixed_precision: 'no' -> 'bf16'\)"):
+        resumable(cfg, 1, started={**started, "mixed_precision": "bf16"})
     with pytest.raises(UserError, match=r"different run \(mentors.a: 'sha256 01' -> 'sha256 23'\)"):
         resumable(cfg, 1, started={**started, "mentors": {"a": "sha256 23"}})
     forced = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}", "resume=force"])

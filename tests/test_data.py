@@ -314,5 +314,5 @@ def test_image_folder_loads_and_resizes_class_folders(tmp_path):
 
 def test_image_folder_without_test_split_is_reported(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"needs train/ and test/ \(or val/\) folders, each of <class>/ folders"):
+    with pytest.raises(DataError, match=r"needs train/ and test/ \(or val/\) folders holding <class>/ folders"):
         load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from dist_tsp.config import load_config
 from dist_tsp.models import UnknownModelError, build_model, model_names
+from dist_tsp.placement import Placement
+from dist_tsp.students import check_local_students
 
 REGISTERED = ["lenet", "alexnet", "mobilenet", "vgg11_cifar", "resnet_cifar", "resnet50", "airbench"]
 TORCHVISION = ["resnet18", "shufflenet_v2_x0_5"]
@@ -114,3 +117,11 @@ def test_backward_gives_a_gradient_to_every_parameter(name):
     missing = [key for key, p in model.named_parameters() if p.grad is None]
     assert not missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_early_student_check_builds_a_torchvision_model_that_reads_its_tensors_while_it_builds():
+    """RegNet's builder calls .tolist(): on the meta device, where the check first built students, it raised."""
+    cfg = load_config("configs/demo.yaml", ["students=[{name: a, model: regnet_y_400mf}, {name: b, model: lenet}]"])
+    state = torch.get_rng_state()
+    check_local_students(cfg, Placement(world_size=1, rank=0, num_students=2), num_classes=10)
+    assert torch.equal(torch.get_rng_state(), state)  # the teacher, built next, draws as before

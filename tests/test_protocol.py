@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dist_tsp import side_by_side
-from dist_tsp.protocol import grid_runs, main, plan, processes_for
+from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for
 from tests.runs import ENV, ROOT, launch, one_thread, train_rows
 
 pytestmark = pytest.mark.slow
@@ -183,14 +183,21 @@ def test_a_grid_with_an_infinite_weight_or_a_point_twice_is_refused_in_one_line(
 @pytest.mark.parametrize("options, message", [
     (["--seeds", "0"], "--seeds 0: give at least 1"),
     (["--val-fraction", "1.5"], "--val-fraction 1.5: give a fraction between 0 and 1"),
-    (["--processes", "2"], "--processes 2 cannot hold the config's 3 students: give a number that divides or is a "
-                           "multiple of it"),  # before: every run in one process, silently
 ])
 def test_a_bad_option_is_refused_in_one_line_naming_it(tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as stop:
         main([*TINY, "--out", str(tmp_path / "p"), *options])
     assert stop.value.code == 2 and not (tmp_path / "p").exists()
     assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
+
+
+def test_runs_given_fewer_processes_than_asked_say_so_at_start_up():
+    """Before: --processes 2 with 3 students ran every run in one process, silently."""
+    assert fewer_processes_line(3, 2) == ("protocol: the runs of all 3 students take 1 process each, the most up to "
+                                          "--processes 2 that can hold them")
+    assert fewer_processes_line(3, 4) == ("protocol: the runs of all 3 students take 3 processes each, the most up "
+                                          "to --processes 4 that can hold them")
+    assert fewer_processes_line(3, 3) is None and fewer_processes_line(3, 6) is None
 
 
 def test_grid_points_that_differ_past_six_digits_are_two_runs_with_their_exact_weights(tmp_path):

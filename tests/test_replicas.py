@@ -63,8 +63,8 @@ def _train_replicas(tmp):
     groups = Groups.from_mesh(placement.build_mesh("cpu"))
     data = load_dataset(cfg.data, cfg.seed)
     teacher = RunTeacher(teacher_model(tmp), sharded=True, autocast=accelerator.autocast)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, TeachingGraph.from_config(cfg), teacher, None,
-                             Tracker(cfg, accelerator), StopRequest())
+    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, data.identity(), TeachingGraph.from_config(cfg),
+                             teacher, None, Tracker(cfg, accelerator), StopRequest())
     (student,) = trainer.students
     assert isinstance(student.model, torch.nn.parallel.DistributedDataParallel)
     model = student.module

@@ -32,7 +32,8 @@ def trainer(tmp_path, request):
     teacher = RunTeacher(build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).eval(), sharded=True,
                          autocast=accelerator.autocast)
     return StudentTrainer(cfg, Placement(world_size=1, rank=0, num_students=3), Groups.from_mesh(None), accelerator,
-                          data, TeachingGraph.from_config(cfg), teacher, None, Tracker(cfg, accelerator), StopRequest())
+                          data, data.identity(), TeachingGraph.from_config(cfg), teacher, None,
+                          Tracker(cfg, accelerator), StopRequest())
 
 
 def test_training_steps_between_log_steps_read_nothing_back_from_the_device(trainer, monkeypatch):
