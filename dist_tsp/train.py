@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -39,6 +40,7 @@ STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
 INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
                "from it (SIGTERM or SIGUSR1 stop after the next step with a checkpoint)")
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+INTERRUPT_GRACE_S = 1.0  # torchrun passes Ctrl-C to the workers one after the other
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
     except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
         if in_process:
             raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C changes nothing now
+        if world_size > 1:  # every rank is interrupted before one leaves (else its collectives fail first)
+            time.sleep(INTERRUPT_GRACE_S)
         if rank == 0:
             print(f"dist-tsp: {INTERRUPTED}", file=sys.stderr)
         sys.stderr.flush()

@@ -284,3 +284,28 @@ def test_deepspeed_accelerate_config_without_the_deepspeed_mode_is_refused(tmp_p
     with pytest.raises(UserError, match=r"needs ZeRO stage 3, but the accelerate config sets zero_stage: 2"):
         plan(["--config", "configs/demo.yaml", f"output_dir={tmp_path / 'run'}", "teacher.mode=deepspeed"], 3, 0)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_not_taken(tmp_path):
+    """The epoch a resumed run goes on with was listed twice when its file had gone (a cleaned cache) and was computed
+    again; a forced resume under another cache key took the old cache's lists."""
+    from contextlib import nullcontext
+
+    from dist_tsp.config import DataConfig
+    from dist_tsp.logit_cache import CachedLogits, CacheLayout
+    from dist_tsp.teacher_modes import RunTeacher
+
+    data = load_dataset(DataConfig(name="digits", max_train_samples=64), seed=0)
+    teacher = RunTeacher(build_model("lenet", data.num_classes).eval(), sharded=False, autocast=nullcontext)
+    cache = CachedLogits.under(tmp_path, {"run": 1}, teacher=teacher, data=data.train,
+                               augmentation=data.augmentation(0, enabled=True), normalize=data.normalize,
+                               layout=CacheLayout(data.num_classes, None, "float32"), world=None, batch_size=32,
+                               device=torch.device("cpu"), writer=True, main=True)
+    cache.resume_summary({"path": str(cache.folder), "computed_epochs": [0, 1], "reused_epochs": []})
+    cache.start_epoch(1)  # its file is not there: computed again
+    assert cache.summary()["computed_epochs"] == [0, 1] and cache.summary()["reused_epochs"] == []
+    cache.start_epoch(2)
+    cache.start_epoch(2)
+    assert cache.summary()["computed_epochs"] == [0, 1, 2] and cache.summary()["reused_epochs"] == []
+    cache.resume_summary({"path": str(tmp_path / "another"), "computed_epochs": [7], "reused_epochs": [8]})
+    assert cache.summary()["computed_epochs"] == [0, 1, 2]
