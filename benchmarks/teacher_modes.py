@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
             f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
             f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", f"data.batch_size={args.batch}"])
 
-    accelerator, data = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
+    accelerator, data, _ = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
     placement = Placement(world_size=world, rank=accelerator.process_index, num_students=world)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
     if accelerator.is_main_process and not teacher_file.is_file():
