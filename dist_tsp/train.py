@@ -215,46 +215,49 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
         cfg, placement = plan(argv, world_size, rank)
     except UserError as error:  # every rank sees the same problem
         _refuse(error, rank, world_size, every_rank=True)
-    try:
-        with stop_on_signals(stop_requested) as stop_requested:
+    # The handlers stay while an error below exits: a launcher's SIGTERM to the ranks still running (torchrun sends
+    # it once one rank has failed) then only asks for a stop, and each rank exits with its own code.
+    with stop_on_signals(stop_requested) as stop_requested:
+        try:
             if placement is None:
                 run_teacher_stage(cfg, stop_requested)
             else:
                 run(cfg, placement, stop_requested)
-    except SharedUserError as error:
-        _refuse(error, rank, world_size, every_rank=True)
-    except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
-        _refuse(error, rank, world_size, every_rank=False, said=shared_errors.said_by_another_rank_first(str(error)))
-    except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-        bad_input_elsewhere = shared_errors.met_by_another_rank()  # its collective failed as that rank left
-        if not bad_input_elsewhere:
-            if "timed out" not in str(error).lower():
+        except SharedUserError as error:
+            _refuse(error, rank, world_size, every_rank=True)
+        except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
+            said = shared_errors.said_by_another_rank_first(str(error))
+            _refuse(error, rank, world_size, every_rank=False, said=said)
+        except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
+            bad_input_elsewhere = shared_errors.met_by_another_rank()  # its collective failed as that rank left
+            if not bad_input_elsewhere:
+                if "timed out" not in str(error).lower():
+                    raise
+                print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
+                      f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
+                      f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
+                      "(its own error, if any, is above)", file=sys.stderr)
+            sys.stderr.flush()
+            # its groups hold work that can never complete: their destructors would abort (SIGABRT)
+            os._exit(UserError.exit_code if bad_input_elsewhere else 1)
+        except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
+            if in_process:
                 raise
-            print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
-                  f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
-                  f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
-                  "(its own error, if any, is above)", file=sys.stderr)
-        sys.stderr.flush()
-        # its groups hold work that can never complete: their destructors would abort (SIGABRT)
-        os._exit(UserError.exit_code if bad_input_elsewhere else 1)
-    except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
-        if in_process:
-            raise
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C changes nothing now
-        if world_size > 1:  # every rank is interrupted before one leaves (else its collectives fail first)
-            time.sleep(INTERRUPT_GRACE_S)
-        if rank == 0:
-            print(f"dist-tsp: {INTERRUPTED}", file=sys.stderr)
-        sys.stderr.flush()
-        os._exit(INTERRUPTED_EXIT_CODE)  # collectives may be in flight: their destructors would wait or abort
-    except RunStopped as stopped:
-        if dist.is_initialized():  # every rank stopped after the same step (gloo may abort at exit otherwise)
-            dist.destroy_process_group()
-        if hand_over(stopped):
-            return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
-        if rank == 0:
-            print(f"dist-tsp: {stopped}", file=sys.stderr)
-        sys.exit(stopped.exit_code)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C changes nothing now
+            if world_size > 1:  # every rank is interrupted before one leaves (else its collectives fail first)
+                time.sleep(INTERRUPT_GRACE_S)
+            if rank == 0:
+                print(f"dist-tsp: {INTERRUPTED}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(INTERRUPTED_EXIT_CODE)  # collectives may be in flight: their destructors would wait or abort
+        except RunStopped as stopped:
+            if dist.is_initialized():  # every rank stopped after the same step (gloo may abort at exit otherwise)
+                dist.destroy_process_group()
+            if hand_over(stopped):
+                return  # dist-tsp-launch says it once and exits with its code; torchrun sees workers that ended well
+            if rank == 0:
+                print(f"dist-tsp: {stopped}", file=sys.stderr)
+            sys.exit(stopped.exit_code)
 
 
 def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, said: bool = False) -> NoReturn:
