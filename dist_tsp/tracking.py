@@ -81,7 +81,14 @@ class Tracker:
         rows = [line for line in whole_rows if json.loads(line)["step"] <= step]
         write_text_atomic(self.path, "".join(line + "\n" for line in rows))
 
+    def close(self) -> None:
+        """Hand the trackers what they still hold (TensorBoard writes every 2 minutes), leaving the process groups as
+        they are: for a run that ends on Ctrl-C, whose other ranks may have gone."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def finish(self) -> None:
+        """At the run's end: the trackers closed, the process groups ended."""
         self.accelerator.end_training()
 
 

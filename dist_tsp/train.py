@@ -186,6 +186,9 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     except RunStopped:
         tracker.finish()  # every rank stopped after the same step: end the process groups too (gloo may abort at exit)
         raise
+    except KeyboardInterrupt:  # Ctrl-C (main): what was logged reaches the trackers before the process leaves
+        tracker.close()
+        raise
     results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
     if accelerator.is_main_process:
         write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,

@@ -274,10 +274,14 @@ def test_a_signal_while_the_teacher_trains_stops_every_rank_after_the_next_step_
     assert not (tmp_path / "teacher" / "model.pt").exists()
 
 
-def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130(reference, tmp_path):
+def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_steps_in_tensorboard(reference,
+                                                                                                    tmp_path):
     """Ctrl-C reaches the launcher's process group (it and torchrun's agent, which passes it to the workers): before,
-    every rank's KeyboardInterrupt traceback (about 100 lines)."""
-    watched = Watched.students(tmp_path, reference)
+    every rank's KeyboardInterrupt traceback (about 100 lines), and TensorBoard's event file lacked the steps its
+    writer still held (it writes every 2 minutes)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    watched = Watched.students(tmp_path, reference, "train.log_every=1", "tracking.report_to=tensorboard")
     watched.wait_until(lambda: watched.step() >= 2)
     os.killpg(watched.process.pid, signal.SIGINT)
     code, took, stderr = watched.wait()
@@ -285,6 +289,14 @@ def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130(reference, t
     assert stderr.strip().splitlines()[-1] == f"dist-tsp: {INTERRUPTED}", stderr[-3000:]
     assert "Traceback" not in stderr and "death signal" not in stderr and stderr.count("dist-tsp:") == 1
     assert watched.workers() == []
+    logged = [row["step"] for row in train_rows(tmp_path)]
+    shown = set()
+    for events in tmp_path.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "train/lenet/loss" in accumulator.Tags()["scalars"]:
+            shown |= {event.step for event in accumulator.Scalars("train/lenet/loss")}
+    assert len(logged) >= 2 and set(logged[:-1]) <= shown, (logged, shown)  # the last: Ctrl-C may come between
 
 
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
