@@ -85,7 +85,8 @@ LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on 
         2, 256, STEPS_PER_EPOCH, "group", ["teacher.mode=cached"]),
     "2 replicas, one rank killed after a checkpoint step inside the epoch": (
         "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
-        4, 512, 4, "rank 3", []),  # AlexNet's dropout draws from each replica's own random state
+        4, 512, 4, "rank 3", ["teacher.mode=fsdp"]),  # AlexNet's dropout draws from each replica's own random
+    # state; the teacher's parameters sharded 1/4 over the ranks (FSDP2), gathered for each step's slice of the batch
     "3 replicas, one rank killed after a checkpoint step inside the epoch": (  # 3 sum in another order if DDP's
         "[{name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]", 3, 768, 4, "rank 2", []),  # buckets
 }
@@ -94,10 +95,10 @@ LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tmp_path, layout):
     """K = 2 students per rank (the teacher's logits from its cache), or R = 2 replicas (W = 4, N = 2: DDP over each
-    student's pair of ranks, peer groups {0, 1} and {2, 3}), or R = 3 replicas of one student, logging every 3 steps,
-    a checkpoint every 4: SIGKILL to every process or to one rank right after a checkpoint (the main process pauses
-    once it is complete); the rerun resumes from it and ends as if never killed, every student trained and reported,
-    results.json whole (the cache's computed epochs too)."""
+    student's pair of ranks, peer groups {0, 1} and {2, 3}; the teacher in FSDP), or R = 3 replicas of one student
+    (the teacher replicated), logging every 3 steps, a checkpoint every 4: SIGKILL to every process or to one rank
+    right after a checkpoint (the main process pauses once it is complete); the rerun resumes from it and ends as if
+    never killed, every student trained and reported, results.json whole (the cache's computed epochs too)."""
     students, processes, images, kill_after, victim, extra = LAYOUTS[layout]
     args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
             "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
