@@ -104,6 +104,19 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return state
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, set[int]]:
+    """Each scalar tag in the TensorBoard event files below `folder`, with the steps it was written at."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, set[int]] = {}
+    for events in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, set()).update(event.step for event in accumulator.Scalars(tag))
+    return scalars
+
+
 def train_rows(run: Path) -> list[dict]:
     """metrics.jsonl's training rows (those with a student's training loss)."""
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

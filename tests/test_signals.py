@@ -27,7 +27,7 @@ from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.side_by_side import port_of_its_own
 from dist_tsp.train import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from tests.multiprocess import run_on_ranks
-from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, train_rows
+from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, tensorboard_scalars, train_rows
 
 pytestmark = pytest.mark.slow
 STEPS = 40  # inside the first epoch (44 steps of digits): no epoch end before the last step
@@ -279,8 +279,6 @@ def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_s
     """Ctrl-C reaches the launcher's process group (it and torchrun's agent, which passes it to the workers): before,
     every rank's KeyboardInterrupt traceback (about 100 lines), and TensorBoard's event file lacked the steps its
     writer still held (it writes every 2 minutes)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     watched = Watched.students(tmp_path, reference, "train.log_every=1", "tracking.report_to=tensorboard")
     watched.wait_until(lambda: watched.step() >= 2)
     os.killpg(watched.process.pid, signal.SIGINT)
@@ -290,12 +288,7 @@ def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_s
     assert "Traceback" not in stderr and "death signal" not in stderr and stderr.count("dist-tsp:") == 1
     assert watched.workers() == []
     logged = [row["step"] for row in train_rows(tmp_path)]
-    shown = set()
-    for events in tmp_path.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        if "train/lenet/loss" in accumulator.Tags()["scalars"]:
-            shown |= {event.step for event in accumulator.Scalars("train/lenet/loss")}
+    shown = tensorboard_scalars(tmp_path).get("train/lenet/loss", set())
     assert len(logged) >= 2 and set(logged[:-1]) <= shown, (logged, shown)  # the last: Ctrl-C may come between
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.runs import TINY, launch, student_state, train_rows
+from tests.runs import TINY, launch, student_state, tensorboard_scalars, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +75,8 @@ def test_demo_on_three_processes_beats_chance(tmp_path):
 
 
 def test_tensorboard_tracker_receives_per_student_scalars(single_and_three_ranks):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     one, _ = single_and_three_ranks
-    tags = set()
-    for events in (one / "dist-tsp").rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
+    tags = set(tensorboard_scalars(one / "dist-tsp"))
     assert {"train/lenet/loss", "train/mobilenet/peer", "test/alexnet/acc"} <= tags
 
 
