@@ -81,11 +81,18 @@ class Tracker:
         rows = [line for line in whole_rows if json.loads(line)["step"] <= step]
         write_text_atomic(self.path, "".join(line + "\n" for line in rows))
 
-    def close(self) -> None:
-        """Hand the trackers what they still hold (TensorBoard writes every 2 minutes), leaving the process groups as
-        they are: for a run that ends on Ctrl-C, whose other ranks may have gone."""
+    def close(self, exit_code: int, rerun: bool = False) -> None:
+        """End the trackers' run as a stopped run's process ends, leaving the process groups to the caller (after
+        Ctrl-C, other ranks may have gone): TensorBoard writes what its writer still holds (it writes every 2 minutes);
+        W&B records the process's exit code (not 0: failed), and a stop that a `rerun` resumes is marked preempting
+        (W&B shows it preempted and a sweep's agent requeues it)."""
         for tracker in self.accelerator.trackers:
-            tracker.finish()
+            if tracker.name != "wandb":
+                tracker.finish()
+                continue
+            if rerun:
+                tracker.run.mark_preempting()
+            tracker.run.finish(exit_code=exit_code)
 
     def finish(self) -> None:
         """At the run's end: the trackers closed, the process groups ended."""

@@ -24,7 +24,7 @@ from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
-from dist_tsp.errors import RunStopped, SharedUserError, UserError
+from dist_tsp.errors import Preempted, RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
@@ -183,11 +183,11 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
     try:
         evaluation = trainer.train(start_step)
-    except RunStopped:
-        tracker.finish()  # every rank stopped after the same step: end the process groups too (gloo may abort at exit)
+    except RunStopped as stopped:  # main ends the process groups
+        tracker.close(stopped.exit_code, rerun=isinstance(stopped, Preempted))
         raise
     except KeyboardInterrupt:  # Ctrl-C (main): what was logged reaches the trackers before the process leaves
-        tracker.close()
+        tracker.close(INTERRUPTED_EXIT_CODE)
         raise
     results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
     if accelerator.is_main_process:

@@ -4,6 +4,7 @@ dist-tsp-launch (`launcher="dist-tsp"`)."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -115,6 +116,45 @@ def tensorboard_scalars(folder: Path) -> dict[str, set[int]]:
         for tag in accumulator.Tags()["scalars"]:
             scalars.setdefault(tag, set()).update(event.step for event in accumulator.Scalars(tag))
     return scalars
+
+
+WANDB_HEADER = b":W&B\xe1\xbe\x00"  # a .wandb file's first bytes: its name, magic number and version
+WANDB_BLOCK = 32768  # then LevelDB's log layout: blocks of chunks, each after a 7-byte header
+WHOLE, LAST = 1, 4  # chunk types: a whole record, or the last part of one (2 and 3: its first and middle parts)
+
+
+def wandb_records(path: Path) -> Iterator:
+    """The records (protobuf messages) of an offline W&B run's .wandb file, which wandb has no Python reader for. A
+    chunk's header: checksum, length, type; a block's last bytes, too few for a header, are padding."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data.startswith(WANDB_HEADER), f"{path} is not a .wandb file"
+    position, record = len(WANDB_HEADER), b""
+    while position + 7 <= len(data):
+        if (left := WANDB_BLOCK - position % WANDB_BLOCK) < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        record += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (WHOLE, LAST):
+            yield Record.FromString(record)
+            record = b""
+
+
+def wandb_runs(run: Path) -> list[dict]:
+    """Each offline W&B run in run/wandb, oldest first: its id, the steps in its history, whether it was marked
+    preempting, and its exit code (None: never finished)."""
+    runs = []
+    for folder in sorted((run / "wandb").glob("offline-run-*")):
+        records = list(wandb_records(next(folder.glob("run-*.wandb"))))
+        exits = [r.exit.exit_code for r in records if r.HasField("exit")]
+        runs.append({"id": folder.name.rsplit("-", 1)[-1],
+                     "steps": {r.history.step.num for r in records if r.HasField("history")},
+                     "preempting": any(r.HasField("preempting") for r in records),
+                     "exit_code": exits[-1] if exits else None})
+    return runs
 
 
 def train_rows(run: Path) -> list[dict]:

@@ -32,6 +32,7 @@ from tests.runs import (
     start,
     student_state,
     train_rows,
+    wandb_runs,
 )
 
 pytestmark = pytest.mark.slow
@@ -210,19 +211,24 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(stopped_by_sigterm)
     assert f"(step {stopped_at})" in done.stdout and last_step(run) == 40
 
 
-def test_resumed_run_continues_the_same_wandb_run(stopped_by_sigterm):
-    run = stopped_by_sigterm[0]
-    runs = list((run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2
-    assert {d.name.rsplit("-", 1)[-1] for d in runs} == {(run / "tracker_run_id").read_text().strip()}
+def test_a_stopped_run_is_preempted_in_wandb_and_its_rerun_continues_it_to_the_end(stopped_by_sigterm):
+    """W&B's exit-code contract: the stop, exit 75 and marked preempting (a sweep's agent requeues it), then the rerun
+    in the same W&B run, exit 0 (before, the stop ended it as finished)."""
+    run, _, _, stopped_at, _ = stopped_by_sigterm
+    stopped, resumed = wandb_runs(run)
+    assert stopped["id"] == resumed["id"] == (run / "tracker_run_id").read_text().strip()
+    assert (stopped["preempting"], stopped["exit_code"]) == (True, 75)
+    assert (resumed["preempting"], resumed["exit_code"]) == (False, 0)
+    assert max(stopped["steps"]) <= stopped_at < min(resumed["steps"]) and max(resumed["steps"]) == 40
 
 
 def test_nonfinite_loss_stops_naming_student_step_and_term(uninterrupted, tmp_path):
     args = ["--config", "configs/demo.yaml", f"output_dir={tmp_path}", *TINY, "train.max_steps=30",
-            "train.checkpoint_every=1", "train.optimizer={name: sgd, lr: 1.0e+12}",
+            "train.checkpoint_every=1", "train.optimizer={name: sgd, lr: 1.0e+12}", "tracking.report_to=wandb",
             f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
     done = launch(args, check=False)
     assert done.returncode == 3, done.stderr[-2000:]
+    assert [(r["preempting"], r["exit_code"]) for r in wandb_runs(tmp_path)] == [(False, 3)]  # failed, not finished
     message = done.stderr.strip().splitlines()[-1]
     found = re.fullmatch(r"dist-tsp: non-finite \S+ loss for student \S+ at step (\d+): stopping; the last good "
                          r"checkpoint (\S+) is kept \(.*\)", message)

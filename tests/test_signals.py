@@ -27,7 +27,19 @@ from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.side_by_side import port_of_its_own
 from dist_tsp.train import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from tests.multiprocess import run_on_ranks
-from tests.runs import CPU3, ENV, ROOT, TINY, launch, rank_pid, start, student_state, tensorboard_scalars, train_rows
+from tests.runs import (
+    CPU3,
+    ENV,
+    ROOT,
+    TINY,
+    launch,
+    rank_pid,
+    start,
+    student_state,
+    tensorboard_scalars,
+    train_rows,
+    wandb_runs,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 40  # inside the first epoch (44 steps of digits): no epoch end before the last step
@@ -274,12 +286,17 @@ def test_a_signal_while_the_teacher_trains_stops_every_rank_after_the_next_step_
     assert not (tmp_path / "teacher" / "model.pt").exists()
 
 
-def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_steps_in_tensorboard(reference,
-                                                                                                    tmp_path):
+TRACKED_STEPS = {"tensorboard": lambda run: tensorboard_scalars(run).get("train/lenet/loss", set()),
+                 "wandb": lambda run: wandb_runs(run)[0]["steps"]}
+
+
+@pytest.mark.parametrize("report_to", TRACKED_STEPS)
+def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_steps_in_the_tracker(reference,
+                                                                                                   tmp_path, report_to):
     """Ctrl-C reaches the launcher's process group (it and torchrun's agent, which passes it to the workers): before,
-    every rank's KeyboardInterrupt traceback (about 100 lines), and TensorBoard's event file lacked the steps its
-    writer still held (it writes every 2 minutes)."""
-    watched = Watched.students(tmp_path, reference, "train.log_every=1", "tracking.report_to=tensorboard")
+    every rank's KeyboardInterrupt traceback (about 100 lines), TensorBoard's event file lacked the steps its writer
+    still held (it writes every 2 minutes), and W&B's run ended as finished."""
+    watched = Watched.students(tmp_path, reference, "train.log_every=1", f"tracking.report_to={report_to}")
     watched.wait_until(lambda: watched.step() >= 2)
     os.killpg(watched.process.pid, signal.SIGINT)
     code, took, stderr = watched.wait()
@@ -288,8 +305,10 @@ def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_s
     assert "Traceback" not in stderr and "death signal" not in stderr and stderr.count("dist-tsp:") == 1
     assert watched.workers() == []
     logged = [row["step"] for row in train_rows(tmp_path)]
-    shown = tensorboard_scalars(tmp_path).get("train/lenet/loss", set())
+    shown = TRACKED_STEPS[report_to](tmp_path)
     assert len(logged) >= 2 and set(logged[:-1]) <= shown, (logged, shown)  # the last: Ctrl-C may come between
+    if report_to == "wandb":
+        assert [(r["preempting"], r["exit_code"]) for r in wandb_runs(tmp_path)] == [(False, 130)]
 
 
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
