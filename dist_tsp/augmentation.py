@@ -96,6 +96,14 @@ class Augmentation:
         return TF.horizontal_flip(view) if flip else view
 
 
+def import_transforms() -> None:
+    """Import the torchvision transforms that the views import where they are made (torchvision's import adds
+    seconds), in a process about to fork loader workers: a worker's own first import of a package W&B watches runs
+    W&B's import hook there, which raises in a forked process (wandb 0.25 and later)."""
+    import torchvision.transforms  # noqa: F401
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+
 def evaluation_view(image: torch.Tensor, size: int, crop: Crop) -> torch.Tensor:
     """A decoded image [3, H, W] as the model sees it unaugmented: resized to size x size (padded), or its shorter
     side resized to size/0.875 and centre-cropped (random_resized)."""

@@ -26,7 +26,7 @@ try:  # only streamed and folder datasets decode images: the other sources run w
 except ImportError:
     decode_image = None
 
-from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view
+from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view, import_transforms
 from dist_tsp.errors import UserError
 
 # torchvision ImageFolder's and GIF: TorchCodec decodes JPEG, PNG, WebP and GIF, Pillow the rest (BMP, TIFF, PPM, PGM)
@@ -130,6 +130,8 @@ class StreamLoader:
                  persistent: bool) -> None:
         self.device, self.plan = device, _Plan()
         workers = files.workers
+        if workers > 0:
+            import_transforms()
         self.loader = DataLoader(_Views(files, augmentation), batch_sampler=self.plan, num_workers=workers,
                                  collate_fn=_collate, pin_memory=device.type == "cuda",
                                  persistent_workers=persistent and workers > 0,

@@ -183,11 +183,8 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
     try:
         evaluation = trainer.train(start_step)
-    except RunStopped as stopped:  # main ends the process groups
-        tracker.close(stopped.exit_code, rerun=isinstance(stopped, Preempted))
-        raise
-    except KeyboardInterrupt:  # Ctrl-C (main): what was logged reaches the trackers before the process leaves
-        tracker.close(INTERRUPTED_EXIT_CODE)
+    except BaseException as error:  # what was logged reaches the trackers before main ends the process (and groups)
+        tracker.close(exit_code(error), rerun=isinstance(error, Preempted))
         raise
     results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
     if accelerator.is_main_process:
@@ -197,6 +194,16 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
         print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()
     return results
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code of a process that `error` ends (README's table under Launching)."""
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED_EXIT_CODE
+    if isinstance(error, (RunStopped, UserError)):
+        return error.exit_code
+    # gloo's or NCCL's error where another rank met bad input: its collective failed as that rank left
+    return UserError.exit_code if isinstance(error, RuntimeError) and shared_errors.met_by_another_rank() else 1
 
 
 def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
@@ -232,8 +239,8 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             said = shared_errors.said_by_another_rank_first(str(error))
             _refuse(error, rank, world_size, every_rank=False, said=said)
         except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-            bad_input_elsewhere = shared_errors.met_by_another_rank()  # its collective failed as that rank left
-            if not bad_input_elsewhere:
+            code = exit_code(error)
+            if code != UserError.exit_code:  # else another rank met bad input and says so
                 if "timed out" not in str(error).lower():
                     raise
                 print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                       "(its own error, if any, is above)", file=sys.stderr)
             sys.stderr.flush()
             # its groups hold work that can never complete: their destructors would abort (SIGABRT)
-            os._exit(UserError.exit_code if bad_input_elsewhere else 1)
+            os._exit(code)
         except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
             if in_process:
                 raise

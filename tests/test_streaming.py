@@ -24,7 +24,7 @@ from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ROOT, TINY, launch, train_rows
+from tests.runs import ROOT, TINY, launch, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -194,12 +194,14 @@ def test_ranks_whose_copy_of_the_folder_differs_from_rank_0s_are_refused_on_ever
 def runs(folder, shards, tmp_path_factory) -> Path:
     """The demo students on 3 ranks learning from the folder decoded into memory, from its Arrow shards, and streamed
     from it in two launches (stopped after step 4, mid-epoch 2, then run on to step 6), with one teacher (trained by
-    the first run) through its logit cache."""
+    the first run) through its logit cache. The runs that read through loader workers log to W&B (offline)."""
     tmp = tmp_path_factory.mktemp("runs")
     common = ["--config", "configs/demo.yaml", *TINY, "data.name=image_folder", f"data.root={folder}",
               "teacher.mode=cached", f"teacher.checkpoint={tmp / 'teacher.pt'}", f"teacher.cache_dir={tmp / 'cache'}"]
-    for name, extra in (("in_memory", ["data.in_memory=true"]), ("arrow", ["data.name=arrow", f"data.root={shards}"]),
-                        ("streamed", ["train.max_steps=4"]), ("streamed", [])):
+    wandb = "tracking.report_to=wandb"
+    for name, extra in (("in_memory", ["data.in_memory=true"]),
+                        ("arrow", ["data.name=arrow", f"data.root={shards}", wandb]),
+                        ("streamed", ["train.max_steps=4", wandb]), ("streamed", [wandb])):
         launch([*common, f"output_dir={tmp / name}", *extra], 3)
     return tmp
 
@@ -210,6 +212,13 @@ def test_a_streamed_run_resumed_mid_epoch_logs_every_step_once_and_reports_its_l
     assert [r["step"] for r in train_rows(runs / "streamed")] == [1, 2, 3, 4, 5, 6]
     resumed = json.loads((runs / "streamed" / "results.json").read_text())["teacher"]["cache"]
     assert resumed["computed_epochs"] == [0, 1] and resumed["reused_epochs"] == []
+
+
+def test_runs_reading_through_loader_workers_log_to_wandb_to_their_end(runs):
+    """Before, a worker's first import of torchvision (its transforms) ran W&B's import hook in the forked worker,
+    which raised: every streamed run logging to W&B crashed at its first batch."""
+    assert [(r["exit_code"], max(r["steps"])) for r in wandb_runs(runs / "streamed")] == [(0, 4), (0, 6)]
+    assert [(r["exit_code"], max(r["steps"])) for r in wandb_runs(runs / "arrow")] == [(0, 6)]
 
 
 def test_three_ranks_train_from_a_streamed_folder_resumed_mid_epoch_or_its_shards_as_from_the_folder_in_memory(runs):
@@ -250,18 +259,19 @@ MID_RUN = {"one student on 3 replicas": "[{name: solo, model: lenet}]",
 @pytest.mark.parametrize("students", MID_RUN)
 def test_an_image_met_mid_run_by_some_ranks_stops_every_rank_with_its_one_line_and_exit_2(tmp_path, students):
     """The ranks that did not meet it exit with its code, quietly, when their next collective fails: no
-    traceback, no torchrun report, the line said once."""
+    traceback, no torchrun report, the line said once. The W&B run ends failed with that code (before, never)."""
     root = write_folder(tmp_path / "folder", per_class=24)
     broken = root / "train" / "bee" / "007.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
     done = launch(["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
                    f"students={MID_RUN[students]}", "loss.preset=scratch", "data.batch_size=8", "train.epochs=2",
-                   "train.max_steps=20", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet"],
-                  processes=3, check=False, launcher="dist-tsp")
+                   "train.max_steps=20", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet",
+                   "tracking.report_to=wandb"], processes=3, check=False, launcher="dist-tsp")
     said = [line for line in done.stderr.replace("\r", "\n").splitlines() if "dist-tsp" in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert len(said) == 1 and said[0].endswith(f"image {broken} cannot be read (Image is incomplete or truncated.): "
                                                "replace or remove it"), done.stderr[-3000:]
+    assert [run["exit_code"] for run in wandb_runs(tmp_path / "run")] == [2]
 
 
 def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_path):
