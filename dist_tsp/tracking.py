@@ -82,10 +82,10 @@ class Tracker:
         write_text_atomic(self.path, "".join(line + "\n" for line in rows))
 
     def close(self, exit_code: int, rerun: bool = False) -> None:
-        """End the trackers' run as a stopped run's process ends, leaving the process groups to the caller (after
-        Ctrl-C, other ranks may have gone): TensorBoard writes what its writer still holds (it writes every 2 minutes);
-        W&B records the process's exit code (not 0: failed), and a stop that a `rerun` resumes is marked preempting
-        (W&B shows it preempted and a sweep's agent requeues it)."""
+        """End the trackers' run as a run ends before its last step (a stop, Ctrl-C, an error), leaving the process
+        groups to the caller (other ranks may have gone): TensorBoard writes what its writer still holds (it writes
+        every 2 minutes); W&B records the process's exit code (not 0: failed), and a stop that a `rerun` resumes is
+        marked preempting (W&B shows it preempted and a sweep's agent requeues it)."""
         for tracker in self.accelerator.trackers:
             if tracker.name != "wandb":
                 tracker.finish()
