@@ -59,15 +59,15 @@ def command(args: list[str], processes: int | None = None, accelerate_config: st
 
 
 def start(args: list[str], processes: int | None = None, launcher: str = "accelerate",
-          pause_after_checkpoint: Path | None = None) -> subprocess.Popen:
+          pause_after_checkpoint: Path | None = None, accelerate_config: str = CPU3) -> subprocess.Popen:
     """Start a run in its own process group. With `pause_after_checkpoint` (a checkpoint directory), the process
     that completes that checkpoint stops itself right after (tests/pause_after_checkpoint)."""
     env = ENV
     if pause_after_checkpoint is not None:
         env = {**ENV, "PAUSE_AFTER_CHECKPOINT": str(pause_after_checkpoint),
                "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_after_checkpoint"), ENV["PYTHONPATH"]])}
-    return subprocess.Popen(command(args, processes, launcher=launcher), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command(args, processes, accelerate_config, launcher), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def launch(args: list[str], processes: int | None = None, check: bool = True, accelerate_config: str = CPU3,

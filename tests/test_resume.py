@@ -19,6 +19,8 @@ from dist_tsp.errors import UserError
 from dist_tsp.train import plan
 from tests.multiprocess import run_on_ranks
 from tests.runs import (
+    CPU3,
+    DEEPSPEED,
     ENV,
     ROOT,
     TINY,
@@ -79,17 +81,18 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
 
 
 STEPS_PER_EPOCH = 8
-LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on every replica), the kill
+LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on every replica), the kill, the teacher
     "2 students per rank, all killed after the epoch's last step, the teacher's logits cached": (
         "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}},"
         " {name: mobilenet, model: mobilenet, args: {width_mult: 0.25}}, {name: lenet2, model: lenet}]",
-        2, 256, STEPS_PER_EPOCH, "group", ["teacher.mode=cached"]),
+        2, 256, STEPS_PER_EPOCH, "group", ["teacher.mode=cached"], CPU3),
     "2 replicas, one rank killed after a checkpoint step inside the epoch": (
         "[{name: lenet, model: lenet}, {name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]",
-        4, 512, 4, "rank 3", ["teacher.mode=fsdp"]),  # AlexNet's dropout draws from each replica's own random
+        4, 512, 4, "rank 3", ["teacher.mode=fsdp"], CPU3),  # AlexNet's dropout draws from each replica's own random
     # state; the teacher's parameters sharded 1/4 over the ranks (FSDP2), gathered for each step's slice of the batch
     "3 replicas, one rank killed after a checkpoint step inside the epoch": (  # 3 sum in another order if DDP's
-        "[{name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]", 3, 768, 4, "rank 2", []),  # buckets
+        "[{name: alexnet, model: alexnet, args: {width: 0.25, hidden: 64}}]", 3, 768, 4, "rank 2",  # buckets
+        ["teacher.mode=deepspeed"], DEEPSPEED),  # the teacher's parameters partitioned by DeepSpeed's ZeRO-3
 }
 
 
@@ -97,18 +100,20 @@ LAYOUTS = {  # students, processes, training images (8 steps of 32 per epoch on 
 def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tmp_path, layout):
     """K = 2 students per rank (the teacher's logits from its cache), or R = 2 replicas (W = 4, N = 2: DDP over each
     student's pair of ranks, peer groups {0, 1} and {2, 3}; the teacher in FSDP), or R = 3 replicas of one student
-    (the teacher replicated), logging every 3 steps, a checkpoint every 4: SIGKILL to every process or to one rank
-    right after a checkpoint (the main process pauses once it is complete); the rerun resumes from it and ends as if
-    never killed, every student trained and reported, results.json whole (the cache's computed epochs too)."""
-    students, processes, images, kill_after, victim, extra = LAYOUTS[layout]
+    (the teacher in DeepSpeed's ZeRO-3), logging every 3 steps, a checkpoint every 4: SIGKILL to every process or to
+    one rank right after a checkpoint (the main process pauses once it is complete); the rerun resumes from it and
+    ends as if never killed, every student trained and reported, results.json whole (the cache's computed epochs
+    too)."""
+    students, processes, images, kill_after, victim, extra, accelerate_config = LAYOUTS[layout]
     args = ["--config", "configs/demo.yaml", *TINY, f"students={students}", f"data.max_train_samples={images}",
             "train.epochs=2", f"train.max_steps={2 * STEPS_PER_EPOCH}", "train.checkpoint_every=4",
             "train.log_every=3", "train.optimizer.schedule=cosine",
             f"teacher.checkpoint={uninterrupted}/teacher/model.pt", *extra]
     reference, run = tmp_path / "uninterrupted", tmp_path / "killed"
-    launch([*args, f"output_dir={reference}"], processes=processes)
+    launch([*args, f"output_dir={reference}"], processes=processes, accelerate_config=accelerate_config)
     args.append(f"output_dir={run}")
-    process = start(args, processes=processes, pause_after_checkpoint=step_dir(run, kill_after))
+    process = start(args, processes=processes, pause_after_checkpoint=step_dir(run, kill_after),
+                    accelerate_config=accelerate_config)
     deadline = time.monotonic() + 300
     while process_state(main := rank_pid(run, 0) or 0) != "T":  # stopped
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -121,7 +126,7 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
         os.kill(main, signal.SIGCONT)  # it finds a rank gone at the next step's collectives
         assert process.wait(timeout=120) != 0
     assert [read_manifest(d)["step"] for d in complete_checkpoints(run)][-1] == kill_after
-    done = launch(args, processes=processes)
+    done = launch(args, processes=processes, accelerate_config=accelerate_config)
     assert f"(step {kill_after})" in done.stdout, done.stdout[-2000:]
     names = re.findall(r"name: (\w+)", students)
     for name in names:
@@ -138,6 +143,7 @@ def test_sigkill_then_rerun_ends_bitwise_equal_in_every_layout(uninterrupted, tm
     for result in results:  # each run's logit cache is in its own output_dir
         (result["teacher"]["cache"] or {}).pop("path", None)
     assert results[0] == results[1] and set(results[0]["students"]) == set(names)
+    assert [f"teacher.mode={results[0]['teacher']['mode']}"] == extra
 
 
 def test_a_fresh_start_sets_the_earlier_attempt_aside_and_another_configs_checkpoint_is_refused_unless_forced(
