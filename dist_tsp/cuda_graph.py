@@ -14,6 +14,7 @@ that is what the tests compare with the eager step.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -109,13 +110,14 @@ class CapturedStep:
         if self.calls <= self.warmup:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():  # uncaptured on purpose: torch warns once
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
                 output = self.step(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             return output
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            for generator in self.generators:  # registered before the capture begins (their state is reset then)
+            for generator in self.generators:  # registered before the capture begins: the replays advance their offsets
                 self.graph.register_generator_state(generator)
             # thread_local: a streamed loader's pin-memory thread may allocate pinned memory during the capture,
             # which the default (global) mode turns into a failed capture (as in torch.compile's CUDA graphs)

@@ -457,7 +457,8 @@ def check_fills_a_batch(images: int, batch_size: int, num_replicas: int, batch_s
     """Each replica's share of the training images must fill one batch (the batch stream drops the last partial
     one)."""
     if images // num_replicas < batch_size:
-        raise DataError(f"{images} training images over {num_replicas} replicas do not fill one batch of {batch_size}: "
+        replicas = f"{num_replicas} replica{'s' * (num_replicas > 1)}"
+        raise DataError(f"{images} training images over {replicas} do not fill one batch of {batch_size}: "
                         f"lower {batch_size_setting}")
 
 

@@ -34,8 +34,17 @@ STOP_FILE = "DIST_TSP_STOP_FILE"  # environment variable: where a worker leaves 
 TERM_GRACE_S = 25  # after SIGTERM, the workers' time to checkpoint: inside Slurm's default KillWait (30 s)
 
 
+HELP = ("dist-tsp-launch: accelerate launch, where SIGTERM or SIGUSR1 stops every worker after its next step with a "
+        "checkpoint (exit 75: rerun the same command to resume); exit 2: bad input, said in one line; exit 3: a "
+        "non-finite loss. The table under 'Launching' in README.md has every exit code. Its options are accelerate "
+        "launch's:\n")
+
+
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(launch(sys.argv[1:] if argv is None else argv))
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["-h"], ["--help"]):
+        print(HELP, flush=True)
+    sys.exit(launch(args))
 
 
 def launch(args: list[str]) -> int:

@@ -58,13 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "teacher.checkpoint, and stop; any number of processes")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides applied after the file, e.g. train.epochs=3 students.0.model=lenet")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # an override may come before --config
 
 
 def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig, Placement | None]:
     """Everything that can be checked before a process group or a dataset is touched (no placement for
     --teacher-only)."""
     args = parse_args(argv)
+    if args.config is None and not args.overrides:
+        raise UserError("no config given: pass --config FILE (e.g. --config configs/demo.yaml), key=value overrides "
+                        "or both (see --help)")
     cfg = load_config(args.config, args.overrides)
     check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)

@@ -85,6 +85,8 @@ def test_a_logit_cache_folder_that_exists_is_read_where_this_run_cannot_write_an
 
 
 def test_missing_or_broken_config_file_is_rejected(tmp_path):
+    with pytest.raises(UserError, match=r"^no config given: pass --config FILE \(e.g. --config configs/demo.yaml\)"):
+        plan([], 1, 0)
     with pytest.raises(UserError, match=r"config file .*nope.yaml does not exist"):
         plan(["--config", str(tmp_path / "nope.yaml")], 1, 0)
     (tmp_path / "bad.yaml").write_text("students: [\n")

@@ -81,7 +81,7 @@ def test_the_gpu_checks_floor_step_computes_the_tsp_loss_of_its_models_and_moves
     """The floor the GPU check holds the captured step against, run uncaptured here: its loss is dist-tsp's TSP loss
     of the same logits (same dropout), and its fused Adam steps move every parameter tensor of every student."""
     gpu_check = load_gpu_check(monkeypatch)
-    teacher_file = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1).teacher_file
+    teacher_file = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1, real_data=False).teacher_file
     torch.manual_seed(0)
     floor = gpu_check.minimal_step(teacher_file, False, torch.channels_last, torch.device("cpu"))
     random_state = torch.random.get_rng_state()
@@ -104,7 +104,7 @@ def test_the_gpu_checks_correctness_reruns_on_cudnns_default_kernels_where_its_d
     """A GPU whose cuDNN has no deterministic kernel for one of the convolutions still gets the comparisons (and says
     so), from runs of their own; any other failure of those runs fails the part without a rerun."""
     gpu_check = load_gpu_check(monkeypatch)
-    check = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1)
+    check = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1, real_data=False)
     commands = []
 
     def launch(failure):

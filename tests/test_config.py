@@ -11,7 +11,7 @@ from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.sweep import read_trials
-from dist_tsp.train import parse_args
+from dist_tsp.train import parse_args, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -155,6 +155,11 @@ def test_dotted_override_changes_only_the_key_it_names(tmp_path, file, override)
     expected = with_key(before, key, yaml.safe_load(text))
     assert expected != before
     assert load_config(path, [override]).to_dict() == expected
+
+
+def test_overrides_may_come_before_and_after_the_config_option():
+    cfg, _ = plan(["train.epochs=3", "--config", str(CONFIGS / "demo.yaml"), "loss.gamma=0.5"], 1, 0)
+    assert (cfg.train.epochs, cfg.loss.gamma) == (3, 0.5)
 
 
 @pytest.mark.parametrize("file", FILES)
