@@ -253,9 +253,9 @@ class GpuCheck:
         if not self.cuda:
             targets.append(["captured step <= 1.25 x floor", "no CUDA device: the floor is a CUDA graph", "-"])
         note = ("Each part of the eager step is timed between device synchronisations, so its sum is an upper bound on "
-                "the eager step; the captured step is timed whole, from the copy of its inputs to the replay's end "
-                "(the host's work between steps, the learning-rate update and the stop vote, is outside both, as "
-                "the batch's gather is).")
+                "the eager step; the captured step is timed whole, from the copy of its inputs to the replay's end. "
+                "Both include `between`, the host's work between steps (learning-rate updates, metrics, the stop "
+                "vote); the batch's gather is left out, as the floor has none.")
         return f"{table}\n\n{note}\n\n" + tabulate(targets, headers=["target", "measured", "met"], tablefmt="github")
 
     def teacher(self) -> str:

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# "graph": the whole graph-ready step (replayed on CUDA), whose parts are not timed apart
-SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer", "graph")
+# "graph": the whole graph-ready step (replayed on CUDA), whose parts are not timed apart; "between": the rest of a
+# step's wall time, the host's work outside every section (learning-rate updates, metrics, the stop vote, logging)
+SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer", "graph", "between")
 WARMUP_STEPS = 3  # steps not timed: first allocations, kernel choices, caches filling
 
 
 class StepProfiler:
-    """Wall time per named section, per step, after `warmup` steps.
+    """Wall time per named section, per step, after `warmup` steps; the sections and "between" add up to the wall
+    time from one step_done() to the next.
 
     When enabled, each section synchronizes the device on entry and exit so that GPU time is
     charged to the section that queued it; "idle" is a barrier over the peer group just before
@@ -33,6 +35,8 @@ class StepProfiler:
         self.totals: dict[str, float] = defaultdict(float)
         self.steps_seen = 0
         self._null = contextlib.nullcontext()
+        self._last_done: float | None = None  # when the last step was done
+        self._in_sections = 0.0  # seconds in sections since then
 
     def section(self, name: str) -> contextlib.AbstractContextManager:
         return self._timed(name) if self.enabled else self._null
@@ -43,11 +47,17 @@ class StepProfiler:
         start = time.perf_counter()
         yield
         self._sync()
+        elapsed = time.perf_counter() - start
+        self._in_sections += elapsed
         if self.steps_seen >= self.warmup:
-            self.totals[name] += time.perf_counter() - start
+            self.totals[name] += elapsed
 
     def timed_batches(self, batches: Iterator) -> Iterator:
-        """Yield from `batches`, charging each next() to "data"."""
+        """Yield from `batches`, charging each next() to "data"; an epoch's first step is timed from here (what
+        came before it, evaluation and the epoch's checkpoint, is not a step's)."""
+        if self.enabled:
+            self._sync()
+            self._last_done, self._in_sections = time.perf_counter(), 0.0
         iterator = iter(batches)
         while True:
             with self.section("data"):
@@ -63,7 +73,14 @@ class StepProfiler:
                 dist.barrier(group=group)
 
     def step_done(self) -> None:
-        self.steps_seen += int(self.enabled)
+        if not self.enabled:
+            return
+        self._sync()
+        now = time.perf_counter()
+        if self._last_done is not None and self.steps_seen >= self.warmup:
+            self.totals["between"] += now - self._last_done - self._in_sections
+        self._last_done, self._in_sections = now, 0.0
+        self.steps_seen += 1
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
