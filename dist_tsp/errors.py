@@ -1,4 +1,7 @@
-"""The base of every error a user can fix: printed as one line, without a traceback."""
+"""The base of every error a user can fix: printed as one line, without a traceback; and what each way a run ends
+exits with."""
+
+import signal
 
 
 class UserError(ValueError):
@@ -27,3 +30,8 @@ class NonFiniteLoss(RunStopped):
     """A NaN or inf loss: stopped before any checkpoint could hold the damage."""
 
     exit_code = 3
+
+
+INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
+               "from it (SIGTERM or SIGUSR1 stop after the next step with a checkpoint)")
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dist_tsp.config import RunConfig, load_config
-from dist_tsp.errors import NonFiniteLoss, Preempted, RunStopped, UserError
+from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE, NonFiniteLoss, Preempted, RunStopped, UserError
 from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.run_control import StopRequest
 
@@ -41,7 +41,8 @@ class RunFailed(Exception):
     exit_code = 1
 
 
-ENDINGS = (UserError, RunStopped, RunFailed)  # how a launched run may end the protocol or a sweep (see `end`)
+# how a launched run (or Ctrl-C, which a terminal sends the runs too) may end the protocol or a sweep (see `end`)
+ENDINGS = (UserError, RunStopped, RunFailed, KeyboardInterrupt)
 # else RunFailed; a run killed by a stop signal was starting, before its handler was in place
 ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)} | \
     {-signum: Preempted for signum in STOP_SIGNALS}
@@ -286,9 +287,13 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
                      "Rerun the same command to continue from there")
 
 
-def end(prog: str, ending: UserError | RunStopped | RunFailed) -> NoReturn:
+def end(prog: str, ending: UserError | RunStopped | RunFailed | KeyboardInterrupt) -> NoReturn:
     """Exit the protocol or a sweep (`prog`: its lines' prefix) with one line and the exit code of `ending`: 2 for
-    bad input, a launched run's deliberate stop's (75: rerun to resume; 3: non-finite loss), 1 for a run's crash."""
+    bad input, a launched run's deliberate stop's (75: rerun to resume; 3: non-finite loss), 1 for a run's crash,
+    130 for Ctrl-C (the runs in flight have stopped at once: a terminal sends it them too)."""
+    if isinstance(ending, KeyboardInterrupt):
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"{prog}: {'error: ' if isinstance(ending, UserError) else ''}{ending}", file=sys.stderr)
     sys.exit(ending.exit_code)
 

@@ -24,7 +24,7 @@ from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
-from dist_tsp.errors import Preempted, RunStopped, SharedUserError, UserError
+from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE, Preempted, RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over
 from dist_tsp.loop import StudentTrainer
@@ -37,9 +37,6 @@ from dist_tsp.teacher_modes import deepspeed_zero_settings
 from dist_tsp.tracking import Tracker, tensorboard_folder, tracker_settings
 
 STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
-INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
-               "from it (SIGTERM or SIGUSR1 stop after the next step with a checkpoint)")
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 INTERRUPT_GRACE_S = 1.0  # torchrun passes Ctrl-C to the workers one after the other
 
 

@@ -4,13 +4,14 @@
 # Uses the GPU accelerate config when a GPU is present, the 3-process CPU one otherwise.
 # Extra arguments are config overrides for every run, e.g. data.root=/data/cifar10.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"  # the user's relative paths stay relative to where they stand
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  accelerate_config=configs/accelerate/gpu.yaml
+  accelerate_config="$root/configs/accelerate/gpu.yaml"
 else
-  accelerate_config=configs/accelerate/cpu.yaml
+  accelerate_config="$root/configs/accelerate/cpu.yaml"
 fi
 for method in tsp kd scratch; do
-  python3 -m dist_tsp.launch --config_file "$accelerate_config" dist_tsp/train.py \
-    --config "configs/paper/$method.yaml" "$@"
+  python3 -m dist_tsp.launch --config_file "$accelerate_config" "$root/dist_tsp/train.py" \
+    --config "$root/configs/paper/$method.yaml" "$@"
 done

@@ -2,15 +2,19 @@
 its accelerate launches, and the alternate-learning phase with mentors on 3 ranks against 1."""
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from dist_tsp import side_by_side
+from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for
 from tests.runs import ENV, ROOT, launch, one_thread, train_rows
 
@@ -262,3 +266,35 @@ def test_sigterm_while_its_teacher_trains_in_its_own_process_stops_the_protocol_
                         rf"it again; its log is {re.escape(str(log))}\. Rerun the same command to continue from there",
                         stderr.strip().splitlines()[-1]), stderr[-3000:]
     assert not (out / "teacher" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("parallel_runs", ["1", "2"])
+def test_ctrl_c_on_launch_protocol_sh_run_where_the_user_stands_stops_it_and_its_runs_with_one_line_and_exit_130(
+        tmp_path, parallel_runs):
+    """A terminal's Ctrl-C (SIGINT to the whole process group), while the teacher trains in the protocol's process
+    (--parallel-runs 1 on a CPU) or in one of its own; the script reads the relative --config and --out where it is
+    started. Before: a traceback (and the paths read in the repository)."""
+    shutil.copy(ROOT / "configs" / "demo.yaml", tmp_path / "mine.yaml")
+    options = [*TINY[2:], "--config", "mine.yaml", "--out", "p", "--methods", "scratch", "--parallel-runs",
+               parallel_runs, "teacher.epochs=200"]
+    protocol = subprocess.Popen([ROOT / "launch" / "protocol.sh", *options], cwd=tmp_path, env=ENV,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "p" / "logs" / "teacher.log"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and re.search(r"teacher:.*\b[1-9]\d*/\d+", log.read_text())):
+        assert protocol.poll() is None and time.monotonic() < deadline, protocol.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(protocol.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    _, stderr = protocol.communicate(timeout=60)
+    assert protocol.returncode == INTERRUPTED_EXIT_CODE and time.monotonic() - interrupted < 20, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"dist-tsp protocol: {INTERRUPTED}", stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not [p for p in psutil.process_iter() if _session(p) == protocol.pid]  # its runs are gone too
+
+
+def _session(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except ProcessLookupError:
+        return None

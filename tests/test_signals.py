@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest
+from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.launch import TERM_GRACE_S
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.side_by_side import port_of_its_own
-from dist_tsp.train import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from tests.multiprocess import run_on_ranks
 from tests.runs import (
     CPU3,
