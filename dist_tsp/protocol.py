@@ -110,7 +110,10 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     record = args.out / "protocol.json"
     if record.is_file():
         saved, current = json.loads(record.read_text()), protocol.record()
-        if "base_config" not in saved:  # written before the record held the config's content
+        if "base_config" in saved:  # what the runs start from decides, not how it was given (path, override order)
+            saved, current = ({k: v for k, v in kept.items() if k not in ("config", "overrides")}
+                              for kept in (saved, current))
+        else:  # written before the record held the config's content
             current.pop("base_config")
         if saved.get("seeds") == current["seeds"][:len(saved.get("seeds") or [])]:  # more seeds: the earlier reused
             saved["seeds"] = current["seeds"]

@@ -87,10 +87,13 @@ def test_alternate_phase_two_trains_only_the_last_student_with_its_mentors_froze
 
 
 def test_rerunning_reuses_every_finished_run_and_the_progress_bar_counts_every_run(protocol, capsys):
+    """Rerun with the same settings given otherwise: the config's path written another way, the overrides in another
+    order, another tracker (before: refused as another protocol)."""
     finished = {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")}
     table = (protocol / "table2.md").read_text()
     capsys.readouterr()
-    main([*TINY, "--out", str(protocol), "--seeds", "2"])
+    main(["--config", "./configs/demo.yaml", *TINY[2:4], *reversed(TINY[4:]), "tracking.report_to=tensorboard",
+          "--out", str(protocol), "--seeds", "2"])
     assert {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")} == finished
     assert (protocol / "table2.md").read_text() == table
     runs = len(finished) + 1  # and the teacher stage
