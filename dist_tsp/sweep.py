@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> str:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
     per_trial = read_trials(args.trials)
     configs = side_by_side.check_configs(args.config, ((f"{args.trials}, trial {n} ({' '.join(overrides)})",
-                                                        [*args.overrides, *overrides,
-                                                         f"output_dir={args.dir / f'trial_{n}'}"])
+                                                        trial_overrides(args, f"trial_{n}", overrides))
                                                        for n, overrides in enumerate(per_trial, 1)))
     for n, cfg in enumerate(configs, 1):
         if not Placement.fits(args.processes, len(cfg.students)):
@@ -125,8 +124,8 @@ def run(args: argparse.Namespace) -> str:
     def run_trial(planned: Trial, devices: str | None) -> Path:
         directory = args.dir / planned.name
         if not (directory / "results.json").is_file():
-            side_by_side.launch_run(planned.name, ["--config", str(args.config), *args.overrides, *planned.overrides,
-                                                   f"output_dir={directory}"],
+            side_by_side.launch_run(planned.name, ["--config", str(args.config),
+                                                   *trial_overrides(args, planned.name, planned.overrides)],
                                     args.dir / "logs" / f"{planned.name}.log", processes=args.processes,
                                     accelerate_config=launch_config, devices=devices, in_process=slots.one_at_a_time)
         return directory
@@ -136,8 +135,15 @@ def run(args: argparse.Namespace) -> str:
     return collect(args.dir)
 
 
+def trial_overrides(args: argparse.Namespace, name: str, overrides: list[str]) -> list[str]:
+    """A trial's config overrides: a tracker's run named for the trial in a group named for the sweep (unless the
+    sweep's overrides or the trial's name others), the sweep's, the trial's, and its directory."""
+    return [f"tracking.group={args.dir.name}", f"tracking.run_name={name}", *args.overrides, *overrides,
+            f"output_dir={args.dir / name}"]
+
+
 def collect(sweep_dir: Path) -> str:
-    """Write sweep.md and sweep.csv, one row per trial (accuracies in %, `-` until it finishes); return the table."""
+    """Write sweep.md and sweep.csv, one row per trial (accuracies in %, none until it finishes); return the table."""
     if not (sweep_dir / RECORD).is_file():
         raise UserError(f"{sweep_dir} is not a sweep directory (no {RECORD}): pass the DIR given to slurm/sweep.sh")
     with open(sweep_dir / ".sweep.lock", "w") as lock:  # of tasks finishing together, the last one reads every result
@@ -147,9 +153,10 @@ def collect(sweep_dir: Path) -> str:
         keys = list(dict.fromkeys(key for row in rows for key in row["overrides"]))
         accuracies = list(dict.fromkeys(key for row in rows for key in row["accuracies"]))
         header = ["trial", *keys, *accuracies]
-        table = [[row["trial"], *(row["overrides"].get(k, "-") for k in keys),
-                  *(row["accuracies"].get(a, "-") for a in accuracies)] for row in rows]
-        shown = [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table]
+        # an empty cell in sweep.csv (spreadsheets and pandas read a number column), `-` in sweep.md
+        table = [[row["trial"], *(row["overrides"].get(k) for k in keys),
+                  *(row["accuracies"].get(a) for a in accuracies)] for row in rows]
+        shown = [["-" if v is None else f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in table]
         markdown = tabulate(shown, headers=header, tablefmt="github", disable_numparse=True)
         write_table(sweep_dir, "sweep", markdown, header, table)
     return markdown

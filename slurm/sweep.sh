@@ -31,5 +31,7 @@ trials=$1 sweep_dir=$2 config=$3
 mapfile -t trial < <(python3 -m dist_tsp.sweep trial "$trials" "$sweep_dir" "$SLURM_ARRAY_TASK_ID")
 [ "${#trial[@]}" -gt 0 ] || exit 2  # the line above said why
 source slurm/launch.sh
-launch dist_tsp/train.py --config "$config" "${@:4}" "${trial[@]}" "output_dir=$sweep_dir/trial_$SLURM_ARRAY_TASK_ID"
+name=trial_$SLURM_ARRAY_TASK_ID  # a tracker's run is named for the trial, in a group named for the sweep (as sweep run)
+launch dist_tsp/train.py --config "$config" "tracking.group=$(basename "$sweep_dir")" "tracking.run_name=$name" "${@:4}" \
+  "${trial[@]}" "output_dir=$sweep_dir/$name"
 python3 -m dist_tsp.sweep collect "$sweep_dir"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dist_tsp.checkpoint import complete_checkpoints
+from dist_tsp.config import load_config
 from tests.runs import ENV, ROOT, TINY, last_step, train_rows
 from tests.slurm_cluster import LocalSlurm, unavailable
 
@@ -235,6 +236,8 @@ def test_array_sweep_collects_every_trial_into_one_table(cluster, teacher, tmp_p
     assert [row["seed"] for row in rows] == ["0", "1", "2"]
     for number, row in enumerate(rows, 1):
         students = results(sweep / f"trial_{number}")["students"]
+        tracking = load_config(sweep / f"trial_{number}" / "config.yaml").tracking  # W&B's run and group
+        assert (tracking.run_name, tracking.group) == (f"trial_{number}", "sweep")
         assert {name: float(row[f"{name} test %"]) for name in students} == pytest.approx(
             {name: 100 * s["test_acc"] for name, s in students.items()})
     assert (sweep / "sweep.md").read_text().count("\n") == 2 + 3 and "| -" not in (sweep / "sweep.md").read_text()

@@ -53,6 +53,8 @@ def test_trials_run_two_at_a_time_stop_together_on_sigterm_then_resume_fill_the_
     for number, row in enumerate(rows, 1):
         results = json.loads((sweep / f"trial_{number}" / "results.json").read_text())
         assert results["seed"] == number - 1
+        tracking = load_config(sweep / f"trial_{number}" / "config.yaml").tracking  # W&B's run and group
+        assert (tracking.run_name, tracking.group) == (f"trial_{number}", "sweep")
         assert {name: float(row[f"{name} test %"]) for name in results["students"]} == pytest.approx(
             {name: 100 * s["test_acc"] for name, s in results["students"].items()})
         log = (sweep / "logs" / f"trial_{number}.log").read_text()
@@ -161,3 +163,12 @@ def test_a_rerun_with_the_settings_the_trials_ran_with_reuses_them_and_writes_th
     with (sweep / "sweep.csv").open() as table:
         rows = list(csv.DictReader(table))
     assert [(row["seed"], float(row["lenet test %"])) for row in rows] == [("0", 25.0), ("1", 50.0)]
+
+
+def test_a_trial_still_running_is_a_dash_in_sweep_md_and_an_empty_cell_in_sweep_csv(tmp_path, capsys):
+    _, sweep, _ = finished_sweep(tmp_path)
+    (sweep / "trial_2" / "results.json").unlink()
+    main(["collect", str(sweep)])
+    assert capsys.readouterr().out.splitlines()[-1].replace(" ", "") == "|2|1|-|"
+    with (sweep / "sweep.csv").open() as table:
+        assert [row["lenet test %"] for row in csv.DictReader(table)] == ["25.0", ""]
