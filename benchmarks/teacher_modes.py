@@ -46,6 +46,7 @@ def worker(args: argparse.Namespace) -> None:
     from dist_tsp.data import eval_batches
     from dist_tsp.models import build_model
     from dist_tsp.placement import Groups, Placement
+    from dist_tsp.run_control import StopRequest
     from dist_tsp.teacher import prepare_teacher, teacher_logits
     from dist_tsp.teacher_modes import gathered_logits
     from dist_tsp.train import start
@@ -72,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
     for mode in args.modes:
         cfg = config(mode)
         model, info, _ = prepare_teacher(cfg, data, accelerator, groups)
-        source = teacher_logits(cfg, model, info, data, accelerator, groups)
+        source = teacher_logits(cfg, model, info, data, accelerator, groups, StopRequest())
         started = time.perf_counter()
         source.start_epoch(0)  # the cache's one-off pass; nothing for the other modes
         one_off = time.perf_counter() - started

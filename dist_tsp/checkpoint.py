@@ -3,6 +3,7 @@ file runs) and a one-line error."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import psutil
 import torch
 
 from dist_tsp.config import RunConfig
@@ -29,7 +31,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: a reader sees the old
     file or the complete new one, and concurrent writers (other processes, other nodes) never clash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    remove_orphaned_temporaries(path)
+    tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as file:
             write(file)
@@ -39,6 +42,20 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{pid}.tmp")
+
+
+def remove_orphaned_temporaries(path: Path) -> None:
+    """Remove the temporary files of `path` that writers on this host left when they were killed (SIGKILL, out of
+    memory): a preempted epoch of ImageNet's logit cache leaves gigabytes."""
+    prefix = _temporary(path, 0).name.removesuffix("0.tmp")
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name.removeprefix(prefix).removesuffix(".tmp")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -320,7 +320,7 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     train_split, held_out = split_folders(root, "<class>/ folders")
     classes, train_paths, train_labels = list_image_folder(train_split)
     every_class_has_images(train_split, classes, train_labels)
-    same_classes(root, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
+    same_classes(root, held_out.name, classes, held_out_classes(held_out))
     _, test_paths, test_labels = list_image_folder(held_out, classes)
     if len(test_paths) == 0:
         raise DataError(f"image folder {held_out} has no images ({' '.join(EXTENSIONS)}): put each image in its "
@@ -393,11 +393,29 @@ def _class_names(split: Path, table) -> list[str]:
 def every_class_has_images(split: Path, classes: list[str], labels: torch.Tensor) -> None:
     """A training class folder without images would be a class the models predict but never learn: named."""
     if not classes:
-        raise DataError(f"image folder {split} has no class folders: put each image in its class folder")
+        raise no_class_folders(split)
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     if empty := [name for name, count in zip(classes, counts) if count == 0]:
         raise DataError(f"class folder {split / empty[0]} has no images ({' '.join(EXTENSIONS)}): add its images, "
                         "or remove the folder")
+
+
+def held_out_classes(split: Path) -> list[str]:
+    """The held-out image folder's class folders (named as train/'s, checked by same_classes)."""
+    if not (classes := sorted(p.name for p in split.iterdir() if p.is_dir())):
+        raise no_class_folders(split)
+    return classes
+
+
+def no_class_folders(split: Path) -> DataError:
+    """What a split folder without class folders holds instead, and the fix."""
+    if (split / "state.json").is_file():
+        return DataError(f"{split} holds a split saved with save_to_disk (Arrow shards), not class folders: train "
+                         "with data.name=arrow")
+    if loose := sum(1 for p in split.iterdir() if p.suffix.lower() in EXTENSIONS):
+        return DataError(f"image folder {split} holds {loose} images but no class folders: sort them into class "
+                         "folders named as train/'s (ImageNet's flat val/: README, 'Preparing ImageNet')")
+    return DataError(f"image folder {split} has no class folders: put each image in its class folder")
 
 
 def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) -> None:

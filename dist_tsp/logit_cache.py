@@ -32,7 +32,9 @@ from dist_tsp.augmentation import Augmentation
 from dist_tsp.checkpoint import write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, Normalizer, Samples
+from dist_tsp.errors import Preempted
 from dist_tsp.exchange import all_reduce
+from dist_tsp.run_control import StopVote
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
 
 WAIT_POLL_S = 1.0  # how often the ranks of a run waiting for another run's epoch look again
@@ -110,10 +112,11 @@ class CachedLogits:
 
     def __init__(self, folder: Path, key: dict, teacher: RunTeacher, data: Samples, augmentation: Augmentation,
                  normalize: Normalizer, layout: CacheLayout, *, world: dist.ProcessGroup | None, batch_size: int,
-                 device: torch.device, writer: bool, main: bool) -> None:
+                 device: torch.device, writer: bool, main: bool, stop_vote: StopVote) -> None:
         """`teacher` must be batch-sharded over `world` (every rank); `writer` ranks store what is computed; the
-        `main` rank shows progress and holds the epoch's lock for the run."""
-        self.folder, self.key, self.teacher, self.layout = folder, key, teacher, layout
+        `main` rank shows progress and holds the epoch's lock for the run; `stop_vote` ends a computation after the
+        batch a stop signal comes in."""
+        self.folder, self.key, self.teacher, self.layout, self.stop_vote = folder, key, teacher, layout, stop_vote
         self.data, self.augmentation, self.normalize, self.world = data, augmentation, normalize, world
         self.batch_size, self.device, self.writer, self.main = batch_size, device, writer, main
         self.computed: list[int] = []
@@ -182,9 +185,8 @@ class CachedLogits:
         they come (nothing of the size of the epoch's logits is held in memory)."""
         chunks = torch.arange(len(self.data)).split(self.batch_size)
         views = self.data.loader(self.augmentation, self.device)(chunks, epoch)
-        rows = (self.layout.encode(gathered_logits(self.teacher, self._batch(indices, images), self.world).float())
-                for indices, images in tqdm(zip(chunks, views), total=len(chunks),
-                                            desc=f"teacher logits, epoch {epoch}", disable=not self.main))
+        rows = self._rows(epoch, tqdm(zip(chunks, views), total=len(chunks), desc=f"teacher logits, epoch {epoch}",
+                                      disable=not self.main))
         if self.writer:
             self._write(rows, path)
         else:
@@ -192,6 +194,17 @@ class CachedLogits:
                 pass
         if self.world is not None:
             dist.barrier(self.world)
+
+    def _rows(self, epoch: int, batches: tqdm) -> Iterator[np.ndarray]:
+        """The stored rows of each batch's logits; Preempted on every rank after the same batch when a stop signal
+        came (a scheduler's grace is shorter than an ImageNet epoch's logits)."""
+        for done, (indices, images) in enumerate(batches, start=1):
+            self.stop_vote.start()
+            yield self.layout.encode(gathered_logits(self.teacher, self._batch(indices, images), self.world).float())
+            if self.stop_vote.result() and done < batches.total:
+                raise Preempted(f"stopped by a signal at batch {done} of {batches.total} of the teacher's logits for "
+                                f"epoch {epoch}, before they were saved: rerun the same command to resume from the "
+                                "last checkpoint")
 
     def _batch(self, indices: torch.Tensor, images: torch.Tensor) -> Batch:
         return Batch(self.normalize(images), self.data.labels[indices.to(self.device)], indices)

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dist_tsp.data import DataError, every_class_has_images, same_classes, split_folders
+from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import UserError
 from dist_tsp.streaming import list_image_folder
 
@@ -38,7 +38,7 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB") -> list[Path]:
     _check_output(folder, out, (train, held_out))
     classes, _, labels = list_image_folder(train)
     every_class_has_images(train, classes, labels)
-    same_classes(folder, held_out.name, classes, sorted(p.name for p in held_out.iterdir() if p.is_dir()))
+    same_classes(folder, held_out.name, classes, held_out_classes(held_out))
     listed = {split: list_image_folder(split, classes)[1:] for split in (train, held_out)}
     if len(listed[held_out][0]) == 0:  # every training class has images (checked above)
         raise DataError(f"image folder {held_out} has no images")

@@ -46,6 +46,7 @@ class FolderImages:
 
     root: Path
     paths: np.ndarray
+    fix_unreadable = "replace or remove it"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,6 +71,7 @@ class ArrowImages:
     path: Path
     rows: np.ndarray  # int64, the dataset rows of this split's samples
     table: Any = field(compare=False, repr=False)  # the datasets.Dataset, image column not decoded
+    fix_unreadable = "replace it in the folder the shards came from and convert it again (python -m dist_tsp.shards)"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -177,7 +179,7 @@ class _Views(torch.utils.data.Dataset):
         try:
             image = _decode_rgb(encoded)
         except (RuntimeError, ValueError, OSError) as error:
-            return f"image {name} cannot be read ({_reason(error)}): replace or remove it"
+            return f"image {name} cannot be read ({_reason(error)}): {self.files.images.fix_unreadable}"
         size, augmentation = self.files.image_size, self.augmentation
         if epoch < 0 or augmentation is None or not augmentation.enabled:
             return evaluation_view(image, size, self.files.crop)

@@ -163,8 +163,8 @@ def _predictions(teacher: RunTeacher, data: Dataset, world: dist.ProcessGroup | 
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, accelerator: Accelerator,
-                   groups: Groups) -> TeacherLogits:
-    """The configured mode's per-step source of teacher logits."""
+                   groups: Groups, stop_requested: StopRequest) -> TeacherLogits:
+    """The configured mode's per-step source of teacher logits (a cache's computation answers `stop_requested`)."""
     if cfg.teacher.mode != "cached":
         return RunTeacher(model, sharded=cfg.teacher.mode != "replicated", autocast=accelerator.autocast)
     augmentation = data.augmentation(cfg.seed, cfg.data.augment)
@@ -179,7 +179,8 @@ def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Da
         augmentation=augmentation, normalize=data.normalize,
         layout=CacheLayout(data.num_classes, topk, cfg.teacher.cache_precision), world=groups.world,
         batch_size=cfg.data.eval_batch_size, device=accelerator.device,
-        writer=accelerator.is_local_main_process, main=accelerator.is_main_process)
+        writer=accelerator.is_local_main_process, main=accelerator.is_main_process,
+        stop_vote=StopVote(stop_requested, groups.control))
 
 
 def build_teacher(cfg: RunConfig, num_classes: int, *, pretrained: bool, verbose: bool = False) -> nn.Module:

@@ -171,7 +171,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):
         model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups, stop_requested)
-        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups)
+        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups, stop_requested)
     trainer = StudentTrainer(cfg, placement, groups, accelerator, data, data_identity, graph, teacher, teacher_info,
                              tracker, stop_requested)
     start_step = trainer.resume()  # refuses another run's checkpoint before anything is moved or overwritten

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from dist_tsp.checkpoint import (
     save_atomic,
     set_aside,
     step_dir,
+    write_text_atomic,
 )
 from dist_tsp.checkpoint import load as load_checkpoint
 from dist_tsp.tracking import persistent_run_id
@@ -246,3 +248,21 @@ def test_pruning_keeps_the_last_step_checkpoints_and_every_epoch_end(tmp_path):
         save_atomic({"model": {}}, partial / "lenet.pt")
         finalize(partial, {"step": step, "epoch_end": step % 4 == 0 and step >= 8}, keep_last=2)
     assert [d.name for d in complete_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (6, 8, 10, 12)]
+
+
+def test_writing_a_file_removes_the_temporaries_of_its_killed_writers_on_this_host_only(tmp_path):
+    """A writer killed mid-write (SIGKILL, out of memory) leaves its temporary file: at ImageNet size a logit cache
+    epoch of gigabytes, once per preemption. The next write of the same file removes those of dead processes here."""
+    path, host = tmp_path / "epoch_0000.npy", socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with subprocess.Popen(["sleep", "30"]) as alive:
+        left = {name: tmp_path / f".epoch_0000.npy.{name}.tmp" for name in
+                (f"{host}.{dead.pid}", f"{host}.{alive.pid}", f"other-node.{dead.pid}", f"{host}.{dead.pid}.x")}
+        for file in left.values():
+            file.write_bytes(b"partial")
+        write_text_atomic(path, "whole")
+        alive.kill()
+    assert path.read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir() if p != path) == sorted(
+        left[name].name for name in (f"{host}.{alive.pid}", f"other-node.{dead.pid}", f"{host}.{dead.pid}.x"))

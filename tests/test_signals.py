@@ -286,6 +286,28 @@ def test_a_signal_while_the_teacher_trains_stops_every_rank_after_the_next_step_
     assert not (tmp_path / "teacher" / "model.pt").exists()
 
 
+CACHE_PROGRESS = re.compile(r"teacher logits, epoch 0:.*\b(\d+)/\d+\b")
+
+
+def test_a_signal_while_the_teachers_logits_are_cached_stops_every_rank_after_the_next_batch_leaving_no_file(
+        reference, tmp_path):
+    """teacher.mode=cached computes an epoch's logits before its first step (at ImageNet size, longer than a
+    scheduler's grace): before, the workers went on until the launcher's grace ran out and stopped them, and the
+    killed writer's temporary file stayed in the cache folder."""
+    cache = tmp_path / "cache"
+    watched = Watched.students(tmp_path / "run", reference, "teacher.mode=cached", f"teacher.cache_dir={cache}",
+                               "data.eval_batch_size=2")
+    watched.wait_until(lambda: watched.step(CACHE_PROGRESS) >= 3)
+    deliver(watched, "all", signal.SIGTERM)
+    code, took, stderr = watched.wait()
+    assert code == 75 and took < TERM_GRACE_S, stderr[-3000:]
+    assert re.fullmatch(r"dist-tsp: stopped by a signal at batch \d+ of \d+ of the teacher's logits for epoch 0, "
+                        r"before they were saved: rerun the same command to resume from the last checkpoint",
+                        stderr.strip().splitlines()[-1]), stderr[-3000:]
+    assert "Traceback" not in stderr and watched.workers() == []
+    assert [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith((".lock", "key.json"))] == []
+
+
 TRACKED_STEPS = {"tensorboard": lambda run: tensorboard_scalars(run).get("train/lenet/loss", set()),
                  "wandb": lambda run: wandb_runs(run)[0]["steps"]}
 

@@ -250,6 +250,18 @@ def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
                                 "remove it")
 
 
+def test_a_truncated_image_in_arrow_shards_names_its_row_and_file_and_the_fix_in_the_folder(tmp_path):
+    """A shard cannot be edited by hand (before: "replace or remove it")."""
+    root = write_folder(tmp_path / "folder", per_class=8)
+    broken = root / "train" / "bee" / "005.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    main([str(root), str(tmp_path / "arrow")])
+    with pytest.raises(ImageError, match=r"^image .*/arrow/train row \d+ \(.*005.jpg\) cannot be read \(Image is "
+                                         r"incomplete or truncated.\): replace it in the folder the shards came from "
+                                         r"and convert it again \(python -m dist_tsp.shards\)$"):
+        list(batches(folder_data(tmp_path / "arrow", "arrow")).epoch(0))
+
+
 # (students, what it shows): one replica meets the image while the others wait for it; every rank meets it at once
 MID_RUN = {"one student on 3 replicas": "[{name: solo, model: lenet}]",
            "3 students on the same batches": f"[{', '.join(f'{{name: {n}, model: lenet}}' for n in 'abc')}]"}
@@ -291,6 +303,9 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
         datasets.Dataset.from_dict({"image": [b"x"], "label": [0]}).save_to_disk(str(unlabelled / split))
     with pytest.raises(DataError, match=r"train: its label column is not a ClassLabel with class names"):
         folder_data(unlabelled, "arrow")
+    with pytest.raises(DataError, match=r"/train holds a split saved with save_to_disk \(Arrow shards\), not class "
+                                        r"folders: train with data.name=arrow"):
+        folder_data(shards)  # data.name=image_folder
     test_without_labels = tmp_path / "test_without_labels"
     shutil.copytree(shards / "train", test_without_labels / "train")
     saved_split(shards, "test").map(lambda row: {"label": -1}).save_to_disk(str(test_without_labels / "test"))
@@ -411,10 +426,18 @@ def test_arrow_splits_whose_class_names_are_in_another_order_are_labelled_by_nam
     ("extra class", r"class 'eel' is in test/ but not train/: both splits need the same classes"),
     ("empty split", r"image folder .*/test has no images \(.jpg .jpeg .png .webp .gif .bmp .tif .tiff .ppm .pgm\): "
                     r"put each image in its class folder"),
+    ("flat held-out split", r"image folder .*/test holds 4 images but no class folders: sort them into class folders "
+                            r"named as train/'s \(ImageNet's flat val/: README, 'Preparing ImageNet'\)"),
 ])
 def test_a_bad_folder_layout_is_one_line_before_any_image_is_read(tmp_path, problem, message):
+    """(before, a flat held-out folder, as ImageNet's val/ comes, said that train/'s first class was not in it)"""
     root = write_folder(tmp_path, per_class=4)
-    if problem == "missing class":
+    if problem == "flat held-out split":
+        for f in list((root / "test").rglob("*.*")):
+            f.rename(root / "test" / f"{f.parent.name}_{f.name}")
+            if not any(f.parent.iterdir()):
+                f.parent.rmdir()
+    elif problem == "missing class":
         for f in (root / "test" / "dog").iterdir():
             f.unlink()
         (root / "test" / "dog").rmdir()

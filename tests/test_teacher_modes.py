@@ -15,6 +15,7 @@ from dist_tsp.data import PeerBatches, load_dataset
 from dist_tsp.errors import SharedUserError, UserError
 from dist_tsp.models import build_model
 from dist_tsp.placement import Groups, Placement
+from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.teacher import prepare_teacher, teacher_logits
 from dist_tsp.teacher_modes import gathered_logits
 from dist_tsp.train import plan
@@ -65,7 +66,7 @@ def _logits_in_modes(tmp, modes=MODES):
     for mode in modes:
         cfg = config(tmp, mode)
         model, info, _ = prepare_teacher(cfg, data, accelerator, groups)
-        source = teacher_logits(cfg, model, info, data, accelerator, groups)
+        source = teacher_logits(cfg, model, info, data, accelerator, groups, StopRequest())
         logits, images = [], []
         for epoch, batches in first_batches(cfg, data).items():
             source.start_epoch(epoch)
@@ -300,7 +301,8 @@ def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_no
     cache = CachedLogits.under(tmp_path, {"run": 1}, teacher=teacher, data=data.train,
                                augmentation=data.augmentation(0, enabled=True), normalize=data.normalize,
                                layout=CacheLayout(data.num_classes, None, "float32"), world=None, batch_size=32,
-                               device=torch.device("cpu"), writer=True, main=True)
+                               device=torch.device("cpu"), writer=True, main=True,
+                               stop_vote=StopVote(StopRequest(), None))
     cache.resume_summary({"path": str(cache.folder), "computed_epochs": [0, 1], "reused_epochs": []})
     cache.start_epoch(1)  # its file is not there: computed again
     assert cache.summary()["computed_epochs"] == [0, 1] and cache.summary()["reused_epochs"] == []
