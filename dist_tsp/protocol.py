@@ -342,9 +342,9 @@ def report(protocol: Protocol, out: Path, rows: list[Row], tuned: dict) -> dict[
     base, names = protocol.base, protocol.base.student_names
     table2 = protocol_report.write_table2(out, rows, names, base.data.name)
     protocol_report.write_verdicts(out, protocol_report.verdicts(rows, names))
-    files = {"table2": out / "table2.md", "verdicts": out / "verdicts.md"}
-    if tuned:
-        files["table1"] = out / "table1.md"
+    tables = ["table2", "table1"] if tuned else ["table2"]
+    files = {f"{name}{suffix}": out / f"{name}{suffix}" for name in tables for suffix in (".md", ".csv")}
+    files["verdicts"] = out / "verdicts.md"
     files.update({p.stem: p for p in protocol_report.plot_curves(out, rows, names)})
     by_method = {row.method: row.runs[protocol.seeds[0]] for row in rows}
     if {"scratch", "kd", "tsp"} <= by_method.keys():
@@ -360,18 +360,19 @@ def report(protocol: Protocol, out: Path, rows: list[Row], tuned: dict) -> dict[
 
 
 def log_table_to_wandb(base: RunConfig, out: Path, table2_markdown: str) -> None:
-    """Table 2 as a W&B table in a summary run of the protocol's group (offline without credentials)."""
+    """Table 2 as a W&B table in a summary run of the protocol's group (offline without credentials): one run, which
+    a rerun continues (out/table2_run_id)."""
     import csv
 
     import wandb
 
-    from dist_tsp.tracking import tracker_settings
+    from dist_tsp.tracking import persistent_run_id, tracker_settings
 
     tracker_settings(base)  # offline mode when there are no credentials
     header, *rows = list(csv.reader((out / "table2.csv").read_text().splitlines()))
     rows = [[_number(value) for value in row] for row in rows]
     run = wandb.init(project=base.tracking.project, group=out.name, name="table2", job_type="report",
-                     dir=str(out))
+                     dir=str(out), id=persistent_run_id(out / "table2_run_id"), resume="allow")
     run.log({"table2": wandb.Table(columns=header, data=rows)})
     run.summary["table2_markdown"] = table2_markdown
     run.finish()

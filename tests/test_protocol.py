@@ -16,7 +16,7 @@ import pytest
 from dist_tsp import side_by_side
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for
-from tests.runs import ENV, ROOT, launch, one_thread, train_rows
+from tests.runs import ENV, ROOT, launch, one_thread, train_rows, wandb_runs
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -238,14 +238,17 @@ def test_runs_use_the_most_processes_that_fit_their_students():
 
 def test_wandb_runs_share_a_group_are_named_for_method_and_seed_and_get_table2(protocol, tmp_path):
     out = tmp_path / "wb"
-    main([*TINY, "--out", str(out), "--seeds", "1", "--methods", "kd", "tracking.report_to=wandb",
-          f"teacher.checkpoint={protocol / 'teacher' / 'model.pt'}",
-          "--processes", "3"])  # 3 processes: the run is a real accelerate launch
+    options = [*TINY, "--out", str(out), "--seeds", "1", "--methods", "kd", "tracking.report_to=wandb",
+               f"teacher.checkpoint={protocol / 'teacher' / 'model.pt'}",
+               "--processes", "3"]  # 3 processes: the run is a real accelerate launch
+    main(options)
     logged = next((out / "seed_0" / "kd" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"kd-seed0" in logged and out.name.encode() in logged and b"train/mobilenet/ce" in logged
     table = json.loads(next((out / "wandb").glob("offline-run-*/files/media/table/table2_*.table.json")).read_text())
     assert table["columns"][:3] == ["method", "label", "student"]
     assert {row[2] for row in table["data"]} == {*STUDENTS, "teacher"}
+    main(options)  # every run reused: Table 2 goes to the same W&B run (before, one more table2 run per rerun)
+    assert len({run["id"] for run in wandb_runs(out)}) == 1 and len(wandb_runs(out)) == 2
 
 
 def test_sigterm_while_its_teacher_trains_in_its_own_process_stops_the_protocol_within_seconds_with_exit_75(tmp_path):
