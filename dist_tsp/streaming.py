@@ -176,10 +176,9 @@ class _Views(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | str:
         epoch, index = key
         name, encoded = self.files.images.encoded(index)
-        try:
-            image = _decode_rgb(encoded)
-        except (RuntimeError, ValueError, OSError) as error:
-            return f"image {name} cannot be read ({_reason(error)}): {self.files.images.fix_unreadable}"
+        image = decoded(encoded)
+        if isinstance(image, str):
+            return f"image {name} cannot be read ({image}): {self.files.images.fix_unreadable}"
         size, augmentation = self.files.image_size, self.augmentation
         if epoch < 0 or augmentation is None or not augmentation.enabled:
             return evaluation_view(image, size, self.files.crop)
@@ -194,6 +193,20 @@ class _Views(torch.utils.data.Dataset):
         if self.epoch_views[0] != epoch:
             self.epoch_views = (epoch, self.augmentation.epoch_views(epoch, len(self.files), torch.device("cpu")))
         return self.epoch_views[1]
+
+
+def decoded(encoded: str | bytes) -> torch.Tensor | str:
+    """An image file (path or bytes) as uint8 RGB [3, H, W], or the one-line reason it cannot be read."""
+    try:
+        return _decode_rgb(encoded)
+    except (RuntimeError, ValueError, OSError) as error:
+        return _reason(error)
+
+
+def unreadable(path: str) -> str | None:
+    """Why the image file at `path` cannot be read, or None when it can (for a check before a long run)."""
+    image = decoded(path)
+    return image if isinstance(image, str) else None
 
 
 def _decode_rgb(encoded: str | bytes) -> torch.Tensor:

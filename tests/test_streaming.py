@@ -53,9 +53,9 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(folder, tmp_path_factory) -> Path:
-    """The folder converted to Arrow shards, as python -m dist_tsp.shards does."""
+    """The folder converted to Arrow shards, as python -m dist_tsp.shards does (its images verified first)."""
     out = tmp_path_factory.mktemp("arrow")
-    main([str(folder), str(out), "--max-shard-size", "20KB"])  # several shards per split
+    main([str(folder), str(out), "--max-shard-size", "20KB", "--verify", "--workers", "2"])  # several shards a split
     return out
 
 
@@ -250,11 +250,18 @@ def test_a_truncated_image_is_one_line_naming_the_file(tmp_path, normalization):
                                 "remove it")
 
 
-def test_a_truncated_image_in_arrow_shards_names_its_row_and_file_and_the_fix_in_the_folder(tmp_path):
-    """A shard cannot be edited by hand (before: "replace or remove it")."""
+def test_a_truncated_image_in_arrow_shards_names_its_row_and_file_and_the_fix_in_the_folder(tmp_path, capsys):
+    """A shard cannot be edited by hand (before: "replace or remove it"); a conversion with --verify decodes every
+    image first, in worker processes, and refuses in one line, writing nothing."""
     root = write_folder(tmp_path / "folder", per_class=8)
     broken = root / "train" / "bee" / "005.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(SystemExit) as stop:
+        main([str(root), str(tmp_path / "verified"), "--verify", "--workers", "2"])
+    assert stop.value.code == 2 and not (tmp_path / "verified").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"dist-tsp shards: error: 1 of 40 images cannot be read: {broken} (Image is incomplete or truncated.): "
+        "replace or remove them, then convert again")
     main([str(root), str(tmp_path / "arrow")])
     with pytest.raises(ImageError, match=r"^image .*/arrow/train row \d+ \(.*005.jpg\) cannot be read \(Image is "
                                          r"incomplete or truncated.\): replace it in the folder the shards came from "
