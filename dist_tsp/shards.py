@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                              "read, rather than meet it mid-run (about 800 ImageNet-size images/s per process)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for --verify (all CPUs)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: give at least 1")
     try:
         written = convert(args.folder, args.out, args.max_shard_size, args.workers if args.verify else None)
     except UserError as error:
