@@ -135,6 +135,7 @@ class StudentTrainer:
                 break
             if checkpoint_due or stop:
                 self.checkpointer.save(step, self.students, self.control, epoch_end=False)
+                self.profiler.not_a_step()
                 self._stop_if_asked(step)
         return step
 

@@ -55,9 +55,7 @@ class StepProfiler:
     def timed_batches(self, batches: Iterator) -> Iterator:
         """Yield from `batches`, charging each next() to "data"; an epoch's first step is timed from here (what
         came before it, evaluation and the epoch's checkpoint, is not a step's)."""
-        if self.enabled:
-            self._sync()
-            self._last_done, self._in_sections = time.perf_counter(), 0.0
+        self.not_a_step()
         iterator = iter(batches)
         while True:
             with self.section("data"):
@@ -71,6 +69,12 @@ class StepProfiler:
         if self.enabled and group is not None:
             with self._timed("idle"):
                 dist.barrier(group=group)
+
+    def not_a_step(self) -> None:
+        """What ran since the last step (an epoch's evaluation, a checkpoint) is no step's "between"."""
+        if self.enabled:
+            self._sync()
+            self._last_done, self._in_sections = time.perf_counter(), 0.0
 
     def step_done(self) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
@@ -71,7 +72,8 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
 def verify(files: list[Path], workers: int) -> None:
     """Decode every image file, as the loader will, in `workers` processes; DataError naming the unreadable ones
     (a bad image met mid-run stops the run hours in)."""
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
+    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         reasons = list(tqdm(pool.imap(unreadable, map(str, files), chunksize=64), total=len(files),
                             desc="verifying images", unit="image"))
     if bad := [(file, reason) for file, reason in zip(files, reasons) if reason is not None]:
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="decode every image first, in --workers processes, and write nothing if one cannot be "
                              "read, rather than meet it mid-run (about 800 ImageNet-size images/s per process)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for --verify (all CPUs)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes for --verify (every CPU this process may use)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: give at least 1")

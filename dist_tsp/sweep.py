@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> str:
 def trial_overrides(args: argparse.Namespace, name: str, overrides: list[str]) -> list[str]:
     """A trial's config overrides: a tracker's run named for the trial in a group named for the sweep (unless the
     sweep's overrides or the trial's name others), the sweep's, the trial's, and its directory."""
-    return [f"tracking.group={args.dir.name}", f"tracking.run_name={name}", *args.overrides, *overrides,
+    group = json.dumps(args.dir.resolve().name)  # a YAML string, whatever the name (2024-05-01, 3, true)
+    return [f"tracking.group={group}", f"tracking.run_name={name}", *args.overrides, *overrides,
             f"output_dir={args.dir / name}"]
 
 

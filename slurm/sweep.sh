@@ -32,6 +32,6 @@ mapfile -t trial < <(python3 -m dist_tsp.sweep trial "$trials" "$sweep_dir" "$SL
 [ "${#trial[@]}" -gt 0 ] || exit 2  # the line above said why
 source slurm/launch.sh
 name=trial_$SLURM_ARRAY_TASK_ID  # a tracker's run is named for the trial, in a group named for the sweep (as sweep run)
-launch dist_tsp/train.py --config "$config" "tracking.group=$(basename "$sweep_dir")" "tracking.run_name=$name" "${@:4}" \
+launch dist_tsp/train.py --config "$config" "tracking.group=\"$(basename "$(realpath "$sweep_dir")")\"" "tracking.run_name=$name" "${@:4}" \
   "${trial[@]}" "output_dir=$sweep_dir/$name"
 python3 -m dist_tsp.sweep collect "$sweep_dir"

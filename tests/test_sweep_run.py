@@ -1,6 +1,7 @@
 """`python -m dist_tsp.sweep run`: a trials file's trials on this machine, two at once, then the table; a rerun
 reuses finished trials, if they ran with its settings; a bad trial is refused before any runs."""
 
+import argparse
 import csv
 import json
 import re
@@ -13,7 +14,7 @@ import psutil
 import pytest
 
 from dist_tsp.config import load_config, save_config
-from dist_tsp.sweep import main
+from dist_tsp.sweep import main, trial_overrides
 from tests.runs import ENV, ROOT
 
 pytestmark = pytest.mark.slow
@@ -172,3 +173,10 @@ def test_a_trial_still_running_is_a_dash_in_sweep_md_and_an_empty_cell_in_sweep_
     assert capsys.readouterr().out.splitlines()[-1].replace(" ", "") == "|2|1|-|"
     with (sweep / "sweep.csv").open() as table:
         assert [row["lenet test %"] for row in csv.DictReader(table)] == ["25.0", ""]
+
+
+def test_a_sweep_directory_named_like_a_date_or_a_number_is_the_trackers_group_as_written(tmp_path):
+    """The group override is read as YAML: before, every trial of runs/2024-05-01 was refused (a date, not a string)."""
+    for name in ("2024-05-01", "3", "true"):
+        args = argparse.Namespace(dir=tmp_path / name, overrides=[])
+        assert load_config(ROOT / "configs" / "demo.yaml", trial_overrides(args, "trial_1", [])).tracking.group == name
