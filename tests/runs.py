@@ -148,9 +148,10 @@ def wandb_runs(run: Path) -> list[dict]:
     preempting, and its exit code (None: never finished)."""
     runs = []
     for folder in sorted((run / "wandb").glob("offline-run-*")):
-        records = list(wandb_records(next(folder.glob("run-*.wandb"))))
+        log = next(folder.glob("run-*.wandb"))  # run-<id>.wandb (a folder started in the same second ends in "-1")
+        records = list(wandb_records(log))
         exits = [r.exit.exit_code for r in records if r.HasField("exit")]
-        runs.append({"id": folder.name.rsplit("-", 1)[-1],
+        runs.append({"id": log.stem.removeprefix("run-"),
                      "steps": {r.history.step.num for r in records if r.HasField("history")},
                      "preempting": any(r.HasField("preempting") for r in records),
                      "exit_code": exits[-1] if exits else None})
