@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
 import os
 import shutil
 import sys
@@ -21,12 +20,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
+from dist_tsp.check_data import verify
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import UserError
-from dist_tsp.streaming import list_image_folder, unreadable
+from dist_tsp.streaming import FolderImages, list_image_folder
 
 
 def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers: int | None = None) -> list[Path]:
@@ -49,7 +46,8 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     if len(listed[held_out][0]) == 0:  # every training class has images (checked above)
         raise DataError(f"image folder {held_out} has no images")
     if verify_workers is not None:
-        verify([split / path.decode() for split, (paths, _) in listed.items() for path in paths], verify_workers)
+        verify([FolderImages(split, paths) for split, (paths, _) in listed.items()], verify_workers,
+               "replace or remove it, then convert again")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     scratch = out.parent if out.parent.exists() else None  # the Arrow files are built beside the output
     with contextlib.ExitStack() as caches:
@@ -67,19 +65,6 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
             shutil.rmtree(out / split.name)
         partial.rename(out / split.name)
     return [out / split.name for split in partials]
-
-
-def verify(files: list[Path], workers: int) -> None:
-    """Decode every image file, as the loader will, in `workers` processes; DataError naming the unreadable ones
-    (a bad image met mid-run stops the run hours in)."""
-    # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
-    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        reasons = list(tqdm(pool.imap(unreadable, map(str, files), chunksize=64), total=len(files),
-                            desc="verifying images", unit="image"))
-    if bad := [(file, reason) for file, reason in zip(files, reasons) if reason is not None]:
-        named = "; ".join(f"{file} ({reason})" for file, reason in bad[:3])
-        raise DataError(f"{len(bad)} of {len(files)} images cannot be read: {named}{'; …' * (len(bad) > 3)}: "
-                        "replace or remove them, then convert again")
 
 
 def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:

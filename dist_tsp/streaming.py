@@ -203,12 +203,6 @@ def decoded(encoded: str | bytes) -> torch.Tensor | str:
         return _reason(error)
 
 
-def unreadable(path: str) -> str | None:
-    """Why the image file at `path` cannot be read, or None when it can (for a check before a long run)."""
-    image = decoded(path)
-    return image if isinstance(image, str) else None
-
-
 def _decode_rgb(encoded: str | bytes) -> torch.Tensor:
     """An image file (path or bytes) as uint8 RGB [3, H, W], an animated one's first frame."""
     try:

@@ -261,7 +261,7 @@ def test_a_truncated_image_in_arrow_shards_names_its_row_and_file_and_the_fix_in
     assert stop.value.code == 2 and not (tmp_path / "verified").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"dist-tsp shards: error: 1 of 40 images cannot be read: {broken} (Image is incomplete or truncated.): "
-        "replace or remove them, then convert again")
+        "replace or remove it, then convert again")
     main([str(root), str(tmp_path / "arrow")])
     with pytest.raises(ImageError, match=r"^image .*/arrow/train row \d+ \(.*005.jpg\) cannot be read \(Image is "
                                          r"incomplete or truncated.\): replace it in the folder the shards came from "
