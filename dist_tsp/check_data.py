@@ -1,10 +1,10 @@
-"""Check a run's dataset before the run: the checks training makes at start-up, then every image of an image folder
-or Arrow shards decoded as the loader will decode it, in worker processes (a bad image is otherwise met when a step
-first needs it, hours in):
+"""Check a run's data before the run: the dataset checks training makes at start-up, then every image of an image
+folder or Arrow shards that the run would read decoded as the loader decodes it, in worker processes (a bad image
+is otherwise met when a step first needs it, hours in):
 
     python -m dist_tsp.check_data --config configs/imagenet/tsp.yaml [key=value ...] [--workers N]
 
-It decodes the images the run would read (data.max_train_samples included), and nothing else.
+A streamed run reads only its data.max_train_samples subset; a folder held in memory is decoded whole first.
 """
 
 from __future__ import annotations
@@ -12,45 +12,56 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from dist_tsp.config import load_config
-from dist_tsp.data import DataError, load_dataset
-from dist_tsp.errors import UserError
-from dist_tsp.streaming import ArrowImages, FolderImages, StreamedImages, decoded
+from dist_tsp.config import STREAMABLE, ConfigError, load_config
+from dist_tsp.data import DataError, check_fills_a_batch, load_dataset
+from dist_tsp.errors import INTERRUPTED_EXIT_CODE, UserError
+from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
+CHUNK = 64  # images a worker decodes per task
 _image_sets: list[FolderImages | ArrowImages] = []  # in a verifying worker process: the images it decodes
 
 
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
-    """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError naming the
-    unreadable ones and `fix` (for one image)."""
-    samples = [(which, index) for which, images in enumerate(image_sets) for index in range(len(images))]
+    """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
+    unreadable ones, naming the first, and `fix` (for one image)."""
+    chunks = [(which, start, min(start + CHUNK, len(images)))
+              for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
+    total = sum(map(len, image_sets))
+    bad = []
     # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(image_sets,)) as pool:
-        reasons = list(tqdm(pool.imap(_unreadable, samples, chunksize=64), total=len(samples),
-                            desc="verifying images", unit="image"))
-    if bad := [reason for reason in reasons if reason is not None]:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(image_sets,)) as pool, \
+            tqdm(total=total, desc="verifying images", unit="image") as bar:
+        for (_, start, stop), reasons in zip(chunks, pool.imap(_unreadable, chunks)):
+            bad += reasons
+            bar.update(stop - start)
+    if bad:
         named = "; ".join(bad[:3]) + "; …" * (len(bad) > 3)
-        raise DataError(f"{len(bad)} of {len(samples)} images cannot be read: {named}: "
+        raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: "
                         f"{fix if len(bad) == 1 else f'for each, {fix}'}")
 
 
 def _start_worker(image_sets: list[FolderImages | ArrowImages]) -> None:
     global _image_sets
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
     torch.set_num_threads(1)
     _image_sets = image_sets
 
 
-def _unreadable(sample: tuple[int, int]) -> str | None:
-    """The sample's name and why it cannot be read, or None when it can."""
-    which, index = sample
-    name, encoded = _image_sets[which].encoded(index)
-    image = decoded(encoded)
-    return f"{name} ({image})" if isinstance(image, str) else None
+def _unreadable(chunk: tuple[int, int, int]) -> list[str]:
+    """Each unreadable image of the chunk (images `start` to `stop` of set `which`): its name and why."""
+    which, start, stop = chunk
+    reasons = []
+    for index in range(start, stop):
+        name, encoded = _image_sets[which].encoded(index)
+        if isinstance(image := decoded(encoded), str):
+            reasons.append(f"{name} ({image})")
+    return reasons
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,16 +79,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--workers {args.workers}: give at least 1")
     try:
         cfg = load_config(args.config, args.overrides)
-        dataset = load_dataset(cfg.data, cfg.seed)
-        if isinstance(dataset.train, StreamedImages):  # else decoded into memory by load_dataset
-            splits = (dataset.train, dataset.val, dataset.test)
-            verify([split.images for split in splits if split is not None], args.workers,
-                   dataset.train.images.fix_unreadable)
+        if cfg.data.name not in STREAMABLE:
+            raise ConfigError(f"data.name={cfg.data.name} is loaded whole and checked as a run starts; check_data "
+                              f"checks the images a run reads from disk: data.name={' or '.join(STREAMABLE)}")
+        # every image the run decodes, streamed here without its own decoding first (a statistics sample, or an
+        # in-memory folder's training images, all of them, before its max_train_samples subset), which would stop at
+        # the first unreadable one
+        in_memory = {"max_train_samples": None, "val_fraction": 0.0} if cfg.data.in_memory else {}
+        read = load_dataset(cfg.data.model_copy(update={"normalization": "imagenet", "in_memory": False} | in_memory),
+                            cfg.seed)
+        verify([split.images for split in (read.train, read.val, read.test) if split is not None], args.workers,
+               read.train.images.fix_unreadable)
+        dataset = load_dataset(cfg.data, cfg.seed)  # as the run loads it
+        check_fills_a_batch(len(dataset.train), cfg.data.batch_size, 1, "data.batch_size")
     except UserError as error:
         print(f"dist-tsp check_data: error: {error}", file=sys.stderr)
         sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        print("dist-tsp check_data: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"data.name={cfg.data.name}: {dataset.identity()}: every image can be read")
-
 
 if __name__ == "__main__":
     main()

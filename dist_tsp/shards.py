@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dist_tsp.check_data import verify
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
-from dist_tsp.errors import UserError
+from dist_tsp.errors import INTERRUPTED_EXIT_CODE, UserError
 from dist_tsp.streaming import FolderImages, list_image_folder
 
 
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"dist-tsp shards: error: {error}", file=sys.stderr)
         sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        print("dist-tsp shards: interrupted (Ctrl-C): rerun the same command to convert", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"Written: {', '.join(map(str, written))}; train with data.name=arrow data.root={args.out}")
 
 

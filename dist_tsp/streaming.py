@@ -218,8 +218,11 @@ def _decode_with_pillow(encoded: str | bytes) -> torch.Tensor:
     """What TorchCodec does not read (BMP, TIFF, PPM, PGM), as torchvision's ImageFolder reads it."""
     from PIL import Image
 
-    with Image.open(encoded if isinstance(encoded, str) else io.BytesIO(encoded)) as image:
-        pixels = np.array(image.convert("RGB"))
+    try:
+        with Image.open(encoded if isinstance(encoded, str) else io.BytesIO(encoded)) as image:
+            pixels = np.array(image.convert("RGB"))
+    except Image.DecompressionBombError as error:  # an Exception, not an OSError: unreadable as the others
+        raise ValueError(str(error)) from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 

@@ -15,7 +15,7 @@ from tests.runs import ROOT
 from tests.test_streaming import write_folder
 
 DEMO = ROOT / "configs" / "demo.yaml"
-FOLDER_DATA = ["data.name=image_folder", "data.normalization=imagenet"]
+FOLDER_DATA = ["data.name=image_folder", "data.batch_size=4"]  # normalization=dataset: statistics decoded first
 FOLDER = ["--config", str(DEMO), *FOLDER_DATA, "--workers", "2"]
 
 
@@ -28,57 +28,77 @@ def refused(capsys, argv: list[str]) -> str:
     return err[-1]
 
 
-def broken_folder(root: Path) -> tuple[Path, Path]:
-    """An image folder with a truncated training JPEG and a held-out file that is no image at all."""
-    write_folder(root, per_class=8)
-    truncated, not_an_image = root / "train" / "bee" / "005.jpg", root / "test" / "cat" / "000.jpg"
-    truncated.write_bytes(truncated.read_bytes()[:200])
-    not_an_image.write_text("not an image")
-    return truncated, not_an_image
+def training_paths(root: Path, overrides: list[str]) -> list[Path]:
+    """The training images (then the validation split's) that a run with `overrides` reads, as it draws them."""
+    dataset = load_dataset(load_config(DEMO, [*overrides, "data.normalization=imagenet"]).data, seed=0)
+    splits = [dataset.train] + [dataset.val] * (dataset.val is not None)
+    return [root / "train" / path.decode() for split in splits for path in split.images.paths.tolist()]
 
 
 def test_a_readable_folder_passes_with_its_splits_counted_including_the_validation_split(tmp_path, capsys):
     write_folder(tmp_path, per_class=8)
     # the training set's own statistics: the parent decodes a sample with torch's threads before the workers fork
-    check_data.main([*FOLDER, f"data.root={tmp_path}", "data.val_fraction=0.25", "data.normalization=dataset"])
+    check_data.main([*FOLDER, f"data.root={tmp_path}", "data.val_fraction=0.25"])
     assert capsys.readouterr().out.strip().startswith(
         "data.name=image_folder: 24 training, 8 validation and 8 test images in 4 classes, content ")
 
 
-def test_every_unreadable_image_of_every_split_is_named_in_one_line(tmp_path, capsys):
-    truncated, not_an_image = broken_folder(tmp_path)
-    line = refused(capsys, [*FOLDER, f"data.root={tmp_path}"])
-    assert line.startswith(f"dist-tsp check_data: error: 2 of 40 images cannot be read: {truncated} (Image is "
+def test_every_unreadable_image_of_every_split_is_counted_and_named_in_one_line(tmp_path, capsys):
+    """Training, validation and test images alike; the statistics' sample (every training image here) would have
+    stopped at the first."""
+    write_folder(tmp_path, per_class=8)
+    overrides = [*FOLDER_DATA, f"data.root={tmp_path}", "data.val_fraction=0.25"]
+    paths = training_paths(tmp_path, overrides)
+    truncated, in_validation, in_test = paths[0], paths[-1], tmp_path / "test" / "cat" / "000.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    for path in (in_validation, in_test):
+        path.write_text("not an image")
+    line = refused(capsys, ["--config", str(DEMO), *overrides, "--workers", "2"])
+    assert line.startswith(f"dist-tsp check_data: error: 3 of 40 images cannot be read: {truncated} (Image is "
                            "incomplete or truncated.); ") and line.endswith(": for each, replace or remove it")
-    assert f"{not_an_image} (" in line
+    assert f"; {in_validation} (" in line and f"; {in_test} (" in line
 
 
 def test_an_unreadable_row_of_arrow_shards_is_named_with_the_fix_in_the_source_folder(tmp_path, capsys):
-    truncated, _ = broken_folder(tmp_path / "folder")
-    (tmp_path / "folder" / "test" / "cat" / "000.jpg").unlink()  # 32 training and 7 test images
+    write_folder(tmp_path / "folder", per_class=8)
+    truncated = tmp_path / "folder" / "train" / "bee" / "005.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
     shards.main([str(tmp_path / "folder"), str(tmp_path / "arrow")])  # without --verify: the bad image is in a row
     line = refused(capsys, ["--config", str(DEMO), "data.name=arrow", f"data.root={tmp_path / 'arrow'}",
-                            "data.normalization=imagenet", "--workers", "2"])
-    assert line.startswith(f"dist-tsp check_data: error: 1 of 39 images cannot be read: {tmp_path / 'arrow'}/train "
+                            "data.batch_size=4", "--workers", "2"])
+    assert line.startswith(f"dist-tsp check_data: error: 1 of 40 images cannot be read: {tmp_path / 'arrow'}/train "
                            "row ")
     assert line.endswith("(005.jpg) (Image is incomplete or truncated.): replace it in the folder the shards "
                          "came from and convert it again (python -m dist_tsp.shards)")
 
 
-def test_only_the_images_the_run_reads_are_decoded(tmp_path, capsys):
-    """data.max_train_samples: a training image outside the subset the run draws is not read."""
+def test_a_streamed_run_reads_its_max_train_samples_subset_and_an_in_memory_one_the_whole_folder(tmp_path, capsys):
     write_folder(tmp_path, per_class=8)
-    overrides = [*FOLDER_DATA, f"data.root={tmp_path}", "data.max_train_samples=4"]
-    read = set(load_dataset(load_config(DEMO, overrides).data, seed=0).train.images.paths.tolist())
-    unread = next(path for path in sorted((tmp_path / "train").rglob("*.jpg"))
-                  if str(path.relative_to(tmp_path / "train")).encode() not in read)
+    subset = [*FOLDER_DATA, f"data.root={tmp_path}", "data.max_train_samples=4"]
+    read = training_paths(tmp_path, subset)
+    unread = next(path for path in sorted((tmp_path / "train").rglob("*.jpg")) if path not in read)
     unread.write_text("not an image")
-    check_data.main(["--config", str(DEMO), *overrides, "--workers", "2"])
+    check_data.main(["--config", str(DEMO), *subset, "--workers", "2"])
     assert capsys.readouterr().out.strip().startswith("data.name=image_folder: 4 training, 0 validation and 8 test")
+    assert refused(capsys, ["--config", str(DEMO), *subset, "data.in_memory=true", "--workers", "2"]).startswith(
+        f"dist-tsp check_data: error: 1 of 40 images cannot be read: {unread} (")
+    read[0].write_text("not an image")
+    assert refused(capsys, ["--config", str(DEMO), *subset]).startswith(
+        f"dist-tsp check_data: error: 1 of 12 images cannot be read: {read[0]} (")
 
 
-def test_training_start_up_checks_and_a_missing_config_are_one_line(tmp_path, capsys):
+def test_the_runs_data_checks_and_bad_arguments_are_one_line(tmp_path, capsys):
     write_folder(tmp_path, per_class=8)
+    prefix = "dist-tsp check_data: error: "
+    assert refused(capsys, [*FOLDER, f"data.root={tmp_path}", "data.batch_size=48"]) == \
+        f"{prefix}32 training images over 1 replica do not fill one batch of 48: lower data.batch_size"
+    assert refused(capsys, ["--config", str(DEMO)]) == (
+        f"{prefix}data.name=digits is loaded whole and checked as a run starts; check_data checks the images a run "
+        "reads from disk: data.name=image_folder or arrow")
+    assert refused(capsys, ["--config", str(tmp_path / "missing.yaml")]).startswith(
+        f"{prefix}config file {tmp_path / 'missing.yaml'} ")
     (tmp_path / "test").rename(tmp_path / "elsewhere")
-    assert refused(capsys, [*FOLDER, f"data.root={tmp_path}"]).startswith("dist-tsp check_data: error: ")
+    assert refused(capsys, [*FOLDER, f"data.root={tmp_path}"]) == \
+        f"{prefix}{tmp_path} needs train/ and test/ (or val/) folders holding <class>/ folders"
     assert "give the run's --config FILE" in refused(capsys, [])
+    assert "--workers 0: give at least 1" in refused(capsys, [*FOLDER, "--workers", "0"])
