@@ -13,14 +13,13 @@ import argparse
 import multiprocessing
 import os
 import signal
-import sys
 
 import torch
 from tqdm.auto import tqdm
 
 from dist_tsp.config import STREAMABLE, ConfigError, load_config
 from dist_tsp.data import DataError, check_fills_a_batch, load_dataset
-from dist_tsp.errors import INTERRUPTED_EXIT_CODE, UserError
+from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
 CHUNK = 64  # images a worker decodes per task
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give the run's --config FILE, its key=value overrides, or both")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: give at least 1")
-    try:
+    with exits_in_one_line("dist-tsp check_data", "interrupted (Ctrl-C)"):
         cfg = load_config(args.config, args.overrides)
         if cfg.data.name not in STREAMABLE:
             raise ConfigError(f"data.name={cfg.data.name} is loaded whole and checked as a run starts; check_data "
@@ -92,13 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                read.train.images.fix_unreadable)
         dataset = load_dataset(cfg.data, cfg.seed)  # as the run loads it
         check_fills_a_batch(len(dataset.train), cfg.data.batch_size, 1, "data.batch_size")
-    except UserError as error:
-        print(f"dist-tsp check_data: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
-    except KeyboardInterrupt:
-        print("dist-tsp check_data: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"data.name={cfg.data.name}: {dataset.identity()}: every image can be read")
+
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,10 @@
 """The base of every error a user can fix: printed as one line, without a traceback; and what each way a run ends
 exits with."""
 
+import contextlib
 import signal
+import sys
+from collections.abc import Iterator
 
 
 class UserError(ValueError):
@@ -35,3 +38,17 @@ class NonFiniteLoss(RunStopped):
 INTERRUPTED = ("interrupted (Ctrl-C): the steps since the last checkpoint are lost; rerun the same command to resume "
                "from it (SIGTERM or SIGUSR1 stop after the next step with a checkpoint)")
 INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def exits_in_one_line(prog: str, interrupted: str) -> Iterator[None]:
+    """A command's body: bad input ends it with `prog: error: ...` and exit 2, Ctrl-C with `prog: interrupted` and
+    exit 130."""
+    try:
+        yield
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -15,14 +15,13 @@ import argparse
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from dist_tsp.check_data import verify
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
-from dist_tsp.errors import INTERRUPTED_EXIT_CODE, UserError
+from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
 
 
@@ -110,14 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: give at least 1")
-    try:
+    with exits_in_one_line("dist-tsp shards", "interrupted (Ctrl-C): rerun the same command to convert"):
         written = convert(args.folder, args.out, args.max_shard_size, args.workers if args.verify else None)
-    except UserError as error:
-        print(f"dist-tsp shards: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
-    except KeyboardInterrupt:
-        print("dist-tsp shards: interrupted (Ctrl-C): rerun the same command to convert", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_CODE)
     print(f"Written: {', '.join(map(str, written))}; train with data.name=arrow data.root={args.out}")
 
 
