@@ -28,7 +28,7 @@ _image_sets: list[FolderImages | ArrowImages] = []  # in a verifying worker proc
 
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
-    unreadable ones, naming the first, and `fix` (for one image)."""
+    unreadable ones, naming the first three, and `fix` (for one image)."""
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
@@ -84,12 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         # every image the run decodes, streamed here without its own decoding first (a statistics sample, or an
         # in-memory folder's training images, all of them, before its max_train_samples subset), which would stop at
         # the first unreadable one
-        in_memory = {"max_train_samples": None, "val_fraction": 0.0} if cfg.data.in_memory else {}
-        read = load_dataset(cfg.data.model_copy(update={"normalization": "imagenet", "in_memory": False} | in_memory),
-                            cfg.seed)
+        streamed = cfg.data.model_copy(update={"normalization": "imagenet"})
+        if cfg.data.in_memory:
+            streamed = streamed.model_copy(update={"in_memory": False, "max_train_samples": None, "val_fraction": 0.0})
+        read = load_dataset(streamed, cfg.seed)
         verify([split.images for split in (read.train, read.val, read.test) if split is not None], args.workers,
                read.train.images.fix_unreadable)
-        dataset = load_dataset(cfg.data, cfg.seed)  # as the run loads it
+        dataset = read if streamed == cfg.data else load_dataset(cfg.data, cfg.seed)  # as the run loads it
         check_fills_a_batch(len(dataset.train), cfg.data.batch_size, 1, "data.batch_size")
     print(f"data.name={cfg.data.name}: {dataset.identity()}: every image can be read")
 
