@@ -13,6 +13,9 @@ import argparse
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from ctypes import Array
 
 import torch
 from tqdm.auto import tqdm
@@ -23,43 +26,59 @@ from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
 CHUNK = 64  # images a worker decodes per task
-_image_sets: list[FolderImages | ArrowImages] = []  # in a verifying worker process: the images it decodes
+# in a verifying worker process: the images it decodes, and per chunk the image being decoded (-1: not started)
+_image_sets: list[FolderImages | ArrowImages] = []
+_reading: Array | None = None
 
 
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
-    unreadable ones, naming the first three, and `fix` (for one image)."""
+    unreadable ones, naming the first three, and `fix` (for one image); or naming the images being decoded when a
+    process died (a decoder crash, or a kill for memory)."""
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
     bad = []
+    fork = multiprocessing.get_context("fork")
+    reading = fork.RawArray("q", [-1] * len(chunks))
     # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(image_sets,)) as pool, \
-            tqdm(total=total, desc="verifying images", unit="image") as bar:
-        for (_, start, stop), reasons in zip(chunks, pool.imap(_unreadable, chunks)):
-            bad += reasons
-            bar.update(stop - start)
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(image_sets, reading))
+    try:
+        with tqdm(total=total, desc="verifying images", unit="image") as bar:
+            for (_, start, stop), reasons in zip(chunks, pool.map(_unreadable, range(len(chunks)), chunks)):
+                bad += reasons
+                bar.update(stop - start)
+    except BrokenProcessPool:
+        died = [image_sets[which].where(reading[number])
+                for number, (which, start, stop) in enumerate(chunks) if start <= reading[number] < stop]
+        raise DataError(f"a process decoding images died{' while reading ' * bool(died)}{' or '.join(died)}, "
+                        f"crashed by the image or killed for lack of memory: {fix}; or, if memory ran out, rerun "
+                        "with fewer --workers") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
     if bad:
         named = "; ".join(bad[:3]) + "; …" * (len(bad) > 3)
         raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: "
                         f"{fix if len(bad) == 1 else f'for each, {fix}'}")
 
 
-def _start_worker(image_sets: list[FolderImages | ArrowImages]) -> None:
-    global _image_sets
+def _start_worker(image_sets: list[FolderImages | ArrowImages], reading: Array) -> None:
+    global _image_sets, _reading
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
     torch.set_num_threads(1)
-    _image_sets = image_sets
+    _image_sets, _reading = image_sets, reading
 
 
-def _unreadable(chunk: tuple[int, int, int]) -> list[str]:
-    """Each unreadable image of the chunk (images `start` to `stop` of set `which`): its name and why."""
+def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
+    """Each unreadable image of chunk `number` (images `start` to `stop` of set `which`): its name and why."""
     which, start, stop = chunk
     reasons = []
     for index in range(start, stop):
+        _reading[number] = index
         name, encoded = _image_sets[which].encoded(index)
         if isinstance(image := decoded(encoded), str):
             reasons.append(f"{name} ({image})")
+    _reading[number] = stop
     return reasons
 
 

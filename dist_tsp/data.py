@@ -344,6 +344,7 @@ def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     for split in splits:
         try:
             table = datasets.load_from_disk(str(split))
+            table.data.table.validate(full=True)  # offsets past their buffers (damaged bytes) would crash a reader
         except (FileNotFoundError, OSError, ValueError) as error:
             raise DataError(f"{split} cannot be read as a dataset saved with save_to_disk ({_first_line(error)}): "
                             "rewrite it with python -m dist_tsp.shards, or point data.root elsewhere") from None

@@ -54,9 +54,13 @@ class FolderImages:
     def select(self, keep: np.ndarray) -> FolderImages:
         return FolderImages(self.root, self.paths[keep])
 
+    def where(self, index: int) -> str:
+        """Sample `index`'s file, read without opening it."""
+        return str(self.root / self.paths[index].decode())
+
     def encoded(self, index: int) -> tuple[str, str | bytes]:
         """What names sample `index` in a message, and what the decoder reads (a path)."""
-        path = str(self.root / self.paths[index].decode())
+        path = self.where(index)
         return path, path
 
     def add_content_to(self, digest: hashlib._Hash) -> None:
@@ -79,10 +83,14 @@ class ArrowImages:
     def select(self, keep: np.ndarray) -> ArrowImages:
         return ArrowImages(self.path, self.rows[keep], self.table)
 
+    def where(self, index: int) -> str:
+        """Sample `index`'s split and row, found without reading the row."""
+        return f"{self.path} row {int(self.rows[index])}"
+
     def encoded(self, index: int) -> tuple[str, str | bytes]:
-        row = int(self.rows[index])
-        image = self.table[row]["image"]
-        name = f"{self.path} row {row}" + (f" ({image['path']})" if image.get("path") else "")
+        """What names sample `index` in a message (its row and source file), and what the decoder reads."""
+        image = self.table[int(self.rows[index])]["image"]
+        name = self.where(index) + (f" ({image['path']})" if image.get("path") else "")
         return name, image["bytes"] if image.get("bytes") is not None else image["path"]
 
     def add_content_to(self, digest: hashlib._Hash) -> None:

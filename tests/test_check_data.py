@@ -4,13 +4,16 @@ named in one line, exit 2."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from dist_tsp import check_data, shards
 from dist_tsp.config import load_config
-from dist_tsp.data import load_dataset
+from dist_tsp.data import DataError, load_dataset
+from dist_tsp.streaming import FolderImages, list_image_folder
 from tests.runs import ROOT
 from tests.test_streaming import write_folder
 
@@ -70,6 +73,30 @@ def test_an_unreadable_row_of_arrow_shards_is_named_with_the_fix_in_the_source_f
                            "row ")
     assert line.endswith("(005.jpg) (Image is incomplete or truncated.): replace it in the folder the shards "
                          "came from and convert it again (python -m dist_tsp.shards)")
+
+
+class KilledAt(FolderImages):
+    """Image files whose reading kills the process at one of them, as a reader's crash or a kill for memory would."""
+
+    killed_at = 70  # in the second chunk
+
+    def encoded(self, index: int) -> tuple[str, str | bytes]:
+        if index == self.killed_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encoded(index)
+
+
+@pytest.mark.timeout(120)
+def test_a_process_that_dies_decoding_names_the_image_it_was_reading_rather_than_waiting_for_ever(tmp_path):
+    write_folder(tmp_path)
+    images = KilledAt(tmp_path / "train", list_image_folder(tmp_path / "train")[1])
+    with pytest.raises(DataError) as refusal:
+        check_data.verify([images], 2, "replace or remove it")
+    line = str(refusal.value)
+    assert line.startswith("a process decoding images died while reading ") and line.endswith(
+        ", crashed by the image or killed for lack of memory: replace or remove it; or, if memory ran out, rerun "
+        "with fewer --workers")
+    assert images.where(KilledAt.killed_at) in line.split(" while reading ")[1].split(",")[0].split(" or ")
 
 
 def test_a_streamed_run_reads_its_max_train_samples_subset_and_an_in_memory_one_the_whole_folder(tmp_path, capsys):

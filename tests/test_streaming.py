@@ -11,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -305,6 +306,17 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
     with pytest.raises(DataError, match=r"/train cannot be read as a dataset saved with save_to_disk \(.*\): rewrite "
                                         r"it with python -m dist_tsp.shards"):
         folder_data(broken, "arrow")
+    damaged = tmp_path / "damaged"  # whole files whose image offsets point past their bytes: a reader would crash
+    shutil.copytree(shards, damaged)
+    shard = sorted((damaged / "test").glob("*.arrow"))[0]
+    images = pa.ipc.open_stream(pa.memory_map(str(shard))).read_all()["image"].chunk(0).field("bytes")
+    offsets = np.frombuffer(images.buffers()[1], "<i4")
+    content = shard.read_bytes()
+    at = content.index(offsets[:4].tobytes()) + 8
+    shard.write_bytes(content[:at] + np.array([1 << 30], "<i4").tobytes() + content[at + 4:])
+    with pytest.raises(DataError, match=r"/test cannot be read as a dataset saved with save_to_disk \(.*offset .* out of "
+                                        r"bounds.*\): rewrite it with python -m dist_tsp.shards"):
+        folder_data(damaged, "arrow")
     unlabelled = tmp_path / "unlabelled"
     for split in ("train", "test"):
         datasets.Dataset.from_dict({"image": [b"x"], "label": [0]}).save_to_disk(str(unlabelled / split))
