@@ -47,7 +47,9 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     if verify_workers is not None:
         verify([FolderImages(split, paths) for split, (paths, _) in listed.items()], verify_workers,
                "replace or remove it, then convert again")
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    # `file`: the image's path in its split folder, as save_to_disk keeps only the base name of the image's own path
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
+                                  "file": datasets.Value("string")})
     scratch = out.parent if out.parent.exists() else None  # the Arrow files are built beside the output
     with contextlib.ExitStack() as caches:
         tables = {split: datasets.Dataset.from_generator(
@@ -92,7 +94,7 @@ def _saved_split(path: Path) -> bool:
 def _rows(split: Path, paths: list[bytes], labels: list[int]) -> Iterator[dict]:
     for path, label in zip(paths, labels):
         relative = path.decode()
-        yield {"image": {"bytes": (split / relative).read_bytes(), "path": relative}, "label": label}
+        yield {"image": {"bytes": (split / relative).read_bytes(), "path": relative}, "label": label, "file": relative}
 
 
 def main(argv: list[str] | None = None) -> None:

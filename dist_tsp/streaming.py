@@ -88,9 +88,12 @@ class ArrowImages:
         return f"{self.path} row {int(self.rows[index])}"
 
     def encoded(self, index: int) -> tuple[str, str | bytes]:
-        """What names sample `index` in a message (its row and source file), and what the decoder reads."""
-        image = self.table[int(self.rows[index])]["image"]
-        name = self.where(index) + (f" ({image['path']})" if image.get("path") else "")
+        """What names sample `index` in a message (its row and source file: the `file` column python -m
+        dist_tsp.shards writes, or the image's own base name), and what the decoder reads."""
+        row = self.table[int(self.rows[index])]
+        image = row["image"]
+        source = row.get("file") or image.get("path")
+        name = self.where(index) + (f" ({source})" if source else "")
         return name, image["bytes"] if image.get("bytes") is not None else image["path"]
 
     def add_content_to(self, digest: hashlib._Hash) -> None:

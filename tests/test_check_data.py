@@ -62,7 +62,9 @@ def test_every_unreadable_image_of_every_split_is_counted_and_named_in_one_line(
     assert f"; {in_validation} (" in line and f"; {in_test} (" in line
 
 
-def test_an_unreadable_row_of_arrow_shards_is_named_with_the_fix_in_the_source_folder(tmp_path, capsys):
+def test_an_unreadable_row_of_arrow_shards_is_named_by_its_file_in_the_source_folder_with_the_fix(tmp_path, capsys):
+    import datasets
+
     write_folder(tmp_path / "folder", per_class=8)
     truncated = tmp_path / "folder" / "train" / "bee" / "005.jpg"
     truncated.write_bytes(truncated.read_bytes()[:200])
@@ -71,8 +73,14 @@ def test_an_unreadable_row_of_arrow_shards_is_named_with_the_fix_in_the_source_f
                             "data.batch_size=4", "--workers", "2"])
     assert line.startswith(f"dist-tsp check_data: error: 1 of 40 images cannot be read: {tmp_path / 'arrow'}/train "
                            "row ")
-    assert line.endswith("(005.jpg) (Image is incomplete or truncated.): replace it in the folder the shards "
+    assert line.endswith("(bee/005.jpg) (Image is incomplete or truncated.): replace it in the folder the shards "
                          "came from and convert it again (python -m dist_tsp.shards)")
+    for split in ("train", "test"):  # as a Hub dataset saved with save_to_disk: the image's base name alone
+        datasets.load_from_disk(str(tmp_path / "arrow" / split)).remove_columns("file").save_to_disk(
+            str(tmp_path / "hub" / split))
+    line = refused(capsys, ["--config", str(DEMO), "data.name=arrow", f"data.root={tmp_path / 'hub'}",
+                            "data.batch_size=4", "--workers", "2"])
+    assert f"{tmp_path / 'hub'}/train row " in line and "(005.jpg) (Image is incomplete" in line
 
 
 class KilledAt(FolderImages):
