@@ -1,7 +1,8 @@
 """Bad input met on some ranks stops every rank with one line. Before the student steps, the ranks agree on it and
 rank 0 says it (a SharedUserError), where the others would crash in the next collective or wait in it until its
 timeout. Met later by some ranks alone (an image that cannot be decoded), it is recorded in the launch's store: the
-ranks that met it say it once, and those whose next collective fails because of it exit with its code, quietly."""
+ranks that met it say it once, and those whose next collective fails because of it exit with its code, quietly. A
+loader worker lost on one rank (killed for memory) is recorded the same way, with its own exit code."""
 
 from __future__ import annotations
 
@@ -67,21 +68,25 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
         return None, str(error)
 
 
-def said_by_another_rank_first(message: str) -> bool:
-    """Record bad input this rank alone met, for the other ranks; True when another rank recorded the same first
-    (it has been said). False without a store to record it in."""
+def said_by_another_rank_first(message: str, exit_code: int = UserError.exit_code) -> bool:
+    """Record what this rank alone met and says in one line (bad input, or a lost loader worker), with the code it
+    exits with, for the other ranks; True when another rank recorded the same first (it has been said). False without
+    a store to record it in."""
     store = _store()
     if store is None:
         return False
     order = store.add(_key("count"), 1)
-    store.set(_key(order), message)
-    return any(store.get(_key(earlier)).decode() == message for earlier in range(1, order))
+    store.set(_key(order), f"{exit_code} {message}")
+    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == message for earlier in range(1, order))
 
 
-def met_by_another_rank() -> bool:
-    """Whether a rank recorded bad input: this rank's failed collective is its consequence, said by that rank."""
+def code_said_by_another_rank() -> int | None:
+    """The exit code of what a rank recorded first, if one did: this rank's failed collective is its consequence,
+    said by that rank."""
     store = _store()
-    return store is not None and store.check([_key("count")])
+    if store is None or not store.check([_key("count")]):
+        return None
+    return int(store.get(_key(1)).decode().split(" ", 1)[0])
 
 
 def _store() -> dist.Store | None:

@@ -31,6 +31,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
+from dist_tsp.streaming import loader_worker_died
 from dist_tsp.students import check_local_students
 from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
 from dist_tsp.teacher_modes import deepspeed_zero_settings
@@ -202,8 +203,14 @@ def exit_code(error: BaseException) -> int:
         return INTERRUPTED_EXIT_CODE
     if isinstance(error, (RunStopped, UserError)):
         return error.exit_code
-    # gloo's or NCCL's error where another rank met bad input: its collective failed as that rank left
-    return UserError.exit_code if isinstance(error, RuntimeError) and shared_errors.met_by_another_rank() else 1
+    said = said_by_another_rank(error)
+    return 1 if said is None else said
+
+
+def said_by_another_rank(error: BaseException) -> int | None:
+    """When `error` is gloo's or NCCL's where another rank said in one line why it stopped (its collective failed as
+    that rank left): that rank's exit code."""
+    return shared_errors.code_said_by_another_rank() if isinstance(error, RuntimeError) else None
 
 
 def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
@@ -238,15 +245,21 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
         except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
             said = shared_errors.said_by_another_rank_first(str(error))
             _refuse(error, rank, world_size, every_rank=False, said=said)
-        except RuntimeError as error:  # gloo's, or NCCL's in blocking-wait mode (DistBackendError)
-            code = exit_code(error)
-            if code != UserError.exit_code:  # else another rank met bad input and says so
-                if "timed out" not in str(error).lower():
-                    raise
+        except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
+            if (code := said_by_another_rank(error)) is not None:
+                pass  # the rank that stopped says why
+            elif died := loader_worker_died(error):
+                code = 1
+                shared_errors.said_by_another_rank_first(died, code)  # the others' failed collectives end quietly
+                print(f"dist-tsp: error{_where(rank, world_size)}: {died}", file=sys.stderr)
+            elif "timed out" in str(error).lower():
+                code = 1
                 print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
                       f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
                       f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
                       "(its own error, if any, is above)", file=sys.stderr)
+            else:
+                raise
             sys.stderr.flush()
             # its groups hold work that can never complete: their destructors would abort (SIGABRT)
             os._exit(code)

@@ -5,12 +5,16 @@ mid-epoch resume, the same training on 3 ranks, and one clear line for a bad ima
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
+import time
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 import torch
@@ -25,7 +29,7 @@ from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ROOT, TINY, launch, train_rows, wandb_runs
+from tests.runs import ROOT, TINY, launch, start, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -331,6 +335,36 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
     with pytest.raises(DataError, match=r"/test has labels from -1 to -1, but its classes are 0..3: use a split with "
                                         r"labels, or name every class"):
         folder_data(test_without_labels, "arrow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [None, 3])
+def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes(tmp_path, processes):
+    """As the kernel's out-of-memory killer would; torch notices wherever the main process is (before, its
+    traceback from whatever line that was). On 3 ranks the others, whose next collective fails, end quietly with its
+    code (before, each with gloo's traceback); torchrun's report follows, naming the rank, as for any crash."""
+    root = write_folder(tmp_path / "folder", per_class=24)
+    run = start(["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
+                 "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
+                 "data.batch_size=8", "train.epochs=500", "data.name=image_folder", f"data.root={root}",
+                 "data.normalization=imagenet", "data.loader_workers=1", "teacher.epochs=1"], processes,
+                launcher="dist-tsp")
+    deadline, rank = time.monotonic() + 300, None
+    while run.poll() is None and time.monotonic() < deadline:  # one rank's loader workers, until the run ends
+        with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
+            rank = rank or next((r for r in [psutil.Process(run.pid), *psutil.Process(run.pid).children(True)]
+                                 if any(w.cmdline() == r.cmdline() for w in r.children())), None)  # forked workers
+            for worker in rank.children() if rank else ():
+                worker.kill()
+        time.sleep(0.2)
+    stderr = run.communicate(timeout=60)[1]
+    said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
+    assert run.returncode == 1 and "Connection closed" not in stderr and len(said) == 1, stderr[-3000:]
+    assert processes or "Traceback" not in stderr, stderr[-3000:]
+    assert re.fullmatch(r"dist-tsp: error( \(rank \d\))?: a data loader worker died \(DataLoader worker \(pid \d+\) is "
+                        r"killed by signal: Killed\.\): if memory ran out, lower data.loader_workers; if an image "
+                        r"crashed its decoder, python -m dist_tsp.check_data names it; then rerun the same command to "
+                        r"resume from the last checkpoint", said[0]), stderr[-3000:]
 
 
 @pytest.mark.parametrize("out", ["the folder", "inside it", "its parent, the folder being named train"])
