@@ -16,6 +16,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from ctypes import Array
+from multiprocessing.context import BaseContext
 
 import torch
 from tqdm.auto import tqdm
@@ -33,8 +34,8 @@ _reading: Array | None = None
 
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
-    unreadable ones, naming the first three, and `fix` (for one image); or naming the images being decoded when a
-    process died (a decoder crash, or a kill for memory)."""
+    unreadable ones, naming the first three, and `fix` (for one image); or, when a process died, naming what killed
+    it."""
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
@@ -44,22 +45,47 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
     pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(image_sets, reading))
     try:
+        results = pool.map(_unreadable, range(len(chunks)), chunks)  # every worker forked now, before tqdm's thread
         with tqdm(total=total, desc="verifying images", unit="image") as bar:
-            for (_, start, stop), reasons in zip(chunks, pool.map(_unreadable, range(len(chunks)), chunks)):
+            for (_, start, stop), reasons in zip(chunks, results):
                 bad += reasons
                 bar.update(stop - start)
     except BrokenProcessPool:
-        died = [image_sets[which].where(reading[number])
-                for number, (which, start, stop) in enumerate(chunks) if start <= reading[number] < stop]
-        raise DataError(f"a process decoding images died{' while reading ' * bool(died)}{' or '.join(died)}, "
-                        f"crashed by the image or killed for lack of memory: {fix}; or, if memory ran out, rerun "
-                        "with fewer --workers") from None
+        pool.shutdown(cancel_futures=True)  # every worker gone: what each was reading stays as it was
+        now = reading[:]
+        raise _killed([(image_sets[which], now[number]) for number, (which, start, stop) in enumerate(chunks)
+                       if start <= now[number] < stop], fix, fork) from None
     finally:
         pool.shutdown(cancel_futures=True)
     if bad:
         named = "; ".join(bad[:3]) + "; …" * (len(bad) > 3)
-        raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: "
-                        f"{fix if len(bad) == 1 else f'for each, {fix}'}")
+        raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: {_for_each(len(bad), fix)}")
+
+
+def _killed(reading: list[tuple[FolderImages | ArrowImages, int]], fix: str, fork: BaseContext) -> DataError:
+    """What killed a verifying process, found by decoding each image the workers were reading alone in a process of
+    its own: the images that kill that one too (a reader's crash), or else a kill for lack of memory."""
+    deadly = []
+    for images, index in reading:
+        alone = fork.Process(target=_decode_alone, args=(images, index))
+        alone.start()
+        alone.join()
+        if alone.exitcode < 0:
+            deadly.append(f"{images.where(index)} ({signal.Signals(-alone.exitcode).name})")
+    if deadly:
+        return DataError(f"decoding {' and '.join(deadly)} kills the process: {_for_each(len(deadly), fix)}")
+    return DataError("a process decoding images was killed, though each image it was reading decodes alone: most "
+                     "likely memory ran out: rerun with fewer --workers")
+
+
+def _for_each(count: int, fix: str) -> str:
+    return fix if count == 1 else f"for each, {fix}"
+
+
+def _decode_alone(images: FolderImages | ArrowImages, index: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    decoded(images.encoded(index)[1])
 
 
 def _start_worker(image_sets: list[FolderImages | ArrowImages], reading: Array) -> None:

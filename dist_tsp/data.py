@@ -344,10 +344,15 @@ def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     for split in splits:
         try:
             table = datasets.load_from_disk(str(split))
-            table.data.table.validate(full=True)  # offsets past their buffers (damaged bytes) would crash a reader
+            if isinstance(table, datasets.Dataset):
+                table.data.table.validate(full=True)  # offsets past their buffers (damaged bytes) would crash a reader
         except (FileNotFoundError, OSError, ValueError) as error:
             raise DataError(f"{split} cannot be read as a dataset saved with save_to_disk ({_first_line(error)}): "
                             "rewrite it with python -m dist_tsp.shards, or point data.root elsewhere") from None
+        if not isinstance(table, datasets.Dataset):
+            raise DataError(f"{split} holds a DatasetDict (splits {', '.join(table)}), not one split: save one split "
+                            f"there, e.g. dataset[{next(iter(table))!r}].save_to_disk('{split}'), and the held-out one "
+                            f"in {root}/test or {root}/val")
         if not {"image", "label"} <= set(table.column_names):
             raise DataError(f"{split} has columns {table.column_names}: it needs 'image' and 'label'")
         tables.append(table.cast_column("image", datasets.Image(decode=False)))

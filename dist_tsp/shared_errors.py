@@ -68,23 +68,30 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
         return None, str(error)
 
 
-def said_by_another_rank_first(message: str, exit_code: int = UserError.exit_code) -> bool:
-    """Record what this rank alone met and says in one line (bad input, or a lost loader worker), with the code it
-    exits with, for the other ranks; True when another rank recorded the same first (it has been said). False without
-    a store to record it in."""
+def said_by_another_rank_first(message: str) -> bool:
+    """Record bad input this rank alone met, for the other ranks; True when another rank recorded the same first (it
+    has been said). False without a store to record it in."""
+    order = record(message, UserError.exit_code)
+    store = _store()
+    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == message for earlier in range(1, order))
+
+
+def record(message: str, exit_code: int) -> int:
+    """Record what this rank alone met and says in one line (bad input, a lost loader worker), with the code it exits
+    with, for the other ranks; its place among the records (0: no store to record it in)."""
     store = _store()
     if store is None:
-        return False
+        return 0
     order = store.add(_key("count"), 1)
     store.set(_key(order), f"{exit_code} {message}")
-    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == message for earlier in range(1, order))
+    return order
 
 
 def code_said_by_another_rank() -> int | None:
     """The exit code of what a rank recorded first, if one did: this rank's failed collective is its consequence,
     said by that rank."""
     store = _store()
-    if store is None or not store.check([_key("count")]):
+    if store is None or not store.check([_key(1)]):
         return None
     return int(store.get(_key(1)).decode().split(" ", 1)[0])
 
@@ -103,4 +110,4 @@ def _store() -> dist.Store | None:
 
 def _key(name: object) -> str:
     """This attempt's key (torchrun restarts its workers with the same store)."""
-    return f"dist-tsp/bad-input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    return f"dist-tsp/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"

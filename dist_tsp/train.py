@@ -203,11 +203,11 @@ def exit_code(error: BaseException) -> int:
         return INTERRUPTED_EXIT_CODE
     if isinstance(error, (RunStopped, UserError)):
         return error.exit_code
-    said = said_by_another_rank(error)
+    said = exit_code_said_elsewhere(error)
     return 1 if said is None else said
 
 
-def said_by_another_rank(error: BaseException) -> int | None:
+def exit_code_said_elsewhere(error: BaseException) -> int | None:
     """When `error` is gloo's or NCCL's where another rank said in one line why it stopped (its collective failed as
     that rank left): that rank's exit code."""
     return shared_errors.code_said_by_another_rank() if isinstance(error, RuntimeError) else None
@@ -246,11 +246,11 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             said = shared_errors.said_by_another_rank_first(str(error))
             _refuse(error, rank, world_size, every_rank=False, said=said)
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
-            if (code := said_by_another_rank(error)) is not None:
+            if (code := exit_code_said_elsewhere(error)) is not None:
                 pass  # the rank that stopped says why
             elif died := loader_worker_died(error):
                 code = 1
-                shared_errors.said_by_another_rank_first(died, code)  # the others' failed collectives end quietly
+                shared_errors.record(died, code)  # the other ranks' failed collectives end quietly
                 print(f"dist-tsp: error{_where(rank, world_size)}: {died}", file=sys.stderr)
             elif "timed out" in str(error).lower():
                 code = 1
@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                       "(its own error, if any, is above)", file=sys.stderr)
             else:
                 raise
-            sys.stderr.flush()
-            # its groups hold work that can never complete: their destructors would abort (SIGABRT)
-            os._exit(code)
+            _exit(code)
         except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
             if in_process:
                 raise
@@ -288,12 +286,18 @@ def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, s
     (naming itself) unless another rank `said` the same."""
     if not said and (rank == 0 or not every_rank):
         print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
+    _exit(UserError.exit_code)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit with `code`: at once when the process groups span several ranks (their destructors can abort, as the
+    other ranks leave, or wait for work in flight), else as usual (SystemExit, which the protocol or a sweep running
+    the run in its own process reports)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        # the process groups' destructors can abort (gloo, as the other ranks leave) or wait for work in flight
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(UserError.exit_code)
-    sys.exit(UserError.exit_code)
+        os._exit(code)
+    sys.exit(code)
 
 
 def _where(rank: int, world_size: int) -> str:

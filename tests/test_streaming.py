@@ -8,7 +8,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from itertools import islice
 from pathlib import Path
@@ -29,7 +33,7 @@ from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ROOT, TINY, launch, start, train_rows, wandb_runs
+from tests.runs import ENV, ROOT, TINY, launch, start, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -298,7 +302,7 @@ def test_an_image_met_mid_run_by_some_ranks_stops_every_rank_with_its_one_line_a
     assert [run["exit_code"] for run in wandb_runs(tmp_path / "run")] == [2]
 
 
-def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_path):
+def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels_is_one_line(shards, tmp_path):
     import shutil
 
     import datasets
@@ -321,6 +325,14 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
     with pytest.raises(DataError, match=r"/test cannot be read as a dataset saved with save_to_disk \(.*offset .* "
                                         r"out of bounds.*\): rewrite it with python -m dist_tsp.shards"):
         folder_data(damaged, "arrow")
+    dictionary = tmp_path / "dictionary"  # the Hub's splits saved together
+    datasets.DatasetDict({"train": saved_split(shards, "train"), "validation": saved_split(shards, "test")}
+                         ).save_to_disk(str(dictionary / "train"))
+    shutil.copytree(shards / "test", dictionary / "test")
+    with pytest.raises(DataError, match=r"/train holds a DatasetDict \(splits train, validation\), not one split: save "
+                                        r"one split there, e.g. dataset\['train'\].save_to_disk\('.*/train'\), and "
+                                        r"the held-out one in .*/test or .*/val"):
+        folder_data(dictionary, "arrow")
     unlabelled = tmp_path / "unlabelled"
     for split in ("train", "test"):
         datasets.Dataset.from_dict({"image": [b"x"], "label": [0]}).save_to_disk(str(unlabelled / split))
@@ -337,34 +349,58 @@ def test_an_unreadable_shard_or_a_split_without_labels_is_one_line(shards, tmp_p
         folder_data(test_without_labels, "arrow")
 
 
+KILLED = (r"a data loader worker died \(DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|exited "
+          r"unexpectedly)\): if memory ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
+          r"dist_tsp.check_data names it; then rerun the same command to resume from the last checkpoint")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [None, 3])
-def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes(tmp_path, processes):
+@pytest.mark.parametrize("where", ["one process", "3 ranks", "the protocol's process"])
+def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes(tmp_path, where):
     """As the kernel's out-of-memory killer would; torch notices wherever the main process is (before, its
     traceback from whatever line that was). On 3 ranks the others, whose next collective fails, end quietly with its
-    code (before, each with gloo's traceback); torchrun's report follows, naming the rank, as for any crash."""
+    code (before, each with gloo's traceback); torchrun's report follows, naming the rank, as for any crash. A run in
+    the protocol's own process ends that run alone, which the protocol reports."""
     root = write_folder(tmp_path / "folder", per_class=24)
-    run = start(["--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
-                 "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
-                 "data.batch_size=8", "train.epochs=500", "data.name=image_folder", f"data.root={root}",
-                 "data.normalization=imagenet", "data.loader_workers=1", "teacher.epochs=1"], processes,
-                launcher="dist-tsp")
+    settings = ["students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
+                "data.batch_size=8", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet",
+                "data.loader_workers=1", "teacher.epochs=200"]
+    config = ["--config", str(ROOT / "configs" / "demo.yaml")]
+    if where == "the protocol's process":  # one run at a time on a CPU: the teacher's, in the protocol's process
+        run = subprocess.Popen([sys.executable, "-m", "dist_tsp.protocol", *config, "--out", str(tmp_path / "p"),
+                                "--methods", "scratch", "--seeds", "1", *settings], cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    else:
+        run = start([*config, f"output_dir={tmp_path / 'run'}", *settings], 3 if where == "3 ranks" else None,
+                    launcher="dist-tsp")
+    try:
+        stderr = _kill_one_ranks_loader_workers(run)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
+    assert run.returncode == 1 and "Connection closed" not in stderr and len(said) == 1, stderr[-3000:]
+    assert where == "3 ranks" or "Traceback" not in stderr, stderr[-3000:]
+    if where == "the protocol's process":
+        assert re.fullmatch(rf"dist-tsp protocol: run teacher failed \(exit 1\): dist-tsp: error: {KILLED}; its log is "
+                            r".*teacher.log. Rerun the same command to continue from there", said[0]), stderr[-3000:]
+    else:
+        assert re.fullmatch(rf"dist-tsp: error( \(rank \d\))?: {KILLED}", said[0]), stderr[-3000:]
+
+
+def _kill_one_ranks_loader_workers(run: subprocess.Popen) -> str:
+    """Kill every loader worker of one rank (the first process found with forked children) until `run` ends; its
+    stderr."""
     deadline, rank = time.monotonic() + 300, None
-    while run.poll() is None and time.monotonic() < deadline:  # one rank's loader workers, until the run ends
+    while run.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
-            rank = rank or next((r for r in [psutil.Process(run.pid), *psutil.Process(run.pid).children(True)]
-                                 if any(w.cmdline() == r.cmdline() for w in r.children())), None)  # forked workers
+            if rank is None or not rank.is_running():
+                rank = next((r for r in [psutil.Process(run.pid), *psutil.Process(run.pid).children(True)]
+                             if any(w.cmdline() == r.cmdline() for w in r.children())), None)
             for worker in rank.children() if rank else ():
                 worker.kill()
         time.sleep(0.2)
-    stderr = run.communicate(timeout=60)[1]
-    said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
-    assert run.returncode == 1 and "Connection closed" not in stderr and len(said) == 1, stderr[-3000:]
-    assert processes or "Traceback" not in stderr, stderr[-3000:]
-    assert re.fullmatch(r"dist-tsp: error( \(rank \d\))?: a data loader worker died \(DataLoader worker \(pid \d+\) is "
-                        r"killed by signal: Killed\.\): if memory ran out, lower data.loader_workers; if an image "
-                        r"crashed its decoder, python -m dist_tsp.check_data names it; then rerun the same command to "
-                        r"resume from the last checkpoint", said[0]), stderr[-3000:]
+    return run.communicate(timeout=60)[1]
 
 
 @pytest.mark.parametrize("out", ["the folder", "inside it", "its parent, the folder being named train"])
