@@ -246,11 +246,12 @@ def _reason(error: BaseException) -> str:
 def loader_worker_died(error: BaseException) -> str | None:
     """The one line for torch's error when a loader worker was killed or exited, raised wherever the main process
     was when it noticed; None for another error."""
-    if "DataLoader worker (pid" not in str(error):
+    said = " ".join(str(error).split())
+    if "DataLoader worker (pid" not in said:
         return None
-    return (f"a data loader worker died ({str(error).strip()}): if memory ran out, lower data.loader_workers; if an "
-            "image crashed its decoder, python -m dist_tsp.check_data names it; then rerun the same command to resume "
-            "from the last checkpoint")
+    return (f"a data loader worker died ({said}): if memory ran out, lower data.loader_workers; if an image crashed "
+            "its decoder, python -m dist_tsp.check_data names it; then rerun the same command to resume from the last "
+            "checkpoint")
 
 
 def _collate(samples: list[torch.Tensor | str]) -> torch.Tensor | str:
