@@ -13,12 +13,14 @@ import argparse
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from ctypes import Array
 from multiprocessing.context import BaseContext
 
 import torch
+from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 
 from dist_tsp.config import STREAMABLE, ConfigError, load_config
@@ -27,6 +29,7 @@ from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
 CHUNK = 64  # images a worker decodes per task
+ALONE_TIMEOUT_S = 60  # to decode one image alone, after a worker died
 # in a verifying worker process: the images it decodes, and per chunk the image being decoded (-1: not started)
 _image_sets: list[FolderImages | ArrowImages] = []
 _reading: Array | None = None
@@ -36,6 +39,7 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
     unreadable ones, naming the first three, and `fix` (for one image); or, when a process died, naming what killed
     it."""
+    _without_tqdm_monitor()
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
@@ -45,7 +49,7 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
     pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(image_sets, reading))
     try:
-        results = pool.map(_unreadable, range(len(chunks)), chunks)  # every worker forked now, before tqdm's thread
+        results = pool.map(_unreadable, range(len(chunks)), chunks)  # fork: every worker starts at the first submit
         with tqdm(total=total, desc="verifying images", unit="image") as bar:
             for (_, start, stop), reasons in zip(chunks, results):
                 bad += reasons
@@ -62,20 +66,39 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
         raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: {_for_each(len(bad), fix)}")
 
 
+def _without_tqdm_monitor() -> None:
+    """No tqdm monitor thread in this process, which forks workers (a dataset's loading bars start one)."""
+    tqdm_std.tqdm.monitor_interval = 0  # read by its subclasses too
+    for thread in threading.enumerate():
+        if isinstance(thread, tqdm_std.TMonitor):
+            thread.exit()
+
+
 def _killed(reading: list[tuple[FolderImages | ArrowImages, int]], fix: str, fork: BaseContext) -> DataError:
     """What killed a verifying process, found by decoding each image the workers were reading alone in a process of
     its own: the images that kill that one too (a reader's crash), or else a kill for lack of memory."""
     deadly = []
     for images, index in reading:
-        alone = fork.Process(target=_decode_alone, args=(images, index))
+        alone = fork.Process(target=_decode_alone, args=(images, index), daemon=True)
         alone.start()
-        alone.join()
-        if alone.exitcode < 0:
-            deadly.append(f"{images.where(index)} ({signal.Signals(-alone.exitcode).name})")
+        alone.join(ALONE_TIMEOUT_S)
+        if alone.exitcode is None:  # stuck, not killed: not what killed the worker
+            alone.kill()
+            alone.join()
+        elif alone.exitcode < 0:
+            deadly.append(f"{images.where(index)} ({_signal_name(-alone.exitcode)})")
     if deadly:
         return DataError(f"decoding {' and '.join(deadly)} kills the process: {_for_each(len(deadly), fix)}")
-    return DataError("a process decoding images was killed, though each image it was reading decodes alone: most "
-                     "likely memory ran out: rerun with fewer --workers")
+    alone_too = ", though each image it was reading decodes alone" * bool(reading)
+    return DataError(f"a process decoding images was killed{alone_too}: most likely memory ran out: rerun with fewer "
+                     "--workers")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal
+        return f"signal {number}"
 
 
 def _for_each(count: int, fix: str) -> str:

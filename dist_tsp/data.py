@@ -350,9 +350,10 @@ def _arrow(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
             raise DataError(f"{split} cannot be read as a dataset saved with save_to_disk ({_first_line(error)}): "
                             "rewrite it with python -m dist_tsp.shards, or point data.root elsewhere") from None
         if not isinstance(table, datasets.Dataset):
+            first = next(iter(table), "train")
             raise DataError(f"{split} holds a DatasetDict (splits {', '.join(table)}), not one split: save one split "
-                            f"there, e.g. dataset[{next(iter(table))!r}].save_to_disk('{split}'), and the held-out one "
-                            f"in {root}/test or {root}/val")
+                            f"there, e.g. dataset[{first!r}].save_to_disk('{split}'), and the held-out one in "
+                            f"{root}/test or {root}/val")
         if not {"image", "label"} <= set(table.column_names):
             raise DataError(f"{split} has columns {table.column_names}: it needs 'image' and 'label'")
         tables.append(table.cast_column("image", datasets.Image(decode=False)))

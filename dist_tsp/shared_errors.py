@@ -71,15 +71,19 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
 def said_by_another_rank_first(message: str) -> bool:
     """Record bad input this rank alone met, for the other ranks; True when another rank recorded the same first (it
     has been said). False without a store to record it in."""
-    order = record(message, UserError.exit_code)
     store = _store()
+    order = _record(store, message, UserError.exit_code)
     return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == message for earlier in range(1, order))
 
 
-def record(message: str, exit_code: int) -> int:
-    """Record what this rank alone met and says in one line (bad input, a lost loader worker), with the code it exits
-    with, for the other ranks; its place among the records (0: no store to record it in)."""
-    store = _store()
+def record(message: str, exit_code: int) -> None:
+    """Record what this rank alone met and says in one line (a lost loader worker), with the code it exits with, for
+    the other ranks."""
+    _record(_store(), message, exit_code)
+
+
+def _record(store: dist.Store | None, message: str, exit_code: int) -> int:
+    """`message` and `exit_code` recorded in `store`; their place among the records (0: no store)."""
     if store is None:
         return 0
     order = store.add(_key("count"), 1)

@@ -391,7 +391,7 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes
 def _kill_one_ranks_loader_workers(run: subprocess.Popen) -> str:
     """Kill every loader worker of one rank (the first process found with forked children) until `run` ends; its
     stderr."""
-    deadline, rank = time.monotonic() + 300, None
+    deadline, rank = time.monotonic() + 120, None
     while run.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
             if rank is None or not rank.is_running():
