@@ -46,7 +46,6 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     bad = []
     fork = multiprocessing.get_context("fork")
     reading = fork.RawArray("q", [-1] * len(chunks))
-    # one thread each, as DataLoader's workers: a forked child's parallel region after the parent's would deadlock
     pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(image_sets, reading))
     try:
         results = pool.map(_unreadable, range(len(chunks)), chunks)  # fork: every worker starts at the first submit
@@ -106,16 +105,21 @@ def _for_each(count: int, fix: str) -> str:
 
 
 def _decode_alone(images: FolderImages | ArrowImages, index: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    _as_a_decoding_process()
     decoded(images.encoded(index)[1])
 
 
 def _start_worker(image_sets: list[FolderImages | ArrowImages], reading: Array) -> None:
     global _image_sets, _reading
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
-    torch.set_num_threads(1)
+    _as_a_decoding_process()
     _image_sets, _reading = image_sets, reading
+
+
+def _as_a_decoding_process() -> None:
+    """A forked decoding process: Ctrl-C is the parent's to report, once; one thread, as DataLoader's workers (a
+    forked child's parallel region after the parent's would deadlock)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
