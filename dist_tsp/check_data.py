@@ -4,7 +4,9 @@ is otherwise met when a step first needs it, hours in):
 
     python -m dist_tsp.check_data --config configs/imagenet/tsp.yaml [key=value ...] [--workers N]
 
-A streamed run reads only its data.max_train_samples subset; a folder held in memory is decoded whole first.
+A streamed run reads only its data.max_train_samples subset; a folder held in memory is decoded whole first. An image
+whose reading takes longer than READ_TIMEOUT_S (a decoder that loops on it, a file system that stops answering) is
+named too.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
 CHUNK = 64  # images a worker decodes per task
-ALONE_TIMEOUT_S = 60  # to decode one image alone, after a worker died
+READ_TIMEOUT_S = 60  # to read and decode one image: a verifying process still at it is killed (SIGALRM)
 # in a verifying worker process: the images it decodes, and per chunk the image being decoded (-1: not started)
 _image_sets: list[FolderImages | ArrowImages] = []
 _reading: Array | None = None
@@ -38,7 +40,7 @@ _reading: Array | None = None
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
     unreadable ones, naming the first three, and `fix` (for one image); or, when a process died, naming what killed
-    it."""
+    it (an image whose reading kills a process, or takes longer than READ_TIMEOUT_S)."""
     _without_tqdm_monitor()
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
@@ -76,18 +78,21 @@ def _without_tqdm_monitor() -> None:
 def _killed(reading: list[tuple[FolderImages | ArrowImages, int]], fix: str, fork: BaseContext) -> DataError:
     """What killed a verifying process, found by decoding each image the workers were reading alone in a process of
     its own: the images that kill that one too (a reader's crash), or else a kill for lack of memory."""
-    deadly = []
+    deadly, endless = [], []
     for images, index in reading:
         alone = fork.Process(target=_decode_alone, args=(images, index), daemon=True)
         alone.start()
-        alone.join(ALONE_TIMEOUT_S)
-        if alone.exitcode is None:  # stuck, not killed: not what killed the worker
+        alone.join(READ_TIMEOUT_S)
+        if alone.exitcode is None:
             alone.kill()
             alone.join()
+            endless.append(images.where(index))
         elif alone.exitcode < 0:
             deadly.append(f"{images.where(index)} ({_signal_name(-alone.exitcode)})")
-    if deadly:
-        return DataError(f"decoding {' and '.join(deadly)} kills the process: {_for_each(len(deadly), fix)}")
+    if deadly or endless:
+        found = [f"decoding {' and '.join(deadly)} kills the process"] * bool(deadly) + [
+            f"reading {' and '.join(endless)} takes longer than {READ_TIMEOUT_S} s"] * bool(endless)
+        return DataError(f"{'; '.join(found)}: {_for_each(len(deadly) + len(endless), fix)}")
     alone_too = ", though each image it was reading decodes alone" * bool(reading)
     return DataError(f"a process decoding images was killed{alone_too}: most likely memory ran out: rerun with fewer "
                      "--workers")
@@ -116,9 +121,11 @@ def _start_worker(image_sets: list[FolderImages | ArrowImages], reading: Array) 
 
 
 def _as_a_decoding_process() -> None:
-    """A forked decoding process: Ctrl-C is the parent's to report, once; one thread, as DataLoader's workers (a
-    forked child's parallel region after the parent's would deadlock)."""
+    """A forked decoding process: Ctrl-C is the parent's to report, once; SIGALRM kills it (whatever handler the
+    parent had); one thread, as DataLoader's workers (a forked child's parallel region after the parent's would
+    deadlock)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     torch.set_num_threads(1)
 
 
@@ -128,9 +135,11 @@ def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
     reasons = []
     for index in range(start, stop):
         _reading[number] = index
+        signal.alarm(READ_TIMEOUT_S)  # kills this process, even inside a decoder's C code, unless it is done first
         name, encoded = _image_sets[which].encoded(index)
         if isinstance(image := decoded(encoded), str):
             reasons.append(f"{name} ({image})")
+    signal.alarm(0)
     _reading[number] = stop
     return reasons
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,16 @@ def test_an_unreadable_row_of_arrow_shards_is_named_by_its_file_in_the_source_fo
 
 class KilledAt(FolderImages):
     """Image files whose reading kills the process at one of them, as a reader's crash on damaged bytes would; or,
-    with a `once` file to create, only the first time, as a kill for lack of memory would."""
+    with a `once` file to create, only the first time, as a kill for lack of memory would; or, `hangs`, whose reading
+    never ends there, as a decoder looping on it or a file system that stopped answering."""
 
     killed_at = 70  # in the second chunk
     once: Path | None = None
+    hangs = False
 
     def encoded(self, index: int) -> tuple[str, str | bytes]:
+        if index == self.killed_at and self.hangs:
+            time.sleep(3600)
         if index == self.killed_at and not (self.once and self.once.exists()):
             if self.once:
                 self.once.touch()
@@ -99,20 +104,24 @@ class KilledAt(FolderImages):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("every_time", [True, False])
-def test_a_process_killed_decoding_is_put_down_to_the_image_that_kills_it_alone_or_else_to_memory(tmp_path,
-                                                                                                   every_time):
+@pytest.mark.parametrize("how", ["every time", "once", "hangs"])
+def test_a_process_killed_decoding_is_put_down_to_the_image_that_kills_or_stalls_it_alone_or_else_to_memory(
+        tmp_path, monkeypatch, how):
     """Before: the pool waited for ever."""
     write_folder(tmp_path)
     images = KilledAt(tmp_path / "train", list_image_folder(tmp_path / "train")[1])
-    if not every_time:
+    if how == "once":
         object.__setattr__(images, "once", tmp_path / "killed")
+    if how == "hangs":
+        object.__setattr__(images, "hangs", True)
+        monkeypatch.setattr(check_data, "READ_TIMEOUT_S", 1)
     with pytest.raises(DataError) as refusal:
         check_data.verify([images], 2, "replace or remove it")
-    assert str(refusal.value) == (
-        f"decoding {images.where(KilledAt.killed_at)} (SIGKILL) kills the process: replace or remove it" if every_time
-        else "a process decoding images was killed, though each image it was reading decodes alone: most likely "
-             "memory ran out: rerun with fewer --workers")
+    assert str(refusal.value) == {
+        "every time": f"decoding {images.where(KilledAt.killed_at)} (SIGKILL) kills the process: replace or remove it",
+        "once": "a process decoding images was killed, though each image it was reading decodes alone: most likely "
+                "memory ran out: rerun with fewer --workers",
+        "hangs": f"reading {images.where(KilledAt.killed_at)} takes longer than 1 s: replace or remove it"}[how]
 
 
 def test_a_streamed_run_reads_its_max_train_samples_subset_and_an_in_memory_one_the_whole_folder(tmp_path, capsys):
