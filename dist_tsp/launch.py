@@ -6,8 +6,10 @@ whatever they are doing, and SIGUSR1 kills it. Here the agent ignores both, and 
 workers, which torchrun starts in sessions of their own (a signal to the launcher's process group misses them). They
 stop together after their next step with a checkpoint. A deliberate stop (`RunStopped`: that one, or a non-finite loss)
 reaches this process through a file, so the workers end with 0, torchrun reports no failure, and this process prints
-the stop's one line and exits with its code (75: rerun to resume). Bad input (exit 2) has been said by the workers in
-one line each: torchrun's failure report, which would follow as a traceback, is left out, and this process exits 2.
+the stop's one line and exits with its code (75: rerun to resume). A worker that exits once its error is said in one
+line (bad input, exit 2; a lost loader worker or a collective's timeout, exit 1), by itself or by the rank that met
+it, leaves a note beside that file: when every failed worker did, torchrun's failure report, which would follow as a
+traceback, is left out, and this process exits with the first failure's code.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dist_tsp.errors import Preempted, RunStopped, UserError
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops at once)
 STOP_FILE = "DIST_TSP_STOP_FILE"  # environment variable: where a worker leaves a deliberate stop for this launcher
+SAID = "said-"  # beside it, said-<pid> holds the exit code of a worker whose error was said in one line
 TERM_GRACE_S = 25  # after SIGTERM, the workers' time to checkpoint: inside Slurm's default KillWait (30 s)
 
 
@@ -79,27 +82,30 @@ def launch(args: list[str]) -> int:
 
 
 def agent() -> None:
-    """The agent's process: `accelerate launch` with this process's arguments. When every worker that failed exited
-    with bad input's code, each has said why in one line: it exits with that code, without torchrun's report."""
+    """The agent's process: `accelerate launch` with this process's arguments. When every worker that failed said
+    why in one line (or another rank said it for them, see said_in_one_line), it exits with the first failure's code,
+    without torchrun's report."""
     from accelerate.commands.launch import main as accelerate_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    bad_input = UserError.exit_code
     try:
         check_launch(sys.argv[1:])
     except UserError as error:
         print(f"dist-tsp: error: {error}", file=sys.stderr)
-        sys.exit(bad_input)
+        sys.exit(UserError.exit_code)
     for torchrun in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(torchrun).addFilter(_quiet)
     try:
         accelerate_launch()
-    except (ChildFailedError, subprocess.CalledProcessError) as failed:  # several workers (torchrun), or one
-        codes = ({failure.exitcode for failure in failed.failures.values()} if isinstance(failed, ChildFailedError)
-                 else {failed.returncode})
-        if codes != {bad_input}:
+    except ChildFailedError as failed:  # several workers (torchrun)
+        said = _said()
+        if any(said.get(failure.pid) != failure.exitcode for failure in failed.failures.values()):
             raise
-        sys.exit(bad_input)
+        sys.exit(failed.get_first_failure()[1].exitcode)
+    except subprocess.CalledProcessError as failed:  # one worker, run without torchrun: its pid is not known
+        if failed.returncode not in _said().values():
+            raise
+        sys.exit(failed.returncode)
 
 
 def check_launch(args: list[str]) -> None:
@@ -118,13 +124,27 @@ def check_launch(args: list[str]) -> None:
 
 
 def _quiet(record: logging.LogRecord) -> bool:
-    """torchrun's log lines but those that a worker exited with bad input's code, that the others are closed after
-    a failure (its report names every failure; for bad input, the workers' own lines say what is wrong), and that
-    Ctrl-C stops the workers (rank 0 says it)."""
+    """torchrun's log lines but those that a worker failed after its one line was said, that the others are closed
+    after a failure (its report names every failure that was not said), and that Ctrl-C stops the workers (rank 0
+    says it)."""
     message = record.getMessage()
-    return not (message.startswith(f"failed (exitcode: {UserError.exit_code})") or
+    failed = re.match(r"failed \(exitcode: (-?\d+)\) local_rank: \d+ \(pid: (\d+)\)", message)
+    return not ((failed and _said().get(int(failed[2])) == int(failed[1])) or
                 (message.startswith("Sending process") and "closing signal" in message) or
                 re.match(r"Received (2|Signals\.SIGINT|SIGINT) death signal", message))
+
+
+def said_in_one_line(exit_code: int) -> None:
+    """In a worker of dist-tsp-launch, about to exit with `exit_code` once its error was said in one line, by this
+    rank or by the one that met it: a note for the agent, which leaves this worker out of torchrun's report."""
+    if path := os.environ.get(STOP_FILE):
+        (Path(path).parent / f"{SAID}{os.getpid()}").write_text(str(exit_code))
+
+
+def _said() -> dict[int, int]:
+    """In the agent: {pid: exit code} of the workers that said_in_one_line."""
+    notes = Path(os.environ[STOP_FILE]).parent.glob(f"{SAID}*")
+    return {int(note.name.removeprefix(SAID)): int(note.read_text()) for note in notes}
 
 
 def hand_over(stopped: RunStopped) -> bool:

@@ -26,7 +26,7 @@ from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE, Preempted, RunStopped, SharedUserError, UserError
 from dist_tsp.graph import TeachingGraph
-from dist_tsp.launch import STOP_SIGNALS, hand_over
+from dist_tsp.launch import STOP_SIGNALS, hand_over, said_in_one_line
 from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
@@ -290,9 +290,10 @@ def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, s
 
 
 def _exit(code: int) -> NoReturn:
-    """Exit with `code`: at once when the process groups span several ranks (their destructors can abort, as the
-    other ranks leave, or wait for work in flight), else as usual (SystemExit, which the protocol or a sweep running
-    the run in its own process reports)."""
+    """Exit with `code`, the error said in one line: at once when the process groups span several ranks (their
+    destructors can abort, as the other ranks leave, or wait for work in flight), else as usual (SystemExit, which
+    the protocol or a sweep running the run in its own process reports)."""
+    said_in_one_line(code)
     if dist.is_initialized() and dist.get_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
