@@ -9,7 +9,8 @@ reaches this process through a file, so the workers end with 0, torchrun reports
 the stop's one line and exits with its code (75: rerun to resume). A worker that exits once its error is said in one
 line (bad input, exit 2; a lost loader worker or a collective's timeout, exit 1), by itself or by the rank that met
 it, leaves a note beside that file: when every failed worker did, torchrun's failure report, which would follow as a
-traceback, is left out, and this process exits with the first failure's code.
+traceback, is left out, and this process exits with the first failure's code; otherwise the report names only the
+workers whose failure no line said (a crash, a rank killed), without the agent's own traceback, and it exits 1.
 """
 
 from __future__ import annotations
@@ -99,9 +100,13 @@ def agent() -> None:
         accelerate_launch()
     except ChildFailedError as failed:  # several workers (torchrun)
         said = _said()
-        if any(said.get(failure.pid) != failure.exitcode for failure in failed.failures.values()):
-            raise
-        sys.exit(failed.get_first_failure()[1].exitcode)
+        unsaid = {rank: failure for rank, failure in failed.failures.items()
+                  if said.get(failure.pid) != failure.exitcode}
+        if not unsaid:
+            sys.exit(failed.get_first_failure()[1].exitcode)
+        # torchrun's report of the failures no line has said (a crash, a rank killed), without the agent's traceback
+        print(ChildFailedError(failed.name, unsaid).format_msg(), file=sys.stderr)
+        sys.exit(1)
     except subprocess.CalledProcessError as failed:  # one worker, run without torchrun: its pid is not known
         if failed.returncode not in _said().values():
             raise

@@ -2,7 +2,8 @@
 rank 0 says it (a SharedUserError), where the others would crash in the next collective or wait in it until its
 timeout. Met later by some ranks alone (an image that cannot be decoded), it is recorded in the launch's store: the
 ranks that met it say it once, and those whose next collective fails because of it exit with its code, quietly. A
-loader worker lost on one rank (killed for memory) is recorded the same way, with its own exit code."""
+loader worker lost on one rank (killed for memory) is recorded the same way, with its own exit code, and so is
+another rank's process gone (said once, by the first rank whose collective failed)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,12 @@ def record(message: str, exit_code: int) -> None:
     """Record what this rank alone met and says in one line (a lost loader worker), with the code it exits with, for
     the other ranks."""
     _record(_store(), message, exit_code)
+
+
+def first_to_record(message: str, exit_code: int) -> bool:
+    """Record what this rank says in one line unless another rank says it first (another rank's process gone, which
+    every other rank meets at once); True when this rank is to say it (also without a store)."""
+    return _record(_store(), message, exit_code) <= 1
 
 
 def _record(store: dist.Store | None, message: str, exit_code: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -213,6 +214,16 @@ def exit_code_said_elsewhere(error: BaseException) -> int | None:
     return shared_errors.code_said_by_another_rank() if isinstance(error, RuntimeError) else None
 
 
+def another_rank_gone(error: RuntimeError) -> str | None:
+    """The one line for gloo's error when another rank's process ended while this one waited for it in a collective
+    (killed, most often for memory, or crashed); None for another error."""
+    if not (closed := re.search(r"Connection (closed|reset) by peer", str(error))):
+        return None
+    return (f"another rank's process ended while this one waited for it (gloo: {closed[0].lower()}): its own error, "
+            "if any, is above, and the launcher's report names it with its exit code or signal (SIGKILL: most often "
+            "the kernel's out-of-memory killer); rerun the same command to resume from the last checkpoint")
+
+
 def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
     """A run that starts at step 0 moves what an earlier attempt left (resume=off, or killed before its first
     checkpoint) into output_dir/previous-N/, before its metrics, W&B run and config are written: the main process
@@ -252,6 +263,10 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 code = 1
                 shared_errors.record(died, code)  # the other ranks' failed collectives end quietly
                 print(f"dist-tsp: error{_where(rank, world_size)}: {died}", file=sys.stderr)
+            elif gone := another_rank_gone(error):
+                code = 1
+                if shared_errors.first_to_record(gone, code):
+                    print(f"dist-tsp: error{_where(rank, world_size)}: {gone}", file=sys.stderr)
             elif "timed out" in str(error).lower():
                 code = 1
                 print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
