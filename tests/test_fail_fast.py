@@ -49,7 +49,8 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
     gone = r"another rank's process ended while this one waited for it \(gloo: connection (closed|reset) by peer\): "
     assert len(said) == 1 and re.fullmatch(rf"dist-tsp: error \(rank [01]\): {gone}.*", said[0]), stderr[-3000:]
     assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr, stderr[-3000:]
-    root_cause = stderr[stderr.rindex("Root Cause"):]
-    assert "rank      : 2" in root_cause and "Signal 9 (SIGKILL)" in root_cause, stderr[-3000:]
-    if launcher == "dist-tsp":
-        assert "Traceback" not in stderr and "rank      : 0" not in stderr and "rank      : 1" not in stderr
+    assert "rank      : 2" in stderr and "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
+    if launcher == "dist-tsp":  # torchrun's own report may name another rank as root cause, one that exited too
+        root_cause = stderr[stderr.rindex("Root Cause"):]
+        assert "rank      : 2" in root_cause and "Traceback" not in stderr, stderr[-3000:]
+        assert "rank      : 0" not in stderr and "rank      : 1" not in stderr, stderr[-3000:]
