@@ -74,6 +74,8 @@ class DataConfig(Section):
     in_memory: bool | None = None  # image_folder: decode every image into memory up front (default: stream)
     loader_workers: int | None = Field(None, ge=0)  # per rank, decoding streamed images (default: up to 4, the
     # CPUs this process may use shared among the node's ranks)
+    loader_timeout_s: float = Field(300.0, ge=0)  # a batch not delivered by the workers in this long: one is stuck
+    # (a decoder looping on an image, a file system that stopped answering) and the run ends; 0: wait for ever
     crop: Literal["padded", "random_resized"] = "padded"
     normalization: Literal["dataset", "imagenet"] = "dataset"
 
@@ -344,7 +346,7 @@ class RunConfig(Section):
         tree = self.to_dict()
         for key in ("output_dir", "resume", "tracking"):
             tree.pop(key)
-        for key in ("eval_batch_size", "in_memory", "loader_workers"):  # how data is read, not which
+        for key in ("eval_batch_size", "in_memory", "loader_workers", "loader_timeout_s"):  # how it is read, not what
             tree["data"].pop(key)
         for section, key in SETTINGS_ADDED_SINCE_CHECKPOINTS:  # at their defaults, older checkpoints still match
             if tree[section][key] == type(getattr(self, section)).model_fields[key].default:

@@ -437,7 +437,7 @@ def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch
         raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which is not installed: pip install "
                         "torchcodec (or give the images decoded: data.name=npz)")
     workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
-    return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers)
+    return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers, cfg.loader_timeout_s)
 
 
 def default_workers() -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
 _UNSUPPORTED = "Unsupported or unrecognized image format"  # TorchCodec's message for a format it does not read
 PREFETCH_BATCHES = 4  # per worker
 _SOURCE_LOCATION = re.compile(r"^\w+, \S+:\d+, ")  # "decode_rows, .../DecodeJpeg.cpp:287, " in a decoder's error
+
+
+_CHECK_DATA = "python -m dist_tsp.check_data"
+_RESUME = "rerun the same command to resume from the last checkpoint"
 
 
 class ImageError(UserError):
@@ -111,17 +116,17 @@ class StreamedImages:
     image_size: int
     crop: Crop
     workers: int
+    timeout_s: float  # for the workers to deliver a batch (0: wait for ever)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> StreamedImages:
-        return StreamedImages(self.images.select(indices.cpu().numpy()), self.labels[indices], self.image_size,
-                              self.crop, self.workers)
+        return replace(self, images=self.images.select(indices.cpu().numpy()), labels=self.labels[indices])
 
     def to(self, device: torch.device) -> StreamedImages:
         """The labels on `device`; images are decoded when loaded."""
-        return StreamedImages(self.images, self.labels.to(device), self.image_size, self.crop, self.workers)
+        return replace(self, labels=self.labels.to(device))
 
     def add_content_to(self, digest: hashlib._Hash) -> None:
         """What identifies the split's content without decoding it, its images' names and its labels, hashed into
@@ -148,7 +153,8 @@ class StreamLoader:
         self.loader = DataLoader(_Views(files, augmentation), batch_sampler=self.plan, num_workers=workers,
                                  collate_fn=_collate, pin_memory=device.type == "cuda",
                                  persistent_workers=persistent and workers > 0,
-                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
+                                 timeout=files.timeout_s if workers > 0 else 0)
 
     def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]:
         self.plan.batches = [indices.numpy() for indices in plan]  # views of the plan's CPU tensors, no copy
@@ -243,15 +249,25 @@ def _reason(error: BaseException) -> str:
     return _SOURCE_LOCATION.sub("", lines[-1]) if lines else type(error).__name__
 
 
-def loader_worker_died(error: BaseException) -> str | None:
-    """The one line for torch's error when a loader worker was killed or exited, raised wherever the main process
-    was when it noticed; None for another error."""
+def loader_failed(error: BaseException) -> str | None:
+    """The one line for torch's error when a loader worker was killed or exited (raised wherever the main process
+    was when it noticed), or delivered no batch in data.loader_timeout_s; None for another error."""
     said = " ".join(str(error).split())
-    if "DataLoader worker (pid" not in said:
-        return None
-    return (f"a data loader worker died ({said}): if memory ran out, lower data.loader_workers; if an image crashed "
-            "its decoder, python -m dist_tsp.check_data names it; then rerun the same command to resume from the last "
-            "checkpoint")
+    if "DataLoader worker (pid" in said:
+        return (f"a data loader worker died ({said}): if memory ran out, lower data.loader_workers; if an image "
+                f"crashed its decoder, {_CHECK_DATA} names it; then {_RESUME}")
+    if waited := re.fullmatch(r"DataLoader timed out after ([\d.]+) seconds", said):
+        return (f"the data loader's workers delivered no batch in {float(waited[1]):g} s (data.loader_timeout_s): one "
+                f"is stuck: if its decoder loops on an image, {_CHECK_DATA} names it; if the file system is only "
+                f"slow, raise data.loader_timeout_s; then {_RESUME}")
+    return None
+
+
+def stop_loader_workers() -> None:
+    """Kill this process's loader workers, as it ends on their failure: a stuck one would keep it from exiting."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
 
 
 def _collate(samples: list[torch.Tensor | str]) -> torch.Tensor | str:

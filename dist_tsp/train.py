@@ -32,7 +32,7 @@ from dist_tsp.loop import StudentTrainer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.report import RESULTS_LINE, build_results, results_table, write_predictions, write_results
 from dist_tsp.run_control import StopRequest
-from dist_tsp.streaming import loader_worker_died
+from dist_tsp.streaming import loader_failed, stop_loader_workers
 from dist_tsp.students import check_local_students
 from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
 from dist_tsp.teacher_modes import deepspeed_zero_settings
@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
             if (code := exit_code_said_elsewhere(error)) is not None:
                 pass  # the rank that stopped says why
-            elif died := loader_worker_died(error):
+            elif failed := loader_failed(error):
                 code = 1
-                shared_errors.record(died, code)  # the other ranks' failed collectives end quietly
-                print(f"dist-tsp: error{_where(rank, world_size)}: {died}", file=sys.stderr)
+                stop_loader_workers()
+                shared_errors.record(failed, code)  # the other ranks' failed collectives end quietly
+                print(f"dist-tsp: error{_where(rank, world_size)}: {failed}", file=sys.stderr)
             elif gone := another_rank_gone(error):
                 code = 1
                 if shared_errors.first_to_record(gone, code):

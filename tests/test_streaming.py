@@ -349,23 +349,31 @@ def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels
         folder_data(test_without_labels, "arrow")
 
 
+RERUN = "then rerun the same command to resume from the last checkpoint"
 KILLED = (r"a data loader worker died \(DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|exited "
           r"unexpectedly)\): if memory ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
-          r"dist_tsp.check_data names it; then rerun the same command to resume from the last checkpoint")
+          rf"dist_tsp.check_data names it; {RERUN}")
+STUCK = (r"the data loader's workers delivered no batch in 2 s \(data.loader_timeout_s\): one is stuck: if its decoder "
+         r"loops on an image, python -m dist_tsp.check_data names it; if the file system is only slow, raise "
+         rf"data.loader_timeout_s; {RERUN}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["one process", "3 ranks", "the protocol's process"])
-def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes(tmp_path, where):
-    """As the kernel's out-of-memory killer would; torch notices wherever the main process is (before, its
-    traceback from whatever line that was). On 3 ranks the others, whose next collective fails, end quietly with its
-    code (before, each with gloo's traceback), and dist-tsp-launch leaves out torchrun's report (before, its
-    traceback and report followed the line). A run in the protocol's own process ends that run alone, which the
-    protocol reports."""
+@pytest.mark.parametrize("where, fault", [("one process", "killed"), ("3 ranks", "killed"),
+                                          ("the protocol's process", "killed"), ("one process", "stuck"),
+                                          ("3 ranks", "stuck")])
+def test_a_killed_or_stuck_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes(tmp_path, where, fault):
+    """Killed as by the kernel's out-of-memory killer, torch notices wherever the main process is (before, its
+    traceback from whatever line that was); stopped, as a worker stuck in a decoder or on a file system, the rank
+    waits data.loader_timeout_s for its batch, then kills its workers (before, with one process, it waited for ever,
+    and with several, the others' collectives timed out naming no cause). On 3 ranks the others, whose next collective
+    fails, end quietly with its code (before, each with gloo's traceback), and dist-tsp-launch leaves out torchrun's
+    report (before, its traceback and report followed the line). A run in the protocol's own process ends that run
+    alone, which the protocol reports."""
     root = write_folder(tmp_path / "folder", per_class=24)
     settings = ["students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
                 "data.batch_size=8", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet",
-                "data.loader_workers=1", "teacher.epochs=200"]
+                "data.loader_workers=1", "data.loader_timeout_s=2", "teacher.epochs=200"]
     config = ["--config", str(ROOT / "configs" / "demo.yaml")]
     if where == "the protocol's process":  # one run at a time on a CPU: the teacher's, in the protocol's process
         run = subprocess.Popen([sys.executable, "-m", "dist_tsp.protocol", *config, "--out", str(tmp_path / "p"),
@@ -375,23 +383,24 @@ def test_a_killed_loader_worker_ends_the_run_in_one_line_naming_the_likely_fixes
         run = start([*config, f"output_dir={tmp_path / 'run'}", *settings], 3 if where == "3 ranks" else None,
                     launcher="dist-tsp")
     try:
-        stderr = _kill_one_ranks_loader_workers(run)
+        stderr = _signal_one_ranks_loader_workers(run, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
     said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
     assert run.returncode == 1 and "Connection closed" not in stderr and len(said) == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "Root Cause" not in stderr and "exitcode" not in stderr, stderr[-3000:]
+    line = KILLED if fault == "killed" else STUCK
     if where == "the protocol's process":
-        assert re.fullmatch(rf"dist-tsp protocol: run teacher failed \(exit 1\): dist-tsp: error: {KILLED}; its log is "
+        assert re.fullmatch(rf"dist-tsp protocol: run teacher failed \(exit 1\): dist-tsp: error: {line}; its log is "
                             r".*teacher.log. Rerun the same command to continue from there", said[0]), stderr[-3000:]
     else:
-        assert re.fullmatch(rf"dist-tsp: error( \(rank \d\))?: {KILLED}", said[0]), stderr[-3000:]
+        assert re.fullmatch(rf"dist-tsp: error( \(rank \d\))?: {line}", said[0]), stderr[-3000:]
 
 
-def _kill_one_ranks_loader_workers(run: subprocess.Popen) -> str:
-    """Kill every loader worker of one rank (the first process found with forked children) until `run` ends; its
-    stderr."""
+def _signal_one_ranks_loader_workers(run: subprocess.Popen, fault: signal.Signals) -> str:
+    """Send `fault` to every loader worker of one rank (the first process found with forked children) until `run`
+    ends; its stderr."""
     deadline, rank = time.monotonic() + 120, None
     while run.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
@@ -399,7 +408,7 @@ def _kill_one_ranks_loader_workers(run: subprocess.Popen) -> str:
                 rank = next((r for r in [psutil.Process(run.pid), *psutil.Process(run.pid).children(True)]
                              if any(w.cmdline() == r.cmdline() for w in r.children())), None)
             for worker in rank.children() if rank else ():
-                worker.kill()
+                worker.send_signal(fault)
         time.sleep(0.2)
     return run.communicate(timeout=60)[1]
 
