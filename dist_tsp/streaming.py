@@ -147,14 +147,14 @@ class StreamLoader:
     def __init__(self, files: StreamedImages, augmentation: Augmentation | None, device: torch.device, *,
                  persistent: bool) -> None:
         self.device, self.plan = device, _Plan()
-        workers = files.workers
-        if workers > 0:
+        workers, with_workers = files.workers, {}
+        if workers > 0:  # forked, as the module's docstring has them (the default: spawn on macOS, forkserver from
+            # Python 3.14)
             import_transforms()
+            with_workers = dict(persistent_workers=persistent, prefetch_factor=PREFETCH_BATCHES,
+                                timeout=files.timeout_s, multiprocessing_context="fork")
         self.loader = DataLoader(_Views(files, augmentation), batch_sampler=self.plan, num_workers=workers,
-                                 collate_fn=_collate, pin_memory=device.type == "cuda",
-                                 persistent_workers=persistent and workers > 0,
-                                 prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-                                 timeout=files.timeout_s if workers > 0 else 0)
+                                 collate_fn=_collate, pin_memory=device.type == "cuda", **with_workers)
 
     def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]:
         self.plan.batches = [indices.numpy() for indices in plan]  # views of the plan's CPU tensors, no copy

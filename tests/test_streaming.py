@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -113,6 +114,23 @@ def test_a_streamed_folders_teacher_logit_cache_is_keyed_by_its_image_size_and_n
             for data in (folder_data(folder), folder_data(folder, normalization="imagenet"),
                          folder_data(folder, image_size=36))}
     assert len(keys) == 3
+
+
+def test_loader_workers_are_forked_from_the_rank_whatever_the_default_start_method(folder):
+    """Python 3.14 makes forkserver the default on Linux; the workers stay forked from the rank, as this design has
+    them (its file-name array shared without a copy, torchvision imported once, before they start)."""
+    default = multiprocessing.get_start_method(allow_none=True)
+    rank = psutil.Process()
+    before = {child.pid for child in rank.children()}
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        stream = iter(batches(folder_data(folder)).epoch(0))
+        next(stream)
+        forked = [child for child in rank.children() if child.pid not in before and child.cmdline() == rank.cmdline()]
+        stream.close()
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+    assert len(forked) == 2
 
 
 @pytest.mark.parametrize("crop", ["padded", "random_resized"])
