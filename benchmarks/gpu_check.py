@@ -45,6 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # this checkout's dist_tsp, here and in every run it starts, also where it is not installed (a lent GPU machine)
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+# What dist-tsp cannot run without and a GPU machine's image may lack: pydantic and its three dependencies
+if missing := [name for name in ("pydantic", "pydantic_core", "annotated_types", "typing_inspection")
+               if find_spec(name) is None]:
+    sys.exit(f"gpu_check.py: error: {', '.join(missing).replace('_', '-')} not installed, without which dist-tsp "
+             "cannot run: install them, or on a machine without internet carry their wheels (README.md, The GPU "
+             "check)")
 
 from step_breakdown import profile, run_command, stop_commands, train  # noqa: E402
 
@@ -59,7 +65,7 @@ PAPER = ROOT / "configs" / "paper" / "tsp.yaml"
 STUDENTS = ("alexnet", "lenet", "mobilenet")
 TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-OPTIONAL = ("pydantic", "wandb", "deepspeed", "torchcodec", "datasets")
+OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets")
 # What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
 CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
 # On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.

@@ -13,7 +13,9 @@ import hashlib
 import io
 import multiprocessing
 import re
-from collections.abc import Iterator, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,10 +41,15 @@ _SOURCE_LOCATION = re.compile(r"^\w+, \S+:\d+, ")  # "decode_rows, .../DecodeJpe
 
 _CHECK_DATA = "python -m dist_tsp.check_data"
 _RESUME = "rerun the same command to resume from the last checkpoint"
+_gave_up_after_s = 0.0  # set once this process killed its loader workers for delivering no batch in that long
 
 
 class ImageError(UserError):
     """An image that cannot be decoded."""
+
+
+class LoaderWorkerLost(RuntimeError):
+    """A worker's connection closed as it handed a batch over: it died before torch noticed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,21 +155,41 @@ class StreamLoader:
                  persistent: bool) -> None:
         self.device, self.plan = device, _Plan()
         workers, with_workers = files.workers, {}
+        self.timeout_s = files.timeout_s if workers > 0 else 0.0  # with no workers, nothing can be stopped
         if workers > 0:  # forked, as the module's docstring has them (the default: spawn on macOS, forkserver from
             # Python 3.14)
             import_transforms()
             with_workers = dict(persistent_workers=persistent, prefetch_factor=PREFETCH_BATCHES,
-                                timeout=files.timeout_s, multiprocessing_context="fork")
+                                multiprocessing_context="fork")
         self.loader = DataLoader(_Views(files, augmentation), batch_sampler=self.plan, num_workers=workers,
                                  collate_fn=_collate, pin_memory=device.type == "cuda", **with_workers)
 
     def __call__(self, plan: Sequence[torch.Tensor], epoch: int | None) -> Iterator[torch.Tensor]:
         self.plan.batches = [indices.numpy() for indices in plan]  # views of the plan's CPU tensors, no copy
         self.plan.epoch = -1 if epoch is None else epoch
-        for images in self.loader:
+        batches = self._in_time(iter, self.loader)  # persistent workers are first told a new pass starts
+        while (images := self._in_time(next, batches, None)) is not None:
             if isinstance(images, str):
                 raise ImageError(images)
             yield images.to(self.device, non_blocking=True)
+
+    def _in_time(self, wait: Callable[..., Any], *args: Any) -> Any:
+        """wait(*args), which waits for the workers, the workers killed if it takes longer than timeout_s. Not torch's
+        own timeout, which bounds only the wait for a batch's message: a batch's memory is then handed over by its
+        worker, and a stopped worker, or one whose decoder holds the interpreter lock, would never hand it over."""
+        deadline = threading.Timer(self.timeout_s, _give_up_on_stuck_workers, [self.timeout_s])
+        deadline.daemon = True
+        if self.timeout_s > 0:
+            deadline.start()
+        try:
+            return wait(*args)
+        except Exception as error:  # a worker's death, noticed by torch or as a batch was handed over: the run ends
+            stop_loader_workers()
+            if isinstance(error, (ConnectionError, EOFError)):
+                raise LoaderWorkerLost(f"{type(error).__name__}: {error}") from error
+            raise
+        finally:
+            deadline.cancel()
 
 
 class _Plan(Sampler):
@@ -250,23 +277,40 @@ def _reason(error: BaseException) -> str:
 
 
 def loader_failed(error: BaseException) -> str | None:
-    """The one line for torch's error when a loader worker was killed or exited (raised wherever the main process
-    was when it noticed), or delivered no batch in data.loader_timeout_s; None for another error."""
-    said = " ".join(str(error).split())
-    if "DataLoader worker (pid" in said:
-        return (f"a data loader worker died ({said}): if memory ran out, lower data.loader_workers; if an image "
-                f"crashed its decoder, {_CHECK_DATA} names it; then {_RESUME}")
-    if waited := re.fullmatch(r"DataLoader timed out after ([\d.]+) seconds", said):
-        return (f"the data loader's workers delivered no batch in {float(waited[1]):g} s (data.loader_timeout_s): one "
+    """The one line for a loader worker's death (torch's error, raised wherever the main process was when it noticed,
+    or a batch's hand-over cut short), or for any error once this process killed its workers for delivering no batch
+    in data.loader_timeout_s; None for another error."""
+    if _gave_up_after_s:  # whatever then failed (a worker's death, a batch's hand-over, the pinning thread)
+        return (f"the data loader's workers delivered no batch in {_gave_up_after_s:g} s (data.loader_timeout_s): one "
                 f"is stuck: if its decoder loops on an image, {_CHECK_DATA} names it; if the file system is only "
                 f"slow, raise data.loader_timeout_s; then {_RESUME}")
-    return None
+    said = " ".join(str(error).split())
+    if isinstance(error, LoaderWorkerLost):
+        said = f"its connection closed as it handed a batch over: {said}"
+    elif "DataLoader worker (pid" not in said:
+        return None
+    return (f"a data loader worker died ({said}): if memory ran out, lower data.loader_workers; if an image crashed "
+            f"its decoder, {_CHECK_DATA} names it; then {_RESUME}")
+
+
+def _give_up_on_stuck_workers(timeout_s: float) -> None:
+    """Kill this process's loader workers, which delivered no batch in `timeout_s`: the main process, waiting for
+    one, then fails with their death, which loader_failed says they were stuck."""
+    global _gave_up_after_s
+    _gave_up_after_s = timeout_s
+    stop_loader_workers()
 
 
 def stop_loader_workers() -> None:
-    """Kill this process's loader workers, as it ends on their failure: a stuck one would keep it from exiting."""
-    for worker in multiprocessing.active_children():
+    """Kill this process's loader workers (all first, then wait for them), as it ends on their failure: a stuck one
+    would keep it from exiting. In the main thread, their deaths are no longer checked: torch's SIGCHLD handler would
+    raise for each again, wherever the process then is."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = multiprocessing.active_children()
+    for worker in workers:
         worker.kill()
+    for worker in workers:
         worker.join()
 
 

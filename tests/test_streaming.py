@@ -416,6 +416,43 @@ def test_a_killed_or_stuck_loader_worker_ends_the_run_in_one_line_naming_the_lik
         assert re.fullmatch(rf"dist-tsp: error( \(rank \d\))?: {line}", said[0]), stderr[-3000:]
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_stopped_before_handing_its_batch_over_is_given_up_after_the_loader_timeout(folder, tmp_path,
+                                                                                            monkeypatch):
+    """Its batch's message is queued, but the batch's memory is handed over by the worker itself when the main process
+    takes it: torch's own timeout covered only the message, so the main process then waited for ever (as in CI, where
+    a stopped worker could be caught in between). The worker here stops itself once its second batch is queued and
+    the first taken."""
+    from dist_tsp import streaming
+
+    decode, decoded_here, first_taken = streaming.decoded, [], tmp_path / "first batch taken"
+
+    def stop_on_the_third_batch(encoded):
+        decoded_here.append(encoded)  # the forked worker's own list
+        if len(decoded_here) == 17:
+            while not first_taken.exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return decode(encoded)
+
+    data = folder_data(folder, loader_workers=1, loader_timeout_s=2, normalization="imagenet")
+    monkeypatch.setattr(streaming, "decoded", stop_on_the_third_batch)
+    monkeypatch.setattr(streaming, "_gave_up_after_s", 0.0)  # what the run's process learns, undone for the others
+    stream = data.train.loader(None, torch.device("cpu"))(list(torch.arange(96).split(8)), None)
+    next(stream)
+    first_taken.touch()
+    time.sleep(1)  # the worker stopped
+    started, checks_worker_deaths = time.monotonic(), signal.getsignal(signal.SIGCHLD)
+    try:
+        with pytest.raises(RuntimeError) as error:
+            next(stream)
+        time.sleep(1)  # before, a worker's death noticed late could raise again here
+    finally:
+        signal.signal(signal.SIGCHLD, checks_worker_deaths)  # as the run's process ends, it stops checking
+    assert 2 <= time.monotonic() - started - 1 < 15 and not multiprocessing.active_children()
+    assert streaming.loader_failed(error.value).startswith("the data loader's workers delivered no batch in 2 s")
+
+
 def _signal_one_ranks_loader_workers(run: subprocess.Popen, fault: signal.Signals) -> str:
     """Send `fault` to every loader worker of one rank (the first process found with forked children) until `run`
     ends; its stderr."""
