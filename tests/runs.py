@@ -92,6 +92,13 @@ def two_at_a_time(request, tmp_path_factory, test: Callable, run_case: Callable[
     return futures
 
 
+def said_lines(stderr: str) -> list[str]:
+    """The lines dist-tsp said on stderr, each from its start, also where it follows another rank's progress bar,
+    which ends without a newline."""
+    lines = stderr.replace("\r", "\n").replace("]dist-tsp", "]\ndist-tsp").splitlines()
+    return [line for line in lines if line.startswith("dist-tsp")]
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file's bytes, mode and mtime, and every folder's entries, mode and mtime, under `root`."""
     state = {}

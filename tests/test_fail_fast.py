@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, rank_pid, start
+from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, rank_pid, said_lines, start
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
             kill_run(process, tmp_path)
     assert time.monotonic() - killed < 60
     assert process.returncode == 1
-    said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
+    said = said_lines(stderr)
     gone = r"another rank's process ended while this one waited for it \(gloo: connection (closed|reset) by peer\): "
     assert len(said) == 1 and re.fullmatch(rf"dist-tsp: error \(rank [01]\): {gone}.*", said[0]), stderr[-3000:]
     assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr, stderr[-3000:]

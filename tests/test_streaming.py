@@ -34,7 +34,7 @@ from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ENV, ROOT, TINY, launch, start, train_rows, wandb_runs
+from tests.runs import ENV, ROOT, TINY, launch, said_lines, start, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -368,8 +368,9 @@ def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels
 
 
 RERUN = "then rerun the same command to resume from the last checkpoint"
-KILLED = (r"a data loader worker died \(DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|exited "
-          r"unexpectedly)\): if memory ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
+KILLED = (r"a data loader worker died \((DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|exited "
+          r"unexpectedly)|its connection closed as it handed a batch over: ConnectionResetError: .*)\): if memory "
+          r"ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
           rf"dist_tsp.check_data names it; {RERUN}")
 STUCK = (r"the data loader's workers delivered no batch in 2 s \(data.loader_timeout_s\): one is stuck: if its decoder "
          r"loops on an image, python -m dist_tsp.check_data names it; if the file system is only slow, raise "
@@ -405,7 +406,7 @@ def test_a_killed_or_stuck_loader_worker_ends_the_run_in_one_line_naming_the_lik
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
-    said = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
+    said = said_lines(stderr)
     assert run.returncode == 1 and "Connection closed" not in stderr and len(said) == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "Root Cause" not in stderr and "exitcode" not in stderr, stderr[-3000:]
     line = KILLED if fault == "killed" else STUCK
