@@ -10,10 +10,10 @@ import importlib.metadata
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +33,11 @@ SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the 
 DEFAULT_WORKERS = 4
 DIGITS_FILE = "sklearn/datasets/data/digits.csv.gz"  # as scikit-learn's installed-files list names it
 STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
+BAR_FROM_BATCHES = 8  # reading of fewer batches than this shows no progress bar
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's weights expect
+
+
+T = TypeVar("T")
 
 
 class DataError(UserError):
@@ -450,9 +454,15 @@ def decode_all(files: StreamedImages, what: str) -> ImageSet:
     """Every image of `files` decoded (its evaluation view) into memory by the loader workers."""
     chunks = torch.arange(len(files)).split(256)
     loader = files.loader(None, torch.device("cpu"))
-    images = [b for b in tqdm(loader(chunks, None), total=len(chunks), desc=f"decoding {what}", leave=False,
-                              disable=len(chunks) < 8)]
+    images = list(progress(loader(chunks, None), len(chunks), f"decoding {what}"))
     return ImageSet(torch.cat(images), files.labels)
+
+
+def progress(batches: Iterable[T], total: int, what: str) -> Iterable[T]:
+    """`batches` with a transient progress bar saying `what`: on the main process only (global rank 0), and only
+    for a reading of BAR_FROM_BATCHES batches or more."""
+    hidden = total < BAR_FROM_BATCHES or (dist.is_initialized() and dist.get_rank() != 0)
+    return tqdm(batches, total=total, desc=what, leave=False, disable=hidden)
 
 
 def _first_line(error: BaseException) -> str:
@@ -528,10 +538,10 @@ def images_of(data: Samples, indices: list[int]) -> torch.Tensor:
 
 
 def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices: torch.Tensor | None = None,
-                 group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
+                 group: dist.ProcessGroup | None = None, what: str | None = None) -> Iterator[Batch]:
     """The samples `indices` (default: the whole set) in order, unaugmented, `batch_size` at a time, on every rank
-    of `group`. A streamed set is read once over the group: each rank decodes 1/G of every batch, and one all-gather
-    (of uint8 images) completes it."""
+    of `group`, with a progress bar saying `what` (see progress) when given. A streamed set is read once over the
+    group: each rank decodes 1/G of every batch, and one all-gather (of uint8 images) completes it."""
     indices = torch.arange(len(data)) if indices is None else indices
     chunks = indices.split(batch_size) if len(indices) else ()
     device = data.labels.device
@@ -542,7 +552,8 @@ def eval_batches(data: Samples, batch_size: int, normalize: Normalizer, indices:
         rank = dist.get_rank(group)
         views = (all_gather_cat(mine, group) for mine in data.loader(None, device)(
             [_share(chunk, rank, size) for chunk in chunks], None))
-    for chunk, images in zip(chunks, views):
+    read = zip(chunks, views)
+    for chunk, images in read if what is None else progress(read, len(chunks), what):
         yield Batch(normalize(images[: len(chunk)]), data.labels[chunk.to(device)], chunk)
 
 

@@ -224,20 +224,20 @@ class StudentTrainer:
                     dist.broadcast(buffer, src=source, group=self.groups.replica)
         accuracies = {}
         if self.data.val is not None:
-            accuracies["val"] = self._accuracy(self.predictions(models, self.data.val), self.data.val)
-        test_predictions = self.predictions(models, self.data.test)
+            accuracies["val"] = self._accuracy(self.predictions(models, self.data.val, "val"), self.data.val)
+        test_predictions = self.predictions(models, self.data.test, "test")
         accuracies["test"] = self._accuracy(test_predictions, self.data.test)
         return Evaluation(accuracies, test_predictions)
 
     def _accuracy(self, predicted: torch.Tensor, data: Samples) -> dict[str, float]:
         return dict(zip(self.cfg.student_names, (predicted == data.labels).float().mean(dim=1).tolist()))
 
-    def predictions(self, models: list[nn.Module], data: Samples) -> torch.Tensor:
-        """Every student's predicted class for every sample [N, len(data)], on every rank (one all-reduce):
-        each replica predicts its strided share of the samples."""
+    def predictions(self, models: list[nn.Module], data: Samples, split: str) -> torch.Tensor:
+        """Every student's predicted class for every sample [N, len(data)] of `split`, on every rank (one
+        all-reduce): each replica predicts its strided share of the samples."""
         mine = predict(models, data, shard=self.placement.replica_index, num_shards=self.placement.replicas,
                        batch_size=self.cfg.data.eval_batch_size, normalize=self.data.normalize,
-                       autocast=self.accelerator.autocast, group=self.groups.peer)
+                       autocast=self.accelerator.autocast, group=self.groups.peer, what=f"evaluating on {split}")
         everyone = torch.zeros(len(self.cfg.student_names), len(data), dtype=torch.long, device=mine.device)
         everyone[[s.index for s in self.students]] = mine + 1  # -1 (another replica's sample): 0, the sum's identity
         return all_reduce(everyone, self.groups.world) - 1

@@ -159,7 +159,8 @@ def _predictions(teacher: RunTeacher, data: Dataset, world: dist.ProcessGroup | 
                  ) -> torch.Tensor:
     """The predicted class of every test sample, each batch split over all ranks (same forwards on every rank)."""
     return torch.cat([gathered_logits(teacher, batch, world).argmax(-1)
-                      for batch in eval_batches(data.test, batch_size, data.normalize, group=world)])
+                      for batch in eval_batches(data.test, batch_size, data.normalize, group=world,
+                                                   what="evaluating the teacher on test")])
 
 
 def teacher_logits(cfg: RunConfig, model: nn.Module, info: TeacherInfo, data: Dataset, accelerator: Accelerator,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
-from dist_tsp.data import DataError, PeerBatches, digits_arrays, load_dataset
+from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_arrays, load_dataset, progress
 from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
@@ -100,6 +100,19 @@ def test_a_random_resized_view_draws_from_its_own_seed_and_leaves_every_global_g
     views = [augmentation.random_resized(image, 32, epoch=0, index=i) for i in (0, 1, 0)]
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(views[0], views[2]) and not torch.equal(views[0], views[1])
+
+
+def _bars_hidden() -> list[bool]:
+    hidden = []
+    for batches in (BAR_FROM_BATCHES - 1, BAR_FROM_BATCHES):
+        with progress(range(batches), batches, "reading") as bar:
+            hidden.append(bar.disable)
+    return hidden
+
+
+def test_a_reading_shows_its_progress_bar_on_rank_0_alone_and_only_from_bar_from_batches_batches():
+    assert _bars_hidden() == [True, False]  # one process, no process group: the main one
+    assert run_on_ranks(_bars_hidden, 3) == [[True, False], [True, True], [True, True]]
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error():
