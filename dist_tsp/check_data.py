@@ -26,7 +26,7 @@ from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 
 from dist_tsp.config import STREAMABLE, ConfigError, load_config
-from dist_tsp.data import DataError, check_fills_a_batch, load_dataset
+from dist_tsp.data import DataError, check_fills_a_batch, load_dataset, normalized
 from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         read = load_dataset(streamed, cfg.seed)
         verify([split.images for split in (read.train, read.val, read.test) if split is not None], args.workers,
                read.train.images.fix_unreadable)
-        dataset = read if streamed == cfg.data else load_dataset(cfg.data, cfg.seed)  # as the run loads it
+        # as the run loads it: decoded into memory, or the same file lists with the run's normalisation
+        dataset = load_dataset(cfg.data, cfg.seed) if cfg.data.in_memory else normalized(read, cfg.data.normalization)
         check_fills_a_batch(len(dataset.train), cfg.data.batch_size, 1, "data.batch_size")
     print(f"data.name={cfg.data.name}: {dataset.identity()}: every image can be read")
 

@@ -167,9 +167,16 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
             raise DataError(f"data.val_fraction={cfg.val_fraction:g} of {len(train)} training images holds {held} "
                             f"out: {fix}")
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalization == "imagenet" else \
-        _training_stats(train, sampled=cfg.name in STREAMABLE)
-    return Dataset(cfg.name, train, val, test, classes, mean, std, hflip, cfg.crop)
+    return normalized(Dataset(cfg.name, train, val, test, classes, IMAGENET_MEAN, IMAGENET_STD, hflip, cfg.crop),
+                      cfg.normalization)
+
+
+def normalized(data: Dataset, normalization: str) -> Dataset:
+    """`data` normalised with torchvision's ImageNet constants, or with its training images' own statistics."""
+    if normalization == "imagenet":
+        return dataclasses.replace(data, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    mean, std = _training_stats(data.train, sampled=data.name in STREAMABLE)
+    return dataclasses.replace(data, mean=mean, std=std)
 
 
 def _resized(images: ImageSet, size: int) -> ImageSet:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_tsp import check_data, shards
+from dist_tsp import check_data, data, shards
 from dist_tsp.config import load_config
 from dist_tsp.data import DataError, load_dataset
 from dist_tsp.streaming import FolderImages, list_image_folder
@@ -39,12 +39,17 @@ def training_paths(root: Path, overrides: list[str]) -> list[Path]:
     return [root / "train" / path.decode() for split in splits for path in split.images.paths.tolist()]
 
 
-def test_a_readable_folder_passes_with_its_splits_counted_including_the_validation_split(tmp_path, capsys):
+def test_a_readable_folder_passes_with_the_runs_identity_its_files_listed_once(tmp_path, capsys, monkeypatch):
     write_folder(tmp_path, per_class=8)
+    overrides = [*FOLDER_DATA, f"data.root={tmp_path}", "data.val_fraction=0.25"]
+    listed = []
+    monkeypatch.setattr(data, "list_image_folder", lambda *args: listed.append(args[0]) or list_image_folder(*args))
     # the training set's own statistics: the parent decodes a sample with torch's threads before the workers fork
-    check_data.main([*FOLDER, f"data.root={tmp_path}", "data.val_fraction=0.25"])
-    assert capsys.readouterr().out.strip().startswith(
-        "data.name=image_folder: 24 training, 8 validation and 8 test images in 4 classes, content ")
+    check_data.main(["--config", str(DEMO), *overrides, "--workers", "2"])
+    assert listed == [tmp_path / "train", tmp_path / "test"]
+    run = load_dataset(load_config(DEMO, overrides).data, seed=0)
+    assert capsys.readouterr().out.strip() == f"data.name=image_folder: {run.identity()}: every image can be read"
+    assert run.identity().startswith("24 training, 8 validation and 8 test images in 4 classes, content ")
 
 
 def test_every_unreadable_image_of_every_split_is_counted_and_named_in_one_line(tmp_path, capsys):
