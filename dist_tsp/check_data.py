@@ -133,13 +133,15 @@ def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
     """Each unreadable image of chunk `number` (images `start` to `stop` of set `which`): its name and why."""
     which, start, stop = chunk
     reasons = []
-    for index in range(start, stop):
-        _reading[number] = index
-        signal.alarm(READ_TIMEOUT_S)  # kills this process, even inside a decoder's C code, unless it is done first
-        name, encoded = _image_sets[which].encoded(index)
-        if isinstance(image := decoded(encoded), str):
-            reasons.append(f"{name} ({image})")
-    signal.alarm(0)
+    try:
+        for index in range(start, stop):
+            _reading[number] = index
+            signal.alarm(READ_TIMEOUT_S)  # kills this process, even inside a decoder's C code, unless it is done first
+            name, encoded = _image_sets[which].encoded(index)
+            if isinstance(image := decoded(encoded), str):
+                reasons.append(f"{name} ({image})")
+    finally:  # a chunk's error goes to the parent; this process goes on with the next chunk, with no alarm set
+        signal.alarm(0)
     _reading[number] = stop
     return reasons
 

@@ -93,8 +93,8 @@ def _saved_split(path: Path) -> bool:
 
 def _rows(split: Path, paths: list[bytes], labels: list[int]) -> Iterator[dict]:
     for path, label in zip(paths, labels):
-        relative = path.decode()
-        yield {"image": {"bytes": (split / relative).read_bytes(), "path": relative}, "label": label, "file": relative}
+        name = path.decode(errors="replace")  # Arrow's strings are UTF-8: a name that is not keeps U+FFFD in its place
+        yield {"image": {"bytes": (split / os.fsdecode(path)).read_bytes(), "path": name}, "label": label, "file": name}
 
 
 def main(argv: list[str] | None = None) -> None:

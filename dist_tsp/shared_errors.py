@@ -74,7 +74,8 @@ def said_by_another_rank_first(message: str) -> bool:
     has been said). False without a store to record it in."""
     store = _store()
     order = _record(store, message, UserError.exit_code)
-    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == message for earlier in range(1, order))
+    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == _storable(message)
+               for earlier in range(1, order))
 
 
 def record(message: str, exit_code: int) -> None:
@@ -94,8 +95,13 @@ def _record(store: dist.Store | None, message: str, exit_code: int) -> int:
     if store is None:
         return 0
     order = store.add(_key("count"), 1)
-    store.set(_key(order), f"{exit_code} {message}")
+    store.set(_key(order), f"{exit_code} {_storable(message)}")
     return order
+
+
+def _storable(message: str) -> str:
+    """`message` as the store keeps it (UTF-8): a file name that is not UTF-8 keeps its undecodable bytes escaped."""
+    return message.encode("utf-8", "backslashreplace").decode()
 
 
 def code_said_by_another_rank() -> int | None:

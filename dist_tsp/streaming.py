@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import multiprocessing
+import os
 import re
 import signal
 import threading
@@ -70,7 +71,7 @@ class FolderImages:
 
     def where(self, index: int) -> str:
         """Sample `index`'s file, read without opening it."""
-        return str(self.root / self.paths[index].decode())
+        return str(self.root / os.fsdecode(self.paths[index]))
 
     def encoded(self, index: int) -> tuple[str, str | bytes]:
         """What names sample `index` in a message, and what the decoder reads (a path)."""
@@ -362,7 +363,7 @@ def list_image_folder(split: Path, classes: list[str] | None = None) -> tuple[li
     for label, name in enumerate(found):
         folder = split / name
         files = sorted(f for f in _walk(folder) if f.lower().endswith(EXTENSIONS)) if folder.is_dir() else []
-        paths += [f"{name}/{f}".encode() for f in files]
+        paths += [os.fsencode(f"{name}/{f}") for f in files]  # as the file system names them, UTF-8 or not
         labels += [label] * len(files)
     return found, np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.int64)
 

@@ -2,6 +2,7 @@ import contextlib
 import gzip
 import hashlib
 import importlib.metadata
+import os
 import re
 import struct
 import subprocess
@@ -14,9 +15,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from dist_tsp import shards
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
-from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_arrays, load_dataset, progress
+from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_arrays, images_of, load_dataset, progress
 from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
@@ -323,6 +325,21 @@ def test_image_folder_loads_and_resizes_class_folders(tmp_path):
     data = load_dataset(DataConfig(name="image_folder", root=tmp_path, in_memory=True), seed=0)
     assert data.classes == ["cat", "dog"] and data.train.images.shape == (6, 3, 32, 32)
     assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_file_names_that_are_not_utf8_are_read_from_the_folder_and_from_its_shards(tmp_path):
+    """A Latin-1 name (café.png), as older archives and Windows shares hold them: before, a UnicodeEncodeError
+    traceback at every rank's start-up, in check_data and in the conversion to shards."""
+    for split in ("train", "test"):
+        for cls, red in (("cat", 10), ("dog", 200)):
+            folder = os.fsencode(tmp_path / "folder" / split / cls)
+            os.makedirs(folder)
+            for green, name in enumerate((b"caf\xe9.png", b"plain.png")):
+                Image.new("RGB", (8, 8), (red, green, 0)).save(os.fsdecode(folder + b"/" + name))
+    shards.main([str(tmp_path / "folder"), str(tmp_path / "arrow")])
+    for name, root in (("image_folder", tmp_path / "folder"), ("arrow", tmp_path / "arrow")):
+        data = load_dataset(DataConfig(name=name, root=root, batch_size=2), seed=0)
+        assert images_of(data.train, [0, 1, 2, 3])[:, :2, 0, 0].tolist() == [[10, 0], [10, 1], [200, 0], [200, 1]]
 
 
 def test_image_folder_without_test_split_is_reported(tmp_path):
