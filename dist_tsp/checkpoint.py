@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import textwrap
@@ -83,6 +84,9 @@ def read(path: Path, what: str) -> Any:
     with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except PermissionError as error:  # intact, another user's: deleting it would lose it
+            raise CheckpointError(f"{what} {path} cannot be opened ({error.strerror}): give this user read access "
+                                  "to it") from None
         except Exception as error:  # torch raises many types for a damaged file
             if unsafe := _unsafe_globals(path):
                 raise CheckpointError(
@@ -175,10 +179,15 @@ def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be read ({error}): "
-                              f"delete {directory} to resume from the one before") from None
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        problem = str(error)
+    else:
+        if isinstance(manifest, dict) and isinstance(manifest.get("step"), int):
+            return manifest
+        problem = "no step number in it"
+    raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be read ({problem}): "
+                          f"delete {directory} to resume from the one before")
 
 
 SHORT = 100  # characters of a value a difference shows
@@ -275,8 +284,8 @@ def set_aside(output_dir: Path, tensorboard: Path) -> Path | None:
         present.append(tensorboard)
     if not present:
         return None
-    number = 1 + max((int(p.name.split("-")[1]) for p in output_dir.glob("previous-*") if p.name[9:].isdigit()),
-                     default=0)
+    earlier = (re.fullmatch(r"previous-(\d+)", p.name, re.ASCII) for p in output_dir.glob("previous-*"))
+    number = 1 + max((int(m[1]) for m in earlier if m), default=0)
     target = output_dir / f"previous-{number}"
     target.mkdir()
     for path in present:

@@ -142,8 +142,10 @@ def _quiet(record: logging.LogRecord) -> bool:
 def said_in_one_line(exit_code: int) -> None:
     """In a worker of dist-tsp-launch, about to exit with `exit_code` once its error was said in one line, by this
     rank or by the one that met it: a note for the agent, which leaves this worker out of torchrun's report."""
-    if path := os.environ.get(STOP_FILE):
-        (Path(path).parent / f"{SAID}{os.getpid()}").write_text(str(exit_code))
+    from dist_tsp.checkpoint import write_text_atomic  # torch: in the worker only, never in the agent
+
+    if path := os.environ.get(STOP_FILE):  # whole or absent: the agent reads the notes as the workers write them
+        write_text_atomic(Path(path).parent / f"{SAID}{os.getpid()}", str(exit_code))
 
 
 def _said() -> dict[int, int]:

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from dist_tsp.checkpoint import (
+    MANIFEST,
+    CheckpointError,
     complete_checkpoints,
     differences,
     finalize,
+    read_manifest,
     restore_rng_state,
     rng_state,
     save_atomic,
@@ -238,6 +241,37 @@ def test_a_fresh_start_sets_aside_the_earlier_attempts_tensorboard_logs_and_leav
     assert (previous / "dist-tsp" / events.name).read_bytes() == b"curves" and not events.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "previous-1"]
     assert set_aside(tmp_path, tmp_path / "mine") is None  # no event files: not TensorBoard's
+
+
+def test_a_folder_named_previous_with_other_digits_than_ascii_ones_is_left_alone(tmp_path):
+    """Before: int() of a superscript two, which str.isdigit() accepts, raised a ValueError."""
+    (tmp_path / "previous-\u00b2").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert set_aside(tmp_path, tmp_path / "dist-tsp") == tmp_path / "previous-1"
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b"{", b"[1, 2]", b'{"epoch": 1}'],
+                         ids=["not UTF-8", "not JSON", "not a mapping", "without a step"])
+def test_a_damaged_manifest_is_one_line_naming_it_and_the_folder_to_delete(tmp_path, content):
+    """Before, on every rank: a UnicodeDecodeError, AttributeError or KeyError traceback."""
+    (tmp_path / MANIFEST).write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint manifest {tmp_path / MANIFEST} cannot be read \(.+\): "
+                                              rf"delete {tmp_path} to resume from the one before$"):
+        read_manifest(tmp_path)
+
+
+def test_a_checkpoint_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """Before: "it is truncated or not a dist-tsp checkpoint; ... delete it" about an intact file of another user."""
+    path = tmp_path / "alexnet.pt"
+    torch.save({"model": {}}, path)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))  # what open() raises (the tests run as root)
+
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(CheckpointError, match=rf"^student checkpoint {path} cannot be opened \(Permission denied\): "
+                                              "give this user read access to it$"):
+        load_checkpoint(path, "student")
 
 
 def test_pruning_keeps_the_last_step_checkpoints_and_every_epoch_end(tmp_path):
