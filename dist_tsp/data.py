@@ -173,9 +173,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 def normalized(data: Dataset, normalization: str) -> Dataset:
     """`data` normalised with torchvision's ImageNet constants, or with its training images' own statistics."""
-    if normalization == "imagenet":
-        return dataclasses.replace(data, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    mean, std = _training_stats(data.train, sampled=data.name in STREAMABLE)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else \
+        _training_stats(data.train, sampled=data.name in STREAMABLE)
     return dataclasses.replace(data, mean=mean, std=std)
 
 
