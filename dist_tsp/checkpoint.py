@@ -3,6 +3,7 @@ file runs) and a one-line error."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -12,7 +13,7 @@ import re
 import shutil
 import socket
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,7 +22,7 @@ import psutil
 import torch
 
 from dist_tsp.config import RunConfig
-from dist_tsp.errors import UserError
+from dist_tsp.errors import OutOfSpace, UserError, space_ran_out
 
 
 class CheckpointError(UserError):
@@ -31,18 +32,41 @@ class CheckpointError(UserError):
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: a reader sees the old
     file or the complete new one, and concurrent writers (other processes, other nodes) never clash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_temporaries(path)
-    tmp = _temporary(path, os.getpid())
+    with written_into(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temporaries(path)
+        tmp = _temporary(path, os.getpid())
+        try:
+            with open(tmp, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:  # a writer that fails (or is interrupted) leaves no partial file behind
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def written_into(directory: Path) -> Iterator[None]:
+    """A write into `directory` that fails for lack of space (or quota) raises OutOfSpace, naming the file system:
+    one line that every rank says alike, whichever of its folders each was writing."""
     try:
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:  # a writer that fails (or is interrupted) leaves no partial file behind
-        tmp.unlink(missing_ok=True)
+        yield
+    except Exception as error:
+        if full := space_ran_out(error):
+            raise OutOfSpace(f"no room left on the file system at {_mount_point(directory)} ({full.strerror}): free "
+                             "space there (or raise this user's quota), then rerun the same command to resume from "
+                             "the last complete checkpoint") from error
         raise
-    os.replace(tmp, path)
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the file system that holds (or would hold) `path`."""
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def _temporary(path: Path, pid: int) -> Path:

@@ -2,6 +2,7 @@
 exits with."""
 
 import contextlib
+import errno
 import signal
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,25 @@ class UserError(ValueError):
 
 class SharedUserError(UserError):
     """Bad input that every rank meets, or has been told of: said once, by rank 0."""
+
+
+class OutOfSpace(OSError):
+    """A file that could not be written because its file system is full or this user's quota there is spent: said
+    in one line; once there is room, a rerun resumes from the last complete checkpoint."""
+
+    exit_code = 1  # as a data loader worker killed for memory: the machine's limit, not the command's input
+
+
+def space_ran_out(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error` that says the file system is full or the quota spent, if any: torch.save raises
+    its own RuntimeError ("unexpected pos ...") in the context of the file's OSError."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class RunStopped(Exception):

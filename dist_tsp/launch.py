@@ -145,7 +145,8 @@ def said_in_one_line(exit_code: int) -> None:
     from dist_tsp.checkpoint import write_text_atomic  # torch: in the worker only, never in the agent
 
     if path := os.environ.get(STOP_FILE):  # whole or absent: the agent reads the notes as the workers write them
-        write_text_atomic(Path(path).parent / f"{SAID}{os.getpid()}", str(exit_code))
+        with contextlib.suppress(OSError):  # a full disk: the report names this worker too
+            write_text_atomic(Path(path).parent / f"{SAID}{os.getpid()}", str(exit_code))
 
 
 def _said() -> dict[int, int]:

@@ -1,9 +1,10 @@
 """Bad input met on some ranks stops every rank with one line. Before the student steps, the ranks agree on it and
 rank 0 says it (a SharedUserError), where the others would crash in the next collective or wait in it until its
-timeout. Met later by some ranks alone (an image that cannot be decoded), it is recorded in the launch's store: the
-ranks that met it say it once, and those whose next collective fails because of it exit with its code, quietly. A
-loader worker lost on one rank (killed for memory) is recorded the same way, with its own exit code, and so is
-another rank's process gone (said once, by the first rank whose collective failed)."""
+timeout. Met later by some ranks alone (an image that cannot be decoded), or by each on its own (a full disk), it
+is recorded in the launch's store: the ranks that met it say it once, and those whose next collective fails because
+of it exit with its code, quietly. A loader worker lost on one rank (killed for memory) is recorded the same way,
+with its own exit code, and so is another rank's process gone (said once, by the first rank whose collective
+failed)."""
 
 from __future__ import annotations
 
@@ -69,11 +70,12 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, str | None]:
         return None, str(error)
 
 
-def said_by_another_rank_first(message: str) -> bool:
-    """Record bad input this rank alone met, for the other ranks; True when another rank recorded the same first (it
-    has been said). False without a store to record it in."""
+def said_by_another_rank_first(message: str, exit_code: int) -> bool:
+    """Record what this rank met without the others (bad input in its shard, a full disk), with the code it exits
+    with, for the other ranks; True when another rank recorded the same first (it has been said). False without a
+    store to record it in."""
     store = _store()
-    order = _record(store, message, UserError.exit_code)
+    order = _record(store, message, exit_code)
     return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == _storable(message)
                for earlier in range(1, order))
 

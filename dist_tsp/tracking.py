@@ -11,7 +11,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.checkpoint import write_text_atomic, written_into
 from dist_tsp.config import RunConfig
 
 
@@ -69,7 +69,7 @@ class Tracker:
     def log(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as file:
+        with written_into(self.path.parent), self.path.open("a") as file:
             file.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 

@@ -25,7 +25,15 @@ from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
 from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
-from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE, Preempted, RunStopped, SharedUserError, UserError
+from dist_tsp.errors import (
+    INTERRUPTED,
+    INTERRUPTED_EXIT_CODE,
+    OutOfSpace,
+    Preempted,
+    RunStopped,
+    SharedUserError,
+    UserError,
+)
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over, said_in_one_line
 from dist_tsp.loop import StudentTrainer
@@ -202,7 +210,7 @@ def exit_code(error: BaseException) -> int:
     """The exit code of a process that `error` ends (README's table under Launching)."""
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED_EXIT_CODE
-    if isinstance(error, (RunStopped, UserError)):
+    if isinstance(error, (RunStopped, UserError, OutOfSpace)):
         return error.exit_code
     said = exit_code_said_elsewhere(error)
     return 1 if said is None else said
@@ -253,8 +261,8 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 run(cfg, placement, stop_requested)
         except SharedUserError as error:
             _refuse(error, rank, world_size, every_rank=True)
-        except UserError as error:  # met by some ranks only (e.g. an image in their shard): said once
-            said = shared_errors.said_by_another_rank_first(str(error))
+        except (UserError, OutOfSpace) as error:  # met by some ranks (an image in their shard) or each (a full disk)
+            said = shared_errors.said_by_another_rank_first(str(error), error.exit_code)
             _refuse(error, rank, world_size, every_rank=False, said=said)
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
             if (code := exit_code_said_elsewhere(error)) is not None:
@@ -297,12 +305,13 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             sys.exit(stopped.exit_code)
 
 
-def _refuse(error: UserError, rank: int, world_size: int, *, every_rank: bool, said: bool = False) -> NoReturn:
-    """Exit with bad input's code, its one line said by rank 0 when every rank met it, else by each rank that did
+def _refuse(error: UserError | OutOfSpace, rank: int, world_size: int, *, every_rank: bool,
+            said: bool = False) -> NoReturn:
+    """Exit with the error's code, its one line said by rank 0 when every rank met it, else by each rank that did
     (naming itself) unless another rank `said` the same."""
     if not said and (rank == 0 or not every_rank):
         print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
-    _exit(UserError.exit_code)
+    _exit(error.exit_code)
 
 
 def _exit(code: int) -> NoReturn:

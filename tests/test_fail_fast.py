@@ -1,12 +1,17 @@
-"""Fail fast: when one rank raises or dies, every rank exits within 60 s and the failing rank is named."""
+"""Fail fast: when one rank raises or dies, or the disk is full, every rank exits within 60 s and the failure is
+named."""
 
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
+import torch
 
+from dist_tsp.checkpoint import complete_checkpoints, save_atomic, step_dir
+from dist_tsp.errors import OutOfSpace
 from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, rank_pid, said_lines, start
 
 pytestmark = pytest.mark.slow
@@ -54,3 +59,48 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
         root_cause = stderr[stderr.rindex("Root Cause"):]
         assert "rank      : 2" in root_cause and "Traceback" not in stderr, stderr[-3000:]
         assert "rank      : 0" not in stderr and "rank      : 1" not in stderr, stderr[-3000:]
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 9 MiB tmpfs: room for TINY's teacher and one checkpoint, not two (mounting needs root, as CI runs)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    yield mount.resolve()
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def full(mount) -> str:
+    return (f"no room left on the file system at {mount} (No space left on device): free space there (or raise this "
+            "user's quota), then rerun the same command to resume from the last complete checkpoint")
+
+
+@pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
+def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves_no_part_behind(small_file_system,
+                                                                                              ballast_mib):
+    (small_file_system / "ballast").write_bytes(bytes(ballast_mib << 20))
+    (small_file_system / "run").mkdir()
+    with pytest.raises(OutOfSpace) as error:
+        save_atomic({"model": torch.zeros(3 << 20)}, small_file_system / "run" / "model.pt")  # 12 MiB
+    assert str(error.value) == full(small_file_system)
+    assert list((small_file_system / "run").iterdir()) == []
+
+
+def test_a_full_disk_stops_every_rank_in_one_line_keeping_the_last_checkpoint_and_the_rerun_resumes_from_it(
+        small_file_system):
+    """Each rank meets it writing its own files of step 4's checkpoint (before, every one of them printed a
+    traceback, torch's RuntimeError or the OSError, and torchrun's report followed)."""
+    run = small_file_system / "run"
+    args = ["--config", "configs/demo.yaml", f"output_dir={run}", *TINY, "train.checkpoint_every=2"]
+    done = launch(args, processes=3, check=False, launcher="dist-tsp")
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "Root Cause" not in done.stderr, \
+        done.stderr[-3000:]
+    assert [re.sub(r"\(rank \d\)", "(rank R)", line) for line in said_lines(done.stderr)] == [
+        f"dist-tsp: error (rank R): {full(small_file_system)}"], done.stderr[-3000:]
+    assert complete_checkpoints(run) == [step_dir(run, 2)] and not list(run.rglob(".*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_file_system)], check=True)
+    done = launch(args, processes=3, launcher="dist-tsp")
+    assert f"resuming from {step_dir(run, 2)} (step 2)" in done.stdout + done.stderr
+    assert (run / "results.json").is_file()
