@@ -15,14 +15,12 @@ import argparse
 import multiprocessing
 import os
 import signal
-import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from ctypes import Array
 from multiprocessing.context import BaseContext
 
 import torch
-from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 
 from dist_tsp.config import STREAMABLE, ConfigError, load_config
@@ -41,7 +39,6 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
     unreadable ones, naming the first three, and `fix` (for one image); or, when a process died, naming what killed
     it (an image whose reading kills a process, or takes longer than READ_TIMEOUT_S)."""
-    _without_tqdm_monitor()
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
@@ -65,14 +62,6 @@ def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str)
     if bad:
         named = "; ".join(bad[:3]) + "; …" * (len(bad) > 3)
         raise DataError(f"{len(bad)} of {total} images cannot be read: {named}: {_for_each(len(bad), fix)}")
-
-
-def _without_tqdm_monitor() -> None:
-    """No tqdm monitor thread in this process, which forks workers (a dataset's loading bars start one)."""
-    tqdm_std.tqdm.monitor_interval = 0  # read by its subclasses too
-    for thread in threading.enumerate():
-        if isinstance(thread, tqdm_std.TMonitor):
-            thread.exit()
 
 
 def _killed(reading: list[tuple[FolderImages | ArrowImages, int]], fix: str, fork: BaseContext) -> DataError:

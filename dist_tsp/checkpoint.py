@@ -48,16 +48,16 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 @contextlib.contextmanager
-def written_into(directory: Path) -> Iterator[None]:
-    """A write into `directory` that fails for lack of space (or quota) raises OutOfSpace, naming the file system:
-    one line that every rank says alike, whichever of its folders each was writing."""
+def written_into(directory: Path, then: str = "rerun the same command to resume from the last complete checkpoint"
+                 ) -> Iterator[None]:
+    """A write into `directory` that fails for lack of space (or quota) raises OutOfSpace, naming the file system
+    and what to do `then`: one line that every rank says alike, whichever of its folders each was writing."""
     try:
         yield
     except Exception as error:
         if full := space_ran_out(error):
             raise OutOfSpace(f"no room left on the file system at {_mount_point(directory)} ({full.strerror}): free "
-                             "space there (or raise this user's quota), then rerun the same command to resume from "
-                             "the last complete checkpoint") from error
+                             f"space there (or raise this user's quota), then {then}") from error
         raise
 
 

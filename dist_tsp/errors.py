@@ -62,13 +62,13 @@ INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 @contextlib.contextmanager
 def exits_in_one_line(prog: str, interrupted: str) -> Iterator[None]:
-    """A command's body: bad input ends it with `prog: error: ...` and exit 2, Ctrl-C with `prog: interrupted` and
-    exit 130."""
+    """A command's body: bad input ends it with `prog: error: ...` and exit 2 (a full disk: exit 1), Ctrl-C with
+    `prog: interrupted` and exit 130."""
     try:
         yield
-    except UserError as error:
+    except (UserError, OutOfSpace) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)

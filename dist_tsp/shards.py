@@ -12,7 +12,6 @@ with `dataset.save_to_disk(OUT / split)`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import tempfile
@@ -20,9 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dist_tsp.check_data import verify
+from dist_tsp.checkpoint import written_into
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
+
+CACHE = ".cache-"  # the prefix of the folder in the output where the Arrow files are built before they are saved
 
 
 def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers: int | None = None) -> list[Path]:
@@ -50,17 +52,23 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     # `file`: the image's path in its split folder, as save_to_disk keeps only the base name of the image's own path
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
                                   "file": datasets.Value("string")})
-    scratch = out.parent if out.parent.exists() else None  # the Arrow files are built beside the output
-    with contextlib.ExitStack() as caches:
-        tables = {split: datasets.Dataset.from_generator(
-            _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()}, features=features,
-            cache_dir=caches.enter_context(tempfile.TemporaryDirectory(dir=scratch)))
-            for split, (paths, labels) in listed.items()}
-        partials = {split: out / f".{split.name}.partial" for split in tables}  # a kill leaves the earlier ones whole
-        for split, table in tables.items():
-            if partials[split].exists():
-                shutil.rmtree(partials[split])
-            table.save_to_disk(str(partials[split]), max_shard_size=max_shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    for killed in out.glob(f"{CACHE}*"):  # what a conversion killed midway left: the images' size
+        shutil.rmtree(killed, ignore_errors=True)
+    partials = {split: out / f".{split.name}.partial" for split in listed}  # a kill leaves the earlier ones whole
+    try:  # the Arrow files are built in the output's file system, which must hold them twice meanwhile
+        with written_into(out, then="convert again"), tempfile.TemporaryDirectory(dir=out, prefix=CACHE) as cache:
+            tables = {split: datasets.Dataset.from_generator(
+                _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()},
+                features=features, cache_dir=str(Path(cache) / split.name))
+                for split, (paths, labels) in listed.items()}
+            for split, table in tables.items():
+                shutil.rmtree(partials[split], ignore_errors=True)
+                table.save_to_disk(str(partials[split]), max_shard_size=max_shard_size)
+    except BaseException:  # a conversion that fails leaves no half-written split taking room
+        for partial in partials.values():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     for split, partial in partials.items():
         if (out / split.name).exists():
             shutil.rmtree(out / split.name)

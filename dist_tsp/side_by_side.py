@@ -25,7 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dist_tsp.config import RunConfig, load_config
-from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE, NonFiniteLoss, Preempted, RunStopped, UserError
+from dist_tsp.errors import (
+    INTERRUPTED,
+    INTERRUPTED_EXIT_CODE,
+    NonFiniteLoss,
+    OutOfSpace,
+    Preempted,
+    RunStopped,
+    UserError,
+)
 from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.run_control import StopRequest
 
@@ -42,7 +50,7 @@ class RunFailed(Exception):
 
 
 # how a launched run (or Ctrl-C, which a terminal sends the runs too) may end the protocol or a sweep (see `end`)
-ENDINGS = (UserError, RunStopped, RunFailed, KeyboardInterrupt)
+ENDINGS = (UserError, OutOfSpace, RunStopped, RunFailed, KeyboardInterrupt)
 # else RunFailed; a run killed by a stop signal was starting, before its handler was in place
 ENDING_BY_CODE = {ending.exit_code: ending for ending in (UserError, Preempted, NonFiniteLoss)} | \
     {-signum: Preempted for signum in STOP_SIGNALS}
@@ -287,14 +295,14 @@ def launch_run(name: str, args: list[str], log: Path, *, processes: int, acceler
                      "Rerun the same command to continue from there")
 
 
-def end(prog: str, ending: UserError | RunStopped | RunFailed | KeyboardInterrupt) -> NoReturn:
+def end(prog: str, ending: UserError | OutOfSpace | RunStopped | RunFailed | KeyboardInterrupt) -> NoReturn:
     """Exit the protocol or a sweep (`prog`: its lines' prefix) with one line and the exit code of `ending`: 2 for
-    bad input, a launched run's deliberate stop's (75: rerun to resume; 3: non-finite loss), 1 for a run's crash,
-    130 for Ctrl-C (the runs in flight have stopped at once: a terminal sends it them too)."""
+    bad input, a launched run's deliberate stop's (75: rerun to resume; 3: non-finite loss), 1 for a run's crash or
+    a full disk, 130 for Ctrl-C (the runs in flight have stopped at once: a terminal sends it them too)."""
     if isinstance(ending, KeyboardInterrupt):
         print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT_CODE)
-    print(f"{prog}: {'error: ' if isinstance(ending, UserError) else ''}{ending}", file=sys.stderr)
+    print(f"{prog}: {'error: ' if isinstance(ending, (UserError, OutOfSpace)) else ''}{ending}", file=sys.stderr)
     sys.exit(ending.exit_code)
 
 

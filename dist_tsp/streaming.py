@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
+from tqdm import std as tqdm_std
 
 try:  # only streamed and folder datasets decode images: the other sources run without TorchCodec
     from torchcodec.decoders import decode_image
@@ -34,6 +35,11 @@ except ImportError:
 
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view, import_transforms
 from dist_tsp.errors import UserError
+
+# The loader workers are forked from the process that reads: no thread may be starting as they fork (a fork then can
+# leave a worker blocked for ever in its first instant), so tqdm's bars, ours and every library's (its subclasses
+# read this), run without the monitor thread the first bar of each class would start.
+tqdm_std.tqdm.monitor_interval = 0
 
 # torchvision ImageFolder's and GIF: TorchCodec decodes JPEG, PNG, WebP and GIF, Pillow the rest (BMP, TIFF, PPM, PGM)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -199,6 +205,7 @@ class _Watchdog:
         self._changed = threading.Condition()
         self._wait: tuple[float, float] | None = None  # the wait in progress: (its monotonic deadline, its limit)
         self._thread: threading.Thread | None = None
+        self._watching = False  # the thread has started and waits on _changed
 
     @contextlib.contextmanager
     def waiting(self, limit_s: float) -> Iterator[None]:
@@ -208,8 +215,10 @@ class _Watchdog:
             return
         with self._changed:
             if self._thread is None or not self._thread.is_alive():  # never started, gave up, or in a forked child
+                self._watching = False
                 self._thread = threading.Thread(target=self._watch, name="dist-tsp loader watchdog", daemon=True)
                 self._thread.start()
+                self._changed.wait_for(lambda: self._watching)  # not still starting when the workers fork
             self._wait = (time.monotonic() + limit_s, limit_s)
             self._changed.notify()
         try:
@@ -220,6 +229,8 @@ class _Watchdog:
 
     def _watch(self) -> None:
         with self._changed:
+            self._watching = True
+            self._changed.notify_all()
             while self._wait is None or (left := self._wait[0] - time.monotonic()) > 0:
                 self._changed.wait(None if self._wait is None else left)
             limit_s, self._wait = self._wait[1], None

@@ -99,6 +99,12 @@ def said_lines(stderr: str) -> list[str]:
     return [line for line in lines if line.startswith("dist-tsp")]
 
 
+def no_room(mount: Path, then: str = "rerun the same command to resume from the last complete checkpoint") -> str:
+    """What a write that finds no room on the file system at `mount` says."""
+    return (f"no room left on the file system at {mount} (No space left on device): free space there (or raise this "
+            f"user's quota), then {then}")
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every file's bytes, mode and mtime, and every folder's entries, mode and mtime, under `root`."""
     state = {}

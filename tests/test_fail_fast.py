@@ -12,7 +12,7 @@ import torch
 
 from dist_tsp.checkpoint import complete_checkpoints, save_atomic, step_dir
 from dist_tsp.errors import OutOfSpace
-from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, rank_pid, said_lines, start
+from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, no_room, rank_pid, said_lines, start
 
 pytestmark = pytest.mark.slow
 
@@ -61,22 +61,6 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
         assert "rank      : 0" not in stderr and "rank      : 1" not in stderr, stderr[-3000:]
 
 
-@pytest.fixture
-def small_file_system(tmp_path):
-    """A 9 MiB tmpfs: room for TINY's teacher and one checkpoint, not two (mounting needs root, as CI runs)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    yield mount.resolve()
-    subprocess.run(["umount", "--lazy", str(mount)], check=True)
-
-
-def full(mount) -> str:
-    return (f"no room left on the file system at {mount} (No space left on device): free space there (or raise this "
-            "user's quota), then rerun the same command to resume from the last complete checkpoint")
-
-
 @pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
 def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves_no_part_behind(small_file_system,
                                                                                               ballast_mib):
@@ -84,7 +68,7 @@ def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves
     (small_file_system / "run").mkdir()
     with pytest.raises(OutOfSpace) as error:
         save_atomic({"model": torch.zeros(3 << 20)}, small_file_system / "run" / "model.pt")  # 12 MiB
-    assert str(error.value) == full(small_file_system)
+    assert str(error.value) == no_room(small_file_system)
     assert list((small_file_system / "run").iterdir()) == []
 
 
@@ -98,7 +82,7 @@ def test_a_full_disk_stops_every_rank_in_one_line_keeping_the_last_checkpoint_an
     assert done.returncode == 1 and "Traceback" not in done.stderr and "Root Cause" not in done.stderr, \
         done.stderr[-3000:]
     assert [re.sub(r"\(rank \d\)", "(rank R)", line) for line in said_lines(done.stderr)] == [
-        f"dist-tsp: error (rank R): {full(small_file_system)}"], done.stderr[-3000:]
+        f"dist-tsp: error (rank R): {no_room(small_file_system)}"], done.stderr[-3000:]
     assert complete_checkpoints(run) == [step_dir(run, 2)] and not list(run.rglob(".*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=40m", str(small_file_system)], check=True)
     done = launch(args, processes=3, launcher="dist-tsp")

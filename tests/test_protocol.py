@@ -16,7 +16,7 @@ import pytest
 from dist_tsp import side_by_side
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for
-from tests.runs import ENV, ROOT, launch, one_thread, train_rows, wandb_runs
+from tests.runs import ENV, ROOT, launch, no_room, one_thread, train_rows, wandb_runs
 
 pytestmark = pytest.mark.slow
 STUDENTS = ("lenet", "alexnet", "mobilenet")
@@ -174,6 +174,13 @@ def test_bad_method_is_refused_before_any_run(tmp_path):
         main([*TINY, "--out", str(tmp_path / "p"), "--methods", "scratch,tsp2"])
     assert stop.value.code == 2 and not (tmp_path / "p").exists()
 
+
+def test_a_protocol_that_finds_no_room_for_its_files_is_one_line_and_exit_1(small_file_system, capsys):
+    (small_file_system / "ballast").write_bytes(bytes(9 << 20))  # the whole file system
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(small_file_system / "p")])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip() == f"dist-tsp protocol: error: {no_room(small_file_system)}"
 
 @pytest.mark.parametrize("grid, message", [
     ("0.1,0.8,0.1 inf,0,0", "--grid '0.1,0.8,0.1 inf,0,0': write points as 'alpha,beta,gamma' separated by spaces"),

@@ -42,12 +42,12 @@ STUDENTS = ("lenet", "alexnet", "mobilenet")
 RESUMABLE = [*TINY, "train.max_steps=12", "train.checkpoint_every=2", "train.optimizer.schedule=cosine"]
 
 
-def wait_for_step(run, process, step: int, timeout: float = 300) -> None:
+def wait_for_step(run, process, step: int, timeout: float = 300, poll_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while last_step(run) < step:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"no step {step} within {timeout}s"
-        time.sleep(0.2)
+        time.sleep(poll_s)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,11 @@ def test_sigkill_at_a_random_step_then_rerun_ends_bitwise_equal(uninterrupted, t
             f"teacher.checkpoint={uninterrupted}/teacher/model.pt", "train.step=graph"]
     kill_at = random.Random().randint(3, 9)
     process = start(args, processes=3)
-    wait_for_step(tmp_path, process, kill_at)
+    while (main := rank_pid(tmp_path, 0)) is None:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    wait_for_step(tmp_path, process, kill_at, poll_s=0.01)  # a step takes about 30 ms
+    os.kill(main, signal.SIGSTOP)  # the other ranks then wait for it within a step (before, the run could end first)
     kill_run(process, tmp_path)
     assert last_step(tmp_path) < 12
     with (tmp_path / "metrics.jsonl").open("a") as metrics:

@@ -11,9 +11,11 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -27,14 +29,14 @@ import torch.distributed as dist
 from PIL import Image
 
 from dist_tsp.config import DataConfig, load_config
-from dist_tsp.data import DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
+from dist_tsp.data import BAR_FROM_BATCHES, DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
 from dist_tsp.errors import SharedUserError
 from dist_tsp.logit_cache import cache_key
 from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ENV, ROOT, TINY, launch, said_lines, start, train_rows, wandb_runs
+from tests.runs import ENV, ROOT, TINY, launch, no_room, said_lines, snapshot, start, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -133,6 +135,25 @@ def test_loader_workers_are_forked_from_the_rank_whatever_the_default_start_meth
     assert len(forked) == 2
 
 
+def test_no_thread_is_starting_as_the_loader_workers_fork_behind_an_evaluations_progress_bar(folder, monkeypatch):
+    """A fork while a thread starts can leave the worker blocked for ever in its first instant (seen in CI: the data
+    loader's 300 s timeout ended the run). The bar starts no tqdm monitor thread, and the loader's watchdog thread,
+    started just before the first fork, already waits."""
+    from dist_tsp.streaming import _WATCHDOG
+
+    forks = []
+
+    def fork_noting_threads():
+        forks.append(([type(thread).__name__ for thread in threading.enumerate()], _WATCHDOG._watching))
+        return fork()
+
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", fork_noting_threads)
+    monkeypatch.setattr(_WATCHDOG, "_thread", None)  # its first wait starts it, as in a new process
+    data = folder_data(folder, normalization="imagenet")
+    assert len(list(eval_batches(data.test, 2, lambda images: images, what="evaluating"))) >= BAR_FROM_BATCHES
+    assert len(forks) == 2 and all("TMonitor" not in threads and watching for threads, watching in forks), forks
+
 @pytest.mark.parametrize("crop", ["padded", "random_resized"])
 def test_views_depend_on_seed_epoch_and_sample_alone_not_on_workers_replica_or_start_step(folder, crop):
     reference = folder_data(folder, crop=crop, loader_workers=0)
@@ -205,8 +226,6 @@ def _start_from(roots: list[Path], output_dir: Path) -> str | None:
 def test_ranks_whose_copy_of_the_folder_differs_from_rank_0s_are_refused_on_every_rank_naming_them(folder, tmp_path):
     """A node's own copy of data.root with an image missing (rank 2), or one image in another class (rank 1: the same
     counts), would train peers on other images under the same indices."""
-    import shutil
-
     copies = [shutil.copytree(folder, tmp_path / name) for name in ("moved", "missing")]
     (copies[0] / "train" / "ant" / "005.jpg").rename(copies[0] / "train" / "bee" / "ant-005.jpg")
     (copies[1] / "train" / "cat" / "006.jpg").unlink()
@@ -324,9 +343,25 @@ def test_an_image_met_mid_run_by_some_ranks_stops_every_rank_with_its_one_line_a
     assert [run["exit_code"] for run in wandb_runs(tmp_path / "run")] == [2]
 
 
-def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels_is_one_line(shards, tmp_path):
-    import shutil
+def test_a_conversion_that_finds_no_room_is_one_line_leaving_the_earlier_one_whole_and_no_part_behind(
+        small_file_system, tmp_path, capsys):
+    """The file system holds the earlier conversion and the images once more, not twice (before: a traceback, and
+    the half-written split stayed, taking room)."""
+    root = write_folder(tmp_path / "folder", per_class=8, size=(128, 128))
+    out = small_file_system / "arrow"
+    main([str(root), str(out)])
+    earlier = {split: snapshot(out / split) for split in ("train", "test")}
+    images = sum(path.stat().st_size for path in root.rglob("*.*"))
+    (small_file_system / "ballast").write_bytes(bytes(shutil.disk_usage(out).free - images * 3 // 2))
+    with pytest.raises(SystemExit) as stop:
+        main([str(root), str(out)])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"dist-tsp shards: error: {no_room(small_file_system, then='convert again')}")
+    assert sorted(os.listdir(out)) == ["test", "train"]
+    assert {split: snapshot(out / split) for split in ("train", "test")} == earlier
 
+def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels_is_one_line(shards, tmp_path):
     import datasets
 
     broken = tmp_path / "broken"
@@ -476,8 +511,6 @@ def _signal_one_ranks_loader_workers(run: subprocess.Popen, fault: signal.Signal
 @pytest.mark.parametrize("out", ["the folder", "inside it", "its parent, the folder being named train"])
 def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_keeping_every_image(folder, tmp_path,
                                                                                                       capsys, out):
-    import shutil
-
     images = tmp_path / "train" if out.startswith("its parent") else tmp_path / "images"
     shutil.copytree(folder, images)
     before = sorted(p.relative_to(images) for p in images.rglob("*"))
@@ -495,8 +528,6 @@ def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_
 def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, shards, tmp_path, capsys, problem):
     """Before, another image folder given as the output lost its images, and a split without images was found
     after the train split of the earlier conversion had been replaced."""
-    import shutil
-
     images, out, options = tmp_path / "images", tmp_path / "out", []
     shutil.copytree(folder, images)
     if problem == "another image folder":
@@ -523,13 +554,14 @@ def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, sh
 
 
 def test_a_conversion_killed_while_saving_is_rerun_over_its_leftovers(folder, shards, tmp_path):
-    """Saved beside the output and renamed once every split is saved: a kill leaves the earlier conversion whole."""
-    import shutil
-
+    """Saved beside the output and renamed once every split is saved: a kill leaves the earlier conversion whole, and
+    the rerun removes the cache the killed one was built in."""
     out = tmp_path / "out"
     shutil.copytree(shards, out)
     (out / ".train.partial").mkdir()
     (out / ".train.partial" / "data-00000-of-00002.arrow").write_bytes(b"cut short")
+    (out / ".cache-k1ll3d" / "train").mkdir(parents=True)
+    (out / ".cache-k1ll3d" / "train" / "cache-0.arrow").write_bytes(bytes(1000))
     main([str(folder), str(out), "--max-shard-size", "20KB"])
     assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
     for split in ("train", "test"):
@@ -543,8 +575,6 @@ def files(root: Path) -> dict[Path, bytes]:
 def test_a_test_split_left_by_an_earlier_conversion_is_refused_when_the_folder_now_holds_val(folder, shards, tmp_path,
                                                                                           capsys):
     """data.name=arrow reads test/ before val/: the new val/ would never be read."""
-    import shutil
-
     images = tmp_path / "images"
     shutil.copytree(folder, images)
     (images / "test").rename(images / "val")
@@ -565,8 +595,6 @@ def saved_split(root: Path, name: str):
 
 def test_arrow_splits_whose_class_names_are_in_another_order_are_labelled_by_name(folder, shards, tmp_path):
     """The held-out split's ids follow its own ClassLabel: ids of reversed names still mean the same classes."""
-    import shutil
-
     import datasets
 
     reordered = tmp_path / "reordered"
