@@ -505,5 +505,7 @@ def _one_line(text: str) -> str:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML (loadable again with --config)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (loadable again with --config), atomically."""
+    from dist_tsp.checkpoint import write_text_atomic  # which loads configs
+
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_tsp.checkpoint import write_text_atomic
+
 # "graph": the whole graph-ready step (replayed on CUDA), whose parts are not timed apart; "between": the rest of a
 # step's wall time, the host's work outside every section (learning-rate updates, metrics, the stop vote, logging)
 SECTIONS = ("data", "teacher", "forward", "idle", "exchange", "loss", "backward", "optimizer", "graph", "between")
@@ -103,4 +105,4 @@ class StepProfiler:
                 "images_per_s_per_student": 1000 * batch_size / step_ms if step_ms else 0.0, "peak_mb": peak_mb}
 
     def write(self, path: Path, batch_size: int, students: int) -> None:
-        path.write_text(json.dumps(self.report(batch_size, students), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.report(batch_size, students), indent=2) + "\n")

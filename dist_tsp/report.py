@@ -49,9 +49,9 @@ def results_table(results: dict[str, Any], fmt: str = "github") -> str:
 
 
 def write_results(results: dict[str, Any], output_dir: Path) -> None:
-    """results.json (atomically) and results.md beside it."""
+    """results.json and results.md beside it, atomically."""
     write_text_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    (output_dir / "results.md").write_text(results_table(results) + "\n")
+    write_text_atomic(output_dir / "results.md", results_table(results) + "\n")
 
 
 def write_predictions(output_dir: Path, names: list[str], students: torch.Tensor, labels: torch.Tensor,

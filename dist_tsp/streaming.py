@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm import std as tqdm_std
 
 try:  # only streamed and folder datasets decode images: the other sources run without TorchCodec
     from torchcodec.decoders import decode_image
@@ -35,11 +34,6 @@ except ImportError:
 
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view, import_transforms
 from dist_tsp.errors import UserError
-
-# The loader workers are forked from the process that reads: no thread may be starting as they fork (a fork then can
-# leave a worker blocked for ever in its first instant), so tqdm's bars, ours and every library's (its subclasses
-# read this), run without the monitor thread the first bar of each class would start.
-tqdm_std.tqdm.monitor_interval = 0
 
 # torchvision ImageFolder's and GIF: TorchCodec decodes JPEG, PNG, WebP and GIF, Pillow the rest (BMP, TIFF, PPM, PGM)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -214,7 +208,7 @@ class _Watchdog:
             yield
             return
         with self._changed:
-            if self._thread is None or not self._thread.is_alive():  # never started, gave up, or in a forked child
+            if self._thread is None or not self._thread.is_alive():  # never started, or gave up
                 self._watching = False
                 self._thread = threading.Thread(target=self._watch, name="dist-tsp loader watchdog", daemon=True)
                 self._thread.start()

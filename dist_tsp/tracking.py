@@ -69,9 +69,10 @@ class Tracker:
     def log(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with written_into(self.path.parent), self.path.open("a") as file:
-            file.write(json.dumps(row) + "\n")
-        self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
+        with written_into(self.path.parent):  # TensorBoard's writer raises what its thread met writing before
+            with self.path.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+            self.accelerator.log({k: v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"])
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (a resumed run logs them again), and a last row cut short by a kill."""
@@ -88,7 +89,8 @@ class Tracker:
         marked preempting (W&B shows it preempted and a sweep's agent requeues it)."""
         for tracker in self.accelerator.trackers:
             if tracker.name != "wandb":
-                tracker.finish()
+                with written_into(self.path.parent):  # its last events, on a disk that may be full
+                    tracker.finish()
                 continue
             if rerun:
                 tracker.run.mark_preempting()

@@ -237,8 +237,10 @@ def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
     checkpoint) into output_dir/previous-N/, before its metrics, W&B run and config are written: the main process
     moves, while the other ranks wait."""
     if accelerator.is_main_process:
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        if previous := checkpoint.set_aside(cfg.output_dir, tensorboard_folder(cfg)):
+        with checkpoint.written_into(cfg.output_dir):
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            previous = checkpoint.set_aside(cfg.output_dir, tensorboard_folder(cfg))
+        if previous:
             print(f"starting at step 0: the earlier attempt's checkpoints and metrics were moved to {previous}")
     accelerator.wait_for_everyone()
 

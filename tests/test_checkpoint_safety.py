@@ -1,6 +1,7 @@
 """Loading a checkpoint never runs code from it: every file is read with weights_only=True, anything else is
 refused in one line, and checkpoints written before that (tests/fixtures/checkpoint_7b9954e) still resume."""
 
+import errno
 import json
 import os
 import random
@@ -26,9 +27,11 @@ from dist_tsp.checkpoint import (
     save_atomic,
     set_aside,
     step_dir,
+    write_atomic,
     write_text_atomic,
 )
 from dist_tsp.checkpoint import load as load_checkpoint
+from dist_tsp.errors import OutOfSpace
 from dist_tsp.tracking import persistent_run_id
 from tests.runs import launch, student_state, two_at_a_time
 
@@ -300,3 +303,30 @@ def test_writing_a_file_removes_the_temporaries_of_its_killed_writers_on_this_ho
     assert path.read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir() if p != path) == sorted(
         left[name].name for name in (f"{host}.{alive.pid}", f"other-node.{dead.pid}", f"{host}.{dead.pid}.x"))
+
+
+def test_a_write_that_finds_no_room_is_one_line_whatever_the_writer_raised_and_leaves_no_part(tmp_path):
+    """The file's own OSError, or torch.save's RuntimeError raised in its context (as on a full disk): one line
+    naming the file system and what to do (the tmpfs tests in test_fail_fast fill a real one, where mounting is
+    allowed)."""
+    def no_room(file):
+        file.write(b"part of it")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def torch_save(file):
+        try:
+            no_room(file)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    for writer in (no_room, torch_save):
+        with pytest.raises(OutOfSpace, match=r"^no room left on the file system at /\S* \(No space left on device\): "
+                                             r"free space there \(or raise this user's quota\), then rerun the same "
+                                             r"command to resume from the last complete checkpoint$"):
+            write_atomic(tmp_path / "run" / "model.pt", writer)
+        assert list((tmp_path / "run").iterdir()) == []
+    def another_error(file):
+        raise RuntimeError("another")
+
+    with pytest.raises(RuntimeError, match="^another$"):  # left as it is
+        write_atomic(tmp_path / "run" / "model.pt", another_error)

@@ -139,17 +139,18 @@ def test_no_thread_is_starting_as_the_loader_workers_fork_behind_an_evaluations_
     """A fork while a thread starts can leave the worker blocked for ever in its first instant (seen in CI: the data
     loader's 300 s timeout ended the run). The bar starts no tqdm monitor thread, and the loader's watchdog thread,
     started just before the first fork, already waits."""
-    from dist_tsp.streaming import _WATCHDOG
+    from dist_tsp import streaming
 
     forks = []
+    watchdog = streaming._Watchdog()  # its first wait starts its thread, as in a new process
 
     def fork_noting_threads():
-        forks.append(([type(thread).__name__ for thread in threading.enumerate()], _WATCHDOG._watching))
+        forks.append(([type(thread).__name__ for thread in threading.enumerate()], watchdog._watching))
         return fork()
 
     fork = os.fork
     monkeypatch.setattr(os, "fork", fork_noting_threads)
-    monkeypatch.setattr(_WATCHDOG, "_thread", None)  # its first wait starts it, as in a new process
+    monkeypatch.setattr(streaming, "_WATCHDOG", watchdog)
     data = folder_data(folder, normalization="imagenet")
     assert len(list(eval_batches(data.test, 2, lambda images: images, what="evaluating"))) >= BAR_FROM_BATCHES
     assert len(forks) == 2 and all("TMonitor" not in threads and watching for threads, watching in forks), forks
