@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from dist_tsp import streaming
 from dist_tsp.augmentation import Augmentation, mixed_seed
+from dist_tsp.checkpoint import written_into
 from dist_tsp.config import STREAMABLE, DataConfig
-from dist_tsp.errors import UserError
+from dist_tsp.errors import OutOfSpace, UserError
 from dist_tsp.exchange import all_gather_cat, group_size
 from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, list_image_folder
 
@@ -264,11 +265,14 @@ def _cifar10(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     root = Path(cfg.root) if cfg.root else Path("data/cifar10")
     made = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
     try:
-        splits = [CIFAR10(str(root), train=train, download=cfg.download) for train in (True, False)]
+        with written_into(root, then="rerun the same command"):  # the download, 340 MB with its archive
+            splits = [CIFAR10(str(root), train=train, download=cfg.download) for train in (True, False)]
     except (RuntimeError, OSError) as error:
         for folder in made:  # the folders torchvision made for a download that failed, if it left them empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(error, OutOfSpace):
+            raise
         how, online = (("the download failed (offline?)", "rerun online") if cfg.download else
                        ("data.download is false", "run online with data.download=true"))
         raise DataError(

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_tsp.checkpoint import read
-from dist_tsp.errors import UserError
+from dist_tsp.checkpoint import read, written_into
+from dist_tsp.errors import OutOfSpace, UserError
 
 __all__ = ["AirbenchNet", "ModelError", "PatchWhitening", "SubsampledPointwiseConv2d", "UnknownModelError",
            "build_model", "check_model_name", "fit_whitening", "load_pretrained", "model_names", "register",
@@ -401,9 +401,12 @@ def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:
         import torchvision
 
         try:
-            state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
+            with written_into(Path(torch.hub.get_dir()), then="rerun the same command"):  # the download's file
+                state = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=False)
         except ValueError:
             raise ModelError(f"torchvision has no pretrained weights for {name!r}: drop teacher.weights") from None
+        except OutOfSpace:
+            raise
         except OSError as error:  # URLError and friends: offline
             raise ModelError(f"cannot download ImageNet weights for {name!r} ({error}): download them once and "
                              "set teacher.weights=/path/to/weights.pth") from None

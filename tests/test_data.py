@@ -1,4 +1,5 @@
 import contextlib
+import errno
 import gzip
 import hashlib
 import importlib.metadata
@@ -19,6 +20,7 @@ from dist_tsp import shards
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
 from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_arrays, images_of, load_dataset, progress
+from dist_tsp.errors import OutOfSpace
 from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
 from tests.multiprocess import run_on_ranks
@@ -237,20 +239,26 @@ def test_cifar10_absent_offline_says_where_to_put_it(tmp_path):
         load_dataset(DataConfig(name="cifar10", root=tmp_path, download=False), seed=0)
 
 
-def test_a_cifar10_download_that_fails_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["offline", "no room"])
+def test_a_cifar10_download_that_fails_says_why_and_leaves_no_empty_folders_behind(tmp_path, monkeypatch, failure):
     """torchvision makes data.root before it downloads: offline, an empty data/cifar10/ was left in the working
-    directory."""
+    directory. A disk that fills up as the archive is written is not called offline (before, it was)."""
     import urllib.error
 
     from torchvision.datasets import cifar
 
-    def offline(url, download_root, **_):
+    def failing(url, download_root, **_):
         Path(download_root).mkdir(parents=True, exist_ok=True)
-        raise urllib.error.URLError("no network")
+        raise {"offline": urllib.error.URLError("no network"),
+               "no room": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))}[failure]
 
-    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", failing)
     root = tmp_path / "data" / "cifar10"
-    with pytest.raises(DataError, match=r"CIFAR-10 not found in .* and the download failed \(offline\?\)"):
+    error, said = {"offline": (DataError, r"CIFAR-10 not found in .* and the download failed \(offline\?\)"),
+                   "no room": (OutOfSpace, r"^no room left on the file system at /\S* \(No space left on device\): "
+                                           r"free space there \(or raise this user's quota\), then rerun the same "
+                                           r"command$")}[failure]
+    with pytest.raises(error, match=said):
         load_dataset(DataConfig(name="cifar10", root=root), seed=0)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,5 +1,7 @@
 """The paper's teacher recipe: pretrained weights (torchvision's ImageNet ones or a file) and resized inputs."""
 
+import errno
+import os
 import urllib.error
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from dist_tsp.checkpoint import CheckpointError
 from dist_tsp.config import validate_config
+from dist_tsp.errors import OutOfSpace
 from dist_tsp.models import ModelError, build_model
 from dist_tsp.placement import Groups
 from dist_tsp.teacher import build_teacher, load_frozen_teacher
@@ -40,12 +43,19 @@ def test_input_scale_resizes_only_the_teachers_input(tmp_path):
     assert seen == [torch.Size([2, 3, 224, 224])]
 
 
-def test_imagenet_weights_offline_say_how_to_use_a_file(monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+@pytest.mark.parametrize("failure", ["offline", "no room"])
+def test_imagenet_weights_offline_say_how_to_use_a_file_and_a_full_disk_says_so(monkeypatch, failure):
+    """A disk that fills up as the weights are written is not called offline (before, it was)."""
+    def failing(*args, **kwargs):
+        raise {"offline": urllib.error.URLError("no network"),
+               "no room": OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))}[failure]
 
-    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", offline)
-    with pytest.raises(ModelError, match=r"cannot download ImageNet weights for 'resnet18' .*teacher.weights=/path"):
+    monkeypatch.setattr("torchvision.models._api.WeightsEnum.get_state_dict", failing)
+    error, said = {"offline": (ModelError, r"cannot download ImageNet weights for 'resnet18' .*teacher.weights=/path"),
+                   "no room": (OutOfSpace, r"^no room left on the file system at /\S* \(Disk quota exceeded\): free "
+                                           r"space there \(or raise this user's quota\), then rerun the same command$")
+                   }[failure]
+    with pytest.raises(error, match=said):
         build_teacher(config(model="resnet18", weights="imagenet"), 10, pretrained=True)
 
 
