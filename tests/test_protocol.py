@@ -182,6 +182,7 @@ def test_a_protocol_that_finds_no_room_for_its_files_is_one_line_and_exit_1(smal
     assert stop.value.code == 1
     assert capsys.readouterr().err.strip() == f"dist-tsp protocol: error: {no_room(small_file_system)}"
 
+
 @pytest.mark.parametrize("grid, message", [
     ("0.1,0.8,0.1 inf,0,0", "--grid '0.1,0.8,0.1 inf,0,0': write points as 'alpha,beta,gamma' separated by spaces"),
     ("0.1,0.8,0.1 0.10,0.80,0.10", "--grid lists the point 0.1,0.8,0.1 more than once: give each once"),

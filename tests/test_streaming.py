@@ -155,6 +155,7 @@ def test_no_thread_is_starting_as_the_loader_workers_fork_behind_an_evaluations_
     assert len(list(eval_batches(data.test, 2, lambda images: images, what="evaluating"))) >= BAR_FROM_BATCHES
     assert len(forks) == 2 and all("TMonitor" not in threads and watching for threads, watching in forks), forks
 
+
 @pytest.mark.parametrize("crop", ["padded", "random_resized"])
 def test_views_depend_on_seed_epoch_and_sample_alone_not_on_workers_replica_or_start_step(folder, crop):
     reference = folder_data(folder, crop=crop, loader_workers=0)
@@ -361,6 +362,7 @@ def test_a_conversion_that_finds_no_room_is_one_line_leaving_the_earlier_one_who
         f"dist-tsp shards: error: {no_room(small_file_system, then='convert again')}")
     assert sorted(os.listdir(out)) == ["test", "train"]
     assert {split: snapshot(out / split) for split in ("train", "test")} == earlier
+
 
 def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels_is_one_line(shards, tmp_path):
     import datasets
