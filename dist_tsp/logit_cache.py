@@ -13,7 +13,6 @@ protocol's KD and TSP) compute each epoch once: while one computes, the others w
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import time
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dist_tsp.augmentation import Augmentation
-from dist_tsp.checkpoint import write_atomic, write_text_atomic
+from dist_tsp.checkpoint import try_lock, write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, Normalizer, Samples
 from dist_tsp.errors import Preempted
@@ -160,7 +159,8 @@ class CachedLogits:
         try:
             said = False
             while True:
-                held = torch.tensor([float(lock is None or _try_lock(lock))], device=self.device)
+                # without locks (Lustre mounted without flock), runs side by side may compute an epoch twice
+                held = torch.tensor([float(lock is None or try_lock(lock))], device=self.device)
                 all_reduce(held, self.world, dist.ReduceOp.MIN)
                 if held.item():
                     break
@@ -225,15 +225,3 @@ class CachedLogits:
         that was another cache's: a forced resume with other settings starts its own)."""
         if saved.get("path") == str(self.folder):
             self.computed, self.reused = list(saved["computed_epochs"]), list(saved["reused_epochs"])
-
-
-def _try_lock(file: BinaryIO) -> bool:
-    """Take `file`'s exclusive lock unless another process holds it. On a filesystem without locks (Lustre mounted
-    without `flock`) every run goes ahead, as if alone: side by side, an epoch may then be computed twice."""
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:  # no locks here
-        pass
-    return True

@@ -12,14 +12,16 @@ with `dataset.save_to_disk(OUT / split)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dist_tsp.check_data import verify
-from dist_tsp.checkpoint import written_into
+from dist_tsp.checkpoint import try_lock, written_into
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
@@ -53,6 +55,28 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
                                   "file": datasets.Value("string")})
     out.mkdir(parents=True, exist_ok=True)
+    with _alone_in(out):
+        return _write(listed, features, out, max_shard_size)
+
+
+@contextlib.contextmanager
+def _alone_in(out: Path) -> Iterator[None]:
+    """Hold the output folder's lock while converting into it: a second conversion into it is refused in one line
+    (the lock goes with a conversion killed midway)."""
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        if not try_lock(folder):
+            raise DataError(f"another conversion is writing into {out}: wait for it to end, or give another output "
+                            "folder")
+        yield
+    finally:
+        os.close(folder)
+
+
+def _write(listed: dict[Path, tuple], features: Any, out: Path, max_shard_size: str) -> list[Path]:
+    """Save each listed split as out/.<split>.partial, then put them in their splits' places."""
+    import datasets
+
     for killed in out.glob(f"{CACHE}*"):  # what a conversion killed midway left: the images' size
         shutil.rmtree(killed, ignore_errors=True)
     partials = {split: out / f".{split.name}.partial" for split in listed}  # a kill leaves the earlier ones whole
@@ -74,7 +98,6 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
             shutil.rmtree(out / split.name)
         partial.rename(out / split.name)
     return [out / split.name for split in partials]
-
 
 def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
     """The output replaces out/<split> for each split: only an earlier conversion's, never the images or other

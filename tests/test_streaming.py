@@ -6,6 +6,7 @@ mid-epoch resume, the same training on 3 ranks, and one clear line for a bad ima
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -570,6 +571,25 @@ def test_a_conversion_killed_while_saving_is_rerun_over_its_leftovers(folder, sh
     for split in ("train", "test"):
         assert saved_split(out, split)["label"] == saved_split(shards, split)["label"]
 
+
+def test_a_second_conversion_into_an_output_that_another_is_writing_is_refused_in_one_line(folder, shards, tmp_path,
+                                                                                          capsys):
+    """Before, it removed the running one's cache as a killed conversion's, and both wrote the same partial splits."""
+    out = tmp_path / "out"
+    shutil.copytree(shards, out)
+    (out / ".cache-running").mkdir()
+    before = files(out)
+    running = os.open(out, os.O_RDONLY)  # its lock, as the running conversion holds it
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main([str(folder), str(out)])
+    finally:
+        os.close(running)
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"dist-tsp shards: error: another conversion is writing into {out}: wait for it to end, or give another "
+        "output folder")
+    assert files(out) == before and (out / ".cache-running").is_dir()
 
 def files(root: Path) -> dict[Path, bytes]:
     return {path.relative_to(root): path.read_bytes() for path in root.rglob("*") if path.is_file()}
