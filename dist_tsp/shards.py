@@ -18,7 +18,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from dist_tsp.check_data import verify
 from dist_tsp.checkpoint import try_lock, written_into
@@ -33,7 +32,6 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     """Write out/train and out/<held-out> from the image folder's splits; return the split folders written. Every
     split is read before an earlier conversion's is replaced. With `verify_workers`, every image is decoded first,
     in that many processes, and an unreadable one is refused before anything is written."""
-    import datasets
     from datasets.utils.py_utils import convert_file_size_to_int
 
     try:
@@ -51,12 +49,9 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     if verify_workers is not None:
         verify([FolderImages(split, paths) for split, (paths, _) in listed.items()], verify_workers,
                "replace or remove it, then convert again")
-    # `file`: the image's path in its split folder, as save_to_disk keeps only the base name of the image's own path
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
-                                  "file": datasets.Value("string")})
     out.mkdir(parents=True, exist_ok=True)
     with _alone_in(out):
-        return _write(listed, features, out, max_shard_size)
+        return _write(listed, classes, out, max_shard_size)
 
 
 @contextlib.contextmanager
@@ -73,9 +68,13 @@ def _alone_in(out: Path) -> Iterator[None]:
         os.close(folder)
 
 
-def _write(listed: dict[Path, tuple], features: Any, out: Path, max_shard_size: str) -> list[Path]:
+def _write(listed: dict[Path, tuple], classes: list[str], out: Path, max_shard_size: str) -> list[Path]:
     """Save each listed split as out/.<split>.partial, then put them in their splits' places."""
     import datasets
+
+    # `file`: the image's path in its split folder, as save_to_disk keeps only the base name of the image's own path
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes),
+                                  "file": datasets.Value("string")})
 
     for killed in out.glob(f"{CACHE}*"):  # what a conversion killed midway left: the images' size
         shutil.rmtree(killed, ignore_errors=True)
