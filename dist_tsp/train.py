@@ -273,17 +273,17 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 code = 1
                 stop_loader_workers()
                 shared_errors.record(failed, code)  # the other ranks' failed collectives end quietly
-                print(f"dist-tsp: error{_where(rank, world_size)}: {failed}", file=sys.stderr)
+                _say_error(failed, rank, world_size)
             elif gone := another_rank_gone(error):
                 code = 1
                 if shared_errors.first_to_record(gone, code):
-                    print(f"dist-tsp: error{_where(rank, world_size)}: {gone}", file=sys.stderr)
+                    _say_error(gone, rank, world_size)
             elif "timed out" in str(error).lower():
                 code = 1
-                print(f"dist-tsp: error{_where(rank, world_size)}: a collective waited longer than its timeout "
-                      f"(train.collective_timeout_s={cfg.train.collective_timeout_s:g} s in the student steps, "
-                      f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
-                      "(its own error, if any, is above)", file=sys.stderr)
+                _say_error("a collective waited longer than its timeout (train.collective_timeout_s="
+                           f"{cfg.train.collective_timeout_s:g} s in the student steps, "
+                           f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or "
+                           "gone (its own error, if any, is above)", rank, world_size)
             else:
                 raise
             _exit(code)
@@ -311,8 +311,10 @@ def _refuse(error: UserError | OutOfSpace, rank: int, world_size: int, *, every_
             said: bool = False) -> NoReturn:
     """Exit with the error's code, its one line said by rank 0 when every rank met it, else by each rank that did
     (naming itself) unless another rank `said` the same."""
-    if not said and (rank == 0 or not every_rank):
-        print(f"dist-tsp: error{'' if every_rank else _where(rank, world_size)}: {error}", file=sys.stderr)
+    if every_rank and rank == 0:
+        print(f"dist-tsp: error: {error}", file=sys.stderr)
+    elif not every_rank and not said:
+        _say_error(str(error), rank, world_size)
     _exit(error.exit_code)
 
 
@@ -328,8 +330,11 @@ def _exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _where(rank: int, world_size: int) -> str:
-    return f" (rank {rank})" if world_size > 1 else ""
+def _say_error(what: str, rank: int, world_size: int) -> None:
+    """Say on stderr in one line what this rank met, naming the rank where there are several; on a line of its own
+    (the main process's progress bar, which another rank cannot know it is drawing, ends without a newline)."""
+    where, new_line = (f" (rank {rank})", "\n" * (rank > 0)) if world_size > 1 else ("", "")
+    sys.stderr.write(f"{new_line}dist-tsp: error{where}: {what}\n")
 
 
 if __name__ == "__main__":

@@ -93,10 +93,9 @@ def two_at_a_time(request, tmp_path_factory, test: Callable, run_case: Callable[
 
 
 def said_lines(stderr: str) -> list[str]:
-    """The lines dist-tsp said on stderr, each from its start, also where it follows another rank's progress bar,
-    which ends without a newline."""
-    lines = stderr.replace("\r", "\n").replace("]dist-tsp", "]\ndist-tsp").splitlines()
-    return [line for line in lines if line.startswith("dist-tsp")]
+    """The lines dist-tsp said on stderr, each on a line of its own (one that follows a progress bar, which ends
+    without a newline while it is drawn, is not one of them)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("dist-tsp")]
 
 
 def no_room(mount: Path, then: str = "rerun the same command to resume from the last complete checkpoint") -> str:
