@@ -46,6 +46,7 @@ def _is_number(annotation: Any) -> bool:
     return bool(kinds) and kinds <= {int, float}
 
 
+WEEK_S = 7 * 24 * 3600  # the longest a collective may wait (a timeout in milliseconds fits a C int)
 STREAMABLE = ("image_folder", "arrow")  # datasets read from disk as the steps need them (dist_tsp/streaming.py)
 
 
@@ -270,8 +271,8 @@ class TrainConfig(Section):
     same step without capture), or `auto` (the graph where it can be captured, else eager); `graph_warmup` is the
     number of eager steps before the capture. `deterministic` has cuDNN use deterministic kernels only, so that the
     same seed on the same GPU gives the same bits run after run (slower; CPU kernels are deterministic already).
-    `collective_timeout_s` bounds the student steps' collectives; before the steps (data, teacher, checkpoints) ranks
-    may wait for each other up to 30 minutes, or longer if it is longer.
+    `collective_timeout_s` bounds the student steps' collectives (a week at most); before the steps (data, teacher,
+    checkpoints) ranks may wait for each other up to 30 minutes, or longer if it is longer.
     """
 
     epochs: int = Field(5, gt=0)
@@ -279,7 +280,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int | None = Field(None, gt=0)
     keep_last: int = Field(2, gt=0)
-    collective_timeout_s: float = Field(600.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0, le=WEEK_S)
     profile: bool = False
     channels_last: bool = True
     compile: bool = False
@@ -303,7 +304,7 @@ class RunConfig(Section):
 
     output_dir: Path = Path("runs/demo")
     resume: Literal["auto", "force", "off"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     students: list[StudentConfig] = Field(min_length=1)

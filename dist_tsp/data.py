@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the 
 DEFAULT_WORKERS = 4
 DIGITS_FILE = "sklearn/datasets/data/digits.csv.gz"  # as scikit-learn's installed-files list names it
 STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
+RESIZE_CHUNK = 1024  # images resized at once when an in-memory dataset is brought to data.image_size
 BAR_FROM_BATCHES = 8  # reading of fewer batches than this shows no progress bar
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's weights expect
 
@@ -155,7 +157,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     else:
         loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "npz": _npz}[cfg.name]
         train, test, classes, hflip = loader(cfg)
+        _fits_in_memory(train, test, cfg)
         train, test = (_resized(s, cfg.image_size) for s in (train, test))
+    if len(classes) < 2:
+        raise DataError(f"data.name={cfg.name} in {cfg.root} has a single class, {classes[0]!r}: a classifier needs "
+                        "two or more; add the other classes' images")
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(SUBSET_SEED))
         train = train.subset(subset[: cfg.max_train_samples].sort().values)
@@ -179,11 +185,27 @@ def normalized(data: Dataset, normalization: str) -> Dataset:
     return dataclasses.replace(data, mean=mean, std=std)
 
 
+def _fits_in_memory(train: ImageSet, test: ImageSet, cfg: DataConfig) -> None:
+    """The images held in memory at data.image_size, by each rank on this node, fit in the memory available."""
+    count, ranks_here = len(train) + len(test), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = count * train.images.shape[1] * cfg.image_size**2 * ranks_here
+    if needed > (available := psutil.virtual_memory().available):
+        each = f", for each of this node's {ranks_here} ranks" if ranks_here > 1 else ""
+        raise DataError(f"data.image_size={cfg.image_size}: the {count} images of data.name={cfg.name} take "
+                        f"{needed / 2**30:.1f} GiB in memory{each}, more than the {available / 2**30:.1f} GiB "
+                        "available: lower data.image_size, or give the images as an image folder "
+                        "(data.name=image_folder), which is streamed from disk")
+
+
 def _resized(images: ImageSet, size: int) -> ImageSet:
+    """`images` at size×size, resized RESIZE_CHUNK images at a time (a float copy of one chunk, not of them all)."""
     if images.images.shape[-2:] == (size, size):
         return images
-    resized = F.interpolate(images.images.float(), size=(size, size), mode="bilinear", antialias=True)
-    return ImageSet(resized.round().clamp(0, 255).to(torch.uint8), images.labels)
+    resized = torch.empty((*images.images.shape[:2], size, size), dtype=torch.uint8)
+    for chunk, out in zip(images.images.split(RESIZE_CHUNK), resized.split(RESIZE_CHUNK)):
+        scaled = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
+        out.copy_(scaled.round().clamp(0, 255))
+    return ImageSet(resized, images.labels)
 
 
 def _training_stats(train: Samples, sampled: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -303,14 +325,29 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     if len(given) == 2 and given[0] != given[1]:
         raise DataError(f"train.npz and {held_out.name} name the classes differently ({given[0]} and {given[1]}): "
                         "save both with the same classes in the same order, as their labels index them")
-    classes = given[0] if given else \
-        [str(c) for c in range(int(max(labels.max(initial=0) for *_, labels in splits)) + 1)]
-    train, test = (ImageSet(images, _class_ids(path, labels, len(classes))) for path, images, labels in splits)
-    return train, test, classes, True
+    num_classes = len(given[0]) if given else int(max(labels.max(initial=0) for *_, labels in splits)) + 1
+    train, test = (ImageSet(images, _class_ids(path, labels, num_classes)) for path, images, labels in splits)
+    _every_class_trained(splits[0][0], train.labels, num_classes, named=bool(given))
+    return train, test, given[0] if given else [str(c) for c in range(num_classes)], True
+
+
+def _every_class_trained(path: Path, labels: torch.Tensor, num_classes: int, named: bool) -> None:
+    """Each class 0..num_classes-1 has images in the training split `path` (as each training class folder must):
+    else a class the models predict but never learn, or, from one stray label, a head of that many classes."""
+    present = labels.unique()  # sorted
+    if len(present) < num_classes:
+        gaps = torch.nonzero(present != torch.arange(len(present)))
+        missing = int(gaps[0]) if len(gaps) else len(present)
+        counted = "that `classes` names" if named else "that the labels make (0 to the largest, in either split)"
+        raise DataError(f"{path} has no images of class {missing}, one of the {num_classes} classes {counted}: give "
+                        "every class training images, with labels 0..C-1")
 
 
 def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """One npz file's images, labels and class names (None when it names none), checked."""
+    if not zipfile.is_zipfile(path):  # numpy would try it as a pickle, and say that pickles are not allowed
+        raise DataError(f"{path} cannot be read as an npz file (not a whole zip archive, as numpy.savez writes: empty, "
+                        "cut short or another format): save it with numpy.savez(path, images=..., labels=...)")
     try:
         with np.load(path) as arrays:
             images, labels = arrays.get("images"), arrays.get("labels")

@@ -4,10 +4,12 @@ and clean stops on SIGTERM/SIGUSR1); plain `accelerate launch` or `python` work 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,12 +100,23 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """`folder` must be a directory, or creatable inside a writable one (`what` names the setting that chose it)."""
+    """`folder` must be a directory this process can write into, or creatable (`what` names the setting that chose
+    it). A folder to be made is tried by making one beside it, as the permission bits do not tell root (a read-only
+    or special file system); one that exists is not written to here (a refused run leaves it as it was)."""
     existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: {existing} is not writable; choose a path you can write")
+    why = None
+    if existing != folder.absolute():
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dist-tsp-", dir=existing))
+        except OSError as error:
+            why = error.strerror
+    elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+        why = os.strerror(errno.EROFS)
+    if why or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {existing} is not writable{f' ({why})' if why else ''}; choose a path you can "
+                        "write")
 
 
 def check_teacher_launch(cfg: RunConfig) -> None:

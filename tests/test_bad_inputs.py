@@ -54,6 +54,12 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["teacher.mode=cached", "teacher.cache_dir=/etc/hostname"], 1,  # before: a traceback once the teacher trained
      r"teacher.cache_dir /etc/hostname: /etc/hostname is a file, not a directory; choose another path"),
     (["students=[]"], 1, r"'students': List should have at least 1 item"),
+    (["output_dir=/proc/run"], 1,  # before, as root (whom permission bits allow): the teacher trained, then a traceback
+     r"output_dir /proc/run: /proc is not writable \(.*\); choose a path you can write"),
+    (["seed=-1"], 1, r"'seed': Input should be greater than or equal to 0"),  # before: numpy's traceback, each rank's
+    (["seed=4294967296"], 1, r"'seed': Input should be less than 4294967296"),
+    (["train.collective_timeout_s=1e300"], 1,  # before: an OverflowError's traceback once the data was loaded
+     r"'train.collective_timeout_s': Input should be less than or equal to 604800"),
     (["--confg"], 1, r"unrecognized arguments: --confg: see --help"),
 ]
 
@@ -82,6 +88,17 @@ def test_a_logit_cache_folder_that_exists_is_read_where_this_run_cannot_write_an
     plan([*options, f"teacher.cache_dir={shared / 'cache'}"], 1, 0)
     with pytest.raises(UserError, match=rf"teacher.cache_dir {shared / 'new'}: {shared} is not writable"):
         plan([*options, f"teacher.cache_dir={shared / 'new'}"], 1, 0)
+
+
+def test_an_output_dir_on_a_read_only_file_system_is_refused_though_its_permission_bits_allow_writing(
+        small_file_system):
+    """Root, whom the bits always allow, met it once the teacher had trained (a container's read-only volume)."""
+    (small_file_system / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    for run in ("run", "run/new"):  # the folder itself, and one to be made inside it
+        with pytest.raises(UserError, match=rf"output_dir {small_file_system / run}: {small_file_system / 'run'} is "
+                                            r"not writable \(Read-only file system\)"):
+            plan(["--config", DEMO, f"output_dir={small_file_system / run}"], 1, 0)
 
 
 def test_missing_or_broken_config_file_is_rejected(tmp_path):
