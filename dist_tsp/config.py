@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from dist_tsp.errors import UserError
+from dist_tsp.errors import UserError, not_a_file
 
 
 class ConfigError(UserError):
@@ -153,8 +153,8 @@ class StudentConfig(ModelSpec):
     @model_validator(mode="after")
     def _mentor_has_weights(self) -> StudentConfig:
         if self.init is not None and not self.init.is_file():
-            raise ValueError(f"student {self.name}: init file {self.init} does not exist: point it at a student "
-                             "file of an earlier run (checkpoints/step_N/students/<name>.pt)")
+            raise ValueError(f"student {self.name}: init file {self.init} {not_a_file(self.init)}: point it at a "
+                             "student file of an earlier run (checkpoints/step_N/students/<name>.pt)")
         if self.frozen and self.init is None:
             raise ValueError(f"student {self.name} is frozen but has no init: give it the weights it teaches "
                              "with (init=PATH), or set frozen=false")
@@ -377,8 +377,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            how = "is a directory" if path.is_dir() else "does not exist"
-            raise ConfigError(f"config file {path} {how}: pass an existing YAML file to --config")
+            raise ConfigError(f"config file {path} {not_a_file(path)}: pass an existing YAML file to --config")
         try:
             raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as error:

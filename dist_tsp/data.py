@@ -26,7 +26,7 @@ from dist_tsp import streaming
 from dist_tsp.augmentation import Augmentation, mixed_seed
 from dist_tsp.checkpoint import written_into
 from dist_tsp.config import STREAMABLE, DataConfig
-from dist_tsp.errors import OutOfSpace, UserError
+from dist_tsp.errors import OutOfSpace, UserError, not_a_file
 from dist_tsp.exchange import all_gather_cat, group_size
 from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, list_image_folder
 
@@ -315,7 +315,7 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
     splits, named = [], {}
     for path in (root / "train.npz", held_out):
         if not path.is_file():
-            raise DataError(f"data.name=npz: {path} does not exist: save train.npz and test.npz (or val.npz) in "
+            raise DataError(f"data.name=npz: {path} {not_a_file(path)}: save train.npz and test.npz (or val.npz) in "
                             f"{root} with numpy.savez(path, images=..., labels=...)")
         images, labels, named[path.name] = _npz_arrays(path)
         splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))

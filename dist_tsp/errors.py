@@ -6,6 +6,7 @@ import errno
 import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -35,6 +36,12 @@ def space_ran_out(error: BaseException | None) -> OSError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def not_a_file(path: Path) -> str:
+    """What `path`, given as a file but not a regular one, is instead, for a one-line error: "is a directory",
+    "is not a regular file" (a device, a pipe) or "does not exist"."""
+    return "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
 
 
 class RunStopped(Exception):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from dist_tsp.errors import Preempted, RunStopped, UserError
+from dist_tsp.errors import Preempted, RunStopped, UserError, not_a_file
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops at once)
@@ -119,13 +119,30 @@ def check_launch(args: list[str]) -> None:
     from accelerate.commands.launch import launch_command_parser
 
     launch = launch_command_parser().parse_args(args)
-    if launch.config_file is not None and not Path(launch.config_file).is_file():
-        raise UserError(f"--config_file {launch.config_file} does not exist: give an accelerate config, e.g. "
-                        "configs/accelerate/cpu.yaml or gpu.yaml")
+    if launch.config_file is not None:
+        check_accelerate_config(Path(launch.config_file))
     if launch.num_processes is not None and launch.num_processes < 1:
         raise UserError(f"--num_processes {launch.num_processes}: give at least 1")
-    if not (launch.module or launch.no_python) and not Path(launch.training_script).is_file():
-        raise UserError(f"{launch.training_script} does not exist: give the script to launch, e.g. dist_tsp/train.py")
+    script = Path(launch.training_script)
+    if not (launch.module or launch.no_python) and not script.is_file():
+        raise UserError(f"{script} {not_a_file(script)}: give the script to "
+                        "launch, e.g. dist_tsp/train.py")
+
+
+def check_accelerate_config(path: Path) -> None:
+    """UserError unless `path` is an accelerate config file that accelerate reads (as `accelerate launch` does)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if not path.is_file():
+        raise UserError(f"--config_file {path} {not_a_file(path)}: give an "
+                        "accelerate config, e.g. configs/accelerate/cpu.yaml or gpu.yaml")
+    try:
+        load_config_from_file(str(path))
+    except Exception as error:  # yaml's, a decoding error, or accelerate's for settings it does not know
+        why = " ".join(str(error).split())[:200]
+        raise UserError(f"--config_file {path} is not an accelerate config ({type(error).__name__}: {why}): give one "
+                        "that `accelerate config` writes, e.g. configs/accelerate/cpu.yaml; a run's own config goes "
+                        "after the script, dist_tsp/train.py --config FILE") from None
 
 
 def _quiet(record: logging.LogRecord) -> bool:

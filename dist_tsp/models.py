@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_tsp.checkpoint import read, written_into
-from dist_tsp.errors import OutOfSpace, UserError
+from dist_tsp.errors import OutOfSpace, UserError, not_a_file
 
 __all__ = ["AirbenchNet", "ModelError", "PatchWhitening", "SubsampledPointwiseConv2d", "UnknownModelError",
            "build_model", "check_model_name", "fit_whitening", "load_pretrained", "model_names", "register",
@@ -413,7 +413,7 @@ def load_pretrained(model: nn.Module, name: str, weights: str) -> list[str]:
     else:
         path = Path(weights)
         if not path.is_file():
-            raise ModelError(f"teacher.weights file {path} does not exist: give a state-dict file or 'imagenet'")
+            raise ModelError(f"teacher.weights file {path} {not_a_file(path)}: give a state-dict file or 'imagenet'")
         state = read(path, "teacher.weights file")
         state = state.get("model", state) if isinstance(state, dict) else state
     own = model.state_dict()

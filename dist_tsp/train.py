@@ -176,7 +176,7 @@ def run_teacher_stage(cfg: RunConfig, stop_requested: StopRequest) -> None:
     accelerator, data, _ = start(cfg, trackers=False)
     _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only(), stop_requested)
     if accelerator.is_main_process:
-        print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} %, saved in {info.checkpoint}")
+        print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} % ({info.checkpoint})")
 
 
 def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> dict:

@@ -6,6 +6,8 @@
 # Watch: tail -f slurm-dist-tsp-<jobid>.out. Rerunning the same command resumes from the last checkpoint.
 #
 #SBATCH --job-name=dist-tsp
+##SBATCH --partition=gpu             # your site's partition and account: delete one '#' to use them
+##SBATCH --account=my-project
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1          # one launcher per node; it starts one process per GPU
 #SBATCH --gpus-per-node=3            # 0 on CPU nodes (then PROCESSES_PER_NODE processes, 3 by default)

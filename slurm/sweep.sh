@@ -7,6 +7,8 @@
 # Give every trial the same teacher: run teacher.sh first and pass teacher.checkpoint=... here.
 #
 #SBATCH --job-name=dist-tsp-sweep
+##SBATCH --partition=gpu             # your site's partition and account: delete one '#' to use them
+##SBATCH --account=my-project
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=3            # 0 on CPU nodes (then PROCESSES_PER_NODE processes, 3 by default)

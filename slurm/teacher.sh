@@ -6,6 +6,8 @@
 # Any number of processes works here: the students' world-size rules do not apply.
 #
 #SBATCH --job-name=dist-tsp-teacher
+##SBATCH --partition=gpu             # your site's partition and account: delete one '#' to use them
+##SBATCH --account=my-project
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1          # one launcher per node; it starts one process per GPU
 #SBATCH --gpus-per-node=3            # 0 on CPU nodes (then PROCESSES_PER_NODE processes, 3 by default)

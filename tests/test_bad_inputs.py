@@ -106,6 +106,10 @@ def test_missing_or_broken_config_file_is_rejected(tmp_path):
         plan([], 1, 0)
     with pytest.raises(UserError, match=r"config file .*nope.yaml does not exist"):
         plan(["--config", str(tmp_path / "nope.yaml")], 1, 0)
+    # before, both "does not exist"
+    for given, what in ((tmp_path, "is a directory"), ("/dev/null", "is not a regular file")):
+        with pytest.raises(UserError, match=rf"^config file {given} {what}: pass an existing YAML file to --config$"):
+            plan(["--config", str(given)], 1, 0)
     (tmp_path / "bad.yaml").write_text("students: [\n")
     with pytest.raises(UserError, match=r"is not valid YAML"):
         plan(["--config", str(tmp_path / "bad.yaml")], 1, 0)
@@ -324,6 +328,14 @@ BAD_LAUNCHES = {
     "no process": (["--config_file", CPU3, "--num_processes", "0", TRAIN], r"--num_processes 0: give at least 1"),
     "a script that is not there": (["--config_file", CPU3, "dist_tsp/trian.py"],
                                    r"dist_tsp/trian.py does not exist: give the script to launch"),
+    "a folder as the script": (["--config_file", CPU3, "dist_tsp"], r"dist_tsp is a directory: give the script"),
+    # before, accelerate's traceback: the run's config given as the accelerate config, a mix-up the line explains
+    "the run's config as the accelerate config": (
+        ["--config_file", DEMO, TRAIN], rf"--config_file {DEMO} is not an accelerate config \(ValueError: A "
+                                        r"`distributed_type` must be specified in the config file.\): give one that "
+                                        r"`accelerate config` writes, .*; a run's own config goes after the script"),
+    "an accelerate config that is no YAML": (["--config_file", "README.md", TRAIN],
+                                             r"--config_file README.md is not an accelerate config \(\w+Error: "),
 }
 
 
