@@ -36,16 +36,18 @@ _reading: Array | None = None
 
 
 def verify(image_sets: list[FolderImages | ArrowImages], workers: int, fix: str) -> None:
-    """Decode every image of `image_sets`, as the loader will, in `workers` processes; DataError counting the
-    unreadable ones, naming the first three, and `fix` (for one image); or, when a process died, naming what killed
-    it (an image whose reading kills a process, or takes longer than READ_TIMEOUT_S)."""
+    """Decode every image of `image_sets`, as the loader will, in `workers` processes (no more than there are chunks
+    of CHUNK images); DataError counting the unreadable ones, naming the first three, and `fix` (for one image); or,
+    when a process died, naming what killed it (an image whose reading kills a process, or takes longer than
+    READ_TIMEOUT_S)."""
     chunks = [(which, start, min(start + CHUNK, len(images)))
               for which, images in enumerate(image_sets) for start in range(0, len(images), CHUNK)]
     total = sum(map(len, image_sets))
     bad = []
     fork = multiprocessing.get_context("fork")
     reading = fork.RawArray("q", [-1] * len(chunks))
-    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_start_worker, initargs=(image_sets, reading))
+    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=fork, initializer=_start_worker,
+                               initargs=(image_sets, reading))
     try:
         results = pool.map(_unreadable, range(len(chunks)), chunks)  # fork: every worker starts at the first submit
         with tqdm(total=total, desc="verifying images", unit="image") as bar:
@@ -136,7 +138,8 @@ def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dist_tsp.check_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dist_tsp.check_data",
+                                     description=__doc__.replace("READ_TIMEOUT_S", f"{READ_TIMEOUT_S} s"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run's YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

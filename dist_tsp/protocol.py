@@ -30,6 +30,7 @@ from dist_tsp.data import load_dataset
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.protocol_report import GridPoint, Row
+from dist_tsp.train import check_writable
 
 METHODS = ("scratch", "kd", "tsp", "tuned", "alternate")
 GRID = ((0.1, 0.8, 0.1), (0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.7, 0.1), (0.2, 0.6, 0.2), (0.2, 0.5, 0.3))
@@ -77,10 +78,15 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
     args, overrides = parse_args(argv)
     if bad := [o for o in overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is neither an option nor key=value: see launch/protocol.sh --help")
+    if moved := [o for o in overrides if o.startswith("output_dir=")]:
+        raise UserError(f"{moved[0]}: every run's output_dir is a folder of --out: leave it out, and give the "
+                        "protocol's folder as --out")
     accelerate_config = side_by_side.accelerate_config(args)
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in METHODS]:
         raise UserError(f"--methods: unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    if not methods:
+        raise UserError(f"--methods {args.methods!r} names no method: choose from {', '.join(METHODS)}")
     try:
         grid = [tuple(float(w) for w in point.split(",")) for point in args.grid.split()]
     except ValueError:
@@ -95,6 +101,7 @@ def plan(argv: list[str] | None) -> tuple[Protocol, Path, side_by_side.Slots]:
             raise UserError(f"{option} {value}: give at least 1")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction:g}: give a fraction between 0 and 1")
+    check_writable(args.out, f"--out {args.out}")
     base = load_config(args.config, overrides)
     needs_peers = {"tsp", "tuned", "alternate"} & set(methods)
     if needs_peers and len(base.students) < 2:

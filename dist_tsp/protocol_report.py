@@ -27,6 +27,11 @@ PAPER = {"scratch": {"alexnet": 60.54, "lenet": 56.5, "mobilenet": 78.16},
 SHORT = {"scratch": "scratch", "kd": "KD", "tsp": "TSP"}
 """How verdicts name the paper's three methods; other rows go by their label."""
 
+NO_VERDICTS = ("No verdicts: each claim compares two methods over the same seeds (tsp with kd or scratch, kd with "
+               "scratch, tuned or alternate with tsp), and these runs hold no such pair: give --methods both "
+               "methods of one, e.g. kd,tsp")
+"""verdicts.md's line when there is no claim to judge."""
+
 CURVES = (("curves_loss", "train/{}/ce", "step", 1, "train cross-entropy"),
           ("curves_accuracy", "test/{}/acc", "epoch", 100, "test accuracy %"))
 """Figures 2 and 3: file name, metric key, x axis, scale and y label."""
@@ -168,9 +173,10 @@ def verdicts(rows: list[Row], students: list[str]) -> list[str]:
 
 
 def write_verdicts(out: Path, lines: list[str]) -> None:
-    """verdicts.md: the claims as a bullet list."""
+    """verdicts.md: the claims as a bullet list, or why there are none."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "verdicts.md", "# Verdicts\n\n" + "".join(f"- {line}\n" for line in lines))
+    write_text_atomic(out / "verdicts.md", "# Verdicts\n\n" + ("".join(f"- {line}\n" for line in lines) or
+                                                               f"{NO_VERDICTS}\n"))
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -24,6 +24,7 @@ from dist_tsp.checkpoint import try_lock, written_into
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
+from dist_tsp.train import check_writable
 
 CACHE = ".cache-"  # the prefix of the folder in the output where the Arrow files are built before they are saved
 
@@ -83,7 +84,7 @@ def _write(listed: dict[Path, tuple], classes: list[str], out: Path, max_shard_s
         with written_into(out, then="convert again"), tempfile.TemporaryDirectory(dir=out, prefix=CACHE) as cache:
             tables = {split: datasets.Dataset.from_generator(
                 _rows, gen_kwargs={"split": split, "paths": paths.tolist(), "labels": labels.tolist()},
-                features=features, cache_dir=str(Path(cache) / split.name))
+                features=features, cache_dir=str(Path(cache) / split.name), split=datasets.NamedSplit(split.name))
                 for split, (paths, labels) in listed.items()}
             for split, table in tables.items():
                 shutil.rmtree(partials[split], ignore_errors=True)
@@ -99,14 +100,14 @@ def _write(listed: dict[Path, tuple], classes: list[str], out: Path, max_shard_s
     return [out / split.name for split in partials]
 
 def _check_output(folder: Path, out: Path, splits: tuple[Path, ...]) -> None:
-    """The output replaces out/<split> for each split: only an earlier conversion's, never the images or other
-    files; and no split of an earlier conversion may be left that data.name=arrow would read instead."""
+    """The output is a folder that can be written, and replaces out/<split> for each split: only an earlier
+    conversion's, never the images or other files; and no split of an earlier conversion may be left that
+    data.name=arrow would read instead."""
     source, target = folder.resolve(), out.resolve()
     if target.is_relative_to(source) or any(source.is_relative_to(target / split.name) for split in splits):
         raise DataError(f"the output {out} overlaps the image folder {folder}: its split folders would replace the "
                         "images; give an output folder outside it")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"the output {out} is a file: give a folder")
+    check_writable(out, f"the output {out}")
     for split in splits:
         if (out / split.name).exists() and not _saved_split(out / split.name):
             raise DataError(f"{out / split.name} exists and is not a split that python -m dist_tsp.shards wrote: "

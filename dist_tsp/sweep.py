@@ -26,8 +26,10 @@ from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.report import write_table
+from dist_tsp.train import check_writable
 
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
+OWN_OUTPUT_DIR = "a trial's output_dir is the sweep's DIR/trial_N: leave it out"
 
 
 def read_trials(path: Path, *, recorded: bool = False) -> list[list[str]]:
@@ -49,7 +51,7 @@ def read_trials(path: Path, *, recorded: bool = False) -> list[list[str]]:
         if bad := [w for w in words if "=" not in w]:
             raise UserError(f"{path}:{number}: {bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
         if not recorded and any(w.startswith("output_dir=") for w in words):
-            raise UserError(f"{path}:{number}: a trial's output_dir is the sweep's DIR/trial_N: leave it out")
+            raise UserError(f"{path}:{number}: {OWN_OUTPUT_DIR}")
         if words:
             trials.append(words)
     if not trials:
@@ -60,6 +62,7 @@ def read_trials(path: Path, *, recorded: bool = False) -> list[list[str]]:
 def trial(trials_file: Path, sweep_dir: Path, number: int) -> list[str]:
     """Trial `number`'s overrides; the first trial to start copies the trials file into the sweep directory."""
     trials = read_trials(trials_file)
+    check_writable(sweep_dir, f"sweep directory {sweep_dir}")
     if not 1 <= number <= len(trials):
         raise UserError(f"{trials_file} has {len(trials)} trials, so no trial {number}: "
                         f"submit with --array=1-{len(trials)}")
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> str:
     launch_config = side_by_side.accelerate_config(args)
     if bad := [o for o in args.overrides if "=" not in o]:
         raise UserError(f"{bad[0]!r} is not key=value: write e.g. loss.gamma=0.2")
+    if moved := [o for o in args.overrides if o.startswith("output_dir=")]:
+        raise UserError(f"{moved[0]}: {OWN_OUTPUT_DIR}")
     per_trial = read_trials(args.trials)
     configs = side_by_side.check_configs(args.config, ((f"{args.trials}, trial {n} ({' '.join(overrides)})",
                                                         trial_overrides(args, f"trial_{n}", overrides))
@@ -184,15 +189,18 @@ def main(argv: list[str] | None = None) -> None:
     every = commands.add_parser("run", help="run every unfinished trial here, then write the table",
                                 usage="python -m dist_tsp.sweep run TRIALS DIR CONFIG [options] [key=value ...] "
                                       "(key=value: for every trial, before its own)")
-    every.add_argument("trials", type=Path)
-    every.add_argument("dir", type=Path)
-    every.add_argument("config", type=Path)
+    trials_help = "the trials file: one line of key=value overrides per trial (blank and # comment lines skipped)"
+    dir_help = "the sweep directory: trial N runs in DIR/trial_N, the table is DIR/sweep.md and DIR/sweep.csv"
+    every.add_argument("trials", type=Path, metavar="TRIALS", help=trials_help)
+    every.add_argument("dir", type=Path, metavar="DIR", help=dir_help)
+    every.add_argument("config", type=Path, metavar="CONFIG", help="the run config every trial starts from")
     side_by_side.add_options(every, "the sweep's files")
     one = commands.add_parser("trial", help="print trial N's overrides, one per line")
-    one.add_argument("trials", type=Path)
-    one.add_argument("dir", type=Path)
-    one.add_argument("number", type=int)
-    commands.add_parser("collect", help="write DIR/sweep.md and DIR/sweep.csv").add_argument("dir", type=Path)
+    one.add_argument("trials", type=Path, metavar="TRIALS", help=trials_help)
+    one.add_argument("dir", type=Path, metavar="DIR", help=dir_help)
+    one.add_argument("number", type=int, metavar="N", help="the trial's number, counting from 1")
+    commands.add_parser("collect", help="write DIR/sweep.md and DIR/sweep.csv").add_argument(
+        "dir", type=Path, metavar="DIR", help=dir_help)
     args, overrides = parser.parse_known_args(argv)  # key=value words may come before or after the options
     args.overrides = overrides
     if args.overrides and args.command != "run":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,19 @@ def test_the_runs_data_checks_and_bad_arguments_are_one_line(tmp_path, capsys):
         f"{prefix}{tmp_path} needs train/ and test/ (or val/) folders holding <class>/ folders"
     assert "give the run's --config FILE" in refused(capsys, [])
     assert "--workers 0: give at least 1" in refused(capsys, [*FOLDER, "--workers", "0"])
+
+
+def test_no_more_worker_processes_start_than_there_are_chunks_of_images(tmp_path, capsys, monkeypatch):
+    """Before, --workers 100000 forked every one of them at the first chunk, and the machine stalled."""
+    write_folder(tmp_path, per_class=8)  # 32 training and 8 test images: one chunk each
+    started = []
+    monkeypatch.setattr(check_data, "ProcessPoolExecutor",
+                        lambda workers, **options: started.append(workers) or ProcessPoolExecutor(workers, **options))
+    check_data.main(["--config", str(DEMO), *FOLDER_DATA, f"data.root={tmp_path}", "--workers", "16"])
+    assert started == [2] and capsys.readouterr().out.strip().endswith("every image can be read")
+
+
+def test_the_help_gives_the_read_timeout_in_seconds(capsys):
+    with pytest.raises(SystemExit):
+        check_data.main(["--help"])
+    assert f"longer than {check_data.READ_TIMEOUT_S} s " in " ".join(capsys.readouterr().out.split())

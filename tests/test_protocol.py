@@ -206,6 +206,43 @@ def test_a_bad_option_is_refused_in_one_line_naming_it(tmp_path, capsys, options
     assert capsys.readouterr().err.strip().startswith(f"dist-tsp protocol: error: {message}")
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--methods", ""], "--methods '' names no method: choose from scratch, kd, tsp, tuned, alternate"),
+    (["--processes", "2", "--accelerate-config", "missing.yaml"],
+     "--accelerate-config missing.yaml is not a file: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
+     "gpu.yaml"),
+    (["--processes", "2", "--accelerate-config", "configs"],
+     "--accelerate-config configs is not a file: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
+     "gpu.yaml"),
+    (["output_dir=runs/elsewhere"], "output_dir=runs/elsewhere: every run's output_dir is a folder of --out: leave it "
+                                    "out, and give the protocol's folder as --out"),
+])
+def test_input_found_bad_only_by_a_run_is_refused_in_one_line_before_any_run_or_file(tmp_path, monkeypatch, capsys,
+                                                                                     options, message):
+    """Before: no method trained the teacher alone and wrote an empty report; an accelerate config not there failed
+    the teacher's run after protocol.json was written; an output_dir was ignored."""
+    monkeypatch.setattr(side_by_side, "launch_run", lambda name, *_, **__: pytest.fail(f"run {name} was launched"))
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(tmp_path / "p"), *options])
+    assert stop.value.code == 2 and not (tmp_path / "p").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [f"dist-tsp protocol: error: {message}"]
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_folder_that_is_a_file_or_under_one_is_refused_in_one_line_before_any_run(tmp_path, monkeypatch,
+                                                                                         capsys, where):
+    """Before: FileExistsError's or NotADirectoryError's traceback, exit 1."""
+    monkeypatch.setattr(side_by_side, "launch_run", lambda name, *_, **__: pytest.fail(f"run {name} was launched"))
+    notes = tmp_path / "notes"
+    notes.write_text("notes\n")
+    out = notes if where == "a file" else notes / "p"
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--out", str(out)])
+    assert stop.value.code == 2 and notes.read_text() == "notes\n"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-tsp protocol: error: --out {out}: {notes} is a file, not a directory; choose another path"]
+
+
 def test_runs_given_fewer_processes_than_asked_say_so_at_start_up():
     """Before: --processes 2 with 3 students ran every run in one process, silently."""
     assert fewer_processes_line(3, 2) == ("protocol: the runs of all 3 students take 1 process each, the most up to "

@@ -192,3 +192,14 @@ def test_qualitative_figures_need_teacher_predictions(tmp_path):
     test = ImageSet(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.tensor(LABELS))
     with pytest.raises(UserError, match="no 'teacher' predictions"):
         plot_qualitative(tmp_path / "out", run, run, run, run, ["lenet"], test, ["a", "b", "c"])
+
+
+def test_verdicts_without_a_pair_of_methods_to_compare_say_why_there_are_none(tmp_path):
+    """Before, --methods alternate alone wrote a verdicts.md of its title alone."""
+    rows = [make_row(tmp_path, "alternate_lenet", {0: dict(lenet=0.64, alexnet=0.1, mobilenet=0.1)},
+                     label="alternate (lenet last)")]
+    write_verdicts(tmp_path / "out", verdicts(rows, STUDENTS))
+    assert (tmp_path / "out" / "verdicts.md").read_text() == (
+        "# Verdicts\n\nNo verdicts: each claim compares two methods over the same seeds (tsp with kd or scratch, kd "
+        "with scratch, tuned or alternate with tsp), and these runs hold no such pair: give --methods both methods "
+        "of one, e.g. kd,tsp\n")

@@ -550,11 +550,30 @@ def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, sh
         main([str(images), str(out), *options])
     said = {"another image folder": f"{out / 'train'} exists and is not a split that python -m dist_tsp.shards wrote: "
                                     "choose another output folder, or remove it",
-            "a file": f"the output {out} is a file: give a folder",
+            "a file": f"the output {out}: {out} is a file, not a directory; choose another path",
             "a split without images": f"image folder {images / 'test'} has no images",
             "a bad size": "--max-shard-size 'banana' is not a size: write e.g. 500MB or 1GB"}[problem]
     assert capsys.readouterr().err.strip() == f"dist-tsp shards: error: {said}"
     assert (files(out) if out.is_dir() else out.read_bytes()) == before
+
+
+def test_an_output_under_a_file_is_refused_in_one_line_before_any_image_is_read(folder, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Before: NotADirectoryError's traceback, after every image was verified."""
+    monkeypatch.setattr("dist_tsp.shards.verify", lambda *_: pytest.fail("the images were verified"))
+    (tmp_path / "notes").write_text("notes\n")
+    with pytest.raises(SystemExit) as stop:
+        main([str(folder), str(tmp_path / "notes" / "arrow"), "--verify"])
+    assert stop.value.code == 2 and (tmp_path / "notes").read_text() == "notes\n"
+    assert capsys.readouterr().err.strip() == (f"dist-tsp shards: error: the output {tmp_path / 'notes' / 'arrow'}: "
+                                               f"{tmp_path / 'notes'} is a file, not a directory; choose another path")
+
+
+def test_each_split_is_generated_under_its_own_name(tmp_path, capsys):
+    """Hugging Face's progress line said "Generating train split" for the test split too."""
+    main([str(write_folder(tmp_path / "images", per_class=4)), str(tmp_path / "arrow")])
+    said = capsys.readouterr().err
+    assert "Generating train split: 16 examples" in said and "Generating test split: 4 examples" in said
 
 
 def test_a_conversion_killed_while_saving_is_rerun_over_its_leftovers(folder, shards, tmp_path):

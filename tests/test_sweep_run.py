@@ -180,3 +180,50 @@ def test_a_sweep_directory_named_like_a_date_or_a_number_is_the_trackers_group_a
     for name in ("2024-05-01", "3", "true"):
         args = argparse.Namespace(dir=tmp_path / name, overrides=[])
         assert load_config(ROOT / "configs" / "demo.yaml", trial_overrides(args, "trial_1", [])).tracking.group == name
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_sweep_directory_that_is_a_file_or_under_one_is_refused_in_one_line_before_any_run(tmp_path, capsys, where):
+    """Before: FileExistsError's or NotADirectoryError's traceback, exit 1."""
+    trials, notes = tmp_path / "seeds.txt", tmp_path / "notes"
+    trials.write_text("seed=0\n")
+    notes.write_text("notes\n")
+    sweep = notes if where == "a file" else notes / "sweep"
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), "configs/demo.yaml", *TINY])
+    assert stop.value.code == 2 and notes.read_text() == "notes\n"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-tsp: error: sweep directory {sweep}: {notes} is a file, not a directory; choose another path"]
+
+
+@pytest.mark.parametrize("where", ["missing", "a directory"])
+def test_an_accelerate_config_that_is_not_a_file_is_refused_in_one_line_before_any_run(tmp_path, capsys, where):
+    trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
+    trials.write_text("seed=0\n")
+    accelerate = tmp_path / "missing.yaml" if where == "missing" else tmp_path
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), "configs/demo.yaml", "--processes", "2", "--accelerate-config",
+              str(accelerate), *TINY])
+    assert stop.value.code == 2 and not sweep.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-tsp: error: --accelerate-config {accelerate} is not a file: give an accelerate config, e.g. "
+        "configs/accelerate/cpu.yaml or gpu.yaml"]
+
+
+def test_an_output_dir_for_every_trial_is_refused_in_one_line_as_on_a_trials_line(tmp_path, capsys):
+    """Before, it was ignored: every trial still ran in DIR/trial_N."""
+    trials, sweep = tmp_path / "seeds.txt", tmp_path / "sweep"
+    trials.write_text("seed=0\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(trials), str(sweep), "configs/demo.yaml", *TINY, "output_dir=runs/elsewhere"])
+    assert stop.value.code == 2 and not sweep.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dist-tsp: error: output_dir=runs/elsewhere: a trial's output_dir is the sweep's DIR/trial_N: leave it out"]
+
+
+def test_the_help_of_run_says_what_each_argument_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "TRIALS the trials file: " in said and "DIR the sweep directory: " in said
+    assert "CONFIG the run config every trial starts from" in said
