@@ -113,11 +113,12 @@ OLD_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                    *((_RECONSTRUCT, f"{package}.multiarray._reconstruct") for package in ("numpy.core", "numpy._core"))]
 
 
-def read(path: Path, what: str) -> Any:
+def read(path: Path, what: str, fix: str | None = None) -> Any:
     """torch.load on the CPU with weights_only=True: tensors and plain containers only, nothing in the file runs.
-    Any failure becomes one line naming the file (`what` names its role, e.g. "teacher checkpoint")."""
+    Any failure becomes one line naming the file (`what` names its role, e.g. "teacher checkpoint") and, for one
+    that is missing or damaged, the `fix` (default: for a file the user gave)."""
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist: check the path")
+        raise CheckpointError(f"{what} {path} does not exist: {fix or 'check the path'}")
     with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -131,8 +132,8 @@ def read(path: Path, what: str) -> Any:
                     "so it was not loaded and none of its code ran: if you trust it, re-save it as a plain state "
                     "dict, torch.save({'model': model.state_dict()}, path)") from None
             raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}): it is truncated or not a "
-                                  "dist-tsp checkpoint; point to another file (or delete it, if it is a damaged "
-                                  "checkpoint of this run)") from None
+                                  "dist-tsp checkpoint; " + (fix or "point to another file (or delete it, if it is a "
+                                                                    "damaged checkpoint of this run)")) from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -143,11 +144,11 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def load(path: Path, what: str, required: str = "model") -> dict[str, Any]:
-    """Load a checkpoint dict safely (see read) and check it has its `required` entry."""
+def load(path: Path, what: str) -> dict[str, Any]:
+    """Load a checkpoint dict safely (see read) and check it has its 'model' entry."""
     payload = read(path, f"{what} checkpoint")
-    if not isinstance(payload, dict) or required not in payload:
-        raise CheckpointError(f"{what} checkpoint {path} has no {required!r} entry: not a dist-tsp checkpoint")
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{what} checkpoint {path} has no 'model' entry: not a dist-tsp checkpoint")
     return payload
 
 
@@ -207,24 +208,75 @@ def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     final = directory.with_name(directory.name.removesuffix(".partial"))
     os.replace(directory, final)
-    step_checkpoints = [d for d in complete_checkpoints(final.parent.parent) if not read_manifest(d)["epoch_end"]]
-    for old in step_checkpoints[:-keep_last]:
+    for old in [d for d in complete_checkpoints(final.parent.parent) if _prunable(d)][:-keep_last]:
         (old / MANIFEST).unlink(missing_ok=True)  # first: what a kill leaves is never taken for a checkpoint
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _prunable(directory: Path) -> bool:
+    """Whether pruning may delete the checkpoint: a step's, not an epoch end's. One whose manifest is damaged is
+    kept: what it is cannot be told, and the run resumes from the newest, which is not it."""
+    try:
+        return not read_manifest(directory)["epoch_end"]
+    except CheckpointError:
+        return False
+
+
+# what resuming reads from a manifest, with its type (a bool is no int here); manifests written before the entries
+# ADDED_LATER lack them (tests/fixtures/checkpoint_7b9954e)
+MANIFEST_ENTRIES = {"step": int, "epoch_end": bool, "students": list, "replicas": int, "teacher": dict | None,
+                    "config": dict, "steps_since_log": int, "teacher_summary": dict | None}
+ADDED_LATER = ("steps_since_log", "teacher_summary")
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint in `directory`, whose entries have their types and whose step is the
+    folder's."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         problem = str(error)
     else:
-        if isinstance(manifest, dict) and isinstance(manifest.get("step"), int):
+        if not (problem := _manifest_problem(manifest, directory)):
             return manifest
-        problem = "no step number in it"
-    raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be read ({problem}): "
-                          f"delete {directory} to resume from the one before")
+    raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} is damaged ({problem}): "
+                          f"{resume_fix(directory)}")
+
+
+def _manifest_problem(manifest: Any, directory: Path) -> str | None:
+    """What is wrong with `manifest`, read from `directory` (None: nothing)."""
+    if not isinstance(manifest, dict):
+        return f"a {type(manifest).__name__}, not a mapping"
+    for key, kind in MANIFEST_ENTRIES.items():
+        if key not in manifest:
+            if key not in ADDED_LATER:
+                return f"no {key!r}"
+        elif not isinstance(value := manifest[key], kind) or isinstance(value, bool) and kind is int:
+            return f"{key!r} is {_shortened(repr(value), 40)}"
+    if step_dir(directory, manifest["step"]).name != directory.name.removesuffix(".partial"):
+        return f"'step' is {manifest['step']}, not its folder's ({directory.name})"
+    return None
+
+
+def resume_fix(directory: Path) -> str:
+    """What to do about the checkpoint in `directory`, the newest, when it cannot be resumed."""
+    return f"delete {directory} to resume from the checkpoint before it"
+
+
+@contextlib.contextmanager
+def restoring(directory: Path, path: Path, what: str) -> Iterator[Any]:
+    """The file `path` of the checkpoint in `directory` (`what` names it), loaded (see read), for the block to
+    restore: a file that is missing, damaged, or holds other entries, types or sizes than dist-tsp writes is one
+    line saying to delete the checkpoint."""
+    fix = resume_fix(directory)
+    try:
+        yield read(path, what, fix)
+    except (CheckpointError, torch.OutOfMemoryError):
+        raise
+    except (LookupError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        problem = textwrap.shorten(f"{type(error).__name__}: {error}", 200, placeholder=" ...")
+        raise CheckpointError(f"{what} {path} is not as dist-tsp writes it ({problem}): {fix}") from None
 
 
 SHORT = 100  # characters of a value a difference shows
@@ -282,14 +334,13 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
     if cfg.resume == "off" or not found:
         return None
     manifest = read_manifest(found[-1])
-    saved = {"students": manifest.get("students"), "replicas": manifest.get("replicas"),
-             "config": manifest.get("config")}
-    if isinstance((saved["config"] or {}).get("teacher"), dict):
+    saved = {key: manifest[key] for key in ("students", "replicas", "config")}
+    if isinstance(saved["config"].get("teacher"), dict):
         teacher = saved["config"]["teacher"]
         teacher["checkpoint"] = cfg.teacher_checkpoint_identity(teacher.get("checkpoint"))
     current = {"students": cfg.student_names, "replicas": replicas, "config": cfg.identity()}
     if teacher_sha is not None:
-        saved["teacher_sha256"] = (manifest.get("teacher") or {}).get("sha256")
+        saved["teacher_sha256"] = (manifest["teacher"] or {}).get("sha256")
         current["teacher_sha256"] = teacher_sha
     for key, value in (started or {}).items():
         if key in manifest:  # checkpoints written before it was recorded are not compared on it

@@ -100,16 +100,17 @@ class Checkpointer:
         manifest = checkpoint.read_manifest(directory)
         for student in students:
             if student.learns:
-                state = checkpoint.load(checkpoint.student_file(directory, student.name), f"student {student.name}")
-                checkpoint.load_weights(student.module, state["model"], directory, f"student {student.name}")
-                resume_state(student.optimizer, student.schedule, state["optimizer"], state["scheduler"])
+                path = checkpoint.student_file(directory, student.name)
+                with checkpoint.restoring(directory, path, f"student {student.name} checkpoint") as state:
+                    student.module.load_state_dict(state["model"])
+                    resume_state(student.optimizer, student.schedule, state["optimizer"], state["scheduler"])
         for student in students:
-            rng = checkpoint.load(checkpoint.rng_file(directory, student.name, self.placement.replica_index),
-                                  f"student {student.name} RNG", required="student_rng")
-            student.load_random_state(rng["student_rng"])
-            checkpoint.restore_rng_state(rng["rng"])
-            if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
-                control.running[student.index] = rng["metrics_since_log"]
+            path = checkpoint.rng_file(directory, student.name, self.placement.replica_index)
+            with checkpoint.restoring(directory, path, f"student {student.name} RNG checkpoint") as rng:
+                student.load_random_state(rng["student_rng"])
+                checkpoint.restore_rng_state(rng["rng"])
+                if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed
+                    control.running[student.index] = rng["metrics_since_log"]
         control.steps_since_log = manifest.get("steps_since_log", 0)
         if self.teacher is not None and manifest.get("teacher_summary"):
             self.teacher.resume_summary(manifest["teacher_summary"])

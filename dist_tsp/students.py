@@ -49,9 +49,12 @@ class LocalStudent:
         return (cpu, cuda) if self.generator is None else (cpu, self.generator.get_state())
 
     def load_random_state(self, state: RandomState) -> None:
-        self.random_state = state
-        if self.generator is not None and state[1] is not None:  # None: written where there was no CUDA
-            self.generator.set_state(state[1])
+        """Raises for what is not a random state (a damaged checkpoint's) now, not at the step that uses it."""
+        cpu, cuda = state
+        torch.Generator().set_state(cpu)
+        self.random_state = cpu, cuda
+        if self.generator is not None and cuda is not None:  # None: written where there was no CUDA
+            self.generator.set_state(cuda)
 
     def lay_out_gradient_buckets(self, images: torch.Tensor, device: torch.device,
                                  autocast: Callable[[], AbstractContextManager]) -> None:

@@ -10,10 +10,12 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from dist_tsp.checkpoint import (
     MANIFEST,
@@ -21,6 +23,7 @@ from dist_tsp.checkpoint import (
     complete_checkpoints,
     differences,
     finalize,
+    read,
     read_manifest,
     restore_rng_state,
     rng_state,
@@ -31,9 +34,17 @@ from dist_tsp.checkpoint import (
     write_text_atomic,
 )
 from dist_tsp.checkpoint import load as load_checkpoint
+from dist_tsp.checkpointer import Checkpointer
+from dist_tsp.config import load_config
+from dist_tsp.data import load_dataset
 from dist_tsp.errors import OutOfSpace
-from dist_tsp.tracking import persistent_run_id
-from tests.runs import launch, student_state, two_at_a_time
+from dist_tsp.graph import TeachingGraph
+from dist_tsp.placement import Placement
+from dist_tsp.run_control import RunControl, StopRequest
+from dist_tsp.students import build_local_students
+from dist_tsp.tracking import Tracker, persistent_run_id
+from dist_tsp.train import plan
+from tests.runs import TINY, launch, student_state, two_at_a_time
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
 OLD_STEP = OLD / "checkpoints" / "step_00000002"
@@ -163,7 +174,7 @@ def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
 
 
 def test_an_rng_file_written_before_the_fix_restores_numpys_state():
-    saved = load_checkpoint(OLD_STEP / "rng" / "alexnet.replica0.pt", "student alexnet RNG", required="student_rng")
+    saved = read(OLD_STEP / "rng" / "alexnet.replica0.pt", "student alexnet RNG checkpoint")
     name, key, *position = saved["rng"]["numpy"]
     assert isinstance(key, np.ndarray)  # the old format, allowed only for this
     restore_rng_state(saved["rng"])
@@ -253,14 +264,33 @@ def test_a_folder_named_previous_with_other_digits_than_ascii_ones_is_left_alone
     assert set_aside(tmp_path, tmp_path / "dist-tsp") == tmp_path / "previous-1"
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe{", b"{", b"[1, 2]", b'{"epoch": 1}'],
-                         ids=["not UTF-8", "not JSON", "not a mapping", "without a step"])
-def test_a_damaged_manifest_is_one_line_naming_it_and_the_folder_to_delete(tmp_path, content):
-    """Before, on every rank: a UnicodeDecodeError, AttributeError or KeyError traceback."""
-    (tmp_path / MANIFEST).write_bytes(content)
-    with pytest.raises(CheckpointError, match=rf"^checkpoint manifest {tmp_path / MANIFEST} cannot be read \(.+\): "
-                                              rf"delete {tmp_path} to resume from the one before$"):
-        read_manifest(tmp_path)
+def manifest_of(step: int, epoch_end: bool = False) -> dict:
+    """The least manifest read_manifest takes for a checkpoint at `step`."""
+    return {"step": step, "epoch_end": epoch_end, "students": ["lenet"], "replicas": 1, "teacher": None,
+            "config": {}}
+
+
+DAMAGED_MANIFESTS = {
+    "not UTF-8": b"\xff\xfe{", "not JSON": b"{", "not a mapping": b"[1, 2]", "without a step": b'{"epoch": 1}',
+    # before: AttributeError tracebacks (in plan(), or once the teacher was loaded)
+    "a config that is no mapping": json.dumps({**manifest_of(4), "config": "x"}).encode(),
+    "a teacher that is no mapping": json.dumps({**manifest_of(4), "teacher": "x"}).encode(),
+    # before: resumed at step -3 (its metrics rows dropped), or at step 1 with step 4's weights
+    "a negative step": json.dumps(manifest_of(-3)).encode(),
+    "a step that is a bool": json.dumps({**manifest_of(4), "step": True}).encode(),
+    "another folder's step": json.dumps(manifest_of(2)).encode(),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_MANIFESTS)
+def test_a_damaged_manifest_is_one_line_naming_it_and_the_folder_to_delete(tmp_path, case):
+    """Before, on every rank: a UnicodeDecodeError, AttributeError or KeyError traceback, or a nonsense step."""
+    directory = step_dir(tmp_path, 4)
+    directory.mkdir(parents=True)
+    (directory / MANIFEST).write_bytes(DAMAGED_MANIFESTS[case])
+    with pytest.raises(CheckpointError, match=rf"^checkpoint manifest {directory / MANIFEST} is damaged \(.+\): "
+                                              rf"delete {directory} to resume from the checkpoint before it$"):
+        read_manifest(directory)
 
 
 def test_a_checkpoint_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch):
@@ -283,8 +313,20 @@ def test_pruning_keeps_the_last_step_checkpoints_and_every_epoch_end(tmp_path):
         partial = step_dir(tmp_path, step, partial=True)
         partial.mkdir(parents=True)
         save_atomic({"model": {}}, partial / "lenet.pt")
-        finalize(partial, {"step": step, "epoch_end": step % 4 == 0 and step >= 8}, keep_last=2)
+        finalize(partial, manifest_of(step, epoch_end=step % 4 == 0 and step >= 8), keep_last=2)
     assert [d.name for d in complete_checkpoints(tmp_path)] == [f"step_{s:08d}" for s in (6, 8, 10, 12)]
+
+
+def test_pruning_keeps_an_older_checkpoint_whose_manifest_is_damaged_and_goes_on(tmp_path):
+    """Before: the run stopped after its steps, at its next checkpoint, saying to delete that older checkpoint "to
+    resume from the one before" (a resume takes the newest); what it is cannot be told, so it is kept."""
+    for step in (2, 4, 6):
+        partial = step_dir(tmp_path, step, partial=True)
+        partial.mkdir(parents=True)
+        finalize(partial, manifest_of(step), keep_last=1)
+        if step == 2:
+            (step_dir(tmp_path, 2) / MANIFEST).write_text("garbage")
+    assert [d.name for d in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000006"]
 
 
 def test_writing_a_file_removes_the_temporaries_of_its_killed_writers_on_this_host_only(tmp_path):
@@ -330,3 +372,82 @@ def test_a_write_that_finds_no_room_is_one_line_whatever_the_writer_raised_and_l
 
     with pytest.raises(RuntimeError, match="^another$"):  # left as it is
         write_atomic(tmp_path / "run" / "model.pt", another_error)
+
+
+SHORT = ["--config", "configs/demo.yaml", *TINY, "train.max_steps=4", "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """A short real run: complete checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("written") / "run"
+    launch([*SHORT, f"output_dir={run}"])
+    return run
+
+
+def resume_in_process(run: Path) -> int:
+    """The step Checkpointer.resume finds in `run` for the run that wrote it, its students loaded on one CPU
+    process."""
+    cfg = load_config(SHORT[1], [*SHORT[2:], f"output_dir={run}"])
+    placement, cpu = Placement(world_size=1, rank=0, num_students=3), torch.device("cpu")
+    accelerator = Accelerator(cpu=True)
+    data = load_dataset(cfg.data, cfg.seed)
+    students = build_local_students(cfg, placement, SimpleNamespace(replica=None), cpu, data.num_classes, 4)
+    control = RunControl(cfg.student_names, cfg.student_names, replicas=1, world=None, control=None,
+                         stop_requested=StopRequest(), device=cpu, output_dir=run)
+    return Checkpointer(cfg, placement, TeachingGraph.from_config(cfg), None, None, Tracker(cfg, accelerator),
+                        accelerator, data.identity(), steps_per_epoch=45, total_steps=4).resume(students, control)
+
+
+def _saved_as(file: str, change) -> callable:
+    """Damage: `file` in the newest checkpoint re-saved as `change(its contents, that folder)` returns it."""
+    def damage(directory: Path) -> None:
+        save_atomic(change(torch.load(directory / file, weights_only=True), directory), directory / file)
+    return damage
+
+
+DAMAGED_FILES = {  # how the step-4 checkpoint's files are damaged, and the file named; before: the traceback
+    "a student file with its model only (KeyError)": (
+        _saved_as("students/lenet.pt", lambda state, _: {"model": state["model"]}), "students/lenet.pt"),
+    "another student's optimizer state (ValueError)": (
+        _saved_as("students/lenet.pt", lambda state, directory: {
+            **state, "optimizer": torch.load(directory / "students/alexnet.pt", weights_only=True)["optimizer"]}),
+        "students/lenet.pt"),
+    "a schedule that is a list (TypeError)": (
+        _saved_as("students/lenet.pt", lambda state, _: {**state, "scheduler": [1, 2]}), "students/lenet.pt"),
+    "an RNG file without random states (KeyError)": (
+        _saved_as("rng/lenet.replica0.pt", lambda *_: {"student_rng": {}, "rng": {}}), "rng/lenet.replica0.pt"),
+    "a missing student file (check the path)": (
+        lambda directory: (directory / "students/lenet.pt").unlink(), "students/lenet.pt"),
+    "a missing RNG file (check the path)": (
+        lambda directory: (directory / "rng/lenet.replica0.pt").unlink(), "rng/lenet.replica0.pt"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DAMAGED_FILES)
+def test_a_resumed_file_missing_or_not_as_dist_tsp_writes_it_is_one_line_naming_it_and_the_folder_to_delete(
+        written, tmp_path, case):
+    run = shutil.copytree(written, tmp_path / "run")
+    newest = step_dir(run, 4)
+    damage, file = DAMAGED_FILES[case]
+    damage(newest)
+    what = "student lenet RNG checkpoint" if file.startswith("rng") else "student lenet checkpoint"
+    with pytest.raises(CheckpointError, match=rf"^{what} {newest / file} (does not exist|is not as dist-tsp writes "
+                                              rf"it \(.+\)): delete {newest} to resume from the checkpoint before it$"):
+        resume_in_process(run)
+
+
+@pytest.mark.slow
+def test_an_undamaged_checkpoint_resumes_in_process(written, tmp_path):
+    assert resume_in_process(shutil.copytree(written, tmp_path / "run")) == 4
+
+
+@pytest.mark.slow
+def test_a_manifest_of_another_shape_is_refused_before_any_process_group(written, tmp_path):
+    """Before: plan() raised an AttributeError traceback on every rank."""
+    run = shutil.copytree(written, tmp_path / "run")
+    manifest = step_dir(run, 4) / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "config": "x"}))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint manifest {manifest} is damaged \('config' is 'x'\)"):
+        plan([*SHORT, f"output_dir={run}", "train.max_steps=8"], 1, 0)

@@ -217,8 +217,8 @@ def test_a_checkpoint_that_named_the_default_teacher_file_still_resumes(tmp_path
     identity["teacher"]["checkpoint"] = str(run / "teacher" / "model.pt")  # as identity() wrote it before
     step = run / "checkpoints" / "step_00000003"
     step.mkdir(parents=True)
-    (step / "manifest.json").write_text(json.dumps({"step": 3, "students": named.student_names, "replicas": 1,
-                                                    "config": identity}))
+    (step / "manifest.json").write_text(json.dumps({"step": 3, "epoch_end": False, "students": named.student_names,
+                                                    "replicas": 1, "teacher": None, "config": identity}))
     assert resumable(load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"]), 1) == step
 
 
@@ -231,7 +231,8 @@ def test_a_checkpoint_of_other_data_or_precision_is_refused_unless_forced_and_on
     cfg = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"])
     step = run / "checkpoints" / "step_00000003"
     step.mkdir(parents=True)
-    manifest = {"step": 3, "students": cfg.student_names, "replicas": 1, "config": cfg.identity()}
+    manifest = {"step": 3, "epoch_end": False, "students": cfg.student_names, "replicas": 1, "teacher": None,
+                "config": cfg.identity()}
     (step / "manifest.json").write_text(json.dumps(manifest))
     started = {"mixed_precision": "no", "data": "40 training images, content 0123", "mentors": {"a": "sha256 01"}}
     assert resumable(cfg, 1, started=started) == step  # written before they were recorded
