@@ -23,7 +23,7 @@ import psutil
 import torch
 
 from dist_tsp.config import RunConfig
-from dist_tsp.errors import OutOfSpace, UserError, space_ran_out
+from dist_tsp.errors import OutOfSpace, UserError, not_a_file, space_ran_out
 
 
 class CheckpointError(UserError):
@@ -118,7 +118,7 @@ def read(path: Path, what: str, fix: str | None = None) -> Any:
     Any failure becomes one line naming the file (`what` names its role, e.g. "teacher checkpoint") and, for one
     that is missing or damaged, the `fix` (default: for a file the user gave)."""
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist: {fix or 'check the path'}")
+        raise CheckpointError(f"{what} {path} {not_a_file(path)}: {fix or 'check the path'}")
     with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -153,7 +153,8 @@ def load(path: Path, what: str) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
-    """load_state_dict with a one-line error when the entry is no state dict or does not fit the architecture."""
+    """load_state_dict with a one-line error when the entry is no state dict, does not fit the architecture, or holds
+    NaN or infinite values (which would stop the run at its first log step as a non-finite loss)."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{what} checkpoint {path} holds a {type(state).__name__} under 'model', not a state "
                               "dict: save it as torch.save({'model': model.state_dict()}, path)")
@@ -162,6 +163,10 @@ def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> N
     except RuntimeError as error:
         problems = textwrap.shorten(str(error), 300, placeholder=" ...")
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None
+    if diverged := [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]:
+        more = f" and {len(diverged) - 1} more" if len(diverged) > 1 else ""
+        raise CheckpointError(f"{what} checkpoint {path} holds NaN or infinite values ({diverged[0]}{more}): the "
+                              "training that wrote it diverged; point to another file")
 
 
 def rng_state() -> dict[str, Any]:

@@ -129,20 +129,21 @@ def check_launch(args: list[str]) -> None:
                         "launch, e.g. dist_tsp/train.py")
 
 
-def check_accelerate_config(path: Path) -> None:
-    """UserError unless `path` is an accelerate config file that accelerate reads (as `accelerate launch` does)."""
+def check_accelerate_config(path: Path, option: str = "--config_file") -> None:
+    """UserError unless `path`, given as `option`, is an accelerate config file that accelerate reads (as `accelerate
+    launch` does)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     if not path.is_file():
-        raise UserError(f"--config_file {path} {not_a_file(path)}: give an "
+        raise UserError(f"{option} {path} {not_a_file(path)}: give an "
                         "accelerate config, e.g. configs/accelerate/cpu.yaml or gpu.yaml")
     try:
         load_config_from_file(str(path))
     except Exception as error:  # yaml's, a decoding error, or accelerate's for settings it does not know
         why = " ".join(str(error).split())[:200]
-        raise UserError(f"--config_file {path} is not an accelerate config ({type(error).__name__}: {why}): give one "
-                        "that `accelerate config` writes, e.g. configs/accelerate/cpu.yaml; a run's own config goes "
-                        "after the script, dist_tsp/train.py --config FILE") from None
+        raise UserError(f"{option} {path} is not an accelerate config ({type(error).__name__}: {why}): give one "
+                        "that `accelerate config` writes, e.g. configs/accelerate/cpu.yaml (a run's own config is "
+                        "given with --config)") from None
 
 
 def _quiet(record: logging.LogRecord) -> bool:

@@ -34,7 +34,7 @@ from dist_tsp.errors import (
     RunStopped,
     UserError,
 )
-from dist_tsp.launch import STOP_SIGNALS
+from dist_tsp.launch import STOP_SIGNALS, check_accelerate_config
 from dist_tsp.run_control import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,14 +79,13 @@ def add_options(parser: argparse.ArgumentParser, record: str) -> None:
 
 def accelerate_config(args: argparse.Namespace) -> str | None:
     """The accelerate config of multi-process runs: --accelerate-config, else the shipped one for this machine.
-    Raises UserError for a bad --processes or --parallel-runs, or an --accelerate-config that is not a file."""
+    Raises UserError for a bad --processes or --parallel-runs, or an --accelerate-config accelerate cannot read."""
     if args.processes < 1:
         raise UserError(f"--processes {args.processes}: give the number of processes per run (1, 2, ...)")
     if args.parallel_runs != "auto" and not (args.parallel_runs.isdigit() and int(args.parallel_runs) >= 1):
         raise UserError(f"--parallel-runs {args.parallel_runs}: give a number of runs at once (1, 2, ...) or auto")
-    if args.accelerate_config is not None and not Path(args.accelerate_config).is_file():
-        raise UserError(f"--accelerate-config {args.accelerate_config} is not a file: give an accelerate config, e.g. "
-                        "configs/accelerate/cpu.yaml or gpu.yaml")
+    if args.accelerate_config is not None:
+        check_accelerate_config(Path(args.accelerate_config), "--accelerate-config")
     if args.processes == 1 or args.accelerate_config is not None:
         return args.accelerate_config
     return str(ROOT / "configs" / "accelerate" / f"{'gpu' if torch.cuda.is_available() else 'cpu'}.yaml")

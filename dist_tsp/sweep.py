@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dist_tsp import side_by_side
 from dist_tsp.checkpoint import differences, write_text_atomic
 from dist_tsp.config import RunConfig, load_config
-from dist_tsp.errors import UserError
+from dist_tsp.errors import UserError, not_a_file
 from dist_tsp.placement import Placement
 from dist_tsp.report import write_table
 from dist_tsp.train import check_writable
@@ -36,7 +36,7 @@ def read_trials(path: Path, *, recorded: bool = False) -> list[list[str]]:
     """Trial N is the N-th line that is not blank or a # comment, split into key=value words like a shell line.
     A trial may not set output_dir, unless `recorded` (a sweep directory's copy, maybe from before this check)."""
     if not path.is_file():
-        raise UserError(f"trials file {path} does not exist: write one line of key=value overrides per trial")
+        raise UserError(f"trials file {path} {not_a_file(path)}: write one line of key=value overrides per trial")
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError:

@@ -333,7 +333,8 @@ BAD_LAUNCHES = {
     "the run's config as the accelerate config": (
         ["--config_file", DEMO, TRAIN], rf"--config_file {DEMO} is not an accelerate config \(ValueError: A "
                                         r"`distributed_type` must be specified in the config file.\): give one that "
-                                        r"`accelerate config` writes, .*; a run's own config goes after the script"),
+                                        r"`accelerate config` writes, .* \(a run's own config is given with "
+                                        r"--config\)"),
     "an accelerate config that is no YAML": (["--config_file", "README.md", TRAIN],
                                              r"--config_file README.md is not an accelerate config \(\w+Error: "),
 }

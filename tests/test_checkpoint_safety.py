@@ -138,6 +138,10 @@ WRONG_MODEL = {  # what the 'model' entry of a teacher checkpoint becomes, and t
     "a tensor of the wrong shape": (lambda state: {**state, next(iter(state)): torch.zeros(7, 7)},
                                     r"size mismatch for .*torch.Size\(\[7, 7\]\)"),
     "a tensor, not a state dict": (lambda state: torch.zeros(3), r"holds a Tensor under 'model', not a state dict"),
+    # before: a non-finite loss at the first log step, advising a lower learning rate or temperature
+    "NaN weights": (lambda state: {k: v.float().fill_(float("nan")) for k, v in state.items()},
+                    r"holds NaN or infinite values \(\S+ and \d+ more\): the training that wrote it diverged; point "
+                    "to another file$"),
 }
 
 

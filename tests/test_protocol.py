@@ -209,11 +209,15 @@ def test_a_bad_option_is_refused_in_one_line_naming_it(tmp_path, capsys, options
 @pytest.mark.parametrize("options, message", [
     (["--methods", ""], "--methods '' names no method: choose from scratch, kd, tsp, tuned, alternate"),
     (["--processes", "2", "--accelerate-config", "missing.yaml"],
-     "--accelerate-config missing.yaml is not a file: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
+     "--accelerate-config missing.yaml does not exist: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
      "gpu.yaml"),
     (["--processes", "2", "--accelerate-config", "configs"],
-     "--accelerate-config configs is not a file: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
+     "--accelerate-config configs is a directory: give an accelerate config, e.g. configs/accelerate/cpu.yaml or "
      "gpu.yaml"),
+    (["--processes", "2", "--accelerate-config", "configs/demo.yaml"],
+     "--accelerate-config configs/demo.yaml is not an accelerate config (ValueError: A `distributed_type` must be "
+     "specified in the config file.): give one that `accelerate config` writes, e.g. configs/accelerate/cpu.yaml (a "
+     "run's own config is given with --config)"),
     (["output_dir=runs/elsewhere"], "output_dir=runs/elsewhere: every run's output_dir is a folder of --out: leave it "
                                     "out, and give the protocol's folder as --out"),
 ])

@@ -206,7 +206,8 @@ def test_an_accelerate_config_that_is_not_a_file_is_refused_in_one_line_before_a
               str(accelerate), *TINY])
     assert stop.value.code == 2 and not sweep.exists()
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"dist-tsp: error: --accelerate-config {accelerate} is not a file: give an accelerate config, e.g. "
+        f"dist-tsp: error: --accelerate-config {accelerate} "
+        f"{'does not exist' if where == 'missing' else 'is a directory'}: give an accelerate config, e.g. "
         "configs/accelerate/cpu.yaml or gpu.yaml"]
 
 
