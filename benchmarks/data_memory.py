@@ -4,13 +4,13 @@
     python benchmarks/data_memory.py --sizes 200 2000      # a tiny version
 
 Every folder has the same 1,000 test images (so the evaluation batches are full, and alike, in every run) and
---sizes training images. For each size, the issue's baseline (one process, mutual learning, 3 steps:
-`python dist_tsp/train.py --config configs/demo.yaml data.name=image_folder data.root=DIR data.image_size=64
-loss.alpha=1 loss.beta=0 loss.gamma=1 train.max_steps=3`), the same with a live and with a cached teacher, and the
-folder decoded into memory (data.in_memory=true) for contrast. Memory is the sum of the processes' proportional set
-sizes (PSS: pages shared by forked workers counted once in all), sampled every 50 ms. A run's peak varies by a
-couple of hundred MB from run to run (when loader workers start and how much of the parent's heap they have
-copied by then), so each cell is the median peak of --rounds runs, with their range.
+--sizes training images. For each size, a baseline run (the demo's students learning from each other, no teacher,
+in one process for 3 steps: `python dist_tsp/train.py --config configs/demo.yaml data.name=image_folder
+data.root=DIR data.image_size=64 loss.alpha=1 loss.beta=0 loss.gamma=1 train.max_steps=3`), the same with a live
+and with a cached teacher, and the folder decoded into memory (data.in_memory=true) for contrast. Memory is the sum
+of the processes' proportional set sizes (PSS: pages shared by forked workers counted once in all), sampled every
+50 ms. A run's peak varies by a couple of hundred MB from run to run (when loader workers start and how much of the
+parent's heap they have copied by then), so each cell is the median peak of --rounds runs, with their range.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 from PIL import Image
+from step_breakdown import print_row, work_dir
 from tabulate import tabulate
 
 from dist_tsp import checkpoint
@@ -89,27 +89,27 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="TEACHER",
                         help=f"these rows only ({', '.join(map(repr, VARIANTS))})")
     args = parser.parse_args()
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-memory-"))
-    teacher = work / "teacher.pt"
-    checkpoint.save_atomic({"model": build_model("resnet_cifar", 10, depth=8, width=16).state_dict()}, teacher)
-    rows, first = [], {}
-    for images in args.sizes:
-        folder = work / f"folder_{images}"
-        if not (folder / "test").is_dir():
-            make_folder(folder, images)
-        for number, (label, (overrides, with_teacher)) in enumerate(VARIANTS.items()):
-            if label not in args.only:
-                continue
-            run = work / f"run_{images}_{number}"
-            given = [f"teacher.checkpoint={teacher}", f"teacher.cache_dir={work / 'cache'}"] if with_teacher else []
-            command = [sys.executable, "dist_tsp/train.py", "--config", "configs/demo.yaml", *BASELINE,
-                       f"data.root={folder}", f"output_dir={run}", "resume=off", *given, *overrides]
-            peaks = sorted(peak_memory(command, run.with_suffix(".log")) / 2**20 for _ in range(args.rounds))
-            peak = statistics.median(peaks)
-            first.setdefault(label, peak)
-            rows.append([f"{images:,}", label, f"{peak:,.0f}", f"{peaks[0]:,.0f}–{peaks[-1]:,.0f}",
-                         f"{peak - first[label]:+,.0f}"])
-            print(rows[-1], flush=True)
+    with work_dir(args.work_dir, "dist-tsp-memory-") as work:
+        teacher = work / "teacher.pt"
+        checkpoint.save_atomic({"model": build_model("resnet_cifar", 10, depth=8, width=16).state_dict()}, teacher)
+        rows, first = [], {}
+        for images in args.sizes:
+            folder = work / f"folder_{images}"
+            if not (folder / "test").is_dir():
+                make_folder(folder, images)
+            for number, (label, (overrides, with_teacher)) in enumerate(VARIANTS.items()):
+                if label not in args.only:
+                    continue
+                run = work / f"run_{images}_{number}"
+                given = [f"teacher.checkpoint={teacher}", f"teacher.cache_dir={work / 'cache'}"] if with_teacher else []
+                command = [sys.executable, "dist_tsp/train.py", "--config", "configs/demo.yaml", *BASELINE,
+                           f"data.root={folder}", f"output_dir={run}", "resume=off", *given, *overrides]
+                peaks = sorted(peak_memory(command, run.with_suffix(".log")) / 2**20 for _ in range(args.rounds))
+                peak = statistics.median(peaks)
+                first.setdefault(label, peak)
+                rows.append([f"{images:,}", label, f"{peak:,.0f}", f"{peaks[0]:,.0f}–{peaks[-1]:,.0f}",
+                             f"{peak - first[label]:+,.0f}"])
+                print_row(rows[-1])
     print(tabulate(rows, headers=["training images", "teacher", "peak MB (tree PSS, median)", "range",
                                   f"vs {args.sizes[0]:,}"],
                    tablefmt="github"))

@@ -20,13 +20,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from step_breakdown import print_row, work_dir
 from tabulate import tabulate
 from torchcodec.decoders import decode_image, decode_jpeg
 
@@ -111,32 +111,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.workers, args.steps = 48, [0, 1], 15
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-loader-"))
-    folder = work / f"imagenet_size_{args.images}"
-    if not (folder / "test").is_dir():
-        make_folder(folder, args.images, IMAGENET_SIZES)
-    files = sorted((folder / "train").rglob("*.jpg"))
-    rows = [["decode only (TorchCodec, CPU)", "-", f"{decode_rate(files, 'cpu'):.0f}", "-"]]
-    if torch.cuda.is_available():
-        rows.append(["decode only (TorchCodec, GPU nvJPEG)", "-", f"{decode_rate(files, 'cuda'):.0f}", "-"])
-    shards = work / f"arrow_{args.images}"
-    if not (shards / "test").is_dir():
-        convert(folder, shards, max_shard_size="64MB")
-    streamed = DataConfig(name="image_folder", root=folder, image_size=224, crop="random_resized",
-                          normalization="imagenet")
-    arrow = streamed.model_copy(update={"name": "arrow", "root": shards})
-    in_memory = DataConfig(name="image_folder", root=folder, image_size=224, in_memory=True, normalization="imagenet")
-    for label, cfg, train in (("folder, streamed: RandomResizedCrop 224 + flip", streamed, True),
-                              ("Arrow shards, streamed: RandomResizedCrop 224 + flip", arrow, True),
-                              ("folder, streamed: Resize 256 + CenterCrop 224", streamed, False),
-                              ("folder in memory (224 px): padded crop + flip", in_memory, True)):
-        for workers in args.workers if cfg.in_memory is None else [0]:
-            rate = loader_rate(cfg, workers, train)
-            rows.append([label, workers, f"{rate:.0f}", f"{rate / max(workers, 1):.0f}"])
-            print(rows[-1], flush=True)
-    print(tabulate(rows, headers=["source: views", "workers", "images/s per rank", "images/s per worker"],
-                   tablefmt="github"))
-    share = step_share(work, args.steps)
+    with work_dir(args.work_dir, "dist-tsp-loader-") as work:
+        folder = work / f"imagenet_size_{args.images}"
+        if not (folder / "test").is_dir():
+            make_folder(folder, args.images, IMAGENET_SIZES)
+        files = sorted((folder / "train").rglob("*.jpg"))
+        rows = [["decode only (TorchCodec, CPU)", "-", f"{decode_rate(files, 'cpu'):.0f}", "-"]]
+        if torch.cuda.is_available():
+            rows.append(["decode only (TorchCodec, GPU nvJPEG)", "-", f"{decode_rate(files, 'cuda'):.0f}", "-"])
+        shards = work / f"arrow_{args.images}"
+        if not (shards / "test").is_dir():
+            convert(folder, shards, max_shard_size="64MB")
+        streamed = DataConfig(name="image_folder", root=folder, image_size=224, crop="random_resized",
+                              normalization="imagenet")
+        arrow = streamed.model_copy(update={"name": "arrow", "root": shards})
+        in_memory = DataConfig(name="image_folder", root=folder, image_size=224, in_memory=True,
+                               normalization="imagenet")
+        for label, cfg, train in (("folder, streamed: RandomResizedCrop 224 + flip", streamed, True),
+                                  ("Arrow shards, streamed: RandomResizedCrop 224 + flip", arrow, True),
+                                  ("folder, streamed: Resize 256 + CenterCrop 224", streamed, False),
+                                  ("folder in memory (224 px): padded crop + flip", in_memory, True)):
+            for workers in args.workers if cfg.in_memory is None else [0]:
+                rate = loader_rate(cfg, workers, train)
+                rows.append([label, workers, f"{rate:.0f}", f"{rate / max(workers, 1):.0f}"])
+                print_row(rows[-1])
+        print(tabulate(rows, headers=["source: views", "workers", "images/s per rank", "images/s per worker"],
+                       tablefmt="github"))
+        share = step_share(work, args.steps)
     print(f"\ndata share of a step, demo students on 3 CPU ranks, streamed 32-px folder (worst rank): {share:.2f} % "
           f"(target <= 2 %: {'met' if share <= 2 else 'NOT met'})")
 

@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,32 @@ def _kill(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def work_dir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """The --work-dir given (made if missing, kept), else a temporary folder: removed at the end, Ctrl-C included, but
+    kept when the benchmark fails, for what its runs left there, and named in one line on stderr."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    work, failed = Path(tempfile.mkdtemp(prefix=prefix)), False
+    try:
+        yield work
+    except (Exception, SystemExit) as error:
+        failed = not isinstance(error, SystemExit) or error.code not in (None, 0)
+        raise
+    finally:
+        if failed:
+            print(f"{Path(sys.argv[0]).name}: the work folder, kept for the failed runs: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def print_row(row: list) -> None:
+    """A table's row as soon as it is measured, its cells joined with ' | ' (the whole table follows at the end)."""
+    print(" | ".join(map(str, row)), flush=True)
+
+
 def train(output_dir: Path, overrides: list[str], processes: int, extra_launch: list[str],
           timeout: float | None = None) -> None:
     """One run of dist_tsp/train.py on the demo config with `overrides`; exits naming them if it fails."""
@@ -132,42 +160,41 @@ def main() -> None:
                         "one of the TEXTs, e.g. 'tsp, teacher sharded'")
     args = parser.parse_args()
     steps = 5 if args.quick else args.steps
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-bench-"))
     common = [f"train.max_steps={steps}", f"train.log_every={steps}", "train.epochs=100", "train.profile=true",
               "data.batch_size=48"]
+    with work_dir(args.work_dir, "dist-tsp-bench-") as work:
+        teacher = work / "teacher.pt"  # the demo's teacher architecture, untrained: its cost is what is measured
+        if not teacher.is_file():
+            demo = load_config(ROOT / "configs" / "demo.yaml")
+            model = build_model(demo.teacher.model, 10, **demo.teacher.args)
+            checkpoint.save_atomic({"model": model.state_dict()}, teacher)
+        common.append(f"teacher.checkpoint={teacher}")
 
-    teacher = work / "teacher.pt"  # the demo's teacher architecture, untrained: its cost is what is measured
-    if not teacher.is_file():
-        demo = load_config(ROOT / "configs" / "demo.yaml")
-        model = build_model(demo.teacher.model, 10, **demo.teacher.args)
-        checkpoint.save_atomic({"model": model.state_dict()}, teacher)
-    common.append(f"teacher.checkpoint={teacher}")
+        if args.gpu:
+            tsp = ["loss.alpha=0.1", "loss.beta=0.8", "loss.gamma=0.1"]
+            configs = [(f"tsp, {label} students, 1 GPU, {mp}", [*tsp, *students], 1, ["--mixed_precision", mp])
+                       for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
+                       for mp in ("no", "bf16")]
+            configs += [(f"tsp, {label} students, 1 GPU, bf16{variant}", [*tsp, *students, *VARIANTS[variant]], 1,
+                         ["--mixed_precision", "bf16"])
+                        for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
+                        for variant in (" students default-layout", " students compiled")]
+        else:
+            common += [f"teacher.cache_dir={work / 'logit_cache'}", *([] if args.quick else [SIX_STUDENTS])]
+            configs = [(cpu_name(method, mode, world, variant), [*method_overrides(method, mode), *VARIANTS[variant]],
+                        world, ["--cpu"] if world == 1 else [])
+                       for world in ((3,) if args.quick else (1, 2, 3))
+                       for method, mode, variant in (QUICK if args.quick else CPU_GRID)]
+        configs = [config for config in configs if args.only is None or any(t in config[0] for t in args.only)]
 
-    if args.gpu:
-        tsp = ["loss.alpha=0.1", "loss.beta=0.8", "loss.gamma=0.1"]
-        configs = [(f"tsp, {label} students, 1 GPU, {mp}", [*tsp, *students], 1, ["--mixed_precision", mp])
-                   for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
-                   for mp in ("no", "bf16")]
-        configs += [(f"tsp, {label} students, 1 GPU, bf16{variant}", [*tsp, *students, *VARIANTS[variant]], 1,
-                     ["--mixed_precision", "bf16"])
-                    for label, students in (("demo", []), ("paper-size", [PAPER_STUDENTS, "data.batch_size=128"]))
-                    for variant in (" students default-layout", " students compiled")]
-    else:
-        common += [f"teacher.cache_dir={work / 'logit_cache'}", *([] if args.quick else [SIX_STUDENTS])]
-        configs = [(f"{method}, teacher {mode}{variant}, W={world} CPU",
-                    [*method_overrides(method, mode), *VARIANTS[variant]], world, ["--cpu"] if world == 1 else [])
-                   for world in ((3,) if args.quick else (1, 2, 3))
-                   for method, mode, variant in (QUICK if args.quick else CPU_GRID)]
-    configs = [config for config in configs if args.only is None or any(t in config[0] for t in args.only)]
-
-    rounds: dict[str, list[list[dict]]] = {name: [] for name, *_ in configs}
-    for round_index in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every config
-        for name, overrides, world, launch_args in configs:
-            run = work / name.replace(", ", "_").replace(" ", "-").replace("=", "")
-            if args.rounds > 1:
-                run = run / f"round{round_index}"
-            train(run, [*common, *overrides], world, launch_args)
-            rounds[name].append(profile(run))
+        rounds: dict[str, list[list[dict]]] = {name: [] for name, *_ in configs}
+        for round_index in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every config
+            for name, overrides, world, launch_args in configs:
+                run = work / name.replace(", ", "_").replace(" ", "-").replace("=", "")
+                if args.rounds > 1:
+                    run = run / f"round{round_index}"
+                train(run, [*common, *overrides], world, launch_args)
+                rounds[name].append(profile(run))
     summary, measured = [], {}
     for name, per_round in rounds.items():
         ranks = measured[name] = median_ranks(per_round)
@@ -193,6 +220,12 @@ def median_ranks(per_round: list[list[dict]]) -> list[dict]:
     return [median_of(list(reports)) for reports in zip(*per_round)]
 
 
+def cpu_name(method: str, mode: str, world: int, variant: str = "") -> str:
+    """A CPU configuration's name; a method without a teacher term (scratch) runs no teacher, so it names no mode."""
+    teacher = f", teacher {mode}" if METHODS[method][1] else ""
+    return f"{method}{teacher}{variant}, W={world} CPU"
+
+
 def method_overrides(method: str, mode: str) -> list[str]:
     alpha, beta, gamma = METHODS[method]
     return [f"loss.alpha={alpha}", f"loss.beta={beta}", f"loss.gamma={gamma}", f"teacher.mode={mode}"]
@@ -201,11 +234,11 @@ def method_overrides(method: str, mode: str) -> list[str]:
 def targets(measured: dict[str, list[dict]]) -> list[list]:
     """The performance targets, from the slowest rank of each configuration on the same machine."""
     def step(method: str, mode: str, world: int) -> float | None:
-        ranks = measured.get(f"{method}, teacher {mode}, W={world} CPU")
+        ranks = measured.get(cpu_name(method, mode, world))
         return None if ranks is None else max(p["step_ms"] for p in ranks)
 
     def teacher(mode: str, world: int) -> float | None:
-        ranks = measured.get(f"tsp, teacher {mode}, W={world} CPU")
+        ranks = measured.get(cpu_name("tsp", mode, world))
         return None if ranks is None else max(p["ms"]["teacher"] for p in ranks)
 
     rows = []

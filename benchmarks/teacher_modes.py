@@ -17,10 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from step_breakdown import work_dir
 from tabulate import tabulate
 
 from dist_tsp.config import TEACHER_MODES
@@ -134,15 +134,14 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep teacher, caches and JSON here (default: a temp folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-teacher-bench-"))
-    args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        return worker(args)
+        return worker(args)  # launched by launch(), with its --work-dir
     if args.teacher_args is None:
         args.teacher_args = json.dumps({"depth": 20, "width": 16} if args.teacher == "resnet_cifar" else {})
     if args.quick:
         args.worlds, args.steps, args.batch, args.teacher_args = [3], 3, 48, '{"depth": 8, "width": 8}'
-    rows = [row for world in args.worlds for row in launch(world, args)]
+    with work_dir(args.work_dir, "dist-tsp-teacher-bench-") as args.work_dir:
+        rows = [row for world in args.worlds for row in launch(world, args)]
     table = [[r["mode"], r["world"], f"{r['step_ms']:.2f}", f"{r['one_off_s']:.1f}" if r["mode"] == "cached" else "-",
               f"{r['bytes_full'] / 2**20:.2f}", f"{max(r['bytes_per_rank']) / 2**20:.2f}",
               f"{max(r['bytes_per_rank']) / r['bytes_full']:.2f}"] for r in sorted(rows, key=lambda r: r["world"])]

@@ -16,11 +16,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from step_breakdown import print_row, work_dir
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,32 +57,32 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=4.0, help="loss.temperature (the demo's: 4)")
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dist-tsp-topk-"))
-    folder = work / "folder"
-    if not (folder / "test").is_dir():
-        make_folder(folder, args.classes, train=24, test=8)
-    common = ["data.name=image_folder", f"data.root={folder}", "data.in_memory=true", "data.batch_size=64",
-              f"teacher.checkpoint={work / 'teacher.pt'}", "teacher.epochs=6", "teacher.mode=cached",
-              "loss.alpha=0.1", "loss.beta=0.9", "loss.gamma=0", f"loss.temperature={args.temperature:g}",
-              f"train.epochs={args.epochs}", "train.log_every=1"]
-    rows = []
-    for label, extra in CACHES.items():
-        out = work / f"{label.replace(' ', '_')}_T{args.temperature:g}"
-        run([*common, f"output_dir={out}", f"teacher.cache_dir={work / 'cache'}",
-             *(e.format(k=args.k) for e in extra)], out.with_suffix(".log"))
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        train = [m for m in metrics if "train/lenet/kd" in m]
-        results = json.loads((out / "results.json").read_text())
-        names = list(results["students"])
-        first_kd = np.mean([train[0][f"train/{n}/kd"] for n in names])
-        mean_kd = np.mean([m[f"train/{n}/kd"] for m in train for n in names])
-        accuracies = [100 * results["students"][n]["test_acc"] for n in names]
-        rows.append([label, f"{first_kd:.5f}", f"{mean_kd:.4f}", *(f"{a:.2f}" for a in accuracies)])
-        print(rows[-1], flush=True)
+    with work_dir(args.work_dir, "dist-tsp-topk-") as work:
+        folder = work / "folder"
+        if not (folder / "test").is_dir():
+            make_folder(folder, args.classes, train=24, test=8)
+        common = ["data.name=image_folder", f"data.root={folder}", "data.in_memory=true", "data.batch_size=64",
+                  f"teacher.checkpoint={work / 'teacher.pt'}", "teacher.epochs=6", "teacher.mode=cached",
+                  "loss.alpha=0.1", "loss.beta=0.9", "loss.gamma=0", f"loss.temperature={args.temperature:g}",
+                  f"train.epochs={args.epochs}", "train.log_every=1"]
+        rows = []
+        for label, extra in CACHES.items():
+            out = work / f"{label.replace(' ', '_')}_T{args.temperature:g}"
+            run([*common, f"output_dir={out}", f"teacher.cache_dir={work / 'cache'}",
+                 *(e.format(k=args.k) for e in extra)], out.with_suffix(".log"))
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            train = [m for m in metrics if "train/lenet/kd" in m]
+            results = json.loads((out / "results.json").read_text())
+            names = list(results["students"])
+            first_kd = np.mean([train[0][f"train/{n}/kd"] for n in names])
+            mean_kd = np.mean([m[f"train/{n}/kd"] for m in train for n in names])
+            accuracies = [100 * results["students"][n]["test_acc"] for n in names]
+            rows.append([label, f"{first_kd:.5f}", f"{mean_kd:.4f}", *(f"{a:.2f}" for a in accuracies)])
+            print_row(rows[-1])
+        teacher = json.loads((work / f"dense_float32_T{args.temperature:g}" / "results.json").read_text())["teacher"]
     dense_first = float(rows[0][1])
     for row in rows:
         row.insert(2, f"{100 * (float(row[1]) - dense_first) / dense_first:+.3f} %")
-    teacher = json.loads((work / f"dense_float32_T{args.temperature:g}" / "results.json").read_text())["teacher"]
     print(f"\n{args.classes} classes, k = {args.k}, T = {args.temperature:g}, teacher test accuracy "
           f"{100 * teacher['test_acc']:.2f} %")
     print(tabulate(rows, headers=["teacher cache", "KD term, step 1", "vs dense", "KD term, mean",

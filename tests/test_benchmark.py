@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +21,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_step_breakdown_quick_mode_prints_a_table_per_configuration(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/step_breakdown.py", "--quick", "--work-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """Its runs in a temporary folder, gone when it ends; scratch, which runs no teacher, names no teacher mode."""
+    done = subprocess.run([sys.executable, "benchmarks/step_breakdown.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "### tsp, teacher cached, W=3 CPU" in done.stdout and "### Summary (slowest rank)" in done.stdout
+    assert not list(tmp_path.glob("dist-tsp-*"))
+    assert "### scratch, W=3 CPU" in done.stdout and "### tsp, teacher cached, W=3 CPU" in done.stdout
+    assert "### Summary (slowest rank)" in done.stdout
     assert "| TSP cached / scratch step " in done.stdout and "### Targets" in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("|      ")]
     assert len(rows) == 2 * 3  # two configurations of three ranks
@@ -34,9 +38,10 @@ def test_step_breakdown_quick_mode_prints_a_table_per_configuration(tmp_path):
 
 
 def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_parameter_sharded(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick", "--work-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not list(tmp_path.glob("dist-tsp-*"))  # its temporary folder, with the workers' JSON, is gone
     modes = ("replicated", "sharded", "cached", "fsdp", "deepspeed")
     rows = {cells[1].strip(): cells for cells in (line.split("|") for line in done.stdout.splitlines())
             if len(cells) == 9 and cells[1].strip() in modes}
@@ -45,6 +50,58 @@ def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_pa
         teacher_ms, share = float(cells[3]), float(cells[7])
         assert teacher_ms >= 0 and (share < 0.4 if mode in ("fsdp", "deepspeed") else share == 1.0)
     assert "Which mode when" in done.stdout
+
+
+def test_loader_quick_mode_prints_its_rows_as_they_come_then_the_table_and_leaves_no_temporary_folder(tmp_path):
+    pytest.importorskip("torchcodec")
+    done = subprocess.run([sys.executable, "benchmarks/loader.py", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not list(tmp_path.glob("dist-tsp-*"))
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("folder in memory (224 px): padded crop + flip | 0 | ") for line in lines)
+    assert not [line for line in lines if line.startswith("[")]  # before, each row as a Python list
+    assert "data share of a step" in done.stdout
+
+
+def test_a_benchmarks_temporary_work_folder_goes_when_it_ends_and_stays_named_when_it_fails(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Without --work-dir: removed at the end, on Ctrl-C and on exit 0; kept (what its runs left may explain the
+    failure) and named in one line on stderr when the benchmark fails. A --work-dir given always stays."""
+    work_dir = load_benchmark("step_breakdown").work_dir
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def used(ending: BaseException | None = None, given: Path | None = None) -> Path:
+        try:
+            with work_dir(given, "dist-tsp-test-") as work:
+                (work / "run.log").write_text("step 1\n")
+                if ending is not None:
+                    raise ending
+        except (RuntimeError, KeyboardInterrupt, SystemExit):
+            pass
+        return work
+
+    for ending in (None, KeyboardInterrupt(), SystemExit(0)):
+        assert not used(ending).exists()
+    assert capsys.readouterr().err == ""
+    for ending in (RuntimeError("a run failed"), SystemExit("benchmark run failed")):
+        kept = used(ending)
+        assert (kept / "run.log").is_file() and capsys.readouterr().err.endswith(f"kept for the failed runs: {kept}\n")
+    given = tmp_path / "given" / "work"
+    assert used(None, given) == given and (given / "run.log").is_file()
+    assert (used(RuntimeError("a run failed"), given) / "run.log").is_file() and capsys.readouterr().err == ""
+
+
+def test_benchmark_help_says_the_gpu_checks_time_limits_and_what_the_memory_baseline_is():
+    gpu_check = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+    assert "a time limit (below)" in gpu_check.stdout and "GPU_LIMITS_S" not in gpu_check.stdout
+    assert "time limits on a GPU: 240 s per training run" in gpu_check.stdout and "150 s per protocol seed" in \
+        gpu_check.stdout
+    data_memory = subprocess.run([sys.executable, "benchmarks/data_memory.py", "--help"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+    assert "a baseline run (the demo's students learning from each other, no teacher" in data_memory.stdout
+    assert "issue" not in data_memory.stdout
 
 
 def test_loss_fusion_quick_mode_prints_both_timings_after_checking_the_losses_agree():
