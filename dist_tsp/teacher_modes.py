@@ -12,6 +12,7 @@ All modes give the same logits; tests/test_teacher_modes.py compares them on 3 r
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Protocol
 
 import torch
@@ -136,6 +137,15 @@ def deepspeed_zero_settings() -> dict:
     if offload != "none":
         settings["offload_param"] = {"device": offload}
     return settings
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed is imported, so that the ranks stay quiet: on a machine without CUDA its accelerator is named
+    (else each rank warns that it fell back to the CPU), and torch's deprecation of all_gather_into_tensor, which
+    DeepSpeed calls (dist-tsp calls all_gather_single), is not said by each rank."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning)
 
 
 def _zero3(teacher: nn.Module, device_type: str) -> nn.Module:

@@ -45,7 +45,7 @@ from dist_tsp.run_control import StopRequest
 from dist_tsp.streaming import loader_failed, stop_loader_workers
 from dist_tsp.students import check_local_students
 from dist_tsp.teacher import cache_folder, prepare_teacher, teacher_file_found, teacher_logits
-from dist_tsp.teacher_modes import deepspeed_zero_settings
+from dist_tsp.teacher_modes import deepspeed_zero_settings, quiet_deepspeed
 from dist_tsp.tracking import Tracker, tensorboard_folder, tracker_settings
 
 STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
@@ -126,6 +126,7 @@ def check_teacher_launch(cfg: RunConfig) -> None:
                         "teacher.mode=deepspeed, or launch with configs/accelerate/cpu.yaml or gpu.yaml")
     if cfg.teacher.mode == "deepspeed":
         deepspeed_zero_settings()
+        quiet_deepspeed()
 
 
 @contextmanager
