@@ -4,6 +4,7 @@ file runs) and a one-line error."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -13,6 +14,7 @@ import random
 import re
 import shutil
 import socket
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -28,6 +30,26 @@ from dist_tsp.errors import OutOfSpace, UserError, not_a_file, space_ran_out
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or not ours."""
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """`folder` must be a directory this process can write into, or creatable (`what` names the setting that chose
+    it). A folder to be made is tried by making one beside it, as the permission bits do not tell root (a read-only
+    or special file system); one that exists is not written to here (a refused run leaves it as it was)."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
+    why = None
+    if existing != folder.absolute():
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dist-tsp-", dir=existing))
+        except OSError as error:
+            why = error.strerror
+    elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+        why = os.strerror(errno.EROFS)
+    if why or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {existing} is not writable{f' ({why})' if why else ''}; choose a path you can "
+                        "write")
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -163,7 +185,8 @@ def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> N
     except RuntimeError as error:
         problems = textwrap.shorten(str(error), 300, placeholder=" ...")
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None
-    if diverged := [name for name, value in state.items() if value.is_floating_point() and not value.isfinite().all()]:
+    if diverged := [name for name, value in state.items()
+                    if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()]:
         more = f" and {len(diverged) - 1} more" if len(diverged) > 1 else ""
         raise CheckpointError(f"{what} checkpoint {path} holds NaN or infinite values ({diverged[0]}{more}): the "
                               "training that wrote it diverged; point to another file")

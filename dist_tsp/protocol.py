@@ -24,13 +24,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dist_tsp import checkpoint, protocol_report, side_by_side
-from dist_tsp.checkpoint import write_text_atomic
+from dist_tsp.checkpoint import check_writable, write_text_atomic
 from dist_tsp.config import DEFAULT_TEACHER_FILE, LOSS_PRESETS, LOSS_WEIGHTS, RunConfig, load_config
 from dist_tsp.data import load_dataset
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.protocol_report import GridPoint, Row
-from dist_tsp.train import check_writable
 
 METHODS = ("scratch", "kd", "tsp", "tuned", "alternate")
 GRID = ((0.1, 0.8, 0.1), (0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.7, 0.1), (0.2, 0.6, 0.2), (0.2, 0.5, 0.3))

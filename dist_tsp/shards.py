@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dist_tsp.check_data import verify
-from dist_tsp.checkpoint import try_lock, written_into
+from dist_tsp.checkpoint import check_writable, try_lock, written_into
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
 from dist_tsp.errors import exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
-from dist_tsp.train import check_writable
 
 CACHE = ".cache-"  # the prefix of the folder in the output where the Arrow files are built before they are saved
 

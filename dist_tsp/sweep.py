@@ -21,12 +21,11 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from dist_tsp import side_by_side
-from dist_tsp.checkpoint import differences, write_text_atomic
+from dist_tsp.checkpoint import check_writable, differences, write_text_atomic
 from dist_tsp.config import RunConfig, load_config
 from dist_tsp.errors import UserError, not_a_file
 from dist_tsp.placement import Placement
 from dist_tsp.report import write_table
-from dist_tsp.train import check_writable
 
 RECORD = "trials.txt"  # the sweep's own copy of its trials file
 OWN_OUTPUT_DIR = "a trial's output_dir is the sweep's DIR/trial_N: leave it out"

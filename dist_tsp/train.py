@@ -4,17 +4,14 @@ and clean stops on SIGTERM/SIGUSR1); plain `accelerate launch` or `python` work 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -78,7 +75,7 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
         raise UserError("no config given: pass --config FILE (e.g. --config configs/demo.yaml), key=value overrides "
                         "or both (see --help)")
     cfg = load_config(args.config, args.overrides)
-    check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
+    checkpoint.check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)
     if cfg.teacher_file.is_dir():
         raise UserError(f"teacher.checkpoint {cfg.teacher_file} is a directory: point it to the teacher's file "
@@ -86,37 +83,17 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     uses_teacher = TeachingGraph.from_config(cfg).uses_teacher
     if args.teacher_only or (uses_teacher and not cfg.teacher_file.is_file()):
         # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained
-        check_writable(cfg.teacher_file.parent, f"teacher checkpoint {cfg.teacher_file}")
+        checkpoint.check_writable(cfg.teacher_file.parent, f"teacher checkpoint {cfg.teacher_file}")
     if args.teacher_only:
         return cfg, None
     if cfg.teacher.mode == "cached" and uses_teacher and not cache_folder(cfg).is_dir():
         # its logits are written there; a folder other runs made is only read, even where this one cannot write
-        check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
+        checkpoint.check_writable(cache_folder(cfg), f"teacher.cache_dir {cache_folder(cfg)}")
     placement = Placement(world_size=world_size, rank=rank, num_students=len(cfg.students))
     checkpoint.resumable(cfg, placement.replicas, total_steps=cfg.train.max_steps)  # another run's: refused here
     # a step train.step=graph cannot capture is refused here too (the device is the one start() will choose)
     choose_step(cfg, placement.replicas, uses_teacher, "cuda" if torch.cuda.is_available() else "cpu")
     return cfg, placement
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """`folder` must be a directory this process can write into, or creatable (`what` names the setting that chose
-    it). A folder to be made is tried by making one beside it, as the permission bits do not tell root (a read-only
-    or special file system); one that exists is not written to here (a refused run leaves it as it was)."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
-    why = None
-    if existing != folder.absolute():
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".dist-tsp-", dir=existing))
-        except OSError as error:
-            why = error.strerror
-    elif os.statvfs(existing).f_flag & os.ST_RDONLY:
-        why = os.strerror(errno.EROFS)
-    if why or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: {existing} is not writable{f' ({why})' if why else ''}; choose a path you can "
-                        "write")
 
 
 def check_teacher_launch(cfg: RunConfig) -> None:
