@@ -374,5 +374,10 @@ def list_image_folder(split: Path, classes: list[str] | None = None) -> tuple[li
 
 
 def _walk(folder: Path) -> list[str]:
-    """Every file under `folder`, as a path relative to it."""
-    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    """Every file under `folder`, as a path relative to it; ImageError for a symbolic link to no file with an image's
+    extension (else an image silently left out of the dataset)."""
+    found = list(folder.rglob("*"))
+    if broken := sorted(p for p in found if p.is_symlink() and not p.exists() and p.name.lower().endswith(EXTENSIONS)):
+        raise ImageError(f"image {broken[0]} is a symbolic link to no file ({len(broken)} such in {folder}): fix or "
+                         "remove it")
+    return [str(p.relative_to(folder)) for p in found if p.is_file()]

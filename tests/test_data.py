@@ -23,6 +23,7 @@ from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_array
 from dist_tsp.errors import OutOfSpace
 from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
+from dist_tsp.streaming import ImageError
 from tests.multiprocess import run_on_ranks
 from tests.runs import ROOT
 
@@ -342,6 +343,21 @@ def test_a_training_class_folder_without_images_is_one_line_naming_it(tmp_path):
     (tmp_path / "train" / "emu").mkdir()
     with pytest.raises(DataError, match=rf"class folder {tmp_path / 'train' / 'emu'} has no images \(.*\): add its "
                                         r"images, or remove the folder$"):
+        load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
+
+
+def test_a_symbolic_link_to_no_image_is_one_line_naming_it_and_a_link_to_an_image_is_read(tmp_path):
+    """Before, an image whose link was broken (a moved dataset) was left out of the dataset without a word."""
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
+    (tmp_path / "train" / "cat" / "1.png").symlink_to(tmp_path / "train" / "dog" / "0.png")
+    assert len(load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0).train) == 3
+    (tmp_path / "train" / "dog" / "2.png").symlink_to(tmp_path / "moved" / "2.png")
+    (tmp_path / "train" / "dog" / "notes.txt").symlink_to(tmp_path / "moved" / "notes.txt")  # no image: not listed
+    with pytest.raises(ImageError, match=rf"^image {tmp_path / 'train' / 'dog' / '2.png'} is a symbolic link to no "
+                                         rf"file \(1 such in {tmp_path / 'train' / 'dog'}\): fix or remove it$"):
         load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
 
 
