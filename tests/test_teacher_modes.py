@@ -184,8 +184,9 @@ def _teacher_refused(tmp, other_nodes_see: str):
 
     cfg = config(tmp, "replicated")
     if other_nodes_see == "no file" and dist.get_rank() > 0:
-        is_file = Path.is_file
+        is_file, exists = Path.is_file, Path.exists
         Path.is_file = lambda path: path != cfg.teacher.checkpoint and is_file(path)
+        Path.exists = lambda path, *args, **kwargs: path != cfg.teacher.checkpoint and exists(path, *args, **kwargs)
     if other_nodes_see == "another file" and dist.get_rank() == 2:
         cfg.teacher.checkpoint = tmp / "other" / "teacher.pt"
     accelerator = Accelerator(cpu=True)
