@@ -36,7 +36,11 @@ def check_writable(folder: Path, what: str) -> None:
     """`folder` must be a directory this process can write into, or creatable (`what` names the setting that chose
     it). A folder to be made is tried by making one beside it, as the permission bits do not tell root (a read-only
     or special file system); one that exists is not written to here (a refused run leaves it as it was)."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    except OSError as error:  # a folder on the way this user may not enter
+        raise UserError(f"{what}: {error.filename} cannot be reached ({error.strerror}); choose a path you can "
+                        "write") from None
     if not existing.is_dir():
         raise UserError(f"{what}: {existing} is a file, not a directory; choose another path")
     why = None
@@ -174,9 +178,11 @@ def load(path: Path, what: str) -> dict[str, Any]:
     return payload
 
 
-def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> None:
+def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str,
+                 fix: str = "point to another file") -> None:
     """load_state_dict with a one-line error when the entry is no state dict, does not fit the architecture, or holds
-    NaN or infinite values (which would stop the run at its first log step as a non-finite loss)."""
+    NaN or infinite values (which would stop the run at its first log step as a non-finite loss); `fix` for the
+    last."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{what} checkpoint {path} holds a {type(state).__name__} under 'model', not a state "
                               "dict: save it as torch.save({'model': model.state_dict()}, path)")
@@ -185,11 +191,12 @@ def load_weights(model: torch.nn.Module, state: Any, path: Path, what: str) -> N
     except RuntimeError as error:
         problems = textwrap.shorten(str(error), 300, placeholder=" ...")
         raise CheckpointError(f"{what} checkpoint {path} does not fit the configured model: {problems}") from None
-    if diverged := [name for name, value in state.items()
-                    if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()]:
+    parameters = dict(model.named_parameters())  # a buffer may hold infinities by design (a mask), never NaN
+    if diverged := [name for name, value in state.items() if torch.is_tensor(value) and value.is_floating_point()
+                    and (value.isnan().any() or name in parameters and not value.isfinite().all())]:
         more = f" and {len(diverged) - 1} more" if len(diverged) > 1 else ""
         raise CheckpointError(f"{what} checkpoint {path} holds NaN or infinite values ({diverged[0]}{more}): the "
-                              "training that wrote it diverged; point to another file")
+                              f"training that wrote it diverged; {fix}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -263,6 +270,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     folder's."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
+    except PermissionError as error:  # intact, another user's: deleting it would lose it
+        raise CheckpointError(f"checkpoint manifest {directory / MANIFEST} cannot be opened ({error.strerror}): give "
+                              "this user read access to it") from None
     except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
         problem = str(error)
     else:
@@ -415,5 +425,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     name, key, *position = state["numpy"]  # key: a tensor, or a numpy array in files written before issue 13
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), *position))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as set_rng_state_all, for the devices this node has
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -102,7 +102,8 @@ class Checkpointer:
             if student.learns:
                 path = checkpoint.student_file(directory, student.name)
                 with checkpoint.restoring(directory, path, f"student {student.name} checkpoint") as state:
-                    student.module.load_state_dict(state["model"])
+                    checkpoint.load_weights(student.module, state["model"], path, f"student {student.name}",
+                                            checkpoint.resume_fix(directory))
                     resume_state(student.optimizer, student.schedule, state["optimizer"], state["scheduler"])
         for student in students:
             path = checkpoint.rng_file(directory, student.name, self.placement.replica_index)

@@ -186,13 +186,15 @@ def normalized(data: Dataset, normalization: str) -> Dataset:
 
 
 def _fits_in_memory(train: ImageSet, test: ImageSet, cfg: DataConfig) -> None:
-    """The images held in memory at data.image_size, by each rank on this node, fit in the memory available."""
-    count, ranks_here = len(train) + len(test), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    needed = count * train.images.shape[1] * cfg.image_size**2 * ranks_here
+    """The copy of the images that resizing them to data.image_size makes fits in the memory available (each rank
+    of the node makes its own)."""
+    if train.images.shape[-2:] == (cfg.image_size, cfg.image_size):
+        return
+    count = len(train) + len(test)
+    needed = count * train.images.shape[1] * cfg.image_size**2
     if needed > (available := psutil.virtual_memory().available):
-        each = f", for each of this node's {ranks_here} ranks" if ranks_here > 1 else ""
         raise DataError(f"data.image_size={cfg.image_size}: the {count} images of data.name={cfg.name} take "
-                        f"{needed / 2**30:.1f} GiB in memory{each}, more than the {available / 2**30:.1f} GiB "
+                        f"{needed / 2**30:.1f} GiB in memory at that size, more than the {available / 2**30:.1f} GiB "
                         "available: lower data.image_size, or give the images as an image folder "
                         "(data.name=image_folder), which is streamed from disk")
 

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from dist_tsp.checkpoint import (
     MANIFEST,
     CheckpointError,
+    check_writable,
     complete_checkpoints,
     differences,
     finalize,
@@ -37,7 +38,7 @@ from dist_tsp.checkpoint import load as load_checkpoint
 from dist_tsp.checkpointer import Checkpointer
 from dist_tsp.config import load_config
 from dist_tsp.data import load_dataset
-from dist_tsp.errors import OutOfSpace
+from dist_tsp.errors import OutOfSpace, UserError
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.placement import Placement
 from dist_tsp.run_control import RunControl, StopRequest
@@ -311,6 +312,40 @@ def test_a_checkpoint_this_user_may_not_read_is_not_called_damaged(tmp_path, mon
         load_checkpoint(path, "student")
 
 
+def test_a_manifest_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch):
+    """Before: "is damaged ([Errno 13] ...): delete ..." about another user's intact checkpoint."""
+    directory = tmp_path / "checkpoints" / "step_00000004"
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text("{}")
+    read_text = Path.read_text
+
+    def refused(path, *args, **kwargs):
+        if path.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(path))  # what open() raises (the tests run as root)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint manifest {directory / 'manifest.json'} cannot be opened "
+                                              r"\(Permission denied\): give this user read access to it$"):
+        read_manifest(directory)
+
+
+def test_a_folder_on_the_way_this_user_may_not_enter_is_one_line(tmp_path, monkeypatch):
+    """Before: pathlib's PermissionError from exists(), a traceback (root enters every folder, so it is played)."""
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def refused(path, *args, **kwargs):
+        if path.is_relative_to(locked) and path != locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(UserError, match=rf"^output_dir: {locked / 'run'} cannot be reached \(Permission denied\); "
+                                        "choose a path you can write$"):
+        check_writable(locked / "run", "output_dir")
+
+
 def test_pruning_keeps_the_last_step_checkpoints_and_every_epoch_end(tmp_path):
     """keep_last=2 over step checkpoints at 2, 4, 6, 10 and epoch ends at 8 and 12."""
     for step in (2, 4, 6, 8, 10, 12):
@@ -421,6 +456,10 @@ DAMAGED_FILES = {  # how the step-4 checkpoint's files are damaged, and the file
         _saved_as("students/lenet.pt", lambda state, _: {**state, "scheduler": [1, 2]}), "students/lenet.pt"),
     "an RNG file without random states (KeyError)": (
         _saved_as("rng/lenet.replica0.pt", lambda *_: {"student_rng": {}, "rng": {}}), "rng/lenet.replica0.pt"),
+    "weights a diverging training left (NaN)": (
+        _saved_as("students/lenet.pt", lambda state, _: {
+            **state, "model": {k: v.float().fill_(float("nan")) for k, v in state["model"].items()}}),
+        "students/lenet.pt"),
     "a missing student file (check the path)": (
         lambda directory: (directory / "students/lenet.pt").unlink(), "students/lenet.pt"),
     "a missing RNG file (check the path)": (
@@ -437,8 +476,10 @@ def test_a_resumed_file_missing_or_not_as_dist_tsp_writes_it_is_one_line_naming_
     damage, file = DAMAGED_FILES[case]
     damage(newest)
     what = "student lenet RNG checkpoint" if file.startswith("rng") else "student lenet checkpoint"
-    with pytest.raises(CheckpointError, match=rf"^{what} {newest / file} (does not exist|is not as dist-tsp writes "
-                                              rf"it \(.+\)): delete {newest} to resume from the checkpoint before it$"):
+    said = (r"does not exist:|is not as dist-tsp writes it \(.+\):|holds NaN or infinite values \(.+\): the training "
+            r"that wrote it diverged;")
+    with pytest.raises(CheckpointError, match=rf"^{what} {newest / file} ({said}) delete {newest} to resume from the "
+                                              r"checkpoint before it$"):
         resume_in_process(run)
 
 

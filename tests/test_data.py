@@ -408,5 +408,6 @@ def test_an_in_memory_dataset_is_resized_in_chunks_to_the_pixels_of_one_resize_a
     monkeypatch.setattr(data, "RESIZE_CHUNK", 7)
     assert torch.equal(load_dataset(DataConfig(name="npz", root=tmp_path, image_size=20), seed=0).train.images, whole)
     with pytest.raises(DataError, match=r"^data.image_size=1048576: the 60 images of data.name=npz take [\d.]+ GiB in "
-                                        r"memory, more than the [\d.]+ GiB available: lower data.image_size"):
+                                        r"memory at that size, more than the [\d.]+ GiB available: lower "
+                                        r"data.image_size"):
         load_dataset(DataConfig(name="npz", root=tmp_path, image_size=1 << 20), seed=0)
