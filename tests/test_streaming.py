@@ -435,7 +435,10 @@ def test_a_killed_or_stuck_loader_worker_ends_the_run_in_one_line_naming_the_lik
     root = write_folder(tmp_path / "folder", per_class=24)
     settings = ["students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]",
                 "data.batch_size=8", "data.name=image_folder", f"data.root={root}", "data.normalization=imagenet",
-                "data.loader_workers=1", "data.loader_timeout_s=2", "teacher.epochs=200"]
+                "data.loader_workers=1", "teacher.epochs=200",
+                # a killed worker is noticed by torch (within its 5 s status checks), before a timeout that long ends
+                # the wait (under load, a 2 s one could, and the run said "stuck")
+                f"data.loader_timeout_s={2 if fault == 'stuck' else 60}"]
     config = ["--config", str(ROOT / "configs" / "demo.yaml")]
     if where == "the protocol's process":  # one run at a time on a CPU: the teacher's, in the protocol's process
         run = subprocess.Popen([sys.executable, "-m", "dist_tsp.protocol", *config, "--out", str(tmp_path / "p"),
