@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             said = shared_errors.said_by_another_rank_first(str(error), error.exit_code)
             _refuse(error, rank, world_size, every_rank=False, said=said)
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
+            if world_size > 1:  # this rank ends below: a loader worker that torchrun's SIGTERM ends meanwhile must not
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # raise torch's error inside this handling
             if (code := exit_code_said_elsewhere(error)) is not None:
                 pass  # the rank that stopped says why
             elif failed := loader_failed(error):
