@@ -143,8 +143,7 @@ def read(path: Path, what: str, fix: str | None = None) -> Any:
     """torch.load on the CPU with weights_only=True: tensors and plain containers only, nothing in the file runs.
     Any failure becomes one line naming the file (`what` names its role, e.g. "teacher checkpoint") and, for one
     that is missing or damaged, the `fix` (default: for a file the user gave)."""
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} {not_a_file(path)}: {fix or 'check the path'}")
+    require_file(path, what, fix)
     with torch.serialization.safe_globals(OLD_RNG_GLOBALS):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -160,6 +159,13 @@ def read(path: Path, what: str, fix: str | None = None) -> Any:
             raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}): it is truncated or not a "
                                   "dist-tsp checkpoint; " + (fix or "point to another file (or delete it, if it is a "
                                                                     "damaged checkpoint of this run)")) from None
+
+
+def require_file(path: Path, what: str, fix: str | None = None) -> None:
+    """One line naming `path` (`what` is its role) and the `fix` (default: for a file the user gave) when it is no
+    file."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} {not_a_file(path)}: {fix or 'check the path'}")
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -223,6 +229,18 @@ def student_file(directory: Path, name: str) -> Path:
 
 def rng_file(directory: Path, name: str, replica: int) -> Path:
     return directory / "rng" / f"{name}.replica{replica}.pt"
+
+
+def file_roles(directory: Path, cfg: RunConfig, replicas: int) -> dict[Path, str]:
+    """Every file the ranks write into the checkpoint in `directory`, with its role as errors name it: each learning
+    student's model, optimizer and schedule, and every student's random state on each of its `replicas`."""
+    roles = {}
+    for student in cfg.students:
+        if not student.frozen:
+            roles[student_file(directory, student.name)] = f"student {student.name} checkpoint"
+        for replica in range(replicas):
+            roles[rng_file(directory, student.name, replica)] = f"student {student.name} RNG checkpoint"
+    return roles
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -366,7 +384,8 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
     another teacher file (unless resume=force). The teacher is compared only when `teacher_sha` is given (by a run
     whose students learn from the teacher), the run's length (one past `total_steps` cannot be undone) only
     when that is, and what only a started run knows (`started`: its mixed precision, its data, its frozen mentors'
-    files) where the manifest records it too.
+    files) where the manifest records it too. A checkpoint missing a file its ranks wrote is refused too, before any
+    data loads.
     """
     found = complete_checkpoints(cfg.output_dir)
     if cfg.resume == "off" or not found:
@@ -395,6 +414,8 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
         raise UserError(f"{found[-1]} is at step {manifest['step']}, past this run's last step, {total_steps} "
                         f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}): give it at least "
                         f"{manifest['step']} steps, or resume=off to start again")
+    for path, what in file_roles(found[-1], cfg, replicas).items():  # found before the data loads
+        require_file(path, what, resume_fix(found[-1]))
     return found[-1]
 
 

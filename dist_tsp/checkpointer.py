@@ -98,16 +98,17 @@ class Checkpointer:
     def _load(self, directory: Path, students: list[LocalStudent], control: RunControl) -> int:
         """This rank's part of the checkpoint in `directory`, loaded; its step."""
         manifest = checkpoint.read_manifest(directory)
+        roles = checkpoint.file_roles(directory, self.cfg, self.placement.replicas)
         for student in students:
             if student.learns:
                 path = checkpoint.student_file(directory, student.name)
-                with checkpoint.restoring(directory, path, f"student {student.name} checkpoint") as state:
+                with checkpoint.restoring(directory, path, roles[path]) as state:
                     checkpoint.load_weights(student.module, state["model"], path, f"student {student.name}",
                                             checkpoint.resume_fix(directory))
                     resume_state(student.optimizer, student.schedule, state["optimizer"], state["scheduler"])
         for student in students:
             path = checkpoint.rng_file(directory, student.name, self.placement.replica_index)
-            with checkpoint.restoring(directory, path, f"student {student.name} RNG checkpoint") as rng:
+            with checkpoint.restoring(directory, path, roles[path]) as rng:
                 student.load_random_state(rng["student_rng"])
                 checkpoint.restore_rng_state(rng["rng"])
                 if "metrics_since_log" in rng:  # older checkpoints were all written at log steps, with nothing summed

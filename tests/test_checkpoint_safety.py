@@ -484,6 +484,17 @@ def test_a_resumed_file_missing_or_not_as_dist_tsp_writes_it_is_one_line_naming_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("file", ["students/alexnet.pt", "rng/mobilenet.replica0.pt"])
+def test_a_checkpoint_missing_a_file_is_refused_before_any_data_loads(written, tmp_path, file):
+    run = shutil.copytree(written, tmp_path / "run")
+    newest = step_dir(run, 4)
+    (newest / file).unlink()
+    with pytest.raises(CheckpointError, match=rf"^student \w+ (RNG )?checkpoint {newest / file} does not exist: "
+                                              rf"delete {newest} to resume from the checkpoint before it$"):
+        plan([*SHORT, f"output_dir={run}"], 1, 0)
+
+
+@pytest.mark.slow
 def test_an_undamaged_checkpoint_resumes_in_process(written, tmp_path):
     assert resume_in_process(shutil.copytree(written, tmp_path / "run")) == 4
 
