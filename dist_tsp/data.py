@@ -157,7 +157,9 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     else:
         loader = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "npz": _npz}[cfg.name]
         train, test, classes, hflip = loader(cfg)
-        _fits_in_memory(train, test, cfg)
+        _fits_in_memory(sum(len(s) for s in (train, test) if not _at_size(s, cfg.image_size)), cfg,
+                        "lower data.image_size, or give the images as an image folder (data.name=image_folder), "
+                        "which is streamed from disk")
         train, test = (_resized(s, cfg.image_size) for s in (train, test))
     if len(classes) < 2:
         raise DataError(f"data.name={cfg.name} in {cfg.root} has a single class, {classes[0]!r}: a classifier needs "
@@ -185,23 +187,23 @@ def normalized(data: Dataset, normalization: str) -> Dataset:
     return dataclasses.replace(data, mean=mean, std=std)
 
 
-def _fits_in_memory(train: ImageSet, test: ImageSet, cfg: DataConfig) -> None:
-    """The copy of the images that resizing them to data.image_size makes fits in the memory available (each rank
-    of the node makes its own)."""
-    if train.images.shape[-2:] == (cfg.image_size, cfg.image_size):
-        return
-    count = len(train) + len(test)
-    needed = count * train.images.shape[1] * cfg.image_size**2
+def _fits_in_memory(count: int, cfg: DataConfig, fix: str) -> None:
+    """`count` images at data.image_size, the copy that loading makes, fit in the memory available (each rank of the
+    node makes its own); else one line ending in `fix`."""
+    needed = count * 3 * cfg.image_size**2  # uint8 RGB
     if needed > (available := psutil.virtual_memory().available):
         raise DataError(f"data.image_size={cfg.image_size}: the {count} images of data.name={cfg.name} take "
                         f"{needed / 2**30:.1f} GiB in memory at that size, more than the {available / 2**30:.1f} GiB "
-                        "available: lower data.image_size, or give the images as an image folder "
-                        "(data.name=image_folder), which is streamed from disk")
+                        f"available: {fix}")
+
+
+def _at_size(images: ImageSet, size: int) -> bool:
+    return images.images.shape[-2:] == (size, size)
 
 
 def _resized(images: ImageSet, size: int) -> ImageSet:
     """`images` at size×size, resized RESIZE_CHUNK images at a time (a float copy of one chunk, not of them all)."""
-    if images.images.shape[-2:] == (size, size):
+    if _at_size(images, size):
         return images
     resized = torch.empty((*images.images.shape[:2], size, size), dtype=torch.uint8)
     for chunk, out in zip(images.images.split(RESIZE_CHUNK), resized.split(RESIZE_CHUNK)):
@@ -382,6 +384,8 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
                    for split, paths, labels in ((train_split, train_paths, train_labels),
                                                 (held_out, test_paths, test_labels)))
     if cfg.in_memory:
+        _fits_in_memory(len(train) + len(test), cfg, "lower data.image_size, or stream them from disk (remove "
+                                                     "data.in_memory)")
         train, test = decode_all(train, "train images"), decode_all(test, f"{held_out.name} images")
     return train, test, classes, True
 
@@ -500,11 +504,14 @@ def default_workers() -> int:
 
 
 def decode_all(files: StreamedImages, what: str) -> ImageSet:
-    """Every image of `files` decoded (its evaluation view) into memory by the loader workers."""
+    """Every image of `files` decoded (its evaluation view) into memory by the loader workers, into one tensor (not
+    a list of chunks and their concatenation, twice the memory)."""
     chunks = torch.arange(len(files)).split(256)
     loader = files.loader(None, torch.device("cpu"))
-    images = list(progress(loader(chunks, None), len(chunks), f"decoding {what}"))
-    return ImageSet(torch.cat(images), files.labels)
+    images = torch.empty((len(files), 3, files.image_size, files.image_size), dtype=torch.uint8)
+    for chunk, decoded in zip(chunks, progress(loader(chunks, None), len(chunks), f"decoding {what}"), strict=True):
+        images[chunk] = decoded
+    return ImageSet(images, files.labels)
 
 
 def progress(batches: Iterable[T], total: int, what: str) -> Iterable[T]:

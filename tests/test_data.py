@@ -361,7 +361,7 @@ def test_a_symbolic_link_to_no_image_is_one_line_naming_it_and_a_link_to_an_imag
         load_dataset(DataConfig(name="image_folder", root=tmp_path), seed=0)
 
 
-def test_image_folder_loads_and_resizes_class_folders(tmp_path):
+def test_image_folder_loads_and_resizes_class_folders_into_memory_where_they_fit(tmp_path):
     for split in ("train", "test"):
         for cls, color in (("cat", 10), ("dog", 200)):
             (tmp_path / split / cls).mkdir(parents=True)
@@ -370,6 +370,10 @@ def test_image_folder_loads_and_resizes_class_folders(tmp_path):
     data = load_dataset(DataConfig(name="image_folder", root=tmp_path, in_memory=True), seed=0)
     assert data.classes == ["cat", "dog"] and data.train.images.shape == (6, 3, 32, 32)
     assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(DataError, match=r"^data.image_size=1048576: the 12 images of data.name=image_folder take "
+                                        r"[\d.]+ GiB in memory at that size, more than the [\d.]+ GiB available: lower "
+                                        r"data.image_size, or stream them from disk \(remove data.in_memory\)$"):
+        load_dataset(DataConfig(name="image_folder", root=tmp_path, in_memory=True, image_size=1 << 20), seed=0)
 
 
 def test_file_names_that_are_not_utf8_are_read_from_the_folder_and_from_its_shards(tmp_path):
