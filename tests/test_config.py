@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_tsp.checkpoint import resumable
-from dist_tsp.config import ConfigError, OptimConfig, load_config, save_config
+from dist_tsp.checkpoint import MANIFEST, file_roles, resumable, step_dir
+from dist_tsp.config import ConfigError, OptimConfig, RunConfig, load_config, save_config
 from dist_tsp.errors import UserError
 from dist_tsp.placement import Placement
 from dist_tsp.sweep import read_trials
@@ -209,16 +209,25 @@ def test_yaml_merge_keys_still_merge(tmp_path):
     assert [(s.name, s.model) for s in load_config(config).students] == [("a", "lenet"), ("b", "lenet")]
 
 
+def checkpoint_at_step_3(cfg: RunConfig, manifest: dict) -> Path:
+    """A checkpoint in cfg.output_dir with `manifest`, one replica's files present (empty: resumable() reads only the
+    manifest)."""
+    step = step_dir(cfg.output_dir, 3)
+    for file in file_roles(step, cfg, replicas=1):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.touch()
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    return step
+
+
 def test_a_checkpoint_that_named_the_default_teacher_file_still_resumes(tmp_path):
     """Its manifest, written before naming the default was the same run, kept the name."""
     run = tmp_path / "run"
     named = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}", f"teacher.checkpoint={run}/teacher/model.pt"])
     identity = named.identity()
     identity["teacher"]["checkpoint"] = str(run / "teacher" / "model.pt")  # as identity() wrote it before
-    step = run / "checkpoints" / "step_00000003"
-    step.mkdir(parents=True)
-    (step / "manifest.json").write_text(json.dumps({"step": 3, "epoch_end": False, "students": named.student_names,
-                                                    "replicas": 1, "teacher": None, "config": identity}))
+    step = checkpoint_at_step_3(named, {"step": 3, "epoch_end": False, "students": named.student_names,
+                                        "replicas": 1, "teacher": None, "config": identity})
     assert resumable(load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"]), 1) == step
 
 
@@ -229,11 +238,9 @@ def test_a_checkpoint_of_other_data_or_precision_is_refused_unless_forced_and_on
     sample order."""
     run = tmp_path / "run"
     cfg = load_config(write(tmp_path, MINIMAL), [f"output_dir={run}"])
-    step = run / "checkpoints" / "step_00000003"
-    step.mkdir(parents=True)
     manifest = {"step": 3, "epoch_end": False, "students": cfg.student_names, "replicas": 1, "teacher": None,
                 "config": cfg.identity()}
-    (step / "manifest.json").write_text(json.dumps(manifest))
+    step = checkpoint_at_step_3(cfg, manifest)
     started = {"mixed_precision": "no", "data": "40 training images, content 0123", "mentors": {"a": "sha256 01"}}
     assert resumable(cfg, 1, started=started) == step  # written before they were recorded
     (step / "manifest.json").write_text(json.dumps({**manifest, **started}))
