@@ -72,13 +72,15 @@ def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves
     assert list((small_file_system / "run").iterdir()) == []
 
 
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
 def test_a_full_disk_stops_every_rank_in_one_line_keeping_the_last_checkpoint_and_the_rerun_resumes_from_it(
-        small_file_system):
+        small_file_system, tracker):
     """Each rank meets it writing its own files of step 4's checkpoint (before, every one of them printed a
-    traceback, torch's RuntimeError or the OSError, and torchrun's report followed)."""
+    traceback, torch's RuntimeError or the OSError, and torchrun's report followed). The tracker, finished as the run
+    ends, writes to the full disk too (TensorBoard's writer, W&B's offline run)."""
     run = small_file_system / "run"
     args = ["--config", "configs/demo.yaml", f"output_dir={run}", *TINY, "train.checkpoint_every=2",
-            "tracking.report_to=tensorboard"]  # its writer, closed as the run ends, writes to the full disk too
+            f"tracking.report_to={tracker}"]
     done = launch(args, processes=3, check=False, launcher="dist-tsp")
     assert done.returncode == 1 and "Traceback" not in done.stderr and "Root Cause" not in done.stderr, \
         done.stderr[-3000:]
