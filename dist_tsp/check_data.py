@@ -4,7 +4,7 @@ is otherwise met when a step first needs it, hours in):
 
     python -m dist_tsp.check_data --config configs/imagenet/tsp.yaml [key=value ...] [--workers N]
 
-A streamed run reads only its data.max_train_samples subset; a folder held in memory is decoded whole first. An image
+A run reads only its data.max_train_samples subset, streamed or decoded into memory up front. An image
 whose reading takes longer than READ_TIMEOUT_S (a decoder that loops on it, a file system that stops answering) is
 named too.
 """
@@ -157,12 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"data.name={cfg.data.name} is loaded whole and checked as a run starts; check_data "
                               f"checks the images a run reads from disk: data.name={' or '.join(STREAMABLE)}")
         # every image the run decodes, streamed here without its own decoding first (a statistics sample, or an
-        # in-memory folder's training images, all of them, before its max_train_samples subset), which would stop at
-        # the first unreadable one
-        streamed = cfg.data.model_copy(update={"normalization": "imagenet"})
-        if cfg.data.in_memory:
-            streamed = streamed.model_copy(update={"in_memory": False, "max_train_samples": None, "val_fraction": 0.0})
-        read = load_dataset(streamed, cfg.seed)
+        # in-memory folder's images), which would stop at the first unreadable one
+        read = load_dataset(cfg.data.model_copy(update={"normalization": "imagenet", "in_memory": False}), cfg.seed)
         verify([split.images for split in (read.train, read.val, read.test) if split is not None], args.workers,
                read.train.images.fix_unreadable)
         # as the run loads it: decoded into memory, or the same file lists with the run's normalisation

@@ -151,7 +151,8 @@ class Dataset:
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load the configured dataset on the CPU (image folders as file lists unless data.in_memory), at
-    cfg.image_size, with the optional val split."""
+    cfg.image_size, with the optional val split (both taken from the training images before an image folder is
+    decoded into memory)."""
     if cfg.name in STREAMABLE:
         train, test, classes, hflip = {"image_folder": _image_folder, "arrow": _arrow}[cfg.name](cfg)
     else:
@@ -176,6 +177,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
             raise DataError(f"data.val_fraction={cfg.val_fraction:g} of {len(train)} training images holds {held} "
                             f"out: {fix}")
         train, val = train.subset(order[n_val:]), train.subset(order[:n_val])
+    if cfg.in_memory:  # an image folder decoded up front: the images the run reads, its subset only
+        splits = {"training": train, "validation": val, "test": test}
+        _fits_in_memory(sum(len(s) for s in splits.values() if s is not None), cfg,
+                        "lower data.image_size, or stream them from disk (remove data.in_memory)")
+        train, val, test = (None if s is None else decode_all(s, f"{name} images") for name, s in splits.items())
     return normalized(Dataset(cfg.name, train, val, test, classes, IMAGENET_MEAN, IMAGENET_STD, hflip, cfg.crop),
                       cfg.normalization)
 
@@ -370,7 +376,7 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
 
 def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     """Your own images: data.root/train/<class>/* and data.root/test/<class>/* (or val/<class>/*, as ImageNet
-    has), as file lists read by loader workers, or decoded into memory when data.in_memory."""
+    has), as file lists read by loader workers."""
     root = Path(cfg.root)
     train_split, held_out = split_folders(root, "<class>/ folders")
     classes, train_paths, train_labels = list_image_folder(train_split)
@@ -383,10 +389,6 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     train, test = (_streamed(cfg, FolderImages(split, paths), labels)
                    for split, paths, labels in ((train_split, train_paths, train_labels),
                                                 (held_out, test_paths, test_labels)))
-    if cfg.in_memory:
-        _fits_in_memory(len(train) + len(test), cfg, "lower data.image_size, or stream them from disk (remove "
-                                                     "data.in_memory)")
-        train, test = decode_all(train, "train images"), decode_all(test, f"{held_out.name} images")
     return train, test, classes, True
 
 

@@ -98,6 +98,22 @@ def test_a_streamed_folder_gives_the_batches_and_statistics_of_the_folder_in_mem
     assert torch.equal(images_of(streamed.test, [3, 0]), in_memory.test.images[[3, 0]])
 
 
+def test_a_folder_held_in_memory_decodes_only_its_max_train_samples_subset_split_as_the_streamed_one(folder, tmp_path):
+    """Before, the whole folder was decoded first (all of ImageNet for a 10,000-image subset)."""
+    root = shutil.copytree(folder, tmp_path / "folder")
+    options = {"max_train_samples": 30, "val_fraction": 0.2}
+    streamed = folder_data(root, **options)
+    read = {path for split in (streamed.train, streamed.val) for path in split.images.paths.tolist()}
+    unread = next(path for path in sorted((root / "train").rglob("*.jpg")) if os.fsencode(
+        path.relative_to(root / "train")) not in read)
+    unread.write_text("not an image")
+    in_memory = folder_data(root, in_memory=True, **options)
+    for split in ("train", "val", "test"):
+        one, other = getattr(streamed, split), getattr(in_memory, split)
+        assert torch.equal(images_of(one, list(range(len(one)))), other.images), split
+        assert torch.equal(one.labels, other.labels), split
+
+
 def test_arrow_shards_give_the_batches_and_statistics_of_the_folder_they_were_made_from(folder, shards):
     assert len(list((shards / "train").glob("*.arrow"))) > 1
     from_folder, from_shards = folder_data(folder, crop="random_resized"), folder_data(shards, "arrow",
