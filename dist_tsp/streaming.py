@@ -374,10 +374,27 @@ def list_image_folder(split: Path, classes: list[str] | None = None) -> tuple[li
 
 
 def _walk(folder: Path) -> list[str]:
-    """Every file under `folder`, as a path relative to it; ImageError for a symbolic link to no file with an image's
-    extension (else an image silently left out of the dataset)."""
-    found = list(folder.rglob("*"))
-    if broken := sorted(p for p in found if p.is_symlink() and not p.exists() and p.name.lower().endswith(EXTENSIONS)):
-        raise ImageError(f"image {broken[0]} is a symbolic link to no file ({len(broken)} such in {folder}): fix or "
+    """Every file under `folder` (symbolic links to files included, linked folders not entered), as a path relative
+    to it, told from the folders' entries: only a symbolic link is looked up (stat), so listing ImageNet's 1.28 M
+    files costs no round trip each on a network file system. ImageError for a folder that cannot be read or a
+    symbolic link to no file with an image's extension (else images silently left out of the dataset)."""
+    files, broken, folders = [], [], [""]
+    while folders:
+        relative = folders.pop()
+        try:
+            entries = os.scandir(folder / relative)
+        except OSError as error:  # its images would be left out
+            raise ImageError(f"folder {folder / relative} cannot be read ({error.strerror}): give this user read "
+                             "access to it") from None
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(f"{relative}{entry.name}/")
+                elif entry.is_file():
+                    files.append(f"{relative}{entry.name}")
+                elif entry.is_symlink() and entry.name.lower().endswith(EXTENSIONS) and not os.path.exists(entry.path):
+                    broken.append(entry.path)
+    if broken:
+        raise ImageError(f"image {min(broken)} is a symbolic link to no file ({len(broken)} such in {folder}): fix or "
                          "remove it")
-    return [str(p.relative_to(folder)) for p in found if p.is_file()]
+    return files
