@@ -1,4 +1,6 @@
-"""The loss end to end: a real 3-rank run's first logged step, recomputed by hand from the batch.
+"""The loss end to end: a real run's first logged step, recomputed by hand from the batch, on 3 ranks (one student
+each: the peers' logits come through the all-gather) and in one process holding all three (their rows among the
+rank's own logits).
 
 Built only on public seams: the CLI launched with accelerate, the run directory (config.yaml, metrics.jsonl,
 checkpoints), a teacher file and student init files written here, and the batch stream (`PeerBatches` over
@@ -59,10 +61,10 @@ def spread_weights(model, images, std, train):
     return state
 
 
-@pytest.fixture(scope="module")
-def first_step(tmp_path_factory):
-    """A 3-rank run (one student per rank, sharded teacher) of one step at T=10, from a teacher file and student
-    init files written here; returns the run directory and the files."""
+@pytest.fixture(scope="module", params=[3, None], ids=["3 ranks", "one process"])
+def first_step(tmp_path_factory, request):
+    """A run of one step at T=10 on 3 ranks (one student per rank, sharded teacher) or in one process (all three
+    students), from a teacher file and student init files written here; returns the run directory and the files."""
     files, run = tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("run")
     cfg = load_config(ARGS[1], ARGS[2:])
     images = first_batch(cfg).images
@@ -74,7 +76,7 @@ def first_step(tmp_path_factory):
         student = build_model(model, 10, **args)
         torch.save({"model": spread_weights(student, images, 3.0, train=True)}, files / f"{name}.pt")
     launch([*ARGS, f"output_dir={run}", f"teacher.checkpoint={files / 'teacher.pt'}",
-            STUDENT_LIST.replace("{init}", str(files))], processes=3)
+            STUDENT_LIST.replace("{init}", str(files))], processes=request.param)
     return run, files
 
 
