@@ -198,13 +198,23 @@ def epochs_seen(stream: PeerBatches) -> list[list[dict]]:
              for b in stream.epoch(epoch)] for epoch in EPOCHS]
 
 
+def evaluation_seen(data: Dataset, group: dist.ProcessGroup | None = None) -> list[str]:
+    """The hash of each evaluation batch of the test split (images, labels, indices), 10 at a time, read over
+    `group`."""
+    return [hashlib.sha256(batch.numpy().tobytes()).hexdigest()
+            for batch in as_tensors(eval_batches(data.test, 10, data.normalize, group=group))]
+
+
 def _batches_seen(data_paths: dict[str, dict], num_students: int):
-    """Per data path (name -> folder_data's arguments): this rank's replica and its epochs_seen."""
+    """Per data path (name -> folder_data's arguments): this rank's replica, its epochs_seen, and its evaluation
+    batches read over every rank."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
-    return {name: {"replica": placement.replica_index,
-                   "epochs": epochs_seen(batches(folder_data(**options, loader_workers=0), placement.replica_index,
-                                                 placement.replicas))}
-            for name, options in data_paths.items()}
+    seen = {}
+    for name, options in data_paths.items():
+        data = folder_data(**options, loader_workers=0)
+        seen[name] = {"replica": placement.replica_index, "evaluated": evaluation_seen(data, dist.group.WORLD),
+                      "epochs": epochs_seen(batches(data, placement.replica_index, placement.replicas))}
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +260,13 @@ def test_an_epoch_on_ranks_draws_each_sample_once_with_its_own_label_and_the_vie
             assert [y for b in drawn for y in b["labels"]] == [labels[i] for i in indices], (name, epoch)
             view_alone = {i: view for b in alone[epoch] for i, view in zip(b["indices"], b["views"])}
             assert [v for b in drawn for v in b["views"]] == [view_alone[i] for i in indices], (name, epoch)
+
+
+def test_an_evaluation_read_over_the_ranks_gives_every_rank_the_batches_one_process_reads(data_paths, four_ranks):
+    """A streamed split is decoded 1/G by each rank (the last share padded) and joined by an all-gather."""
+    for name, options in data_paths.items():
+        alone = evaluation_seen(folder_data(**options, loader_workers=0))
+        assert len(alone) == 3 and all(rank[name]["evaluated"] == alone for rank in four_ranks), name
 
 
 def _start_from(roots: list[Path], output_dir: Path) -> str | None:
