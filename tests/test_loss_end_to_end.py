@@ -1,4 +1,7 @@
-"""The loss end to end: a real 3-rank run's first logged step, recomputed by hand from the batch.
+"""The loss end to end: a real run's first logged step, recomputed by hand from the batch, on 3 ranks (one student
+each: the peers' logits come through the all-gather) and in one process holding all three (their rows among the
+rank's own logits), there also with one of them a frozen mentor (it teaches with its eval-mode logits, learns
+nothing).
 
 Built only on public seams: the CLI launched with accelerate, the run directory (config.yaml, metrics.jsonl,
 checkpoints), a teacher file and student init files written here, and the batch stream (`PeerBatches` over
@@ -59,10 +62,16 @@ def spread_weights(model, images, std, train):
     return state
 
 
-@pytest.fixture(scope="module")
-def first_step(tmp_path_factory):
-    """A 3-rank run (one student per rank, sharded teacher) of one step at T=10, from a teacher file and student
-    init files written here; returns the run directory and the files."""
+PLACEMENTS = {"3 ranks": (3, []), "one process": (None, []),
+              "one process, vgg a frozen mentor": (None, ["students.2.frozen=true"])}  # BatchNorm: eval mode shows
+
+
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def first_step(tmp_path_factory, request):
+    """A run of one step at T=10 (see PLACEMENTS: on 3 ranks, one student per rank, sharded teacher; or in one
+    process, all three students), from a teacher file and student init files written here; returns the run
+    directory and the files."""
+    processes, overrides = PLACEMENTS[request.param]
     files, run = tmp_path_factory.mktemp("weights"), tmp_path_factory.mktemp("run")
     cfg = load_config(ARGS[1], ARGS[2:])
     images = first_batch(cfg).images
@@ -74,7 +83,7 @@ def first_step(tmp_path_factory):
         student = build_model(model, 10, **args)
         torch.save({"model": spread_weights(student, images, 3.0, train=True)}, files / f"{name}.pt")
     launch([*ARGS, f"output_dir={run}", f"teacher.checkpoint={files / 'teacher.pt'}",
-            STUDENT_LIST.replace("{init}", str(files))], processes=3)
+            STUDENT_LIST.replace("{init}", str(files)), *overrides], processes=processes)
     return run, files
 
 
@@ -97,8 +106,9 @@ def ce64(logits, labels):
 
 @pytest.fixture(scope="module")
 def by_hand(first_step):
-    """Every student's ce, kd, peer, loss and acc at step 1, recomputed from the run's config, the batch stream,
-    the teacher file (eval mode) and the init files (train mode, the batch's own BatchNorm statistics)."""
+    """Every learner's ce, kd, peer, loss and acc at step 1, recomputed from the run's config, the batch stream,
+    the teacher file (eval mode) and the init files (train mode, the batch's own BatchNorm statistics; a frozen
+    mentor's in eval mode). Every other student, mentor or learner, is a peer."""
     run, files = first_step
     cfg = load_config(run / "config.yaml")
     batch = first_batch(cfg)
@@ -112,9 +122,9 @@ def by_hand(first_step):
             model.load_state_dict(torch.load(spec.init, weights_only=True)["model"])
             if cfg.train.channels_last:
                 model.to(memory_format=torch.channels_last)
-            logits[spec.name] = model.train()(batch.images)
+            logits[spec.name] = model.train(not spec.frozen)(batch.images)
     expected = {}
-    for name, z in logits.items():
+    for name, z in ((s.name, logits[s.name]) for s in cfg.students if not s.frozen):
         ce, kd = ce64(z, batch.labels), kl64(teacher_logits, z, T)
         peer = sum(kl64(logits[j], z, T) for j in logits if j != name)
         acc = (z.argmax(-1) == batch.labels).double().mean().item()
@@ -129,6 +139,7 @@ def test_the_run_is_the_one_recomputed_here(first_step, by_hand):
     assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.gamma, cfg.loss.temperature) == (ALPHA, BETA, GAMMA, T)
     assert cfg.loss.peer_reduction == "sum" and cfg.teacher.input_scale == 1
     assert [s.name for s in cfg.students] == list(STUDENTS)
+    assert list(by_hand) == [s.name for s in cfg.students if not s.frozen]
     for name, terms in by_hand.items():  # the terms are large enough for a 1e-5 check to mean something
         assert terms["kd"] > 1 and terms["peer"] > 1, (name, terms)
 
@@ -143,7 +154,7 @@ def test_first_logged_step_matches_the_formula_recomputed_by_hand_for_every_stud
         assert row[f"train/{name}/acc"] == pytest.approx(terms["acc"], abs=1e-6), name
 
 
-def test_every_other_student_is_recorded_as_a_peer(first_step):
+def test_every_other_student_is_recorded_as_a_peer(first_step, by_hand):
     run, _ = first_step
-    for name in STUDENTS:
+    for name in by_hand:  # the learners
         assert student_state(run, 1, name)["peers"] == [j for j in STUDENTS if j != name]

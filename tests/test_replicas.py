@@ -3,7 +3,8 @@
 The ranks run the project's StudentTrainer (as a run does, with DDP over the student's replica group) from an init
 file written here. Both replicas hold the same parameters after every step, and the first step's update is the
 one a single process computes from the mean of the two replicas' losses on their own batches (PeerBatches with
-num_replicas=2, replica=0 and 1): the gradients are averaged over the replicas, not summed, not kept apart.
+num_replicas=2, replica=0 and 1): the gradients are averaged over the replicas, not summed, not kept apart. The
+evaluation, each replica predicting its share of the test set, is the one process's of the trained model.
 """
 
 import json
@@ -47,7 +48,8 @@ def parameters(model):
 
 
 def _train_replicas(tmp):
-    """On each rank: the trainer's STEPS steps; its parameters after each step and its first batch's indices."""
+    """On each rank: the trainer's STEPS steps; its parameters after each step, its first batch's indices, then its
+    evaluation and the model's state it evaluated."""
     from accelerate import Accelerator
 
     from dist_tsp.loop import StudentTrainer
@@ -73,7 +75,8 @@ def _train_replicas(tmp):
         first = batch.indices.clone() if first is None else first
         trainer.train_step(batch)
         after.append(parameters(model))
-    return {"after": after, "first_indices": first}
+    evaluation = trainer.evaluate()
+    return {"after": after, "first_indices": first, "evaluation": evaluation, "evaluated": model.state_dict()}
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,25 @@ def test_first_update_is_sgd_on_the_mean_of_the_two_replicas_losses(replicas):
         update, expected_update = got - start[name], expected - start[name]
         rounding = torch.finfo(torch.float32).eps * start[name].abs().max()
         assert (update - expected_update).abs().max() <= 3e-5 * expected_update.abs().max() + rounding, name
+
+
+def test_the_replicas_evaluation_is_one_processs_prediction_of_every_test_image(replicas):
+    """Each replica predicts every other test image (its BatchNorm statistics made replica 0's first) and one
+    all-reduce joins them: every rank holds, for every test image, the class that one process predicts with the
+    trained model, and its accuracy (a prediction may differ only where the two best logits tie to 1e-4)."""
+    tmp, ranks = replicas
+    evaluated = ranks[0]["evaluated"]
+    assert all(torch.equal(ranks[1]["evaluated"][k], v) for k, v in evaluated.items())  # BatchNorm's statistics too
+    cfg = config(tmp)
+    data = load_dataset(cfg.data, cfg.seed)
+    model = build_model(STUDENT, 10, **STUDENT_ARGS)
+    model.load_state_dict(evaluated)
+    with torch.no_grad(), one_thread():
+        logits = model.eval()(data.normalize(data.test.images))
+    top2 = logits.topk(2, dim=-1).values
+    for rank in ranks:
+        (predicted,) = rank["evaluation"].test_predictions
+        differ = predicted != logits.argmax(-1)
+        assert (top2[differ, 0] - top2[differ, 1] < 1e-4).all(), f"{int(differ.sum())} of {len(differ)} differ"
+        accuracy, ties = (logits.argmax(-1) == data.test.labels).float().mean().item(), differ.float().mean().item()
+        assert rank["evaluation"].accuracies["test"]["solo"] == pytest.approx(accuracy, abs=ties)

@@ -1,6 +1,7 @@
 """Image folders and Arrow shards streamed from disk by DataLoader workers keep every invariant of the in-memory batch
 stream: the same views as the folder decoded into memory, views that depend on (seed, epoch, sample) alone whatever
-the number of workers, identical batches in a peer group and disjoint shards across replicas on gloo ranks, exact
+the number of workers, identical batches in a peer group and disjoint shards across replicas on gloo ranks (each
+sample once an epoch, with its own label and the view one process gives it, streamed or in memory), exact
 mid-epoch resume, the same training on 3 ranks, and one clear line for a bad image, folder or shard."""
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -204,27 +204,85 @@ def test_random_resized_crops_vary_in_scale_and_evaluation_is_a_centre_crop(fold
     assert (centre.float() - resized[:, 1:17, 3:19].round()).abs().max() <= 2
 
 
-def _streamed_fingerprints(sources: dict[str, Path], num_students: int):
-    """Per source (name -> root): this rank's replica, its first batches' hashes and its epoch's sample order."""
+EPOCHS = (0, 1)
+
+
+def epochs_seen(stream: PeerBatches) -> list[list[dict]]:
+    """Per epoch of EPOCHS, each batch's sample indices, labels and the hash of each sample's view."""
+    return [[{"indices": b.indices.tolist(), "labels": b.labels.tolist(),
+              "views": [hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in b.images]}
+             for b in stream.epoch(epoch)] for epoch in EPOCHS]
+
+
+def evaluation_seen(data: Dataset, group: dist.ProcessGroup | None = None) -> list[str]:
+    """The hash of each evaluation batch of the test split (images, labels, indices), 10 at a time, read over
+    `group`."""
+    return [hashlib.sha256(batch.numpy().tobytes()).hexdigest()
+            for batch in as_tensors(eval_batches(data.test, 10, data.normalize, group=group))]
+
+
+def _batches_seen(data_paths: dict[str, dict], num_students: int):
+    """Per data path (name -> folder_data's arguments): this rank's replica, its epochs_seen, and its evaluation
+    batches read over every rank."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=num_students)
-    found = {}
-    for name, root in sources.items():
-        stream = batches(folder_data(root, name, loader_workers=0), placement.replica_index, placement.replicas)
-        found[name] = {"replica": placement.replica_index, "indices": stream.epoch_order(1).flatten().tolist(),
-                       "hashes": [hashlib.sha256(b.images.numpy().tobytes()).hexdigest()
-                                  for b in islice(stream.epoch(1), 3)]}
-    return found
+    seen = {}
+    for name, options in data_paths.items():
+        data = folder_data(**options, loader_workers=0)
+        seen[name] = {"replica": placement.replica_index, "evaluated": evaluation_seen(data, dist.group.WORLD),
+                      "epochs": epochs_seen(batches(data, placement.replica_index, placement.replicas))}
+    return seen
 
 
-def test_streamed_peer_groups_see_identical_batches_and_replicas_disjoint_shards(folder, shards):
-    sources = {"image_folder": folder, "arrow": shards}
-    everyone = run_on_ranks(_streamed_fingerprints, 4, sources, 2)  # W=4, N=2: peer groups {0,1} and {2,3}
-    for name in sources:
-        ranks = [rank[name] for rank in everyone]
+@pytest.fixture(scope="module")
+def data_paths(folder, shards) -> dict[str, dict]:
+    """The folder streamed, its Arrow shards streamed, and the folder decoded into memory."""
+    return {"streamed folder": {"root": folder}, "Arrow shards": {"root": shards, "name": "arrow"},
+            "folder in memory": {"root": folder, "in_memory": True}}
+
+
+@pytest.fixture(scope="module")
+def four_ranks(data_paths) -> list[dict]:
+    """What each of 4 gloo ranks draws from every data path: W=4, N=2, peer groups {0,1} and {2,3}."""
+    return run_on_ranks(_batches_seen, 4, data_paths, 2)
+
+
+def test_peer_groups_see_identical_batches_and_replicas_disjoint_shards_on_every_data_path(data_paths, four_ranks):
+    for name in data_paths:
+        ranks = [rank[name] for rank in four_ranks]
         assert [r["replica"] for r in ranks] == [0, 0, 1, 1]
-        assert ranks[0]["hashes"] == ranks[1]["hashes"] and ranks[2]["hashes"] == ranks[3]["hashes"]
-        assert not set(ranks[0]["hashes"]) & set(ranks[2]["hashes"])
-        assert not set(ranks[0]["indices"]) & set(ranks[2]["indices"])
+        assert ranks[0]["epochs"] == ranks[1]["epochs"] and ranks[2]["epochs"] == ranks[3]["epochs"], name
+        for first, second in zip(ranks[0]["epochs"], ranks[2]["epochs"]):
+            assert not {i for b in first for i in b["indices"]} & {i for b in second for i in b["indices"]}, name
+
+
+def labels_by_hand(root: Path) -> list[int]:
+    """Each training sample's class, read from its file's folder (the samples numbered in sorted path order)."""
+    return [CLASSES.index(path.parent.name) for path in sorted((root / "train").glob("*/*"))]
+
+
+def test_an_epoch_on_ranks_draws_each_sample_once_with_its_own_label_and_the_view_one_process_gives_it(
+        folder, data_paths, four_ranks):
+    """On every data path, the replicas' batches of an epoch hold no sample twice and leave out fewer than R*B (the
+    partial batch each replica drops); each batch's labels are its samples' classes, read here from their folders;
+    each sample's view is the one a process without a process group, drawing the whole epoch alone, gives it."""
+    labels, replicas, batch_size = labels_by_hand(folder), 2, 8
+    for name, options in data_paths.items():
+        alone = epochs_seen(batches(folder_data(**options, loader_workers=0)))
+        for epoch in range(len(EPOCHS)):
+            drawn = [b for rank in (0, 2) for b in four_ranks[rank][name]["epochs"][epoch]]  # replicas 0 and 1
+            indices = [i for b in drawn for i in b["indices"]]
+            assert len(set(indices)) == len(indices), (name, epoch, "a sample drawn twice")
+            assert 0 <= len(labels) - len(indices) < replicas * batch_size, (name, epoch, "samples left out")
+            assert [y for b in drawn for y in b["labels"]] == [labels[i] for i in indices], (name, epoch)
+            view_alone = {i: view for b in alone[epoch] for i, view in zip(b["indices"], b["views"])}
+            assert [v for b in drawn for v in b["views"]] == [view_alone[i] for i in indices], (name, epoch)
+
+
+def test_an_evaluation_read_over_the_ranks_gives_every_rank_the_batches_one_process_reads(data_paths, four_ranks):
+    """A streamed split is decoded 1/G by each rank (the last share padded) and joined by an all-gather."""
+    for name, options in data_paths.items():
+        alone = evaluation_seen(folder_data(**options, loader_workers=0))
+        assert len(alone) == 3 and all(rank[name]["evaluated"] == alone for rank in four_ranks), name
 
 
 def _start_from(roots: list[Path], output_dir: Path) -> str | None:
