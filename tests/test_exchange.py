@@ -1,9 +1,11 @@
-"""The per-step collectives on 3 gloo ranks, each compared with the same formula computed in one process."""
+"""The per-step collectives on 3 gloo ranks, each compared with the same formula computed in one process, and the
+one collective a training step makes."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from dist_tsp import exchange
 from dist_tsp.exchange import all_gather_cat, all_gather_cat_parts
 from dist_tsp.losses import tsp_loss
 from dist_tsp.placement import Groups, Placement
@@ -86,3 +88,56 @@ def test_parts_gathered_in_one_collective_equal_separate_gathers_in_their_own_dt
         assert [t.shape for t in together] == [(2 * WORLD, B, C), (5 * WORLD, C), (2 * WORLD, B, C)]
         for mine, reference in zip(together, apart):
             assert torch.equal(mine, reference)
+
+
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object", "barrier",
+               "reduce_scatter_tensor", "all_to_all_single", "send", "recv")
+
+
+def _collectives_of_steps(output_dir: str) -> list[list[str]]:
+    """The collectives each of 3 training steps of the demo's students made on this rank (its teacher sharded)."""
+    from accelerate import Accelerator
+
+    from dist_tsp.config import load_config
+    from dist_tsp.data import load_dataset
+    from dist_tsp.graph import TeachingGraph
+    from dist_tsp.loop import StudentTrainer
+    from dist_tsp.models import build_model
+    from dist_tsp.run_control import StopRequest
+    from dist_tsp.teacher_modes import RunTeacher
+    from dist_tsp.tracking import Tracker
+    from tests.runs import TINY
+
+    cfg = load_config("configs/demo.yaml", [*TINY, f"output_dir={output_dir}"])
+    accelerator = Accelerator(cpu=True)
+    placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=3)
+    data = load_dataset(cfg.data, cfg.seed)
+    teacher = RunTeacher(build_model(cfg.teacher.model, data.num_classes, **cfg.teacher.args).eval(), sharded=True,
+                         autocast=accelerator.autocast)
+    trainer = StudentTrainer(cfg, placement, Groups.from_mesh(placement.build_mesh("cpu")), accelerator, data,
+                             data.identity(), TeachingGraph.from_config(cfg), teacher, None, Tracker(cfg, accelerator),
+                             StopRequest())
+    made: list[str] = []
+
+    def counted(name, collective):
+        def call(*args, **kwargs):
+            made.append(name)
+            return collective(*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name, getattr(dist, name)))
+    exchange._all_gather_single = counted("all_gather_single", exchange._all_gather_single)
+    steps = []
+    for _, batch in zip(range(3), trainer.batches.epoch(0)):
+        before = len(made)
+        trainer.train_step(batch)
+        steps.append(made[before:])
+    return steps
+
+
+def test_a_training_step_makes_one_collective_the_peer_all_gather_of_logits_and_teacher_slices(tmp_path):
+    """The students' logits and the sharded teacher's slices travel in one message; metrics stay on the device until
+    the log step (the stop vote runs beside the step, on its own group)."""
+    for steps in run_on_ranks(_collectives_of_steps, WORLD, str(tmp_path)):
+        assert steps == [["all_gather_single"]] * 3
