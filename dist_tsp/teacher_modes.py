@@ -159,7 +159,8 @@ def _zero3(teacher: nn.Module, device_type: str) -> nn.Module:
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     engine, *_ = deepspeed.initialize(
         model=teacher, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": deepspeed_zero_settings()})
-    engine.eval()  # DeepSpeedEngine.eval returns None
+    engine.eval()  # DeepSpeedEngine.eval returns None, and sets its module's mode but not its own
+    engine.training = False
     return engine
 
 

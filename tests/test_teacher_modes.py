@@ -74,8 +74,17 @@ def _logits_in_modes(tmp, modes=MODES):
                 logits.append(gathered_logits(source, batch, groups.peer))
                 images.append(batch.images)
         results[mode] = {"logits": torch.stack(logits).numpy(), "images": torch.stack(images).numpy(), "info": info,
-                         "summary": source.summary()}
+                         "summary": source.summary(), "held_as": _how_held(model)}
     return results
+
+
+def _how_held(teacher: torch.nn.Module) -> dict:
+    """Whether any of the teacher's modules is in train mode or is a DDP wrapper, and any parameter takes gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return {"training": any(m.training for m in teacher.modules()),
+            "ddp": any(isinstance(m, DistributedDataParallel) for m in teacher.modules()),
+            "requires_grad": any(p.requires_grad for p in teacher.parameters())}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +146,12 @@ def test_other_modes_hold_the_whole_teacher_on_every_rank(every_mode, mode):
     _, ranks = every_mode
     info = ranks[0][mode]["info"]
     assert info.parameter_bytes_per_rank == [info.parameter_bytes] * WORLD
+
+
+def test_the_teacher_is_frozen_in_eval_mode_and_never_wrapped_in_ddp_in_every_mode_on_every_rank(every_mode):
+    _, ranks = every_mode
+    held = {(number, mode): rank[mode]["held_as"] for number, rank in enumerate(ranks) for mode in (*MODES, *TOPK)}
+    assert all(h == {"training": False, "ddp": False, "requires_grad": False} for h in held.values()), held
 
 
 def test_every_mode_reports_the_same_teacher_accuracy(every_mode):
