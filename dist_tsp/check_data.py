@@ -4,9 +4,7 @@ is otherwise met when a step first needs it, hours in):
 
     python -m dist_tsp.check_data --config configs/imagenet/tsp.yaml [key=value ...] [--workers N]
 
-A run reads only its data.max_train_samples subset, streamed or decoded into memory up front. An image
-whose reading takes longer than READ_TIMEOUT_S (a decoder that loops on it, a file system that stops answering) is
-named too.
+A run reads only its data.max_train_samples subset, streamed or decoded into memory up front.
 """
 
 from __future__ import annotations
@@ -139,7 +137,9 @@ def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dist_tsp.check_data",
-                                     description=__doc__.replace("READ_TIMEOUT_S", f"{READ_TIMEOUT_S} s"),
+                                     description=__doc__,
+                                     epilog=f"An image whose reading takes longer than {READ_TIMEOUT_S} s (a decoder "
+                                            "that loops on it,\na file system that stops answering) is named too.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run's YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
