@@ -1,12 +1,16 @@
 """The graph-ready step's parts on the CPU: which step a launch gets, optimizers with a device learning rate, static
-buffers. (Launched runs: tests/test_resume.py and test_teacher_modes.py train with train.step=graph and end bitwise
+buffers, nothing read back from the device inside the step. (Launched runs: tests/test_resume.py and test_teacher_modes.py train with train.step=graph and end bitwise
 where the eager step does; the capture itself is checked on a GPU by benchmarks/gpu_check.py.)"""
 
+import collections
 from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from dist_tsp import train
 from dist_tsp.config import ConfigError, load_config
 from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
 from dist_tsp.data import Batch, load_dataset
@@ -14,6 +18,7 @@ from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
+from tests.runs import ROOT, TINY
 
 STUDENTS = "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]"
 
@@ -108,3 +113,56 @@ def test_a_checkpoint_without_a_cuda_random_state_leaves_a_students_own_generato
     student = LocalStudent("a", 0, torch.nn.Linear(2, 2), None, None, (torch.get_rng_state(), seeded), generator)
     student.load_random_state((torch.get_rng_state(), None))
     assert torch.equal(student.saved_random_state()[1], seeded)
+
+
+# Ops that read a device tensor back to the host (a value, a size that depends on values) or make one from host
+# data: inside a CUDA graph's capture each is an error, and in an uncaptured step a wait for the device.
+READS_BACK = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique", "_unique2",
+              "unique_dim", "unique_consecutive", "lift_fresh"}
+
+
+class OpsReadingBack(TorchDispatchMode):
+    """Counts the READS_BACK ops dispatched while it is active, except inside an optimizer's step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: collections.Counter = collections.Counter()
+        self.in_optimizer, self.all_ops = False, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.in_optimizer:
+            self.all_ops += 1
+            if name in READS_BACK:
+                self.seen[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_graph_ready_steps_of_the_students_and_the_teacher_read_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Every call of a graph-ready step (the students' and the teacher's training step, what a CUDA graph captures)
+    in a run on the CPU, its optimizers' steps aside: on the CPU those read their float64 learning rate back, as the
+    eager step's float, while on CUDA they are torch's fused, capturable ones."""
+    watch = OpsReadingBack()
+    steps_run = collections.Counter()
+
+    def watched(step, name):
+        def run(*inputs):
+            steps_run[name] += 1
+            with watch:
+                return step(*inputs)
+        return run
+
+    original = CapturedStep.__init__
+    monkeypatch.setattr(CapturedStep, "__init__", lambda self, step, **options: original(
+        self, watched(step, getattr(step, "__name__", "?")), **options))
+    pre = register_optimizer_step_pre_hook(lambda *_: setattr(watch, "in_optimizer", True))
+    post = register_optimizer_step_post_hook(lambda *_: setattr(watch, "in_optimizer", False))
+    try:
+        train.main(["--config", str(ROOT / "configs" / "demo.yaml"), *TINY, "train.step=graph",
+                    f"output_dir={tmp_path}"], stop_requested=StopRequest())
+    finally:
+        pre.remove()
+        post.remove()
+    assert steps_run["_learn"] == 6 and steps_run["learn"] > 0, steps_run  # the students' steps, the teacher's
+    assert watch.all_ops > 1000  # the steps ran under the watch: forwards, backwards, the loss
+    assert not watch.seen, dict(watch.seen)
