@@ -1,6 +1,7 @@
 """The graph-ready step's parts on the CPU: which step a launch gets, optimizers with a device learning rate, static
-buffers, nothing read back from the device inside the step. (Launched runs: tests/test_resume.py and test_teacher_modes.py train with train.step=graph and end bitwise
-where the eager step does; the capture itself is checked on a GPU by benchmarks/gpu_check.py.)"""
+buffers, nothing read back from the device inside the step. (Launched runs: tests/test_resume.py and
+test_teacher_modes.py train with train.step=graph and end bitwise where the eager step does; the capture itself is
+checked on a GPU by benchmarks/gpu_check.py.)"""
 
 import collections
 from pathlib import Path
