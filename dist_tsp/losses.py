@@ -44,10 +44,11 @@ def graph_terms(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logi
     student (see graph.TeachingGraph.peer_shares). Teacher and sources are constants: no gradient flows into them.
     """
     k, b, c = student_logits.shape
-    zero = student_logits.new_zeros(k, dtype=torch.float32)
-    ce = F.cross_entropy(student_logits.float().reshape(k * b, c), labels.repeat(k), reduction="none")
+    student_logits = student_logits.float()  # once: the terms' gradients add up in float32, rounded once to bf16
+    zero = student_logits.new_zeros(k)
+    ce = F.cross_entropy(student_logits.reshape(k * b, c), labels.repeat(k), reduction="none")
     ce = ce.view(k, b).mean(dim=1)
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     kd = zero if teacher_logits is None else weighted_kl(teacher_logits.unsqueeze(0), zero.new_ones(k, 1),
                                                          student_log_probs, temperature)
     if source_logits is None or source_logits.shape[0] == 0:

@@ -166,3 +166,25 @@ def test_a_top_k_teacher_teaches_its_renormalised_top_k_distribution():
     log_q = torch.log_softmax(student.double() / t, dim=-1).gather(1, top.indices)
     expected = t**2 * (p * (p.log() - log_q)).sum(-1).mean()
     assert kd.isfinite() and math.isclose(kd.item(), expected.item(), rel_tol=1e-6)
+
+
+def test_bf16_logits_give_the_float32_terms_of_their_values_and_the_float32_gradient_rounded_to_bf16():
+    """Under mixed_precision bf16 the models' logits are bf16: the loss casts them up before any arithmetic, so its
+    terms are those of the same values in float32 (kept to 1e-6 by the test above), bitwise, and the gradient
+    reaching the students' logits is the float32 one, rounded once."""
+    t, batch, students, classes = 10.0, 64, 3, 10
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(students, batch, classes, generator=g) * 3).bfloat16()
+    teacher = (torch.randn(batch, classes, generator=g) * 4).bfloat16()
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    shares = 1 - torch.eye(students)
+    terms, gradients = {}, {}
+    for dtype in (torch.bfloat16, torch.float32):
+        student = logits.to(dtype).detach().requires_grad_()
+        terms[dtype] = graph_terms(student, labels, teacher.to(dtype), student.detach(), shares, t)
+        terms[dtype].sum().backward()
+        gradients[dtype] = student.grad
+    assert terms[torch.bfloat16].dtype == torch.float32
+    assert torch.equal(terms[torch.bfloat16], terms[torch.float32])
+    assert gradients[torch.bfloat16].dtype == torch.bfloat16
+    assert torch.equal(gradients[torch.bfloat16], gradients[torch.float32].bfloat16())
