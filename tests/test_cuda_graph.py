@@ -13,12 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_tsp import train
 from dist_tsp.config import ConfigError, load_config
-from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step
+from dist_tsp.cuda_graph import CapturedStep, choose_step, choose_teacher_step, step_autocast
 from dist_tsp.data import Batch, load_dataset
 from dist_tsp.run_control import StopRequest, StopVote
 from dist_tsp.students import LocalStudent
 from dist_tsp.teacher import train_teacher
 from dist_tsp.train import plan
+from tests.multiprocess import run_on_ranks
 from tests.runs import ROOT, TINY
 
 STUDENTS = "students=[{name: a, model: lenet}, {name: b, model: lenet}, {name: c, model: lenet}]"
@@ -104,6 +105,25 @@ def test_captured_step_runs_on_static_buffers_refilled_from_every_batch():
     assert all(images is seen[0][0] and logits is seen[0][1] for images, logits in seen)  # the same buffers
     with pytest.raises(ValueError, match=r"batch of shape \(1, 3\), but the step was made for \(2, 3\)"):
         captured(Batch(torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)), torch.zeros(1, 5))
+
+
+def _autocast_in_bf16() -> dict[str, tuple[bool, bool]]:
+    """(autocast on, its cache of the weights' casts on) in each step's autocast, in a process of its own: accelerate
+    keeps one mixed precision per process."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    seen = {}
+    for captured in (False, True):
+        with step_autocast(accelerator, captured)():
+            seen["captured" if captured else "uncaptured"] = (torch.is_autocast_enabled("cpu"),
+                                                              torch.is_autocast_cache_enabled())
+    return seen
+
+
+def test_a_captured_steps_autocast_keeps_no_cache_of_the_weights_casts_and_an_uncaptured_ones_does():
+    """A graph would replay the casts cached in its first step after the optimizer has changed the weights."""
+    assert run_on_ranks(_autocast_in_bf16, 1) == [{"uncaptured": (True, True), "captured": (True, False)}]
 
 
 def test_a_checkpoint_without_a_cuda_random_state_leaves_a_students_own_generator_as_seeded():
