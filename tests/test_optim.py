@@ -29,10 +29,12 @@ def test_graph_safe_optimizer_on_the_cpu_takes_the_eager_steps_and_saves_the_eag
     graph_model = copy.deepcopy(eager_model)
     eager = build_optimizer(eager_model.parameters(), cfg, total_steps=10)
     graph_safe = build_optimizer(graph_model.parameters(), cfg, total_steps=10, graph_safe_on=torch.device("cpu"))
+    rate = graph_safe[0].param_groups[0]["lr"]
     _train(eager_model, *eager)
     _train(graph_model, *graph_safe)
     assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), graph_model.parameters()))
-    assert isinstance(graph_safe[0].param_groups[0]["lr"], torch.Tensor)  # filled in place by the schedule
+    # filled in place by the schedule: the tensor a captured step read its rate from
+    assert graph_safe[0].param_groups[0]["lr"] is rate and isinstance(rate, torch.Tensor)
     saved, expected = graph_safe[0].state_dict(), eager[0].state_dict()
     assert saved["param_groups"] == expected["param_groups"]  # a float rate, the eager flags
     for key, state in expected["state"].items():
@@ -51,13 +53,14 @@ def test_graph_safe_and_eager_optimizers_resume_each_others_checkpoints(name):
         _train(trained, *saved_by, steps=2)
         resumed = copy.deepcopy(trained)
         optimizer, schedule = build_optimizer(resumed.parameters(), cfg, total_steps=10, graph_safe_on=then)
+        rate = optimizer.param_groups[0]["lr"]
         resume_state(optimizer, schedule, copy.deepcopy(saved_by[0].state_dict()),  # as from a file: no shared
                      copy.deepcopy(saved_by[1].state_dict()))  # tensors
         _train(trained, *saved_by, steps=2)
         _train(resumed, optimizer, schedule, steps=2)
         assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), resumed.parameters())), (first, then)
-        if then is not None:
-            assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+        if then is not None:  # still the tensor it was built with: the one a captured step reads
+            assert optimizer.param_groups[0]["lr"] is rate and isinstance(rate, torch.Tensor)
 
 
 def _settings(optimizer) -> list[dict]:
