@@ -87,6 +87,7 @@ def agent() -> None:
     why in one line (or another rank said it for them, see said_in_one_line), it exits with the first failure's code,
     without torchrun's report."""
     from accelerate.commands.launch import main as accelerate_launch
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
@@ -111,6 +112,8 @@ def agent() -> None:
         if failed.returncode not in _said().values():
             raise
         sys.exit(failed.returncode)
+    except SignalException as ended:  # Ctrl-C: torchrun's agent stopped the workers (accelerate >= 1.16 says so too)
+        sys.exit(128 + ended.sigval)
 
 
 def check_launch(args: list[str]) -> None:

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -311,16 +312,39 @@ def _refuse(error: UserError | OutOfSpace, rank: int, world_size: int, *, every_
     _exit(error.exit_code)
 
 
+def command() -> None:
+    """The command line's entry (`python dist_tsp/train.py`, `dist-tsp-train`): main, where on several ranks a crash
+    (an error no line says, which @record keeps for torchrun's report) ends this rank at once with its traceback.
+    Left to the interpreter's exit, its process groups may close first and the teardown go on: the other ranks
+    then end on the lost connection before it does, and torchrun names one of them as the first failure."""
+    try:
+        main()
+    except Exception:
+        if not _several_ranks():
+            raise
+        traceback.print_exc()
+        _leave_at_once(1)
+
+
 def _exit(code: int) -> NoReturn:
     """Exit with `code`, the error said in one line: at once when the process groups span several ranks (their
     destructors can abort, as the other ranks leave, or wait for work in flight), else as usual (SystemExit, which
     the protocol or a sweep running the run in its own process reports)."""
     said_in_one_line(code)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if _several_ranks():
+        _leave_at_once(code)
     sys.exit(code)
+
+
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _leave_at_once(code: int) -> NoReturn:
+    """End this process with `code` now, its output flushed, without the process groups' destructors."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _say_error(what: str, rank: int, world_size: int) -> None:
@@ -331,4 +355,4 @@ def _say_error(what: str, rank: int, world_size: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command()
