@@ -493,8 +493,10 @@ def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) 
 
 def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch.Tensor) -> StreamedImages:
     if streaming.decode_image is None:
-        raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which is not installed: pip install "
-                        "torchcodec (or give the images decoded: data.name=npz)")
+        release = torch.__version__.split("+")[0]
+        raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which {streaming.TORCHCODEC_MISSING}: "
+                        f"install the torchcodec release made for torch {release} and the FFmpeg libraries it loads "
+                        "(or give the images decoded: data.name=npz)")
     workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
     return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers, cfg.loader_timeout_s)
 

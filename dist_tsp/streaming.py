@@ -29,8 +29,12 @@ from torch.utils.data import DataLoader, Sampler
 
 try:  # only streamed and folder datasets decode images: the other sources run without TorchCodec
     from torchcodec.decoders import decode_image
-except ImportError:
+
+    TORCHCODEC_MISSING = None
+except (ImportError, OSError, RuntimeError) as error:  # not installed, or its libraries built for another torch
     decode_image = None
+    TORCHCODEC_MISSING = "is not installed" if isinstance(error, ModuleNotFoundError) else \
+        f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
 
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view, import_transforms
 from dist_tsp.errors import UserError

@@ -180,20 +180,20 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     if start_step == 0:
         set_aside_earlier_attempt(cfg, accelerator)
     tracker.start()
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.output_dir / "config.yaml")
-    groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
     try:
+        if accelerator.is_main_process:
+            save_config(cfg, cfg.output_dir / "config.yaml")
+        groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
         evaluation = trainer.train(start_step)
+        results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
+        if accelerator.is_main_process:
+            write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
+                              teacher_predictions)
+            write_results(results, cfg.output_dir)
+            print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
     except BaseException as error:  # what was logged reaches the trackers before main ends the process (and groups)
         tracker.close(exit_code(error), rerun=isinstance(error, Preempted))
         raise
-    results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
-    if accelerator.is_main_process:
-        write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
-                          teacher_predictions)
-        write_results(results, cfg.output_dir)
-        print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
     tracker.finish()
     return results
 
@@ -323,6 +323,7 @@ def command() -> None:
         if not _several_ranks():
             raise
         traceback.print_exc()
+        stop_loader_workers()  # not left behind, where a stuck decoder would keep one alive
         _leave_at_once(1)
 
 

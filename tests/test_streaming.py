@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from dist_tsp import streaming
 from dist_tsp.config import DataConfig, load_config
 from dist_tsp.data import BAR_FROM_BATCHES, DataError, Dataset, PeerBatches, eval_batches, images_of, load_dataset
 from dist_tsp.errors import SharedUserError
@@ -360,6 +361,21 @@ def test_three_ranks_train_from_a_streamed_folder_resumed_mid_epoch_or_its_shard
 def test_imagenet_layout_with_a_val_folder_is_found(tmp_path):
     data = folder_data(write_folder(tmp_path, per_class=8, held_out="val"), normalization="imagenet")
     assert len(data.test) == 8 and data.classes == list(CLASSES) and data.mean == (0.485, 0.456, 0.406)
+
+
+def test_a_folder_where_torchcodec_cannot_be_loaded_is_one_line_naming_why_and_the_release_to_install(tmp_path,
+                                                                                                       monkeypatch):
+    """A TorchCodec built for another torch fails as it loads its libraries (an OSError, not an ImportError): the
+    other data sources still run, and a folder says why it cannot."""
+    monkeypatch.setattr(streaming, "decode_image", None)
+    monkeypatch.setattr(streaming, "TORCHCODEC_MISSING", "cannot be loaded (OSError: libtorchcodec_core8.so: "
+                                                         "undefined symbol)")
+    torch_release = torch.__version__.split("+")[0]
+    with pytest.raises(DataError, match=re.escape(
+            "data.name=image_folder decodes images with TorchCodec, which cannot be loaded (OSError: "
+            f"libtorchcodec_core8.so: undefined symbol): install the torchcodec release made for torch "
+            f"{torch_release} and the FFmpeg libraries it loads (or give the images decoded: data.name=npz)")):
+        folder_data(write_folder(tmp_path, per_class=4))
 
 
 @pytest.mark.parametrize("normalization", ["dataset", "imagenet"])  # read for the statistics, or first in training
