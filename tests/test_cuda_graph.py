@@ -140,23 +140,51 @@ def test_a_checkpoint_without_a_cuda_random_state_leaves_a_students_own_generato
 # data: inside a CUDA graph's capture each is an error, and in an uncaptured step a wait for the device.
 READS_BACK = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "masked_select", "_unique", "_unique2",
               "unique_dim", "unique_consecutive", "lift_fresh"}
+# Copies to the host that dispatch nothing on a CPU tensor: watched as calls
+HOST_COPIES = {(torch.Tensor, "cpu"), (torch.Tensor, "tolist"), (torch.Tensor, "numpy"), (torch, "from_numpy")}
 
 
 class OpsReadingBack(TorchDispatchMode):
-    """Counts the READS_BACK ops dispatched while it is active, except inside an optimizer's step."""
+    """Counts what reads back (READS_BACK, an index by a mask, repeat_interleave without its output size, and the
+    HOST_COPIES calls that `watch_host_copies` reports) while it is active, except inside an optimizer's step."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: collections.Counter = collections.Counter()
-        self.in_optimizer, self.all_ops = False, 0
+        self.active, self.in_optimizer, self.all_ops = False, False, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
         if not self.in_optimizer:
             self.all_ops += 1
-            if name in READS_BACK:
+            name = func.overloadpacket.__name__
+            if name in READS_BACK or _shape_from_values(name, func._overloadname, args, kwargs):
                 self.seen[name] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def watch_host_copies(self, monkeypatch) -> None:
+        for owner, name in HOST_COPIES:
+            def counted(*args, _original=getattr(owner, name), _name=name, **kwargs):
+                if self.active and not self.in_optimizer:
+                    self.seen[_name] += 1
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(owner, name, counted)
+
+
+def _shape_from_values(name: str, overload: str, args: tuple, kwargs: dict) -> bool:
+    """An op whose output's size depends on a tensor's values (a host read on CUDA): an index by a boolean mask, a
+    repeat_interleave by a tensor of repeats without its output size."""
+    if name in ("index", "index_put", "index_put_"):
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return name == "repeat_interleave" and overload != "self_int" and kwargs.get("output_size") is None
 
 
 def test_the_graph_ready_steps_of_the_students_and_the_teacher_read_nothing_back_from_the_device(tmp_path, monkeypatch):
@@ -164,6 +192,7 @@ def test_the_graph_ready_steps_of_the_students_and_the_teacher_read_nothing_back
     in a run on the CPU, its optimizers' steps aside: on the CPU those read their float64 learning rate back, as the
     eager step's float, while on CUDA they are torch's fused, capturable ones."""
     watch = OpsReadingBack()
+    watch.watch_host_copies(monkeypatch)
     steps_run = collections.Counter()
 
     def watched(step, name):
