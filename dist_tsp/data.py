@@ -492,7 +492,7 @@ def same_classes(root: Path, held_out: str, train: list[str], other: list[str]) 
 
 
 def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch.Tensor) -> StreamedImages:
-    if streaming.decode_image is None:
+    if streaming.TORCHCODEC_MISSING is not None:
         release = torch.__version__.split("+")[0]
         raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which {streaming.TORCHCODEC_MISSING}: "
                         f"install the torchcodec release made for torch {release} and the FFmpeg libraries it loads "

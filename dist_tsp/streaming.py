@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, Sampler
 try:  # only streamed and folder datasets decode images: the other sources run without TorchCodec
     from torchcodec.decoders import decode_image
 
-    TORCHCODEC_MISSING = None
+    TORCHCODEC_MISSING: str | None = None  # why no image can be decoded here, when so
 except (ImportError, OSError, RuntimeError) as error:  # not installed, or its libraries built for another torch
     decode_image = None
     TORCHCODEC_MISSING = "is not installed" if isinstance(error, ModuleNotFoundError) else \
-        f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        f"cannot be loaded ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
 
 from dist_tsp.augmentation import Augmentation, Crop, Views, evaluation_view, import_transforms
 from dist_tsp.errors import UserError

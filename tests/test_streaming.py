@@ -367,7 +367,6 @@ def test_a_folder_where_torchcodec_cannot_be_loaded_is_one_line_naming_why_and_t
                                                                                                        monkeypatch):
     """A TorchCodec built for another torch fails as it loads its libraries (an OSError, not an ImportError): the
     other data sources still run, and a folder says why it cannot."""
-    monkeypatch.setattr(streaming, "decode_image", None)
     monkeypatch.setattr(streaming, "TORCHCODEC_MISSING", "cannot be loaded (OSError: libtorchcodec_core8.so: "
                                                          "undefined symbol)")
     torch_release = torch.__version__.split("+")[0]
