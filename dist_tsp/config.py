@@ -264,7 +264,7 @@ class LossConfig(Section):
 class TrainConfig(Section):
     """How long students train, how often metrics are reduced and logged, and how often to checkpoint.
 
-    `channels_last` runs the students in the channels-last memory format (21-24 % faster steps on CPU in
+    `channels_last` runs the students in the channels-last memory format (13-25 % shorter steps on CPU in
     benchmarks/step_breakdown.py). `compile` compiles each student's forward and backward with `torch.compile`
     (the first steps wait for the compiler; see the README's benchmarks for when it pays). `step` is how each step
     runs: `eager`, `graph` (captured once in a CUDA graph and replayed, see dist_tsp/cuda_graph.py; on the CPU the
