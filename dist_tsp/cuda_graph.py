@@ -13,6 +13,7 @@ that is what the tests compare with the eager step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs
+from accelerate.utils import AutocastKwargs, get_mixed_precision_context_manager
 
 from dist_tsp.config import ConfigError, RunConfig
 from dist_tsp.data import Batch
@@ -81,10 +82,15 @@ def _choice(cfg: RunConfig, blockers: list[str], device_type: str, what: str) ->
 
 def step_autocast(accelerator: Accelerator, captured: bool) -> Callable[[], AbstractContextManager]:
     """accelerate's autocast for a step; for a captured one without its cache of the weights' casts, which a graph
-    would keep from one replay to the next."""
-    if captured:
-        return functools.partial(accelerator.autocast, AutocastKwargs(cache_enabled=False))
-    return accelerator.autocast
+    would keep from one replay to the next. That one is asked of accelerate once, and made again from its settings
+    for each use: accelerate reads its settings with the process environment emptied for a moment, which other
+    threads (a pin-memory thread, NCCL's) must not see once the steps run."""
+    if not captured:
+        return accelerator.autocast
+    made = get_mixed_precision_context_manager(accelerator.native_amp, AutocastKwargs(cache_enabled=False))
+    if not isinstance(made, torch.autocast):
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, made.device, dtype=made.fast_dtype, cache_enabled=False)
 
 
 class CapturedStep:

@@ -4,6 +4,7 @@ test_teacher_modes.py train with train.step=graph and end bitwise where the eage
 checked on a GPU by benchmarks/gpu_check.py.)"""
 
 import collections
+import os
 from pathlib import Path
 
 import pytest
@@ -107,23 +108,32 @@ def test_captured_step_runs_on_static_buffers_refilled_from_every_batch():
         captured(Batch(torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)), torch.zeros(1, 5))
 
 
-def _autocast_in_bf16() -> dict[str, tuple[bool, bool]]:
-    """(autocast on, its cache of the weights' casts on) in each step's autocast, in a process of its own: accelerate
-    keeps one mixed precision per process."""
+def _autocast_in_bf16() -> dict[str, tuple[bool, bool, bool]]:
+    """(autocast on in bf16, its cache of the weights' casts on, the environment emptied) in each step's autocast
+    entered twice, in a process of its own: accelerate keeps one mixed precision per process."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    seen = {}
-    for captured in (False, True):
-        with step_autocast(accelerator, captured)():
-            seen["captured" if captured else "uncaptured"] = (torch.is_autocast_enabled("cpu"),
-                                                              torch.is_autocast_cache_enabled())
+    seen, autocasts = {}, {captured: step_autocast(accelerator, captured) for captured in (False, True)}
+    emptied, clear = [], os.environ.clear
+    os.environ.clear = lambda: (emptied.append(True), clear())  # how accelerate's settings empty it for a moment
+    for captured, autocast in autocasts.items():
+        emptied.clear()
+        for _ in range(2):
+            with autocast():
+                on = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                cached = torch.is_autocast_cache_enabled()
+        seen["captured" if captured else "uncaptured"] = (on, cached, bool(emptied))
+    del os.environ.clear
     return seen
 
 
-def test_a_captured_steps_autocast_keeps_no_cache_of_the_weights_casts_and_an_uncaptured_ones_does():
-    """A graph would replay the casts cached in its first step after the optimizer has changed the weights."""
-    assert run_on_ranks(_autocast_in_bf16, 1) == [{"uncaptured": (True, True), "captured": (True, False)}]
+def test_a_captured_steps_autocast_keeps_no_cache_of_the_weights_casts_and_leaves_the_environment_alone():
+    """A graph would replay the casts cached in its first step after the optimizer has changed the weights. Before,
+    each use asked accelerate for it, which empties the process environment for a moment (while a pin-memory
+    thread or NCCL's may read it) in each student's forward of the steps before the capture."""
+    assert run_on_ranks(_autocast_in_bf16, 1) == [{"uncaptured": (True, True, False),
+                                                  "captured": (True, False, False)}]
 
 
 def test_a_checkpoint_without_a_cuda_random_state_leaves_a_students_own_generator_as_seeded():
