@@ -15,7 +15,8 @@ one CUDA graph), teacher (configs/paper/teacher_airbench.yaml: time and test acc
 data.name=npz arrays, so that no part needs TorchCodec. A part that needs a missing package, or no GPU, says so in
 one line; a part that fails says why (with the end of each unfinished run's log) and the next part runs; on a GPU a
 command that hangs is killed after a time limit (below). The report goes to --out and to stdout, rewritten after
-every part.
+every part; Ctrl-C or SIGTERM (a `timeout` around the check) ends it there, the interrupted part saying what it got
+done.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import platform
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -88,21 +90,37 @@ def main() -> None:
     if unknown := [p for p in parts if p not in PARTS]:
         sys.exit(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the running command's processes go too
-    with work_dir(args.work_dir, "dist-tsp-gpu-check-") as work:
-        check = GpuCheck(work, args.quick, write_data(work / "data", args.cifar10, args.quick), args.seeds,
-                         real_data=args.cifar10 is not None)
-        sections = ["# dist-tsp GPU check", environment(args.cifar10)]
-        print("\n\n".join(sections), flush=True)
-        for part in parts:
-            started = time.perf_counter()
-            try:
-                body = getattr(check, part)()
-            except (Exception, SystemExit) as error:  # a failed part is reported; the others still run
-                body = f"**failed**: {str(error).strip()[-8000:]}"
-            sections.append(f"## {part} ({time.perf_counter() - started:.0f} s)\n\n{body}")
-            print(f"\n{sections[-1]}", flush=True)
-            args.out.write_text("\n\n".join(sections) + "\n")  # after every part: a check cut short keeps its parts
+    try:
+        with work_dir(args.work_dir, "dist-tsp-gpu-check-") as work:
+            check = GpuCheck(work, args.quick, write_data(work / "data", args.cifar10, args.quick), args.seeds,
+                             real_data=args.cifar10 is not None)
+            run_parts(check, parts, environment(args.cifar10), args.out)
+    except KeyboardInterrupt:
+        sys.exit(f"gpu_check.py: interrupted (Ctrl-C or SIGTERM); the parts done so far are in {args.out}")
 
+
+def run_parts(check: GpuCheck, parts: list[str], environment_lines: str, out: Path) -> None:
+    """Each part in turn, into the report at `out` (and stdout), rewritten after every part so that a check cut short
+    keeps what it did: a failed part says why and the next one runs; an interrupted one says what it got done."""
+    sections = []
+
+    def report(section: str) -> None:
+        sections.append(section)
+        print(f"\n{section}", flush=True)
+        out.write_text("\n\n".join(sections) + "\n")
+
+    report(f"# dist-tsp GPU check\n\n{environment_lines}\n- parts: {', '.join(parts)}")
+    for part in parts:
+        started = time.perf_counter()
+        try:
+            body = getattr(check, part)()
+        except (Exception, SystemExit) as error:
+            body = f"**failed**: {str(error).strip()[-8000:]}"
+        except KeyboardInterrupt:
+            report(f"## {part} (interrupted after {time.perf_counter() - started:.0f} s)\n\n"
+                   f"{check.unfinished(part) or 'nothing finished'}")
+            raise
+        report(f"## {part} ({time.perf_counter() - started:.0f} s)\n\n{body}")
 
 def environment(cifar10: Path | None) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
@@ -147,6 +165,7 @@ class GpuCheck:
         self.work, self.quick, self.data, self.seeds, self.real_data = work, quick, data, seeds, real_data
         self.cuda = torch.cuda.is_available()
         self.limits = GPU_LIMITS_S if self.cuda else dict.fromkeys(GPU_LIMITS_S)
+        self.step_rows: list[list[str]] = []  # the steps part's rows so far (what an interrupted one reports)
         self.teacher_file = work / "untrained_teacher.pt"  # the demo's teacher shape: its cost is what is measured
         if not self.teacher_file.is_file():
             demo = load_config(ROOT / "configs" / "demo.yaml")
@@ -206,8 +225,12 @@ class GpuCheck:
         }
         resumed = ["train.step=graph", *exact, "resume=auto"]
 
+        stopped = threading.Event()  # another run failed: the resumed one does not start its second half
+
         def run_resumed() -> Path:  # 4 steps (3 eager, 1 replayed), then 4 more from the checkpoint
             self._run(f"{folder}/resumed", [*resumed, "train.max_steps=4"])
+            if stopped.is_set():
+                raise RuntimeError("stopped: another run failed")
             return self._run(f"{folder}/resumed", [*resumed, f"train.max_steps={steps}"])
 
         with ThreadPoolExecutor(len(runs) + 1) as pool:
@@ -217,26 +240,32 @@ class GpuCheck:
             try:
                 return {name: future.result() for name, future in futures.items()}
             except BaseException:  # one failed, or Ctrl-C: the others need not finish (the pool waits for them)
+                stopped.set()
                 stop_commands()
                 raise
 
     def steps(self) -> str:
-        """Step time (train.profile, after warm-up) of the eager and captured step, fp32 and bf16, and the floor."""
+        """Step time (train.profile, after warm-up) of the eager and captured step, fp32 and bf16, and the floor. A
+        failed run or floor is a row of its own; the others are still measured."""
         count = 8 if self.quick else 40
         precisions = ("no", "bf16") if self.cuda or not self.quick else ("no",)  # bf16 is slow on most CPUs
-        rows, measured = [], {}
+        rows, measured = self.step_rows, {}
+        rows.clear()
         for step in ("eager", "graph"):
             for precision in precisions:
-                run = self._run(f"steps/{step}-{precision}", [
-                    f"train.step={step}", "train.profile=true", f"train.max_steps={count}",
-                    f"train.log_every={count}"], precision)
-                ms = profile(run)[0]["ms"]
-                parts = {k: v for k, v in ms.items() if v > 0 and k != "data"}
-                measured[step, precision] = sum(parts.values())
                 kind = "eager" if step == "eager" else "captured" if self.cuda else "graph-ready, not captured"
-                rows.append([f"dist-tsp, {kind}, "
-                             f"{'fp32' if precision == 'no' else 'bf16'}", f"{measured[step, precision]:.2f}",
-                             ", ".join(f"{k} {v:.1f}" for k, v in parts.items())])
+                name = f"dist-tsp, {kind}, {'fp32' if precision == 'no' else 'bf16'}"
+                try:
+                    run = self._run(f"steps/{step}-{precision}", [
+                        f"train.step={step}", "train.profile=true", f"train.max_steps={count}",
+                        f"train.log_every={count}"], precision)
+                except (Exception, SystemExit) as error:  # the other runs and the floors are still measured
+                    rows.append([name, "failed", " ".join(str(error).split())[-300:]])
+                    continue
+                parts = {k: v for k, v in profile(run)[0]["ms"].items() if v > 0 and k != "data"}
+                measured[step, precision] = sum(parts.values())
+                rows.append([name, f"{measured[step, precision]:.2f}", ", ".join(f"{k} {v:.1f}"
+                                                                               for k, v in parts.items())])
         floors = {}
         for precision in ("no", "bf16") if self.cuda else ():
             name = f"floor (minimal step, one CUDA graph, the faster layout), {'fp32' if precision == 'no' else 'bf16'}"
@@ -248,22 +277,37 @@ class GpuCheck:
                 rows.append([name, "failed", " ".join(str(error).split())[-300:]])
             else:
                 rows.append([name, f"{floors[precision]:.2f}", "3 students fwd+bwd+Adam, teacher fwd, TSP loss"])
-        table = tabulate(rows, headers=["step (paper-size TSP, batch 128)", "ms", "parts (ms)"], tablefmt="github")
-        targets = [["bf16 captured step < fp32 captured step", f"{measured['graph', 'bf16']:.2f} vs "
-                    f"{measured['graph', 'no']:.2f}", yes(measured["graph", "bf16"] < measured["graph", "no"])]
-                   if "bf16" in precisions else ["bf16 captured step < fp32 captured step", "--quick on a CPU: "
-                                                 "bf16 not run", "-"]]
+        captured = {precision: measured.get(("graph", precision)) for precision in ("no", "bf16")}
+        if "bf16" not in precisions:
+            targets = [["bf16 captured step < fp32 captured step", "--quick on a CPU: bf16 not run", "-"]]
+        elif None in captured.values():
+            targets = [["bf16 captured step < fp32 captured step", "a run failed", "**NO**"]]
+        else:
+            targets = [["bf16 captured step < fp32 captured step", f"{captured['bf16']:.2f} vs {captured['no']:.2f}",
+                        yes(captured["bf16"] < captured["no"])]]
         for precision, ms in floors.items():
-            ratio = measured["graph", precision] / ms
-            targets.append([f"captured step <= 1.25 x floor ({'fp32' if precision == 'no' else 'bf16'})",
-                            f"{ratio:.2f}", yes(ratio <= 1.25)])
+            label = f"captured step <= 1.25 x floor ({'fp32' if precision == 'no' else 'bf16'})"
+            if captured[precision] is None:
+                targets.append([label, "the captured run failed", "**NO**"])
+            else:
+                ratio = captured[precision] / ms
+                targets.append([label, f"{ratio:.2f}", yes(ratio <= 1.25)])
         if not self.cuda:
             targets.append(["captured step <= 1.25 x floor", "no CUDA device: the floor is a CUDA graph", "-"])
         note = ("Each part of the eager step is timed between device synchronisations, so its sum is an upper bound on "
                 "the eager step; the captured step is timed whole, from the copy of its inputs to the replay's end. "
                 "Both include `between`, the host's work between steps (learning-rate updates, metrics, the stop "
                 "vote); the batch's gather is left out, as the floor has none.")
-        return f"{table}\n\n{note}\n\n" + tabulate(targets, headers=["target", "measured", "met"], tablefmt="github")
+        return f"{step_table(rows)}\n\n{note}\n\n" + tabulate(targets, headers=["target", "measured", "met"],
+                                                                tablefmt="github")
+
+    def unfinished(self, part: str) -> str:
+        """What an interrupted part got done: the steps measured, the protocol's unfinished runs' logs."""
+        if part == "steps" and self.step_rows:
+            return step_table(self.step_rows)
+        if part == "protocol":
+            return unfinished_logs(self.work / "protocol" / "logs")
+        return ""
 
     def teacher(self) -> str:
         """The fast CIFAR teacher recipe, its training step captured where it can be: wall time of its teacher stage
@@ -322,6 +366,10 @@ class GpuCheck:
             raise RuntimeError(done.stderr[-3000:])
         skipped = "" if "deepspeed" in modes else "\n\ndeepspeed: skipped (not installed here)"
         return done.stdout.strip() + skipped
+
+
+def step_table(rows: list[list[str]]) -> str:
+    return tabulate(rows, headers=["step (paper-size TSP, batch 128)", "ms", "parts (ms)"], tablefmt="github")
 
 
 def unfinished_logs(logs: Path, lines: int = 25) -> str:

@@ -1,6 +1,8 @@
 import importlib.util
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -201,6 +203,65 @@ def test_the_gpu_checks_correctness_reruns_on_cudnns_default_kernels_where_its_d
     with pytest.raises(SystemExit, match="illegal memory access"):
         check.correctness()
     assert not any("train.deterministic=false" in command for command in commands)
+
+
+def test_the_gpu_checks_steps_part_reports_a_failed_run_in_its_row_and_still_measures_the_others(tmp_path,
+                                                                                                  monkeypatch):
+    """Before, one failed run (out of memory, a failed capture) lost every step measured in the part."""
+    gpu_check = load_gpu_check(monkeypatch)
+    check = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1, real_data=False)
+
+    def run_command(command, timeout=None, **options):
+        if "train.step=eager" in command:
+            return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nRuntimeError: CUDA error: out of memory")
+        run = Path(next(arg for arg in command if arg.startswith("output_dir=")).split("=", 1)[1])
+        (run / "profile").mkdir(parents=True)
+        (run / "profile" / "rank0.json").write_text(json.dumps({"ms": {"forward": 2.0, "loss": 1.5, "data": 5.0}}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(sys.modules["step_breakdown"], "run_command", run_command)
+    report = check.steps()
+    assert re.search(r"\| dist-tsp, eager, fp32 +\| failed +\| .*train.step=eager.*CUDA error: out of memory", report)
+    assert re.search(r"\| dist-tsp, graph-ready, not captured, fp32 +\| 3.50 +\| forward 2.0, loss 1.5 ", report)
+
+
+def test_an_interrupted_gpu_check_keeps_its_finished_parts_and_what_the_interrupted_one_measured(tmp_path):
+    """A time limit around the check on a lent GPU (`timeout`, SIGTERM): before, the part running was lost, and a
+    check stopped in its first part left no report."""
+    out, started = tmp_path / "report.md", tmp_path / "steps started"
+    script = f"""
+import importlib.util, sys, time
+sys.path.insert(0, "benchmarks")
+spec = importlib.util.spec_from_file_location("gpu_check", "benchmarks/gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+def steps(self):
+    self.step_rows.append(["dist-tsp, eager, fp32", "9.25", "forward 9.2"])
+    open({str(started)!r}, "w").close()
+    time.sleep(300)
+
+gpu_check.GpuCheck.correctness = lambda self: "all equal"
+gpu_check.GpuCheck.steps = steps
+sys.argv = ["gpu_check.py", "--quick", "--out", {str(out)!r}, "--work-dir", {str(tmp_path / "work")!r}]
+gpu_check.main()
+"""
+    check = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and check.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        check.send_signal(signal.SIGTERM)
+        stderr = check.communicate(timeout=60)[1]
+    finally:
+        check.kill()
+    assert check.returncode == 1 and stderr == (f"gpu_check.py: interrupted (Ctrl-C or SIGTERM); the parts done so "
+                                                f"far are in {out}\n"), stderr[-3000:]
+    report = out.read_text()
+    assert report.startswith("# dist-tsp GPU check\n\n- device: ") and "- parts: correctness, steps, teacher" in report
+    assert re.search(r"\n## correctness \(\d+ s\)\n\nall equal\n\n## steps \(interrupted after \d+ s\)\n\n"
+                     r"\| step .*\n\|[-|]+\n\| dist-tsp, eager, fp32 +\| 9.25 +\| forward 9.2 +\|\n$", report), report
 
 
 def test_a_benchmark_command_past_its_time_limit_is_killed_with_what_it_started(tmp_path):
