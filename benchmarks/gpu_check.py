@@ -39,21 +39,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 # this checkout's dist_tsp, here and in every run it starts, also where it is not installed (a lent GPU machine)
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-# What dist-tsp cannot run without and a GPU machine's image may lack: pydantic and its three dependencies
-if missing := [name for name in ("pydantic", "pydantic_core", "annotated_types", "typing_inspection")
-               if find_spec(name) is None]:
-    sys.exit(f"gpu_check.py: error: {', '.join(missing).replace('_', '-')} not installed, without which dist-tsp "
-             "cannot run: install them, or on a machine without internet carry their wheels (README.md, The GPU "
-             "check)")
+# What the check cannot run without and a GPU machine's image may lack (import name: what pip installs): pydantic
+# and its three dependencies, tabulate; and what accelerate brings, in case
+REQUIRED = {"pydantic": "pydantic", "pydantic_core": "pydantic-core", "annotated_types": "annotated-types",
+            "typing_inspection": "typing-inspection", "tabulate": "tabulate", "yaml": "pyyaml", "tqdm": "tqdm",
+            "psutil": "psutil"}
+if missing := [package for name, package in REQUIRED.items() if find_spec(name) is None]:
+    sys.exit(f"gpu_check.py: error: {', '.join(missing)} not installed, without which dist-tsp cannot run: install "
+             "them, or on a machine without internet carry their wheels (README.md, The GPU check)")
 
 from step_breakdown import profile, run_command, stop_commands, train, work_dir  # noqa: E402
+from tabulate import tabulate  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
 from dist_tsp.config import LOSS_PRESETS, LOSS_WEIGHTS, TEACHER_MODES, load_config  # noqa: E402
@@ -66,7 +68,7 @@ PAPER = ROOT / "configs" / "paper" / "tsp.yaml"
 STUDENTS = ("alexnet", "lenet", "mobilenet")
 TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets")
+OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets", "matplotlib")
 # What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
 CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
 # On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.
@@ -336,6 +338,8 @@ class GpuCheck:
 
     def protocol(self) -> str:
         """The paper's comparison (scratch, KD, TSP) for --seeds seeds on one GPU, the teacher shared."""
+        if find_spec("matplotlib") is None:
+            return "skipped: matplotlib is not installed here (the protocol's report draws its figures with it)"
         quick = ["train.max_steps=4", "train.epochs=1"] if self.quick else []
         out = self.work / "protocol"
         env = {**os.environ, **({"ACCELERATE_MIXED_PRECISION": "bf16"} if self.cuda else {})}

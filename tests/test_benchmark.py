@@ -127,14 +127,17 @@ def load_gpu_check(monkeypatch):
     return load_benchmark("gpu_check")
 
 
-def test_the_gpu_check_without_pydantic_names_the_wheels_to_bring_in_one_line():
-    """A lent GPU machine's image has no pydantic: before, the check ended in an import traceback."""
+def test_the_gpu_check_without_pydantic_or_tabulate_names_the_wheels_to_bring_in_one_line():
+    """A lent GPU machine's image has no pydantic (and may have no tabulate): before, the check ended in an import
+    traceback."""
     hide = ("import runpy, sys; sys.modules['pydantic'] = sys.modules['annotated_types'] = None; "
+            "sys.modules['tabulate'] = None; "
             "sys.argv = ['gpu_check.py', '--quick']; runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr == ("gpu_check.py: error: pydantic, annotated-types not installed, "
-                                                    "without which dist-tsp cannot run: install them, or on a machine "
-                                                    "without internet carry their wheels (README.md, The GPU check)\n")
+    assert done.returncode == 1 and done.stderr == ("gpu_check.py: error: pydantic, annotated-types, tabulate not "
+                                                    "installed, without which dist-tsp cannot run: install them, or on "
+                                                    "a machine without internet carry their wheels (README.md, The GPU "
+                                                    "check)\n")
 
 
 def test_rounds_report_each_number_as_its_median_over_the_rounds():
