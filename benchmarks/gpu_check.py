@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # this checkout's dist_tsp, here and in every run it starts, also where it is not installed (a lent GPU machine)
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-# What the check cannot run without and a GPU machine's image may lack (import name: what pip installs): pydantic
-# and its three dependencies, tabulate; and what accelerate brings, in case
+# What the check cannot run without (import name: what pip installs): pydantic and its three dependencies and
+# tabulate, which a GPU machine's image may lack; pyyaml, tqdm and psutil, which come with accelerate
 REQUIRED = {"pydantic": "pydantic", "pydantic_core": "pydantic-core", "annotated_types": "annotated-types",
             "typing_inspection": "typing-inspection", "tabulate": "tabulate", "yaml": "pyyaml", "tqdm": "tqdm",
             "psutil": "psutil"}
@@ -123,6 +123,7 @@ def run_parts(check: GpuCheck, parts: list[str], environment_lines: str, out: Pa
                    f"{check.unfinished(part) or 'nothing finished'}")
             raise
         report(f"## {part} ({time.perf_counter() - started:.0f} s)\n\n{body}")
+
 
 def environment(cifar10: Path | None) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
