@@ -68,6 +68,7 @@ PAPER = ROOT / "configs" / "paper" / "tsp.yaml"
 STUDENTS = ("alexnet", "lenet", "mobilenet")
 TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PRECISION = {"no": "fp32", "bf16": "bf16"}  # --mixed_precision: the name in the report
 OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets", "matplotlib")
 # What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
 CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
@@ -196,7 +197,7 @@ class GpuCheck:
                 raise
             done = self._correctness_runs(steps, deterministic=False)
             note = ("\n\ncuDNN's deterministic kernels failed here, so these runs used its default ones (a difference "
-                    f"may be cuDNN's): {' '.join(str(error).split())[-300:]}")
+                    f"may be cuDNN's): {end_of(error)}")
         rows = [
             ["captured = uncaptured, fp32 (losses of every step, final weights)",
              *same(done["captured"], done["uncaptured"], steps), "bitwise"],
@@ -252,18 +253,18 @@ class GpuCheck:
         failed run or floor is a row of its own; the others are still measured."""
         count = 8 if self.quick else 40
         precisions = ("no", "bf16") if self.cuda or not self.quick else ("no",)  # bf16 is slow on most CPUs
-        rows, measured = self.step_rows, {}
-        rows.clear()
+        self.step_rows = rows = []
+        measured = {}
         for step in ("eager", "graph"):
             for precision in precisions:
                 kind = "eager" if step == "eager" else "captured" if self.cuda else "graph-ready, not captured"
-                name = f"dist-tsp, {kind}, {'fp32' if precision == 'no' else 'bf16'}"
+                name = f"dist-tsp, {kind}, {PRECISION[precision]}"
                 try:
                     run = self._run(f"steps/{step}-{precision}", [
                         f"train.step={step}", "train.profile=true", f"train.max_steps={count}",
                         f"train.log_every={count}"], precision)
                 except (Exception, SystemExit) as error:  # the other runs and the floors are still measured
-                    rows.append([name, "failed", " ".join(str(error).split())[-300:]])
+                    rows.append([name, "failed", end_of(error)])
                     continue
                 parts = {k: v for k, v in profile(run)[0]["ms"].items() if v > 0 and k != "data"}
                 measured[step, precision] = sum(parts.values())
@@ -271,25 +272,25 @@ class GpuCheck:
                                                                                for k, v in parts.items())])
         floors = {}
         for precision in ("no", "bf16") if self.cuda else ():
-            name = f"floor (minimal step, one CUDA graph, the faster layout), {'fp32' if precision == 'no' else 'bf16'}"
+            name = f"floor (minimal step, one CUDA graph, the faster layout), {PRECISION[precision]}"
             try:  # the steps above stay in the report whatever happens here
                 floors[precision] = min(floor_ms(self.teacher_file, precision == "bf16", layout,
                                                  5 if self.quick else 50)
                                         for layout in (torch.contiguous_format, torch.channels_last))
             except Exception as error:
-                rows.append([name, "failed", " ".join(str(error).split())[-300:]])
+                rows.append([name, "failed", end_of(error)])
             else:
                 rows.append([name, f"{floors[precision]:.2f}", "3 students fwd+bwd+Adam, teacher fwd, TSP loss"])
         captured = {precision: measured.get(("graph", precision)) for precision in ("no", "bf16")}
         if "bf16" not in precisions:
-            targets = [["bf16 captured step < fp32 captured step", "--quick on a CPU: bf16 not run", "-"]]
+            bf16_pays = ["--quick on a CPU: bf16 not run", "-"]
         elif None in captured.values():
-            targets = [["bf16 captured step < fp32 captured step", "a run failed", "**NO**"]]
+            bf16_pays = ["a run failed", "**NO**"]
         else:
-            targets = [["bf16 captured step < fp32 captured step", f"{captured['bf16']:.2f} vs {captured['no']:.2f}",
-                        yes(captured["bf16"] < captured["no"])]]
+            bf16_pays = [f"{captured['bf16']:.2f} vs {captured['no']:.2f}", yes(captured["bf16"] < captured["no"])]
+        targets = [["bf16 captured step < fp32 captured step", *bf16_pays]]
         for precision, ms in floors.items():
-            label = f"captured step <= 1.25 x floor ({'fp32' if precision == 'no' else 'bf16'})"
+            label = f"captured step <= 1.25 x floor ({PRECISION[precision]})"
             if captured[precision] is None:
                 targets.append([label, "the captured run failed", "**NO**"])
             else:
@@ -371,6 +372,11 @@ class GpuCheck:
             raise RuntimeError(done.stderr[-3000:])
         skipped = "" if "deepspeed" in modes else "\n\ndeepspeed: skipped (not installed here)"
         return done.stdout.strip() + skipped
+
+
+def end_of(error: BaseException, characters: int = 300) -> str:
+    """The end of an error's message, on one line (a table's cell)."""
+    return " ".join(str(error).split())[-characters:]
 
 
 def step_table(rows: list[list[str]]) -> str:
