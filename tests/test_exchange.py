@@ -1,6 +1,8 @@
 """The per-step collectives on 3 gloo ranks, each compared with the same formula computed in one process, and the
 one collective a training step makes."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -141,3 +143,37 @@ def test_a_training_step_makes_one_collective_the_peer_all_gather_of_logits_and_
     the log step (the stop vote runs beside the step, on its own group)."""
     for steps in run_on_ranks(_collectives_of_steps, WORLD, str(tmp_path)):
         assert steps == [["all_gather_single"]] * 3
+
+
+def _metrics_rows_on_ranks() -> list[dict]:
+    """Rank r holds student r % 2 of "a", "b" (2 replicas each; "mentor" learns nothing) and records, for 3 steps and
+    then 1, the row its `known_row` gives; the two rows logged after them."""
+    from dist_tsp.run_control import RunControl, StopRequest
+
+    rank = dist.get_rank()
+    control = RunControl(["a", "b", "mentor"], ["a", "b"], replicas=2, world=dist.group.WORLD, control=None,
+                         stop_requested=StopRequest(), device=torch.device("cpu"), output_dir=Path("unused"))
+    logged = []
+    for steps in ((1, 2, 3), (4,)):
+        for step in steps:
+            control.record(torch.tensor([rank % 2]), known_row(rank, step)[None])
+        logged.append(control.metrics_row(step=steps[-1], epoch=0))
+    return logged
+
+
+def known_row(rank: int, step: int) -> torch.Tensor:
+    """What rank `rank` records at `step`: loss, ce, kd, peer, acc, each its own value."""
+    return torch.tensor([100.0 * rank + 10 * step + metric for metric in range(5)])
+
+
+def test_logged_metrics_are_each_learners_mean_over_its_replicas_and_the_steps_since_the_last_log():
+    expected = []
+    for steps in ((1, 2, 3), (4,)):
+        row = {}
+        for student, name in enumerate(("a", "b")):
+            mean = torch.stack([known_row(rank, step) for rank in (student, student + 2) for step in steps]).mean(0)
+            row.update({f"train/{name}/{metric}": value for metric, value in
+                        zip(("loss", "ce", "kd", "peer", "acc"), mean.tolist())})
+        expected.append({"step": steps[-1], "epoch": 0, **row})
+    for logged in run_on_ranks(_metrics_rows_on_ranks, 4):
+        assert logged == [pytest.approx(row) for row in expected]

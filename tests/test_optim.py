@@ -98,3 +98,24 @@ def test_a_resumed_optimizer_takes_this_runs_settings_and_the_rate_its_own_sched
                for key, entry in saved.items() for part, value in entry.items())  # the moments and step counts
     schedule.step()
     assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
+
+
+@pytest.mark.parametrize("graph_safe_on", [None, torch.device("cpu")], ids=["eager", "graph-safe"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_first_step_on_a_zero_gradient_applies_the_configs_weight_decay_and_momentum(name, graph_safe_on):
+    """Written out here, from weights p and a zero gradient: SGD's Nesterov step on the decay term's gradient wd*p
+    moves p by lr*(1+momentum)*wd*p; AdamW decays p by lr*wd and its Adam step is 0; Adam's step on the gradient
+    wd*p is lr*wd*p/(|wd*p|+eps)."""
+    lr, weight_decay, momentum, eps = 0.1, 5e-3, 0.9, 1e-8  # not torch.optim.AdamW's default decay (1e-2)
+    cfg = OptimConfig(name=name, lr=lr, weight_decay=weight_decay, momentum=momentum, schedule="constant")
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, _ = build_optimizer(model.parameters(), cfg, total_steps=10, graph_safe_on=graph_safe_on)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, p0 in zip(model.parameters(), before):
+        decay = weight_decay * p0
+        expected = {"sgd": p0 - lr * (1 + momentum) * decay, "adamw": p0 * (1 - lr * weight_decay),
+                    "adam": p0 - lr * decay / (decay.abs() + eps)}[name]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)

@@ -1,8 +1,14 @@
+from types import SimpleNamespace
+
 import pytest
+import torch
 import torch.distributed as dist
 
+from dist_tsp.config import load_config
 from dist_tsp.placement import Groups, Placement, PlacementError
+from dist_tsp.students import build_local_students
 from tests.multiprocess import run_on_ranks
+from tests.runs import TINY
 
 
 @pytest.mark.parametrize("world, students, replicas, per_rank, peer_group", [
@@ -53,3 +59,23 @@ def test_one_rank_holds_all_three_students():
     placement = Placement(world_size=1, rank=0, num_students=3)
     assert placement.local_students == [0, 1, 2]
     assert Groups.from_mesh(placement.build_mesh("cpu")) == Groups(peer=None, replica=None, world=None)
+
+
+def test_each_student_and_each_replica_draws_its_own_dropout_stream_wherever_it_is_placed():
+    """A student's random state (AlexNet's dropout) is seeded by the run's seed, the student and its replica: the
+    three students on one rank draw what they draw on three ranks, and the second replica of each draws its own."""
+    cfg, cpu = load_config("configs/demo.yaml", TINY), torch.device("cpu")
+
+    def first_draws(world_size: int, rank: int) -> dict[tuple[str, int], list[float]]:
+        placement = Placement(world_size=world_size, rank=rank, num_students=3)
+        draws = {}
+        for student in build_local_students(cfg, placement, SimpleNamespace(replica=None), cpu, 10, 1):
+            with student.generating(cpu):
+                draws[student.name, placement.replica_index] = torch.rand(8).tolist()
+        return draws
+
+    on_one_rank = first_draws(1, 0)
+    with_replicas = {key: draw for rank in range(6) for key, draw in first_draws(6, rank).items()}
+    assert len(on_one_rank) == 3 and len(with_replicas) == 6
+    assert all(with_replicas[key] == draw for key, draw in on_one_rank.items())
+    assert len({tuple(draw) for draw in with_replicas.values()}) == 6

@@ -127,13 +127,15 @@ def test_arrow_shards_give_the_batches_and_statistics_of_the_folder_they_were_ma
     assert all(torch.equal(a, b) for a, b in zip(*evaluated, strict=True))
 
 
-def test_a_streamed_folders_teacher_logit_cache_is_keyed_by_its_image_size_and_normalisation(folder):
-    """The cached logits are of normalised images at data.image_size, which the file names do not say."""
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
-    keys = {json.dumps(cache_key(cfg, "teacher", data, data.augmentation(0, True), "no"), sort_keys=True)
-            for data in (folder_data(folder), folder_data(folder, normalization="imagenet"),
-                         folder_data(folder, image_size=36))}
-    assert len(keys) == 3
+def test_a_streamed_folders_teacher_logit_cache_is_keyed_by_its_image_size_normalisation_and_views(folder):
+    """The cached logits are of normalised images at data.image_size, which the file names do not say, in the
+    augmented views of the run's seed (the protocol's seeds share one cache folder)."""
+    cfg, plain = load_config(ROOT / "configs" / "demo.yaml"), folder_data(folder)
+    others = (folder_data(folder, normalization="imagenet"), folder_data(folder, image_size=36))
+    keyed = [(data, data.augmentation(0, True)) for data in (plain, *others)]
+    keyed += [(plain, plain.augmentation(1, True)), (plain, plain.augmentation(0, False))]
+    keys = {json.dumps(cache_key(cfg, "teacher", data, views, "no"), sort_keys=True) for data, views in keyed}
+    assert len(keys) == 5
 
 
 def test_loader_workers_are_forked_from_the_rank_whatever_the_default_start_method(folder):
