@@ -386,6 +386,20 @@ def test_writing_a_file_removes_the_temporaries_of_its_killed_writers_on_this_ho
         left[name].name for name in (f"{host}.{alive.pid}", f"other-node.{dead.pid}", f"{host}.{dead.pid}.x"))
 
 
+def test_a_rewrite_leaves_the_old_file_whole_while_it_writes_and_after_it_fails(tmp_path):
+    path = tmp_path / "model.pt"
+    write_text_atomic(path, "old")
+
+    def fails_midway(file):
+        file.write(b"part of the new one")
+        assert path.read_text() == "old"  # what a reader (a resume, another node) sees meanwhile
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="^the writer failed$"):
+        write_atomic(path, fails_midway)
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
 def test_a_write_that_finds_no_room_is_one_line_whatever_the_writer_raised_and_leaves_no_part(tmp_path):
     """The file's own OSError, or torch.save's RuntimeError raised in its context (as on a full disk): one line
     naming the file system and what to do (the tmpfs tests in test_fail_fast fill a real one, where mounting is
@@ -495,7 +509,11 @@ def test_a_checkpoint_missing_a_file_is_refused_before_any_data_loads(written, t
 
 
 @pytest.mark.slow
-def test_an_undamaged_checkpoint_resumes_in_process(written, tmp_path):
+def test_an_undamaged_checkpoint_records_what_the_config_does_not_say_and_resumes_in_process(written, tmp_path):
+    """The manifest records the data's identity and the mixed precision (a resume compares them with its own)."""
+    cfg = load_config(SHORT[1], SHORT[2:])
+    manifest = read_manifest(complete_checkpoints(written)[-1])
+    assert (manifest["data"], manifest["mixed_precision"]) == (load_dataset(cfg.data, cfg.seed).identity(), "no")
     assert resume_in_process(shutil.copytree(written, tmp_path / "run")) == 4
 
 

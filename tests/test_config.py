@@ -296,6 +296,11 @@ def test_naming_the_default_teacher_file_is_the_same_run_and_another_file_is_not
     (["train.optimizer.lr=.inf"], r"'train.optimizer.lr': Input should be a finite number"),
     (["output_dir="], r"'output_dir'"),
     (["output_dir=''"], r"'output_dir': is empty: give a directory, e.g. runs/demo"),  # not the current directory
+    (["teacher.cache_topk=3"], r"teacher.cache_topk and teacher.cache_precision shape the logit cache: they need "
+                               r"teacher.mode=cached"),
+    (["teacher.cache_precision=float16"], r"they need teacher.mode=cached"),
+    (["teacher.epochs=0"], r"teacher.epochs=0 uses the teacher as it is: give teacher.weights \(e.g. imagenet\) or "
+                           r"teacher.checkpoint"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:

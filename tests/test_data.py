@@ -77,7 +77,8 @@ def test_augmentation_crops_and_flips_on_the_fly():
     assert torch.equal(y_plain, y_aug) and torch.equal(i_plain, i_aug)
     offsets, flips = augmented.augmentation.epoch_views(0, len(augmented.data), torch.device("cpu"))
     p = augmented.augmentation.pad
-    assert offsets.shape == (len(augmented.data), 2) and offsets.min() >= 0 and offsets.max() <= 2 * p
+    assert offsets.shape == (len(augmented.data), 2)
+    assert offsets.min() == 0 and offsets.max() == 2 * p  # every crop, the two extremes included
     assert 0.3 < flips.float().mean() < 0.7
     assert flips[i_aug].any() and not flips[i_aug].all()
     for image, sample in zip(x_aug, i_aug.tolist()):
@@ -262,6 +263,20 @@ def test_a_cifar10_download_that_fails_says_why_and_leaves_no_empty_folders_behi
     with pytest.raises(error, match=said):
         load_dataset(DataConfig(name="cifar10", root=root), seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_normalisation_statistics_are_each_channels_mean_and_std_over_the_training_images_alone(tmp_path):
+    """Written out with numpy: per channel, over every training pixel (the sample std), in [0, 1]; the test images
+    (all white here) count for nothing."""
+    train = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), np.uint8)
+    train[..., 0] //= 4  # three channels with three different statistics
+    train[..., 2] = train[..., 2] // 2 + 128
+    np.savez(tmp_path / "train.npz", images=train, labels=np.arange(20) % 2)
+    np.savez(tmp_path / "test.npz", images=np.full((4, 8, 8, 3), 255, np.uint8), labels=np.arange(4) % 2)
+    data = load_dataset(DataConfig(name="npz", root=tmp_path, image_size=8), seed=0)
+    pixels = train.reshape(-1, 3) / 255
+    assert data.mean == pytest.approx(tuple(pixels.mean(0)), rel=1e-5)
+    assert data.std == pytest.approx(tuple(pixels.std(0, ddof=1)), rel=1e-5)
 
 
 def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_named(tmp_path):

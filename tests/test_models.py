@@ -44,6 +44,8 @@ def test_resnet_cifar_teacher_accepts_a_larger_64x64_input():
     ("name", "small", "large"),
     [
         ("alexnet", {"width": 0.5, "hidden": 256}, {}),
+        ("alexnet", {"width": 0.5}, {}),  # each argument on its own
+        ("alexnet", {"hidden": 64}, {}),
         ("mobilenet", {"width_mult": 0.5}, {"width_mult": 1.0}),
         ("vgg11_cifar", {"width": 0.25}, {}),
         ("resnet_cifar", {"depth": 8}, {"depth": 20}),
