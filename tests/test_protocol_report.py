@@ -3,6 +3,7 @@
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from dist_tsp.data import ImageSet
 from dist_tsp.errors import UserError
+from dist_tsp.protocol import choose_tuned
 from dist_tsp.protocol_report import (
     GridPoint,
     Row,
@@ -104,6 +106,14 @@ def test_grid_selection_takes_best_val_point_for_weakest_and_strongest_student(t
     weakest, strongest, chosen = select_grid_points(grid, scratch)
     assert (weakest, strongest) == ("lenet", "mobilenet")
     assert chosen == {"weakest": grid[1], "strongest": grid[2]}  # lenet ties at 58 on points 1 and 2: first wins
+
+
+def test_the_tuned_rows_train_with_the_points_chosen_for_the_weakest_and_the_strongest_student(tmp_path):
+    grid, scratch = grid_runs(tmp_path)
+    protocol = SimpleNamespace(grid=[(point.alpha, point.beta, point.gamma) for point in grid])
+    tuned = choose_tuned(protocol, tmp_path / "out", [scratch, *(point.run for point in grid)])
+    assert {method: weights for method, (_, weights) in tuned.items()} == {
+        "tsp_tuned_weakest": protocol.grid[1], "tsp_tuned_strongest": protocol.grid[2]}
 
 
 def test_table1_lists_scratch_and_every_grid_point_and_marks_the_chosen(tmp_path):

@@ -31,7 +31,8 @@ def config(tmp):
     plain SGD (no momentum, so that one step's update is -lr times the gradient: a sum of the replicas' gradients
     would show as twice their mean, where Adam's first step would hide it)."""
     return load_config(None, [
-        f"output_dir={tmp / 'run'}", "data.batch_size=32", "loss.preset=kd", "loss.temperature=10",
+        f"output_dir={tmp / 'run'}", "data.batch_size=32", "data.val_fraction=0.2", "loss.preset=kd",
+        "loss.temperature=10",
         f"students=[{{name: solo, model: {STUDENT}, args: {json.dumps(STUDENT_ARGS)}, init: {tmp / 'solo.pt'}}}]",
         f"train.optimizer={{name: sgd, lr: {LR}, momentum: 0.0}}", f"teacher.checkpoint={tmp / 'teacher.pt'}",
         f"teacher.args={json.dumps(TEACHER_ARGS)}"])
@@ -152,10 +153,11 @@ def test_first_update_is_sgd_on_the_mean_of_the_two_replicas_losses(replicas):
         assert (update - expected_update).abs().max() <= 3e-5 * expected_update.abs().max() + rounding, name
 
 
-def test_the_replicas_evaluation_is_one_processs_prediction_of_every_test_image(replicas):
+def test_the_replicas_evaluation_is_one_processs_prediction_of_every_held_out_image(replicas):
     """Each replica predicts every other test image (its BatchNorm statistics made replica 0's first) and one
     all-reduce joins them: every rank holds, for every test image, the class that one process predicts with the
-    trained model, and its accuracy (a prediction may differ only where the two best logits tie to 1e-4)."""
+    trained model, and its accuracy (a prediction may differ only where the two best logits tie to 1e-4); the
+    validation images' accuracy likewise."""
     tmp, ranks = replicas
     evaluated = ranks[0]["evaluated"]
     assert all(torch.equal(ranks[1]["evaluated"][k], v) for k, v in evaluated.items())  # BatchNorm's statistics too
@@ -164,11 +166,14 @@ def test_the_replicas_evaluation_is_one_processs_prediction_of_every_test_image(
     model = build_model(STUDENT, 10, **STUDENT_ARGS)
     model.load_state_dict(evaluated)
     with torch.no_grad(), one_thread():
-        logits = model.eval()(data.normalize(data.test.images))
-    top2 = logits.topk(2, dim=-1).values
+        logits = {split: model.eval()(data.normalize(images.images)) for split, images in
+                  (("val", data.val), ("test", data.test))}
+    top2 = logits["test"].topk(2, dim=-1).values
     for rank in ranks:
         (predicted,) = rank["evaluation"].test_predictions
-        differ = predicted != logits.argmax(-1)
+        differ = predicted != logits["test"].argmax(-1)
         assert (top2[differ, 0] - top2[differ, 1] < 1e-4).all(), f"{int(differ.sum())} of {len(differ)} differ"
-        accuracy, ties = (logits.argmax(-1) == data.test.labels).float().mean().item(), differ.float().mean().item()
-        assert rank["evaluation"].accuracies["test"]["solo"] == pytest.approx(accuracy, abs=ties)
+        for split, images in (("val", data.val), ("test", data.test)):
+            accuracy = (logits[split].argmax(-1) == images.labels).float().mean().item()
+            ties = (logits[split].topk(2, dim=-1).values.diff(dim=-1).abs() < 1e-4).float().mean().item()
+            assert rank["evaluation"].accuracies[split]["solo"] == pytest.approx(accuracy, abs=ties), split

@@ -101,9 +101,16 @@ def test_label_smoothing_joins_the_run_identity_only_when_set():
     assert load_config(RECIPE).identity()["teacher"]["label_smoothing"] == 0.2
 
 
-def test_the_shipped_recipe_trains_a_whitened_teacher_on_the_cpu(tmp_path):
+def test_the_shipped_recipe_trains_a_whitened_teacher_on_the_cpu_with_its_label_smoothing(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
+    smoothing, cross_entropy = [], F.cross_entropy
+
+    def watched(*args, label_smoothing: float = 0.0, **kwargs):
+        smoothing.append(label_smoothing)
+        return cross_entropy(*args, label_smoothing=label_smoothing, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", watched)
     cfg = load_config(RECIPE, ["data={name: digits, image_size: 16}", "teacher.args={widths: [8, 16, 16]}",
                                "teacher.epochs=3", "teacher.batch_size=64", f"output_dir={tmp_path}",
                                f"teacher.checkpoint={tmp_path / 'teacher.pt'}"])
@@ -111,3 +118,4 @@ def test_the_shipped_recipe_trains_a_whitened_teacher_on_the_cpu(tmp_path):
     model, info, _ = prepare_teacher(cfg, data, Accelerator(cpu=True), Groups.world_only())
     assert info.test_acc > 0.5  # 10 classes
     assert not torch.equal(model.features[0].weight, PatchWhitening().weight)  # fitted to the digits' patches
+    assert smoothing and set(smoothing) == {0.2}  # every training step's loss, as the recipe sets it
