@@ -267,7 +267,7 @@ def test_a_cifar10_download_that_fails_says_why_and_leaves_no_empty_folders_behi
 
 def test_normalisation_statistics_are_each_channels_mean_and_std_over_the_training_images_alone(tmp_path):
     """Written out with numpy: per channel, over every training pixel (the sample std), in [0, 1]; the test images
-    (all white here) count for nothing."""
+    (all white here) count for nothing; the images normalised with them."""
     train = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), np.uint8)
     train[..., 0] //= 4  # three channels with three different statistics
     train[..., 2] = train[..., 2] // 2 + 128
@@ -277,6 +277,9 @@ def test_normalisation_statistics_are_each_channels_mean_and_std_over_the_traini
     pixels = train.reshape(-1, 3) / 255
     assert data.mean == pytest.approx(tuple(pixels.mean(0)), rel=1e-5)
     assert data.std == pytest.approx(tuple(pixels.std(0, ddof=1)), rel=1e-5)
+    normalized = (train / 255 - pixels.mean(0)) / pixels.std(0, ddof=1)  # what the models see
+    torch.testing.assert_close(data.normalize(torch.from_numpy(train).permute(0, 3, 1, 2)),
+                               torch.from_numpy(normalized).permute(0, 3, 1, 2).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_npz_arrays_load_as_images_labels_and_class_names_and_bad_arrays_are_named(tmp_path):

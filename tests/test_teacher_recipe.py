@@ -117,5 +117,8 @@ def test_the_shipped_recipe_trains_a_whitened_teacher_on_the_cpu_with_its_label_
     data = load_dataset(cfg.data, cfg.seed)
     model, info, _ = prepare_teacher(cfg, data, Accelerator(cpu=True), Groups.world_only())
     assert info.test_acc > 0.5  # 10 classes
+    with torch.no_grad():
+        predicted = model.eval()(data.normalize(data.test.images)).argmax(-1)
+    assert info.test_acc == pytest.approx((predicted == data.test.labels).float().mean().item(), abs=1e-6)
     assert not torch.equal(model.features[0].weight, PatchWhitening().weight)  # fitted to the digits' patches
     assert smoothing and set(smoothing) == {0.2}  # every training step's loss, as the recipe sets it
