@@ -63,7 +63,7 @@ def test_one_rank_holds_all_three_students():
 
 def test_each_student_and_each_replica_draws_its_own_dropout_stream_wherever_it_is_placed():
     """A student's random state (AlexNet's dropout) is seeded by the run's seed, the student and its replica: the
-    three students on one rank draw what they draw on three ranks, and the second replica of each draws its own."""
+    three students on one rank draw what their first replicas draw on six ranks, and the second replicas their own."""
     cfg, cpu = load_config("configs/demo.yaml", TINY), torch.device("cpu")
 
     def first_draws(world_size: int, rank: int) -> dict[tuple[str, int], list[float]]:

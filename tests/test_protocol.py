@@ -15,7 +15,7 @@ import pytest
 
 from dist_tsp import side_by_side
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
-from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for
+from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for, seed_runs
 from tests.runs import ENV, ROOT, launch, no_room, one_thread, train_rows, wandb_runs
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,13 @@ def protocol(tmp_path_factory):
     with one_thread():
         main([*TINY, "--out", str(out), "--seeds", "2"])
     return out
+
+
+def test_every_seeds_runs_are_given_that_seed(tmp_path):
+    protocol, _, _ = plan([*TINY, "--out", str(tmp_path / "protocol"), "--seeds", "3"])
+    runs = seed_runs(protocol, {})
+    assert {run.name.split("/")[0] for run in runs} == {"seed_0", "seed_1", "seed_2"}
+    assert all(f"seed={run.name.split('/')[0].removeprefix('seed_')}" in run.overrides for run in runs)
 
 
 def test_one_command_writes_every_table_and_figure(protocol):

@@ -175,6 +175,12 @@ def test_a_trial_still_running_is_a_dash_in_sweep_md_and_an_empty_cell_in_sweep_
         assert [row["lenet test %"] for row in csv.DictReader(table)] == ["25.0", ""]
 
 
+def test_a_trials_own_line_wins_over_the_overrides_given_to_every_trial(tmp_path):
+    args = argparse.Namespace(dir=tmp_path / "sweep", overrides=["loss.temperature=8", "seed=5"])
+    cfg = load_config(ROOT / "configs" / "demo.yaml", trial_overrides(args, "trial_1", ["loss.temperature=2"]))
+    assert (cfg.loss.temperature, cfg.seed) == (2.0, 5)
+
+
 def test_a_sweep_directory_named_like_a_date_or_a_number_is_the_trackers_group_as_written(tmp_path):
     """The group override is read as YAML: before, every trial of runs/2024-05-01 was refused (a date, not a string)."""
     for name in ("2024-05-01", "3", "true"):
