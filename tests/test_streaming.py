@@ -38,7 +38,7 @@ from dist_tsp.placement import Placement
 from dist_tsp.shards import main
 from dist_tsp.streaming import ArrowImages, ImageError, StreamedImages
 from tests.multiprocess import run_on_ranks
-from tests.runs import ENV, ROOT, TINY, launch, no_room, said_lines, snapshot, start, train_rows, wandb_runs
+from tests.runs import ENV, ROOT, TINY, TRAIN, launch, no_room, said_lines, snapshot, start, train_rows, wandb_runs
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -592,14 +592,19 @@ def test_a_worker_stopped_before_handing_its_batch_over_is_given_up_after_the_lo
 
 
 def _signal_one_ranks_loader_workers(run: subprocess.Popen, fault: signal.Signals) -> str:
-    """Send `fault` to every loader worker of one rank (the first process found with forked children) until `run`
-    ends; its stderr."""
+    """Send `fault` to every loader worker of one rank (the first training process found with forked children) until
+    `run` ends; its stderr. Only a training process: a launcher starting its child is seen with a forked child too,
+    between the fork and the exec, and signalling that child stopped or killed a whole rank (a rare failure in CI)."""
+    def training(process: psutil.Process) -> bool:  # python [-u] TRAIN ..., or python -m dist_tsp.protocol ...
+        script = [part for part in process.cmdline()[1:] if part != "-u"][:2]
+        return script[:1] == [TRAIN] or script == ["-m", "dist_tsp.protocol"]
+
     deadline, rank = time.monotonic() + 120, None
     while run.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
             if rank is None or not rank.is_running():
                 rank = next((r for r in [psutil.Process(run.pid), *psutil.Process(run.pid).children(True)]
-                             if any(w.cmdline() == r.cmdline() for w in r.children())), None)
+                             if training(r) and any(w.cmdline() == r.cmdline() for w in r.children())), None)
             for worker in rank.children() if rank else ():
                 worker.send_signal(fault)
         time.sleep(0.2)
