@@ -175,3 +175,22 @@ def test_the_help_gives_the_read_timeout_in_seconds(capsys):
     with pytest.raises(SystemExit):
         check_data.main(["--help"])
     assert f"longer than {check_data.READ_TIMEOUT_S} s " in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["check_data", "shards"])
+def test_ctrl_c_ends_check_data_and_shards_in_one_line_with_exit_130(tmp_path, capsys, monkeypatch, command):
+    write_folder(tmp_path / "folder", per_class=8)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    if command == "check_data":
+        monkeypatch.setattr(check_data, "verify", interrupted)
+        argv = ["--config", str(DEMO), *FOLDER_DATA, f"data.root={tmp_path / 'folder'}", "--workers", "1"]
+    else:
+        monkeypatch.setattr(shards, "convert", interrupted)
+        argv = [str(tmp_path / "folder"), str(tmp_path / "arrow")]
+    with pytest.raises(SystemExit) as stop:
+        getattr(check_data if command == "check_data" else shards, "main")(argv)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"dist-tsp {command}: interrupted (Ctrl-C)")

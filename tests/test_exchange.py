@@ -145,9 +145,11 @@ def test_a_training_step_makes_one_collective_the_peer_all_gather_of_logits_and_
         assert steps == [["all_gather_single"]] * 3
 
 
-def _metrics_rows_on_ranks() -> list[dict]:
+def _metrics_rows_on_ranks() -> tuple[list[dict], str]:
     """Rank r holds student r % 2 of "a", "b" (2 replicas each; "mentor" learns nothing) and records, for 3 steps and
-    then 1, the row its `known_row` gives; the two rows logged after them."""
+    then 1, the row its `known_row` gives; the two rows logged after them. Then 2 more steps, the second's kd term NaN
+    on rank 3 alone (a replica of "b"): what the log step after them raises."""
+    from dist_tsp.errors import NonFiniteLoss
     from dist_tsp.run_control import RunControl, StopRequest
 
     rank = dist.get_rank()
@@ -158,7 +160,19 @@ def _metrics_rows_on_ranks() -> list[dict]:
         for step in steps:
             control.record(torch.tensor([rank % 2]), known_row(rank, step)[None])
         logged.append(control.metrics_row(step=steps[-1], epoch=0))
-    return logged
+    for step in (5, 6):
+        row = known_row(rank, step)
+        if (rank, step) == (3, 6):
+            row[2] = float("nan")
+        control.record(torch.tensor([rank % 2]), row[None])
+    with pytest.raises(NonFiniteLoss) as raised:
+        control.metrics_row(step=6, epoch=0)
+    return logged, str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def metrics_on_four_ranks() -> list[tuple[list[dict], str]]:
+    return run_on_ranks(_metrics_rows_on_ranks, 4)
 
 
 def known_row(rank: int, step: int) -> torch.Tensor:
@@ -166,7 +180,8 @@ def known_row(rank: int, step: int) -> torch.Tensor:
     return torch.tensor([100.0 * rank + 10 * step + metric for metric in range(5)])
 
 
-def test_logged_metrics_are_each_learners_mean_over_its_replicas_and_the_steps_since_the_last_log():
+def test_logged_metrics_are_each_learners_mean_over_its_replicas_and_the_steps_since_the_last_log(
+        metrics_on_four_ranks):
     expected = []
     for steps in ((1, 2, 3), (4,)):
         row = {}
@@ -175,5 +190,12 @@ def test_logged_metrics_are_each_learners_mean_over_its_replicas_and_the_steps_s
             row.update({f"train/{name}/{metric}": value for metric, value in
                         zip(("loss", "ce", "kd", "peer", "acc"), mean.tolist())})
         expected.append({"step": steps[-1], "epoch": 0, **row})
-    for logged in run_on_ranks(_metrics_rows_on_ranks, 4):
+    for logged, _ in metrics_on_four_ranks:
         assert logged == [pytest.approx(row) for row in expected]
+
+
+def test_a_nonfinite_loss_of_one_replica_of_one_student_stops_every_rank_naming_student_step_and_term(
+        metrics_on_four_ranks):
+    """The other student stays finite and the mentor learns nothing: one bad learner is enough."""
+    for _, stopped in metrics_on_four_ranks:
+        assert stopped.startswith("non-finite kd loss for student b at step 6: stopping; no checkpoint was written")
