@@ -156,6 +156,7 @@ def run_teacher_stage(cfg: RunConfig, stop_requested: StopRequest) -> None:
     _, info, _ = prepare_teacher(cfg, data, accelerator, Groups.world_only(), stop_requested)
     if accelerator.is_main_process:
         print(f"teacher {info.name}: test accuracy {100 * info.test_acc:.2f} % ({info.checkpoint})")
+    accelerator.end_training()  # the process groups ended here: left to the interpreter's exit, gloo's may abort
 
 
 def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> dict:

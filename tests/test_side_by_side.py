@@ -191,6 +191,48 @@ def test_a_stop_signal_as_a_run_is_handed_its_slot_or_starts_stops_it_with_75_no
     assert not (tmp_path / "next.log").exists()
 
 
+@pytest.mark.timeout(60)
+def test_a_stop_signal_that_comes_as_a_runs_process_starts_is_passed_on_to_it(tmp_path, monkeypatch):
+    """Between its start and its entry among the running runs, the handler does not know the new process: the signal
+    is sent to it once it is there (else the run went on to its end)."""
+    script = tmp_path / "run.py"
+    script.write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setattr(side_by_side, "TRAIN", str(script))
+    start = side_by_side.subprocess.Popen
+
+    def signalled_as_it_starts(*args, **kwargs):
+        child = start(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return child
+
+    monkeypatch.setattr(side_by_side.subprocess, "Popen", signalled_as_it_starts)
+    started = time.monotonic()
+    with side_by_side._stop_signals_reach_the_runs(), \
+            pytest.raises(Preempted, match=r"^run starting stopped \(exit -10: SIGUSR1\)"):
+        side_by_side.launch_run("starting", [], tmp_path / "starting.log", processes=1, accelerate_config=None,
+                                devices=None, in_process=False)
+    assert time.monotonic() - started < 30
+
+
+def test_runs_of_several_processes_side_by_side_each_rendezvous_on_a_port_of_their_own(tmp_path, monkeypatch):
+    commands = []
+
+    class Started:
+        def __init__(self, command, **_):
+            commands.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(side_by_side.subprocess, "Popen", Started)
+    for name in ("a", "b"):
+        side_by_side.launch_run(name, ["x=1"], tmp_path / f"{name}.log", processes=3, accelerate_config="cpu.yaml",
+                                devices=None, in_process=False)
+    for command in commands:
+        assert command[1:7] == ["-m", "dist_tsp.launch", "--config_file", "cpu.yaml", "--num_processes", "3"]
+        assert command[7] == "--main_process_port" and int(command[8]) > 0 and command[-1] == "x=1"
+
+
 def test_a_run_in_this_process_answers_a_stop_signal_that_came_before_its_handlers(tmp_path, monkeypatch, capsys):
     """While the run in the protocol's or the sweep's own process plans (before its handlers are in place), the
     signal went to their handler only and the run trained to its end."""

@@ -591,6 +591,22 @@ def test_a_worker_stopped_before_handing_its_batch_over_is_given_up_after_the_lo
     assert streaming.loader_failed(error.value).startswith("the data loader's workers delivered no batch in 2 s")
 
 
+@pytest.mark.timeout(60)
+def test_the_loader_timeout_counts_only_the_waits_for_a_batch_not_the_time_between_them(folder, monkeypatch):
+    """A consumer slower than the limit (a long step, an evaluation between epochs) does not have its workers killed:
+    each wait is timed from its own start."""
+    from dist_tsp import streaming
+
+    data = folder_data(folder, loader_workers=1, loader_timeout_s=2, normalization="imagenet")
+    monkeypatch.setattr(streaming, "_gave_up_after_s", 0.0)
+    stream = data.train.loader(None, torch.device("cpu"))(list(torch.arange(96).split(8)), None)
+    next(stream)
+    time.sleep(3)  # no wait in progress
+    assert next(stream).shape[0] == 8 and multiprocessing.active_children()
+    assert streaming._gave_up_after_s == 0.0
+    stream.close()
+
+
 def _signal_one_ranks_loader_workers(run: subprocess.Popen, fault: signal.Signals) -> str:
     """Send `fault` to every loader worker of one rank (the first training process found with forked children) until
     `run` ends; its stderr. Only a training process: a launcher starting its child is seen with a forked child too,
