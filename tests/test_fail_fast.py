@@ -9,9 +9,11 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest, save_atomic, step_dir
 from dist_tsp.errors import OutOfSpace
+from tests.multiprocess import run_on_ranks
 from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, no_room, rank_pid, said_lines, start
 
 pytestmark = pytest.mark.slow
@@ -62,6 +64,24 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
 
 
 @pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
+def _said_in_two_attempts() -> tuple[int | None, int | None]:
+    """Rank 1 records a failure in torchrun's first attempt; what each rank then finds said, in that attempt and in
+    the next one (torchrun restarts the workers with the same store)."""
+    from dist_tsp import shared_errors
+
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = "0"
+    if dist.get_rank() == 1:
+        shared_errors.record("an image in rank 1's shard cannot be read", 2)
+    dist.barrier()
+    first = shared_errors.code_said_by_another_rank()
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"
+    return first, shared_errors.code_said_by_another_rank()
+
+
+def test_a_failure_said_in_one_attempt_is_not_taken_for_the_next_attempts_when_torchrun_restarts_the_workers():
+    assert run_on_ranks(_said_in_two_attempts, 3) == [(2, None)] * 3
+
+
 def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves_no_part_behind(small_file_system,
                                                                                               ballast_mib):
     (small_file_system / "ballast").write_bytes(bytes(ballast_mib << 20))

@@ -8,11 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
+from dist_tsp import sweep as sweeps
 from dist_tsp.config import load_config, save_config
 from dist_tsp.sweep import main, trial_overrides
 from tests.runs import ENV, ROOT
@@ -173,6 +175,33 @@ def test_a_trial_still_running_is_a_dash_in_sweep_md_and_an_empty_cell_in_sweep_
     assert capsys.readouterr().out.splitlines()[-1].replace(" ", "") == "|2|1|-|"
     with (sweep / "sweep.csv").open() as table:
         assert [row["lenet test %"] for row in csv.DictReader(table)] == ["25.0", ""]
+
+
+def test_of_two_collects_at_once_the_one_that_reads_the_later_results_writes_the_table_last(tmp_path, monkeypatch):
+    """Array tasks finishing together each collect: one that read trial 2 before its results.json was written must not
+    write its table after one that read it whole."""
+    _, sweep, _ = finished_sweep(tmp_path)
+    results = sweep / "trial_2" / "results.json"
+    written = results.read_text()
+    results.unlink()
+    row, read_early = sweeps._row, threading.Event()
+    early = threading.Thread(target=sweeps.collect, args=(sweep,))
+
+    def row_read_early(sweep_dir, number, overrides):
+        found = row(sweep_dir, number, overrides)
+        if threading.current_thread() is early and number == 2:
+            read_early.set()
+            time.sleep(1)
+        return found
+
+    monkeypatch.setattr(sweeps, "_row", row_read_early)
+    early.start()
+    assert read_early.wait(30)
+    results.write_text(written)
+    sweeps.collect(sweep)
+    early.join()
+    with (sweep / "sweep.csv").open() as table:
+        assert [row["lenet test %"] for row in csv.DictReader(table)] == ["25.0", "50.0"]
 
 
 def test_a_trials_own_line_wins_over_the_overrides_given_to_every_trial(tmp_path):
