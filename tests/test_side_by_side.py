@@ -86,6 +86,23 @@ def test_concurrent_runs_fill_every_slot_wait_for_their_mentors_and_return_in_pl
             del running[name]
 
 
+def test_the_protocols_alternate_phase_two_starts_only_once_its_phase_one_has_finished(tmp_path, monkeypatch):
+    """Its mentors start from phase 1's final weights: with two runs at once, phase 2 waits for them."""
+    protocol_, out, slots = plan(["--config", "configs/demo.yaml", "--out", str(tmp_path), "--methods", "alternate",
+                                  "--parallel-runs", "2", "--seeds", "2"])
+    events = []
+    recording = _recording_run(events, seconds=0.2)
+    monkeypatch.setattr(protocol.Runner, "run", lambda runner, planned, devices=None: recording(planned, devices))
+    runs = protocol.seed_runs(protocol_, {})
+    with tqdm(total=len(runs), disable=True) as bar:
+        protocol.Runner(protocol_, out, slots, bar).run_all(runs)
+    order = [(kind, name) for kind, name, _ in events]
+    phases = [planned for planned in runs if planned.mentors_from is not None]
+    assert len(phases) == 6 and _running_at_most(events) == 2
+    for planned in phases:
+        assert order.index(("start", planned.name)) > order.index(("end", planned.mentors_from)), planned.name
+
+
 def test_after_a_failed_run_none_starts_those_running_finish_and_the_failure_is_raised():
     runs = [PlannedRun(name, (), 3) for name in ("a", "b", "c", "d")]
     events = []
