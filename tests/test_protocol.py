@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from dist_tsp import side_by_side
+from dist_tsp.config import DEFAULT_TEACHER_FILE
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.protocol import fewer_processes_line, grid_runs, main, plan, processes_for, seed_runs
 from tests.runs import ENV, ROOT, launch, no_room, one_thread, train_rows, wandb_runs
@@ -95,15 +96,18 @@ def test_alternate_phase_two_trains_only_the_last_student_with_its_mentors_froze
 
 def test_rerunning_reuses_every_finished_run_and_the_progress_bar_counts_every_run(protocol, capsys):
     """Rerun with the same settings given otherwise: the config's path written another way, the overrides in another
-    order, another tracker (before: refused as another protocol)."""
-    finished = {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")}
+    order, another tracker (before: refused as another protocol). Nothing runs again, the teacher's stage neither:
+    no log is written to."""
+    results = list(protocol.rglob("results.json"))
+    finished = {p: p.stat().st_mtime_ns for p in [*results, protocol / DEFAULT_TEACHER_FILE,
+                                                  *(protocol / "logs").glob("*.log")]}
     table = (protocol / "table2.md").read_text()
     capsys.readouterr()
     main(["--config", "./configs/demo.yaml", *TINY[2:4], *reversed(TINY[4:]), "tracking.report_to=tensorboard",
           "--out", str(protocol), "--seeds", "2"])
-    assert {p: p.stat().st_mtime_ns for p in protocol.rglob("results.json")} == finished
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert (protocol / "table2.md").read_text() == table
-    runs = len(finished) + 1  # and the teacher stage
+    runs = len(results) + 1  # and the teacher stage
     assert f"| {runs}/{runs} [" in capsys.readouterr().err
 
 
