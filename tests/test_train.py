@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from tests.runs import TINY, launch, student_state, tensorboard_scalars, train_rows
 
 pytestmark = pytest.mark.slow
@@ -14,11 +15,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def single_and_three_ranks(tmp_path_factory):
     """The same config and seed trained on 1 rank (all students, logging to TensorBoard too) and on 3 ranks
-    (one each), same teacher."""
+    (one each, a checkpoint after every step), same teacher."""
     one, three = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("three")
     launch(["--config", "configs/demo.yaml", f"output_dir={one}", *TINY, "tracking.report_to=tensorboard"])
     launch(["--config", "configs/demo.yaml", f"output_dir={three}", f"teacher.checkpoint={one}/teacher/model.pt",
-            *TINY], processes=3)
+            *TINY, "train.checkpoint_every=1"], processes=3)
     return one, three
 
 
@@ -51,6 +52,8 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(single_and_t
     assert {"model", "optimizer", "scheduler", "step", "teacher", "peers"} <= saved.keys()
     assert (run / "checkpoints" / "step_00000006" / "rng" / "lenet.replica0.pt").is_file()
     assert saved["peers"] == ["alexnet", "mobilenet"] and saved["step"] == 6
+    kept = [(read_manifest(d)["step"], read_manifest(d)["epoch_end"]) for d in complete_checkpoints(run)]
+    assert kept == [(4, False), (5, False), (6, True)]  # train.keep_last=2 step checkpoints, and the run's end
 
 
 def test_launch_shape_that_does_not_fit_is_rejected(tmp_path):
