@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_tsp import train
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest
 from dist_tsp.errors import INTERRUPTED, INTERRUPTED_EXIT_CODE
 from dist_tsp.launch import TERM_GRACE_S
@@ -132,9 +133,11 @@ VOTE_TIMEOUT_S = 3
 
 def _votes(requesting_rank: int) -> tuple[str, list[bool], float | None]:
     """Four steps' stop votes on this rank, `requesting_rank` asked to stop in the middle of the second; then a fifth
-    vote that rank 2 never casts: after how many seconds the others' raised (None on rank 2)."""
+    vote that rank 2 never casts: after how many seconds the others' raised (None on rank 2). The groups are made with
+    a start-up timeout and set to the students' one, as a run does."""
     placement = Placement(world_size=dist.get_world_size(), rank=dist.get_rank(), num_students=3)
-    groups = Groups.from_mesh(placement.build_mesh("cpu"), timedelta(seconds=VOTE_TIMEOUT_S))
+    groups = Groups.from_mesh(placement.build_mesh("cpu"), timedelta(minutes=30))
+    groups.set_timeout(timedelta(seconds=VOTE_TIMEOUT_S))
     requested = StopRequest()
     vote, agreed = StopVote(requested, groups.control), []
     for step in range(4):
@@ -210,6 +213,22 @@ def test_every_rank_agrees_to_stop_after_the_step_that_follows_a_signal_to_one_o
 def test_a_rank_that_stops_voting_makes_the_others_raise_after_the_collective_timeout(votes):
     raised_after = [seconds for _, _, seconds in votes[:2]]
     assert all(seconds is not None and VOTE_TIMEOUT_S - 0.5 < seconds < VOTE_TIMEOUT_S + 3 for seconds in raised_after)
+
+
+def test_a_stop_signal_during_the_last_step_lets_the_run_end_as_if_none_had_come(reference, tmp_path):
+    """Nothing is left to resume: the run writes its results and ends well (not exit 75, a requeue for nothing)."""
+    metrics, answered = tmp_path / "metrics.jsonl", []
+
+    class DuringTheLastStep(StopRequest):  # as the last step starts (its vote is cast): the run logs every step
+        def is_set(self) -> bool:
+            answered.append(metrics.is_file() and '"step": 3,' in metrics.read_text())
+            return answered[-1]
+
+    train.main([*ARGS, "train.max_steps=4", "train.log_every=1", f"output_dir={tmp_path}",
+                f"teacher.checkpoint={reference}/teacher/model.pt"], DuringTheLastStep())
+    assert answered[-1]
+    assert json.loads((tmp_path / "results.json").read_text())["students"].keys() == set(STUDENTS)
+    assert [read_manifest(d)["step"] for d in complete_checkpoints(tmp_path)] == [4]
 
 
 FORMS = {"workers": signal.SIGTERM, "launcher": signal.SIGUSR1, "all": signal.SIGTERM}
