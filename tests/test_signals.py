@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -355,7 +356,10 @@ def test_ctrl_c_stops_every_rank_at_once_with_one_line_and_exit_130_its_logged_s
 SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop signal
 
 
-def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(tmp_path):
+@contextlib.contextmanager
+def sleeping_launch(tmp_path) -> Iterator[tuple[psutil.Popen, list[psutil.Process]]]:
+    """dist-tsp-launch of 2 workers that sleep, once its agent and both workers run: the launcher and those three;
+    each killed at the end, if still there."""
     script = tmp_path / "sleeper.py"
     script.write_text(SLEEPER)
     launcher = psutil.Popen([sys.executable, "-m", "dist_tsp.launch", "--config_file", CPU3, "--num_processes", "2",
@@ -366,6 +370,15 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
         while len(started := processes_running(launcher, script)) < 3:  # the agent and its two workers
             assert time.monotonic() < deadline and launcher.poll() is None
             time.sleep(0.1)
+        yield launcher, started
+    finally:  # torchrun starts every worker in a session of its own
+        for process in (launcher, *started):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(tmp_path):
+    with sleeping_launch(tmp_path) as (launcher, started):
         launcher.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         _, stderr = launcher.communicate(timeout=60)
@@ -374,10 +387,14 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
         assert stderr.strip().splitlines()[-1].startswith(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s")
         assert "Traceback" not in stderr
         assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    finally:  # torchrun starts every worker in a session of its own
-        for process in (launcher, *started):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+
+
+def test_the_launcher_exits_128_plus_n_when_signal_n_ends_its_agent(tmp_path):
+    """As a shell reports a process a signal ended (137: SIGKILL, the kernel's out-of-memory killer most often)."""
+    with sleeping_launch(tmp_path) as (launcher, _):
+        (agent,) = launcher.children()
+        agent.kill()
+        assert launcher.wait(timeout=60) == 128 + signal.SIGKILL  # its workers, left, hold its stderr open
 
 
 def processes_running(launcher: psutil.Popen, script) -> list[psutil.Process]:
