@@ -69,7 +69,7 @@ def launch(args: list[str]) -> int:
         agent = subprocess.Popen([sys.executable, "-c", "from dist_tsp.launch import agent; agent()", *args],
                                  env=env, preexec_fn=_ignore_stop_signals)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the agent as well: it stops the workers
-        code = _wait(agent, received)
+        code = _wait(agent, received, stop_file)
         if code is None:
             print(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s (still loading the data or the teacher?),"
                   " so the workers were stopped: rerun the same command to resume from the last checkpoint",
@@ -196,12 +196,15 @@ def _ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _wait(agent: subprocess.Popen, received: dict[int, float]) -> int | None:
-    """The agent's exit code (128 + N when signal N ended it), passing every stop signal received on to the workers
-    once a second until then; None when they were still running TERM_GRACE_S after SIGTERM and were killed."""
+def _wait(agent: subprocess.Popen, received: dict[int, float], stop_file: Path) -> int | None:
+    """The agent's exit code (128 + N when signal N ended it, its workers then stopped), passing every stop signal
+    received on to the workers once a second until then; None when they were still running TERM_GRACE_S after
+    SIGTERM and were killed."""
     while True:
         try:
             code = agent.wait(timeout=1)
+            if code < 0:
+                _stop_orphaned(_orphaned_workers(stop_file), signal.Signals(-code).name)
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             pass
@@ -225,6 +228,49 @@ def _signal_workers(agent: subprocess.Popen, signum: int) -> None:
     for worker in _workers(agent):
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.send_signal(signum)
+
+
+def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
+    """Stop the workers of an agent that a signal ended (they would train on without it, and nothing would stop them):
+    SIGTERM once a second, so that they stop after their next step with a checkpoint, and SIGKILL after TERM_GRACE_S;
+    then say so in one line."""
+    deadline = time.monotonic() + TERM_GRACE_S
+    while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
+        for worker in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signal.SIGTERM)
+        psutil.wait_procs(alive, timeout=1)
+    for worker in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    killed = f" (killed: no checkpoint within {TERM_GRACE_S} s)" if alive else ""
+    print(f"dist-tsp: torchrun's agent was ended by {ended_by} (SIGKILL: most often the kernel's out-of-memory killer), "
+          f"so its workers were stopped{killed}: rerun the same command to resume from the last checkpoint",
+          file=sys.stderr)
+
+
+def _orphaned_workers(stop_file: Path) -> list[psutil.Process]:
+    """The workers of this launch once its agent has gone (no longer its children): the processes whose environment
+    holds this launch's stop file, but not their own children (loader workers, which their worker stops)."""
+    launched = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(STOP_FILE) == str(stop_file):
+                launched[process.pid] = process
+    workers = []
+    for process in launched.values():
+        with contextlib.suppress(psutil.Error):
+            if process.ppid() not in launched:
+                workers.append(process)
+    return workers
+
+
+def _running(process: psutil.Process) -> bool:
+    """Whether `process` still runs (an exited orphan may wait as a zombie for a parent that never reaps it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _kill(agent: subprocess.Popen) -> None:

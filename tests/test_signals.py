@@ -357,11 +357,11 @@ SLEEPER = "import time\ntime.sleep(600)\n"  # a worker that never answers a stop
 
 
 @contextlib.contextmanager
-def sleeping_launch(tmp_path) -> Iterator[tuple[psutil.Popen, list[psutil.Process]]]:
+def sleeping_launch(tmp_path, sleeper: str = SLEEPER) -> Iterator[tuple[psutil.Popen, list[psutil.Process]]]:
     """dist-tsp-launch of 2 workers that sleep, once its agent and both workers run: the launcher and those three;
     each killed at the end, if still there."""
     script = tmp_path / "sleeper.py"
-    script.write_text(SLEEPER)
+    script.write_text(sleeper)
     launcher = psutil.Popen([sys.executable, "-m", "dist_tsp.launch", "--config_file", CPU3, "--num_processes", "2",
                              *port_of_its_own(), str(script)], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     started: list[psutil.Process] = []
@@ -389,12 +389,24 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
         assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_the_launcher_exits_128_plus_n_when_signal_n_ends_its_agent(tmp_path):
-    """As a shell reports a process a signal ended (137: SIGKILL, the kernel's out-of-memory killer most often)."""
-    with sleeping_launch(tmp_path) as (launcher, _):
+@pytest.mark.parametrize("answering", [True, False], ids=["workers that stop", "workers that never answer"])
+def test_when_a_signal_ends_the_agent_its_workers_are_stopped_and_the_launcher_exits_128_plus_n(tmp_path, answering):
+    """They would train on without it (torchrun starts them in sessions of their own): SIGTERM, as for a stop, then
+    SIGKILL after the grace time. Exit 137 for SIGKILL (the kernel's out-of-memory killer most often), as a shell
+    reports a process that a signal ended."""
+    sleeper = f"import signal\nsignal.signal(signal.SIGTERM, signal.SIG_DFL)\n{SLEEPER}" if answering else SLEEPER
+    with sleeping_launch(tmp_path, sleeper) as (launcher, started):
         (agent,) = launcher.children()
         agent.kill()
-        assert launcher.wait(timeout=60) == 128 + signal.SIGKILL  # its workers, left, hold its stderr open
+        killed = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        assert launcher.returncode == 128 + signal.SIGKILL
+        assert (time.monotonic() - killed < 10) if answering else (TERM_GRACE_S <= time.monotonic() - killed < 40)
+        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert stderr.strip().splitlines()[-1] == (
+            "dist-tsp: torchrun's agent was ended by SIGKILL (SIGKILL: most often the kernel's out-of-memory killer), "
+            f"so its workers were stopped{'' if answering else f' (killed: no checkpoint within {TERM_GRACE_S} s)'}: "
+            "rerun the same command to resume from the last checkpoint")
 
 
 def processes_running(launcher: psutil.Popen, script) -> list[psutil.Process]:
