@@ -10,7 +10,9 @@ the stop's one line and exits with its code (75: rerun to resume). A worker that
 line (bad input, exit 2; a lost loader worker or a collective's timeout, exit 1), by itself or by the rank that met
 it, leaves a note beside that file: when every failed worker did, torchrun's failure report, which would follow as a
 traceback, is left out, and this process exits with the first failure's code; otherwise the report names only the
-workers whose failure no line said (a crash, a rank killed), without the agent's own traceback, and it exits 1.
+workers whose failure no line said (a crash, a rank killed), without the agent's own traceback, and it exits 1. When
+a signal ends the agent itself (the out-of-memory killer), its workers, which would train on without it, are stopped
+as after SIGTERM, and this process exits 128 + N.
 """
 
 from __future__ import annotations
@@ -243,10 +245,10 @@ def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
     for worker in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.kill()
+    likely = " (most often the kernel's out-of-memory killer)" if ended_by == "SIGKILL" else ""
     killed = f" (killed: no checkpoint within {TERM_GRACE_S} s)" if alive else ""
-    print(f"dist-tsp: torchrun's agent was ended by {ended_by} (SIGKILL: most often the kernel's out-of-memory killer), "
-          f"so its workers were stopped{killed}: rerun the same command to resume from the last checkpoint",
-          file=sys.stderr)
+    print(f"dist-tsp: torchrun's agent was ended by {ended_by}{likely}, so its workers were stopped{killed}: rerun the "
+          "same command to resume from the last checkpoint", file=sys.stderr)
 
 
 def _orphaned_workers(stop_file: Path) -> list[psutil.Process]:

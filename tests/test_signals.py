@@ -404,7 +404,7 @@ def test_when_a_signal_ends_the_agent_its_workers_are_stopped_and_the_launcher_e
         assert (time.monotonic() - killed < 10) if answering else (TERM_GRACE_S <= time.monotonic() - killed < 40)
         assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert stderr.strip().splitlines()[-1] == (
-            "dist-tsp: torchrun's agent was ended by SIGKILL (SIGKILL: most often the kernel's out-of-memory killer), "
+            "dist-tsp: torchrun's agent was ended by SIGKILL (most often the kernel's out-of-memory killer), "
             f"so its workers were stopped{'' if answering else f' (killed: no checkpoint within {TERM_GRACE_S} s)'}: "
             "rerun the same command to resume from the last checkpoint")
 
