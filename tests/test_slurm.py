@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -127,9 +129,15 @@ def peer_job_at_step_2(cluster, teacher, tmp_path) -> tuple[Path, list[str], Job
     return run, args, job, deadline
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(cluster, teacher, one_node, tmp_path):
+@pytest.mark.parametrize("to", ["the batch shell", "the workers alone"])
+def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(cluster, teacher, one_node, tmp_path, to):
     run, _, job, deadline = peer_job_at_step_2(cluster, teacher, tmp_path)
-    cluster.run("scancel", "--batch", "--signal=USR1", job.id)  # what #SBATCH --signal=B:USR1@N sends
+    if to == "the batch shell":
+        cluster.run("scancel", "--batch", "--signal=USR1", job.id)  # what #SBATCH --signal=B:USR1@N sends
+    else:
+        for pid, cmdline, _ in job_processes(job.id):
+            if b"dist_tsp/train.py" in cmdline:
+                os.kill(pid, signal.SIGUSR1)
     requeued = job.state_when(lambda state: state["JobState"] not in ("RUNNING", "COMPLETING"))
     assert (requeued["JobState"], requeued["Restarts"]) == ("PENDING", "1"), job
     stopped_at = json.loads((complete_checkpoints(run)[-1] / "manifest.json").read_text())["step"]
@@ -139,7 +147,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_results(clus
     assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("COMPLETED", "0:0", "1"), job
     job.process.wait(30)
     log = job.log()
-    assert "USR1: checkpointing after the next step, then requeueing" in log and "restart 1:" in log
+    assert ("USR1: checkpointing after the next step, then requeueing" in log) == (to == "the batch shell")
+    assert "restart 1:" in log
     assert re.search(rf"resuming from \S+ \(step {stopped_at}\)", log) and 2 <= stopped_at < STEPS
     reference, reference_job = one_node
     assert reference_job.wait() == 0, reference_job
@@ -207,12 +216,12 @@ def test_two_node_job_places_one_replica_of_every_student_on_each_node(cluster, 
 
 def ranks_by_node(job_id: str) -> dict[int, str]:
     """{RANK: SLURMD_NODENAME} of the training workers of `job_id` running now."""
-    return {int(env[b"RANK"]): env[b"SLURMD_NODENAME"].decode() for cmdline, env in job_processes(job_id)
+    return {int(env[b"RANK"]): env[b"SLURMD_NODENAME"].decode() for _, cmdline, env in job_processes(job_id)
             if b"RANK" in env and b"dist_tsp/train.py" in cmdline}
 
 
-def job_processes(job_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """(command line, environment) of every live process of a job: its slurmstepds and all they started."""
+def job_processes(job_id: str) -> list[tuple[int, bytes, dict[bytes, bytes]]]:
+    """(pid, command line, environment) of every live process of a job: its slurmstepds and all they started."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -221,7 +230,7 @@ def job_processes(job_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         except OSError:
             continue
         if env.get(b"SLURM_JOB_ID") == job_id.encode() or cmdline.startswith(f"slurmstepd: [{job_id}.".encode()):
-            found.append((cmdline, env))
+            found.append((int(proc.name), cmdline, env))
     return found
 
 
