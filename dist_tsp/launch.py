@@ -247,8 +247,9 @@ def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
             worker.kill()
     likely = " (most often the kernel's out-of-memory killer)" if ended_by == "SIGKILL" else ""
     killed = f" (killed: no checkpoint within {TERM_GRACE_S} s)" if alive else ""
-    print(f"dist-tsp: torchrun's agent was ended by {ended_by}{likely}, so its workers were stopped{killed}: rerun the "
-          "same command to resume from the last checkpoint", file=sys.stderr)
+    stopped = f", so its workers were stopped{killed}" if workers else ""
+    print(f"dist-tsp: torchrun's agent was ended by {ended_by}{likely}{stopped}: rerun the same command to resume from "
+          "the last checkpoint", file=sys.stderr)
 
 
 def _orphaned_workers(stop_file: Path) -> list[psutil.Process]:

@@ -63,7 +63,6 @@ def test_sigkill_of_rank_2_ends_the_job_within_60_seconds_in_one_line_and_a_repo
         assert "rank      : 0" not in stderr and "rank      : 1" not in stderr, stderr[-3000:]
 
 
-@pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
 def _said_in_two_attempts() -> tuple[int | None, int | None]:
     """Rank 1 records a failure in torchrun's first attempt; what each rank then finds said, in that attempt and in
     the next one (torchrun restarts the workers with the same store)."""
@@ -82,6 +81,7 @@ def test_a_failure_said_in_one_attempt_is_not_taken_for_the_next_attempts_when_t
     assert run_on_ranks(_said_in_two_attempts, 3) == [(2, None)] * 3
 
 
+@pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
 def test_a_file_that_finds_no_room_is_one_line_naming_the_file_system_and_leaves_no_part_behind(small_file_system,
                                                                                               ballast_mib):
     (small_file_system / "ballast").write_bytes(bytes(ballast_mib << 20))
