@@ -184,11 +184,11 @@ def test_of_two_collects_at_once_the_one_that_reads_the_later_results_writes_the
     results = sweep / "trial_2" / "results.json"
     written = results.read_text()
     results.unlink()
-    row, read_early = sweeps._row, threading.Event()
+    read_row, read_early = sweeps._row, threading.Event()
     early = threading.Thread(target=sweeps.collect, args=(sweep,))
 
     def row_read_early(sweep_dir, number, overrides):
-        found = row(sweep_dir, number, overrides)
+        found = read_row(sweep_dir, number, overrides)
         if threading.current_thread() is early and number == 2:
             read_early.set()
             time.sleep(1)
