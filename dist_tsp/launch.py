@@ -227,9 +227,19 @@ def _workers(agent: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _signal_workers(agent: subprocess.Popen, signum: int) -> None:
-    for worker in _workers(agent):
+    _send(_workers(agent), signum)
+
+
+def _send(processes: list[psutil.Process], signum: int) -> None:
+    """Signal each of `processes` that is still there."""
+    for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
-            worker.send_signal(signum)
+            process.send_signal(signum)
+
+
+def _kill_all(processes: list[psutil.Process]) -> None:
+    _send(processes, signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=10)
 
 
 def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
@@ -238,13 +248,9 @@ def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
     then say so in one line."""
     deadline = time.monotonic() + TERM_GRACE_S
     while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
-        for worker in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.send_signal(signal.SIGTERM)
+        _send(alive, signal.SIGTERM)
         psutil.wait_procs(alive, timeout=1)
-    for worker in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            worker.kill()
+    _kill_all(alive)
     likely = " (most often the kernel's out-of-memory killer)" if ended_by == "SIGKILL" else ""
     killed = f" (killed: no checkpoint within {TERM_GRACE_S} s)" if alive else ""
     stopped = f", so its workers were stopped{killed}" if workers else ""
@@ -281,10 +287,7 @@ def _kill(agent: subprocess.Popen) -> None:
     workers = _workers(agent)
     agent.kill()
     agent.wait()
-    for worker in workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            worker.kill()
-    psutil.wait_procs(workers, timeout=10)
+    _kill_all(workers)
 
 
 if __name__ == "__main__":
