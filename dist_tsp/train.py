@@ -48,6 +48,9 @@ from dist_tsp.tracking import Tracker, tensorboard_folder, tracker_settings
 
 STARTUP_TIMEOUT = timedelta(minutes=30)  # torch's default for gloo groups
 INTERRUPT_GRACE_S = 1.0  # torchrun passes Ctrl-C to the workers one after the other
+# A rank that ends because another rank did leaves this long after: torchrun's report names as its root cause the
+# failure it saw first, timed in whole seconds (a tie names rank 0), and so names that other rank.
+AFTER_ANOTHER_RANK_S = 1.5
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             if world_size > 1:  # this rank ends below: a loader worker that torchrun's SIGTERM ends meanwhile must not
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # raise torch's error inside this handling
             if (code := exit_code_said_elsewhere(error)) is not None:
-                pass  # the rank that stopped says why
+                time.sleep(AFTER_ANOTHER_RANK_S)  # the rank that stopped says why
             elif failed := loader_failed(error):
                 code = 1
                 stop_loader_workers()
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 code = 1
                 if shared_errors.first_to_record(gone, code):
                     _say_error(gone, rank, world_size)
+                time.sleep(AFTER_ANOTHER_RANK_S)
             elif "timed out" in str(error).lower():
                 code = 1
                 _say_error("a collective waited longer than its timeout (train.collective_timeout_s="
