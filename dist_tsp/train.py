@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             if world_size > 1:  # this rank ends below: a loader worker that torchrun's SIGTERM ends meanwhile must not
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # raise torch's error inside this handling
             if (code := exit_code_said_elsewhere(error)) is not None:
-                time.sleep(AFTER_ANOTHER_RANK_S)  # the rank that stopped says why
+                _wait_as_another_rank_ends()  # the rank that stopped says why
             elif failed := loader_failed(error):
                 code = 1
                 stop_loader_workers()
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 code = 1
                 if shared_errors.first_to_record(gone, code):
                     _say_error(gone, rank, world_size)
-                time.sleep(AFTER_ANOTHER_RANK_S)
+                _wait_as_another_rank_ends()
             elif "timed out" in str(error).lower():
                 code = 1
                 _say_error("a collective waited longer than its timeout (train.collective_timeout_s="
@@ -340,6 +340,13 @@ def _exit(code: int) -> NoReturn:
     if _several_ranks():
         _leave_at_once(code)
     sys.exit(code)
+
+
+def _wait_as_another_rank_ends() -> None:
+    """Wait AFTER_ANOTHER_RANK_S before this rank leaves, its loader workers stopped first: torchrun's SIGTERM to them
+    would raise torch's error in the wait."""
+    stop_loader_workers()
+    time.sleep(AFTER_ANOTHER_RANK_S)
 
 
 def _several_ranks() -> bool:
