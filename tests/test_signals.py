@@ -386,7 +386,7 @@ def test_sigterm_unanswered_by_the_workers_ends_the_launcher_within_30_seconds(t
         assert launcher.returncode == 75
         assert stderr.strip().splitlines()[-1].startswith(f"dist-tsp: SIGTERM: no checkpoint within {TERM_GRACE_S} s")
         assert "Traceback" not in stderr
-        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not still_running(started)
 
 
 @pytest.mark.parametrize("answering", [True, False], ids=["workers that stop", "workers that never answer"])
@@ -402,7 +402,7 @@ def test_when_a_signal_ends_the_agent_its_workers_are_stopped_and_the_launcher_e
         _, stderr = launcher.communicate(timeout=60)
         assert launcher.returncode == 128 + signal.SIGKILL
         assert (time.monotonic() - killed < 10) if answering else (TERM_GRACE_S <= time.monotonic() - killed < 40)
-        assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not still_running(started)
         assert stderr.strip().splitlines()[-1] == (
             "dist-tsp: torchrun's agent was ended by SIGKILL (most often the kernel's out-of-memory killer), "
             f"so its workers were stopped{'' if answering else f' (killed: no checkpoint within {TERM_GRACE_S} s)'}: "
@@ -417,3 +417,13 @@ def processes_running(launcher: psutil.Popen, script) -> list[psutil.Process]:
             if str(script) in process.cmdline():
                 found.append(process)
     return found
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` that still run (an ended one may wait as a zombie for its parent, gone too)."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # reaped meanwhile
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    return running
