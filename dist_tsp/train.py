@@ -272,17 +272,20 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
                 stop_loader_workers()
                 shared_errors.record(failed, code)  # the other ranks' failed collectives end quietly
                 _say_error(failed, rank, world_size)
-            elif gone := another_rank_gone(error):
-                code = 1
-                if shared_errors.first_to_record(gone, code):
-                    _say_error(gone, rank, world_size)
+            elif gone := another_rank_gone(error):  # or its collective timed out first, and gloo closed its pairs
                 _wait_as_another_rank_ends()
+                if (code := exit_code_said_elsewhere(error)) is None:
+                    code = 1
+                    if shared_errors.first_to_record(gone, code):
+                        _say_error(gone, rank, world_size)
             elif "timed out" in str(error).lower():
                 code = 1
-                _say_error("a collective waited longer than its timeout (train.collective_timeout_s="
-                           f"{cfg.train.collective_timeout_s:g} s in the student steps, "
-                           f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or "
-                           "gone (its own error, if any, is above)", rank, world_size)
+                timed_out = ("a collective waited longer than its timeout (train.collective_timeout_s="
+                             f"{cfg.train.collective_timeout_s:g} s in the student steps, "
+                             f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck "
+                             "or gone (its own error, if any, is above)")
+                shared_errors.record(timed_out, code)  # a rank whose connection its timeout closed ends quietly
+                _say_error(timed_out, rank, world_size)
             else:
                 raise
             _exit(code)
