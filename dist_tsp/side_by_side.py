@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "dist_tsp" / "train.py")
 RUN_GIB = 16  # --parallel-runs auto: GPU memory set aside per process of a run (ample for the configs here)
 MAX_RUNS_PER_GPU = 4  # --parallel-runs auto: however much memory is free, the GPU's compute and the CPU are shared
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"  # the range Linux picks a socket's port from
+PORTS_FROM = 30000  # free_port's lowest: above slurm/launch.sh's rendezvous ports and most services' own
 
 
 class RunFailed(Exception):
@@ -332,7 +335,18 @@ def port_of_its_own() -> list[str]:
 
 
 def free_port() -> int:
-    """A TCP port no process on this machine listens on now (the system's pick)."""
+    """A TCP port no process on this machine listens on now, outside the range the system picks ports from (so that
+    no socket bound meanwhile, as the gloo listeners of a run beside it, takes it before the launch binds it); the
+    system's pick where that range is not known."""
+    try:
+        low, high = map(int, Path(EPHEMERAL_PORTS).read_text().split())
+    except (OSError, ValueError):
+        low = high = 0
+    outside = [*range(PORTS_FROM, low), *range(high + 1, 65536)] if low else []
+    for port in random.SystemRandom().sample(outside, min(len(outside), 100)):  # not the runs' seeded generator
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind(("", port))
+            return port
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]

@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,7 +17,14 @@ from dist_tsp import protocol, side_by_side, sweep, train
 from dist_tsp.errors import Preempted, UserError
 from dist_tsp.launch import STOP_SIGNALS
 from dist_tsp.protocol import PlannedRun, plan
-from dist_tsp.side_by_side import auto_runs, gpu_groups, run_concurrently, slot_devices
+from dist_tsp.side_by_side import (
+    PORTS_FROM,
+    auto_runs,
+    free_port,
+    gpu_groups,
+    run_concurrently,
+    slot_devices,
+)
 
 
 @pytest.mark.parametrize("free_gib, processes, cpus, runs", [
@@ -290,3 +298,19 @@ def test_after_a_run_the_stop_signals_get_back_the_handlers_they_had_before(stop
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def test_a_rendezvous_port_comes_from_outside_the_systems_own_range_and_is_one_nobody_listens_on(tmp_path, monkeypatch):
+    """Outside the range Linux picks a socket's port from, no listener bound meanwhile (gloo's, of a run beside it)
+    can take it before the launch binds it."""
+    ephemeral = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(side_by_side, "EPHEMERAL_PORTS", str(ephemeral))
+    ephemeral.write_text("32768\t60999\n")  # Linux's default
+    assert all(PORTS_FROM <= port < 32768 or 60999 < port < 65536 for port in (free_port() for _ in range(50)))
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        ephemeral.write_text(f"{taken + 1}\t65535\n")  # outside it: the held port alone
+        monkeypatch.setattr(side_by_side, "PORTS_FROM", taken)
+        assert free_port() != taken  # the system's pick instead
