@@ -127,7 +127,7 @@ def test_each_other_rank_says_it_timed_out_and_after_how_long_unless_another_ran
     lines = stderr.splitlines()
     said = {rank: [line for line in lines if line.startswith(f"[rank{rank}]:") or f"(rank {rank})" in line]
             for rank in stuck_run["others"]}
-    timed_out = [rank for rank, lines in said.items() if any(named.search(line) for line in lines)]
+    timed_out = [rank for rank, its_lines in said.items() if any(named.search(line) for line in its_lines)]
     assert timed_out and all(not said[rank] for rank in said if rank not in timed_out), (said, stderr[-3000:])
 
 
