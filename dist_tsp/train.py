@@ -265,28 +265,7 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
             if world_size > 1:  # this rank ends below: a loader worker that torchrun's SIGTERM ends meanwhile must not
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # raise torch's error inside this handling
-            if (code := exit_code_said_elsewhere(error)) is not None:
-                _wait_as_another_rank_ends()  # the rank that stopped says why
-            elif failed := loader_failed(error):
-                code = 1
-                stop_loader_workers()
-                shared_errors.record(failed, code)  # the other ranks' failed collectives end quietly
-                _say_error(failed, rank, world_size)
-            elif gone := another_rank_gone(error):  # or its collective timed out first, and gloo closed its pairs
-                _wait_as_another_rank_ends()
-                if (code := exit_code_said_elsewhere(error)) is None:
-                    code = 1
-                    if shared_errors.first_to_record(gone, code):
-                        _say_error(gone, rank, world_size)
-            elif "timed out" in str(error).lower():
-                code = 1
-                timed_out = ("a collective waited longer than its timeout (train.collective_timeout_s="
-                             f"{cfg.train.collective_timeout_s:g} s in the student steps, "
-                             f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck "
-                             "or gone (its own error, if any, is above)")
-                shared_errors.record(timed_out, code)  # a rank whose connection its timeout closed ends quietly
-                _say_error(timed_out, rank, world_size)
-            else:
+            if (code := ended_by(error, cfg, rank, world_size)) is None:
                 raise
             _exit(code)
         except KeyboardInterrupt:  # Ctrl-C: at once, where the protocol or a sweep running it in its process does not
@@ -307,6 +286,33 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             if rank == 0:
                 print(f"dist-tsp: {stopped}", file=sys.stderr)
             sys.exit(stopped.exit_code)
+
+
+def ended_by(error: RuntimeError, cfg: RunConfig, rank: int, world_size: int) -> int | None:
+    """The exit code of this rank, which `error` ends, once its one line is said, unless another rank says it; None
+    for an error no line says (a crash, whose traceback torchrun's report keeps)."""
+    if (code := exit_code_said_elsewhere(error)) is not None:
+        _wait_as_another_rank_ends()  # the rank that stopped says why
+        return code
+    if failed := loader_failed(error):
+        stop_loader_workers()
+        shared_errors.record(failed, 1)  # the other ranks' failed collectives end quietly
+        _say_error(failed, rank, world_size)
+        return 1
+    if gone := another_rank_gone(error):
+        _wait_as_another_rank_ends()  # a rank whose timeout closed the connections records it meanwhile
+        if shared_errors.first_to_record(gone, 1):
+            _say_error(gone, rank, world_size)
+        return 1
+    if "timed out" in str(error).lower():
+        timed_out = ("a collective waited longer than its timeout (train.collective_timeout_s="
+                     f"{cfg.train.collective_timeout_s:g} s in the student steps, "
+                     f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
+                     "(its own error, if any, is above)")
+        shared_errors.record(timed_out, 1)  # a rank whose connection this timeout closed ends quietly
+        _say_error(timed_out, rank, world_size)
+        return 1
+    return None
 
 
 def _refuse(error: UserError | OutOfSpace, rank: int, world_size: int, *, every_rank: bool,

@@ -1,6 +1,8 @@
 """Fail fast: when one rank raises or dies, or the disk is full, every rank exits within 60 s and the failure is
 named."""
 
+import contextlib
+import io
 import os
 import re
 import signal
@@ -12,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 from dist_tsp.checkpoint import complete_checkpoints, read_manifest, save_atomic, step_dir
+from dist_tsp.config import load_config
 from dist_tsp.errors import OutOfSpace
 from tests.multiprocess import run_on_ranks
-from tests.runs import LAUNCHERS, TINY, kill_run, last_step, launch, no_room, rank_pid, said_lines, start
+from tests.runs import LAUNCHERS, ROOT, TINY, kill_run, last_step, launch, no_room, rank_pid, said_lines, start
 
 pytestmark = pytest.mark.slow
 
@@ -80,6 +83,38 @@ def _said_in_two_attempts() -> tuple[int | None, int | None]:
 
 def test_a_failure_said_in_one_attempt_is_not_taken_for_the_next_attempts_when_torchrun_restarts_the_workers():
     assert run_on_ranks(_said_in_two_attempts, 3) == [(2, None)] * 3
+
+
+CLOSED = "[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:30441"
+TIMED_OUT = "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete"
+
+
+def _ended_by_a_closed_connection() -> list[tuple[int | None, str]]:
+    """What train.ended_by gives and says on each rank: in attempt 0, rank 0's collective fails on a closed
+    connection, nothing recorded (another rank's process ended); in attempt 1, rank 2's collective times out first
+    (gloo then closes its connections), and rank 0's fails on a closed connection."""
+    from dist_tsp.train import ended_by
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.collective_timeout_s=5"])
+    rank, ended = dist.get_rank(), []
+    for attempt, (on_rank_2, on_rank_0) in enumerate([(None, CLOSED), (TIMED_OUT, CLOSED)]):
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = str(attempt)
+        for on_rank, message in ((2, on_rank_2), (0, on_rank_0)):
+            if rank == on_rank and message is not None:
+                with contextlib.redirect_stderr(io.StringIO()) as said:
+                    code = ended_by(RuntimeError(message), cfg, rank, 3)
+                ended.append((code, said.getvalue()))
+            dist.barrier()
+    return ended
+
+
+def test_a_rank_whose_connection_another_ranks_timeout_closed_ends_quietly_not_blaming_a_dead_process():
+    on_rank_0, on_rank_1, on_rank_2 = run_on_ranks(_ended_by_a_closed_connection, 3)
+    (gone, quiet), (timed_out,) = on_rank_0, on_rank_2
+    assert gone[0] == 1 and "dist-tsp: error (rank 0): another rank's process ended" in gone[1]
+    assert quiet == (1, "") and on_rank_1 == []
+    assert timed_out[0] == 1 and "a collective waited longer than its timeout (train.collective_timeout_s=5 s" in \
+        timed_out[1]
 
 
 @pytest.mark.parametrize("ballast_mib", [9, 0])  # no room at all (an OSError); room for part of it (a RuntimeError)
