@@ -263,8 +263,6 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
             said = shared_errors.said_by_another_rank_first(str(error), error.exit_code)
             _refuse(error, rank, world_size, every_rank=False, said=said)
         except RuntimeError as error:  # gloo's, NCCL's in blocking-wait mode (DistBackendError), or a loader's
-            if world_size > 1:  # this rank ends below: a loader worker that torchrun's SIGTERM ends meanwhile must not
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # raise torch's error inside this handling
             if (code := ended_by(error, cfg, rank, world_size)) is None:
                 raise
             _exit(code)
@@ -291,28 +289,29 @@ def main(argv: list[str] | None = None, stop_requested: StopRequest | None = Non
 def ended_by(error: RuntimeError, cfg: RunConfig, rank: int, world_size: int) -> int | None:
     """The exit code of this rank, which `error` ends, once its one line is said, unless another rank says it; None
     for an error no line says (a crash, whose traceback torchrun's report keeps)."""
-    if (code := exit_code_said_elsewhere(error)) is not None:
-        _wait_as_another_rank_ends()  # the rank that stopped says why
-        return code
-    if failed := loader_failed(error):
-        stop_loader_workers()
+    said_elsewhere, failed, gone = exit_code_said_elsewhere(error), loader_failed(error), another_rank_gone(error)
+    timed_out = "timed out" in str(error).lower()
+    if said_elsewhere is None and not (failed or gone or timed_out):
+        return None
+    stop_loader_workers()  # this rank ends: their deaths (torchrun's SIGTERM reaches them) would raise torch's error
+    if said_elsewhere is not None:
+        time.sleep(AFTER_ANOTHER_RANK_S)  # the rank that stopped says why
+        return said_elsewhere
+    if failed:
         shared_errors.record(failed, 1)  # the other ranks' failed collectives end quietly
         _say_error(failed, rank, world_size)
-        return 1
-    if gone := another_rank_gone(error):
-        _wait_as_another_rank_ends()  # a rank whose timeout closed the connections records it meanwhile
+    elif gone:
+        time.sleep(AFTER_ANOTHER_RANK_S)  # a rank whose timeout closed the connections records it meanwhile
         if shared_errors.first_to_record(gone, 1):
             _say_error(gone, rank, world_size)
-        return 1
-    if "timed out" in str(error).lower():
-        timed_out = ("a collective waited longer than its timeout (train.collective_timeout_s="
-                     f"{cfg.train.collective_timeout_s:g} s in the student steps, "
-                     f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone "
-                     "(its own error, if any, is above)")
-        shared_errors.record(timed_out, 1)  # a rank whose connection this timeout closed ends quietly
-        _say_error(timed_out, rank, world_size)
-        return 1
-    return None
+    else:
+        line = ("a collective waited longer than its timeout (train.collective_timeout_s="
+                f"{cfg.train.collective_timeout_s:g} s in the student steps, "
+                f"{startup_timeout(cfg).total_seconds() / 60:g} min before them): another rank is stuck or gone (its "
+                "own error, if any, is above)")
+        shared_errors.record(line, 1)  # a rank whose connection this timeout closed ends quietly
+        _say_error(line, rank, world_size)
+    return 1
 
 
 def _refuse(error: UserError | OutOfSpace, rank: int, world_size: int, *, every_rank: bool,
@@ -349,13 +348,6 @@ def _exit(code: int) -> NoReturn:
     if _several_ranks():
         _leave_at_once(code)
     sys.exit(code)
-
-
-def _wait_as_another_rank_ends() -> None:
-    """Wait AFTER_ANOTHER_RANK_S before this rank leaves, its loader workers stopped first: torchrun's SIGTERM to them
-    would raise torch's error in the wait."""
-    stop_loader_workers()
-    time.sleep(AFTER_ANOTHER_RANK_S)
 
 
 def _several_ranks() -> bool:
