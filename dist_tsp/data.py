@@ -186,6 +186,13 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
                       cfg.normalization)
 
 
+def listed_from_disk(cfg: DataConfig) -> bool:
+    """Whether loading this dataset walks a folder of image files and keeps only their names (an image folder,
+    streamed): one rank per node does it, and the node's other ranks receive its result (shared_errors.once_per_node),
+    not every rank walking ImageNet's 1.28 M files on a shared file system."""
+    return cfg.name == "image_folder" and not cfg.in_memory
+
+
 def normalized(data: Dataset, normalization: str) -> Dataset:
     """`data` normalised with torchvision's ImageNet constants, or with its training images' own statistics."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else \

@@ -4,12 +4,14 @@ timeout. Met later by some ranks alone (an image that cannot be decoded), or by 
 is recorded in the launch's store: the ranks that met it say it once, and those whose next collective fails because
 of it exit with its code, quietly. A loader worker lost on one rank (killed for memory) is recorded the same way,
 with its own exit code, and so is another rank's process gone (said once, by the first rank whose collective
-failed)."""
+failed). Work done once per node, by its first rank for the others (listing an image folder), stops every rank
+the same way on what it met."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -28,6 +30,34 @@ def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
     if problem is not None:
         raise SharedUserError(problem)
     return result if accelerator.is_main_process else work()
+
+
+def once_per_node(work: Callable[[], T], timeout: timedelta) -> T:
+    """`work()` (no collectives in it) once on each node, by its first rank, whose result the node's other ranks
+    receive, e.g. an image folder listed once per node, not by each of its ranks on a shared file system. A node is
+    the ranks of one launcher (torchrun's GROUP_RANK); without it, every rank is its own node. Bad input met on
+    some nodes stops every rank, naming those nodes' ranks, as on_every_rank does. A node's other ranks wait up to
+    `timeout` for its first."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, os.environ.get("GROUP_RANK"))
+    if None in nodes:
+        nodes = list(range(len(nodes)))
+    ranks_by_node = [[rank for rank, other in enumerate(nodes) if other == node] for node in dict.fromkeys(nodes)]
+    node_group, _ = dist.new_subgroups_by_enumeration(ranks_by_node, timeout, backend="gloo")
+    first = dist.get_process_group_ranks(node_group)[0]
+    outcome = [_attempt(work) if dist.get_rank() == first else None]
+    dist.broadcast_object_list(outcome, src=first, group=node_group)
+    dist.destroy_process_group(node_group)
+    result, problem = outcome[0]
+
+    def received() -> T:
+        if problem is not None:
+            raise UserError(problem)
+        return result
+
+    return on_every_rank(received)
 
 
 def on_every_rank(work: Callable[[], T]) -> T:

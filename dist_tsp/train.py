@@ -4,6 +4,7 @@ and clean stops on SIGTERM/SIGUSR1); plain `accelerate launch` or `python` work 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from dist_tsp import checkpoint, shared_errors
 from dist_tsp.config import RunConfig, load_config, save_config
 from dist_tsp.cuda_graph import choose_step
-from dist_tsp.data import Dataset, check_fills_a_batch, load_dataset
+from dist_tsp.data import Dataset, check_fills_a_batch, listed_from_disk, load_dataset
 from dist_tsp.errors import (
     INTERRUPTED,
     INTERRUPTED_EXIT_CODE,
@@ -140,7 +141,9 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
         raise SharedUserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
-    data = shared_errors.main_process_first(accelerator, lambda: load_dataset(cfg.data, cfg.seed))
+    load = functools.partial(load_dataset, cfg.data, cfg.seed)
+    data = shared_errors.once_per_node(load, startup_timeout(cfg)) if listed_from_disk(cfg.data) else \
+        shared_errors.main_process_first(accelerator, load)
     identity = data.identity()
     shared_errors.check_same_on_every_rank("loaded a dataset", lambda: identity,
                                            "every node needs the same data (a node's own copy of data.root may differ)")

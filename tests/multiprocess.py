@@ -25,8 +25,8 @@ FAILURE_GRACE_S = 5.0  # after a rank raised, the others' time to report too (th
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
-    """Call `fn(*args)` on `world_size` new processes, with this process's environment, joined in a gloo group;
-    results by rank.
+    """Call `fn(*args)` on `world_size` new processes, with this process's environment, joined in a gloo group as
+    the ranks of one node that torchrun starts; results by rank.
 
     Raises AssertionError, after killing the ranks still running, when a rank raised (with its traceback), exited
     without a result (with its exit code), or when the ranks have not all given their result within `timeout` s."""
@@ -93,7 +93,8 @@ def _collect(procs: list, queue, timeout: float) -> tuple[dict[int, Any], dict[i
 def _entry(fn, rank: int, world_size: int, port: int, queue, environment: dict[str, str], args) -> None:
     os.environ.clear()
     os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      GROUP_RANK="0")
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

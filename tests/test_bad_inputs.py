@@ -175,6 +175,9 @@ THROUGH_THE_LAUNCHER = {
     "data the main rank cannot load while the others wait": (
         3, lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
         r"CIFAR-10 not found in .*none and data.download is false"),
+    "an image folder whose first rank on the node finds a class missing from test/": (
+        3, lambda t: ["data.name=image_folder", f"data.root={_removed(image_folder(t / 'imgs', 3) / 'test' / 'c1')}"],
+        r"imgs: class 'c1' is in train/ but not test/: both splits need the same classes"),
     "a teacher file every rank finds truncated": (
         3, lambda t: [f"teacher.checkpoint={_write(t / 'cut.pt', b'PK-half')}"],
         r"teacher checkpoint .*cut.pt cannot be read \(.*\): it is truncated"),
@@ -240,6 +243,12 @@ AFTER_START = {
     BATCH_LARGER_THAN_THE_DATA: (lambda t: ["data.batch_size=5000"],
                                  r"do not fill one batch of 5000: lower data.batch_size"),
 }
+
+
+def _removed(folder: Path) -> Path:
+    """The folder's split root, once the folder (split/<class>) is gone."""
+    shutil.rmtree(folder)
+    return folder.parents[1]
 
 
 def _write(path: Path, data: bytes) -> Path:
