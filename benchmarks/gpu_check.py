@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -87,7 +88,9 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, on any device")
     parser.add_argument("--out", type=Path, default=Path("gpu_report.md"), help="the markdown report")
-    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory); a check "
+                        "rerun there reuses the decoded images and the teacher part's teacher, and redoes each part "
+                        "it runs")
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     if unknown := [p for p in parts if p not in PARTS]:
@@ -115,6 +118,7 @@ def run_parts(check: GpuCheck, parts: list[str], environment_lines: str, out: Pa
     report(f"# dist-tsp GPU check\n\n{environment_lines}\n- parts: {', '.join(parts)}")
     for part in parts:
         started = time.perf_counter()
+        check.clear(part)
         try:
             body = getattr(check, part)()
         except (Exception, SystemExit) as error:
@@ -135,7 +139,8 @@ def environment(cifar10: Path | None) -> str:
 
 
 def write_data(folder: Path, cifar10: Path | None, quick: bool) -> list[str]:
-    """The data overrides of every run: CIFAR-10 (or random images of its size) as data.name=npz arrays."""
+    """The data overrides of every run: CIFAR-10 (or random images of its size) as data.name=npz arrays (the
+    batch size aside)."""
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {"train": 512 if quick else 50_000, "test": 256 if quick else 10_000}
     for split, size in sizes.items():
@@ -148,7 +153,7 @@ def write_data(folder: Path, cifar10: Path | None, quick: bool) -> list[str]:
         else:
             images, labels = decode_folder(cifar10 / split, size if quick else None)
         np.savez(path, images=images, labels=labels, classes=np.array(CIFAR_CLASSES))
-    return ["data.name=npz", f"data.root={folder}", "data.batch_size=128"]
+    return ["data.name=npz", f"data.root={folder}"]
 
 
 def decode_folder(split: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +171,8 @@ class GpuCheck:
     """The parts; each returns its markdown."""
 
     def __init__(self, work: Path, quick: bool, data: list[str], seeds: int, *, real_data: bool) -> None:
-        self.work, self.quick, self.data, self.seeds, self.real_data = work, quick, data, seeds, real_data
+        self.work, self.quick, self.seeds, self.real_data = work, quick, seeds, real_data
+        self.images, self.data = data, [*data, "data.batch_size=128"]  # the images; the data overrides of a run
         self.cuda = torch.cuda.is_available()
         self.limits = GPU_LIMITS_S if self.cuda else dict.fromkeys(GPU_LIMITS_S)
         self.step_rows: list[list[str]] = []  # the steps part's rows so far (what an interrupted one reports)
@@ -178,8 +184,13 @@ class GpuCheck:
         students = "students=[" + ", ".join(f"{{name: {s}, model: {s}}}" for s in STUDENTS) + "]"
         self.paper_size = [*self.data, students, *TSP, f"teacher.checkpoint={self.teacher_file}",
                            "teacher.mode=replicated", "train.epochs=1000"]
-        self.teacher_for_protocol = [f"teacher.checkpoint={self.teacher_file}", *teacher_spec(ROOT / "configs" /
-                                                                                                "demo.yaml")]
+
+    def clear(self, part: str) -> None:
+        """Remove what an earlier check in this work folder left of `part`: its runs would be resumed or reused, not
+        measured. The decoded images stay, and so does the teacher trained by an earlier teacher part, which the
+        protocol part uses (a check cut in two: --parts correctness,steps,teacher, then --parts protocol,modes)."""
+        for left in self.work.glob(f"{part}*"):
+            shutil.rmtree(left)
 
     def _run(self, name: str, overrides: list[str], precision: str = "no") -> Path:
         run = self.work / name
@@ -328,7 +339,6 @@ class GpuCheck:
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])
-        self.teacher_for_protocol = [f"teacher.checkpoint={out / 'model.pt'}", *teacher_spec(RECIPE)]
         accuracy = float(re.search(r"test accuracy ([\d.]+) %", done.stdout).group(1))
         rows = [["test accuracy %", f"{accuracy:.2f}", ">= 94", yes(accuracy >= 94) if self.real_data else "-"],
                 ["teacher stage, wall s (start-up included)", f"{seconds:.0f}", "<= 120", yes(seconds <= 120)]]
@@ -344,13 +354,14 @@ class GpuCheck:
             return "skipped: matplotlib is not installed here (the protocol's report draws its figures with it)"
         quick = ["train.max_steps=4", "train.epochs=1"] if self.quick else []
         out = self.work / "protocol"
+        teacher, which = self._protocol_teacher()
         env = {**os.environ, **({"ACCELERATE_MIXED_PRECISION": "bf16"} if self.cuda else {})}
         started = time.perf_counter()
         limit = self.limits["protocol"] and self.limits["protocol"] * self.seeds
         try:
             done = run_command([sys.executable, "-m", "dist_tsp.protocol", "--config", str(PAPER), "--seeds",
                                 str(self.seeds), "--methods", "scratch,kd,tsp", "--out", str(out), *self.data,
-                                *self.teacher_for_protocol, "train.step=auto", *quick], limit, cwd=ROOT, env=env)
+                                *teacher, "train.step=auto", *quick], limit, cwd=ROOT, env=env)
         except TimeoutError as error:
             raise TimeoutError(f"{error}{unfinished_logs(out / 'logs')}") from None
         seconds = time.perf_counter() - started
@@ -358,15 +369,24 @@ class GpuCheck:
             raise RuntimeError(done.stderr[-2000:] + unfinished_logs(out / "logs"))
         target = "" if self.seeds != 3 else f"\n\n3 seeds in {seconds:.0f} s (target <= 300 s with the teacher: " \
                                             f"{yes(seconds <= 300)})"
-        return (f"{self.seeds} seed(s), scratch + KD + TSP, the teacher shared: {seconds:.0f} s\n\n"
+        return (f"{self.seeds} seed(s), scratch + KD + TSP, the teacher shared ({which}): {seconds:.0f} s\n\n"
                 + (out / "table2.md").read_text() + target)
+
+    def _protocol_teacher(self) -> tuple[list[str], str]:
+        """The protocol's teacher as overrides, and which it is: the teacher part's in this work folder, else an
+        untrained one of the demo's shape."""
+        trained = self.work / "teacher" / "model.pt"
+        if trained.is_file():
+            return [f"teacher.checkpoint={trained}", *teacher_spec(RECIPE)], "the teacher part's"
+        return ([f"teacher.checkpoint={self.teacher_file}", *teacher_spec(ROOT / "configs" / "demo.yaml")],
+                "untrained, the demo's shape: no teacher part has trained one in this work folder")
 
     def modes(self) -> str:
         """benchmarks/teacher_modes.py on this one device."""
         modes = [m for m in TEACHER_MODES if m != "deepspeed" or find_spec("deepspeed") is not None]
         flags = ["--steps", "3", "--batch", "48"] if self.quick else []
         done = run_command([sys.executable, str(ROOT / "benchmarks" / "teacher_modes.py"), "--worlds", "1",
-                            "--modes", *modes, *flags, *(["--gpu"] if self.cuda else []),
+                            "--modes", *modes, *flags, *(["--gpu"] if self.cuda else []), "--data", *self.images,
                             "--work-dir", str(self.work / "modes")], self.limits["modes"], cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(done.stderr[-3000:])

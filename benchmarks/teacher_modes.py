@@ -3,6 +3,7 @@
     python benchmarks/teacher_modes.py                  # CPU, W = 1, 2, 3 (gloo), a ResNet-20 teacher
     python benchmarks/teacher_modes.py --quick          # tiny (what CI runs)
     python benchmarks/teacher_modes.py --teacher resnet50 --gpu   # one process per GPU (NCCL)
+    python benchmarks/teacher_modes.py --data data.name=npz data.root=DIR   # other images than the demo's digits
 
 For each W, one real `accelerate launch` of W processes (one student's place per rank, W peers)
 runs this file with --worker: every mode builds the teacher as a run does (dist_tsp.teacher), then
@@ -61,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
             f"students=[{students}]", f"output_dir={args.work_dir / f'W{world}-{mode}'}",
             f"teacher.model={args.teacher}", f"teacher.args={json.dumps(teacher_args)}",
             f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
-            f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", f"data.batch_size={args.batch}"])
+            f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", *args.data, f"data.batch_size={args.batch}"])
 
     accelerator, data, _ = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
     placement = Placement(world_size=world, rank=accelerator.process_index, num_students=world)
@@ -88,8 +89,9 @@ def worker(args: argparse.Namespace) -> None:
         step_ms = torch.tensor([1000 * (time.perf_counter() - started) / args.steps], device=accelerator.device)
         if world > 1:
             dist.all_reduce(step_ms, op=dist.ReduceOp.MAX)
-        rows.append({"mode": mode, "world": world, "step_ms": step_ms.item(), "one_off_s": one_off,
-                     "bytes_full": info.parameter_bytes, "bytes_per_rank": info.parameter_bytes_per_rank})
+        rows.append({"mode": mode, "world": world, "images": len(data.train), "step_ms": step_ms.item(),
+                     "one_off_s": one_off, "bytes_full": info.parameter_bytes,
+                     "bytes_per_rank": info.parameter_bytes_per_rank})
         del model, source
     if accelerator.is_main_process:
         (args.work_dir / f"W{world}.json").write_text(json.dumps(rows))
@@ -112,7 +114,7 @@ def launch(world: int, args: argparse.Namespace) -> list[dict]:
     launcher += ["--cpu"] if not args.gpu and world == 1 else []
     command = [*launcher, __file__, "--worker", "--work-dir", str(args.work_dir), "--teacher", args.teacher,
                "--teacher-args", args.teacher_args,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes]
+               "--steps", str(args.steps), "--batch", str(args.batch), "--modes", *args.modes, "--data", *args.data]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -127,6 +129,8 @@ def main() -> None:
     parser.add_argument("--teacher", default="resnet_cifar", help="a registry model (default: ResNet-20 for CIFAR)")
     parser.add_argument("--teacher-args", default=None,
                         help='its constructor arguments as JSON (default: {"depth": 20, "width": 16} for resnet_cifar)')
+    parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="data.* overrides of every run (default: the demo's digits, which need scikit-learn)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--modes", nargs="+", default=list(TEACHER_MODES), choices=TEACHER_MODES)
     parser.add_argument("--steps", type=int, default=20)
@@ -145,7 +149,9 @@ def main() -> None:
     table = [[r["mode"], r["world"], f"{r['step_ms']:.2f}", f"{r['one_off_s']:.1f}" if r["mode"] == "cached" else "-",
               f"{r['bytes_full'] / 2**20:.2f}", f"{max(r['bytes_per_rank']) / 2**20:.2f}",
               f"{max(r['bytes_per_rank']) / r['bytes_full']:.2f}"] for r in sorted(rows, key=lambda r: r["world"])]
-    print(f"Teacher {args.teacher} {args.teacher_args}, batch {args.batch}, {args.steps} timed steps, slowest rank\n")
+    data = f"{' '.join(args.data) or 'the demo digits (data.name=digits)'} ({rows[0]['images']} training images)"
+    print(f"Teacher {args.teacher} {args.teacher_args}, data {data}, batch {args.batch}, {args.steps} timed steps, "
+          "slowest rank\n")
     print(tabulate(table, headers=["mode", "W", "teacher ms/step", "cache build s/epoch", "teacher MiB",
                                    "MiB per rank", "share"], tablefmt="github"))
     print(f"\n{ADVICE}")

@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -40,9 +41,16 @@ def test_step_breakdown_quick_mode_prints_a_table_per_configuration(tmp_path):
 
 
 def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_parameter_sharded(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    """On the images it is given (the GPU check's, where scikit-learn and its digits may be missing)."""
+    rng = np.random.default_rng(0)
+    for split, size in (("train", 96), ("test", 32)):
+        np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (size, 32, 32, 3), np.uint8),
+                 labels=rng.integers(0, 10, size))
+    done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick", "--data", "data.name=npz",
+                           f"data.root={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"data data.name=npz data.root={tmp_path} (96 training images), batch 48" in done.stdout
     assert not list(tmp_path.glob("dist-tsp-*"))  # its temporary folder, with the workers' JSON, is gone
     modes = ("replicated", "sharded", "cached", "fsdp", "deepspeed")
     rows = {cells[1].strip(): cells for cells in (line.split("|") for line in done.stdout.splitlines())
@@ -226,6 +234,40 @@ def test_the_gpu_checks_steps_part_reports_a_failed_run_in_its_row_and_still_mea
     report = check.steps()
     assert re.search(r"\| dist-tsp, eager, fp32 +\| failed +\| .*train.step=eager.*CUDA error: out of memory", report)
     assert re.search(r"\| dist-tsp, graph-ready, not captured, fp32 +\| 3.50 +\| forward 2.0, loss 1.5 ", report)
+
+
+def test_a_gpu_check_rerun_in_its_work_folder_redoes_each_part_and_its_protocol_takes_the_teacher_trained_there(
+        tmp_path, monkeypatch):
+    """A check cut in two under a lent GPU's limit per command (teacher, then protocol), or rerun: before, a part's
+    teacher stage, protocol or logit cache found the earlier check's outputs and reused them, reporting seconds
+    that were not spent, and a protocol run without the teacher part took an untrained teacher."""
+    gpu_check = load_gpu_check(monkeypatch)
+    found = []  # per command: its output folder's name, what was already there, its teacher file
+
+    def check(parts: list[str]) -> str:  # the command run again in the same work folder
+        checked = gpu_check.GpuCheck(tmp_path, quick=True, data=[], seeds=1, real_data=False)
+        gpu_check.run_parts(checked, parts, "", tmp_path / "report.md")
+        return (tmp_path / "report.md").read_text()
+
+    def run_command(command, timeout=None, **options):
+        overrides = dict(arg.split("=", 1) for arg in command if "=" in arg and not arg.startswith("-"))
+        out = Path(overrides.get("output_dir") or command[command.index("--out") + 1])
+        found.append((out.name, sorted(p.name for p in out.glob("*")), overrides["teacher.checkpoint"]))
+        out.mkdir(parents=True, exist_ok=True)
+        if "--teacher-only" in command:
+            Path(overrides["teacher.checkpoint"]).write_bytes(b"trained")
+            return subprocess.CompletedProcess(command, 0, "teacher step: eager\ntest accuracy 94.50 %\n", "")
+        (out / "table2.md").write_text("| method | lenet |\n")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(gpu_check, "run_command", run_command)
+    assert "teacher shared (untrained, the demo's shape" in check(["protocol"])
+    assert found.pop() == ("protocol", [], str(tmp_path / "untrained_teacher.pt"))
+    for parts in (["teacher"], ["protocol"], ["teacher", "protocol"]):
+        report = check(parts)
+        assert found == [(part, [], str(tmp_path / "teacher" / "model.pt")) for part in parts], parts
+        assert "teacher shared (the teacher part's)" in report or parts == ["teacher"]
+        found.clear()
 
 
 def test_an_interrupted_gpu_check_keeps_its_finished_parts_and_what_the_interrupted_one_measured(tmp_path):
