@@ -71,8 +71,9 @@ TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PRECISION = {"no": "fp32", "bf16": "bf16"}  # --mixed_precision: the name in the report
 OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets", "matplotlib")
-# What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
-CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
+# What a run says where cuDNN has no kernel for a convolution under train.deterministic=true (the last: cuDNN's v7 API)
+CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution"
+                                  r"|Unable to find a valid cuDNN algorithm")
 # On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.
 # Several times what each took on an H200; per seed for the protocol. On a CPU commands are not timed out.
 GPU_LIMITS_S = {"run": 240, "teacher": 300, "protocol": 150, "modes": 180}
