@@ -204,13 +204,13 @@ def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10,
     return path
 
 
-def image_folder(root: Path, classes: int) -> Path:
+def image_folder(root: Path, classes: int, per_class: int = 4) -> Path:
     from PIL import Image
 
     for split in ("train", "test"):
         for c in range(classes):
             (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(4):
+            for i in range(per_class):
                 Image.new("RGB", (32, 32), (40 * c, 9 * i, 0)).save(root / split / f"c{c}" / f"{i}.png")
     return root
 

@@ -20,6 +20,7 @@ import pytest
 from dist_tsp.checkpoint import complete_checkpoints
 from dist_tsp.config import load_config
 from tests.runs import ENV, ROOT, TINY, last_step, train_rows
+from tests.test_bad_inputs import image_folder
 from tests.slurm_cluster import LocalSlurm, unavailable
 
 WHY_NOT = unavailable()
@@ -202,22 +203,27 @@ def test_teacher_job_trains_the_teacher_once_for_every_student_job(teacher, one_
 
 
 def test_two_node_job_places_one_replica_of_every_student_on_each_node(cluster, teacher, tmp_path):
-    args = run_args(teacher[0], "train.max_steps=4", f"output_dir={tmp_path / 'run'}")
+    """Streaming an image folder, which each node's first rank lists for the node's others: a node is the ranks
+    that torchrun's GROUP_RANK says are one launcher's."""
+    images = image_folder(tmp_path / "images", 10, per_class=8)
+    args = run_args(teacher[0], "train.max_steps=4", f"output_dir={tmp_path / 'run'}", "data.name=image_folder",
+                    f"data.root={images}")
     job = Job(cluster, tmp_path, "peer.sh", *args, options=("--nodes=2",))
     placement = {}
     while job.process.poll() is None:  # which node each rank's process runs on, read from the live processes
         placement.update(ranks_by_node(job.id))
         time.sleep(0.3)
     assert job.wait() == 0, job
-    assert placement == {0: "node1", 1: "node1", 2: "node1", 3: "node2", 4: "node2", 5: "node2"}, placement
+    assert placement == {0: ("node1", b"0"), 1: ("node1", b"0"), 2: ("node1", b"0"), 3: ("node2", b"1"),
+                         4: ("node2", b"1"), 5: ("node2", b"1")}, placement
     assert "node node2 is machine rank 1" in job.log()
     assert set(results(tmp_path / "run")["students"]) == {"lenet", "alexnet", "mobilenet"}
 
 
-def ranks_by_node(job_id: str) -> dict[int, str]:
-    """{RANK: SLURMD_NODENAME} of the training workers of `job_id` running now."""
-    return {int(env[b"RANK"]): env[b"SLURMD_NODENAME"].decode() for _, cmdline, env in job_processes(job_id)
-            if b"RANK" in env and b"dist_tsp/train.py" in cmdline}
+def ranks_by_node(job_id: str) -> dict[int, tuple[str, bytes | None]]:
+    """{RANK: (SLURMD_NODENAME, GROUP_RANK)} of the training workers of `job_id` running now."""
+    return {int(env[b"RANK"]): (env[b"SLURMD_NODENAME"].decode(), env.get(b"GROUP_RANK"))
+            for _, cmdline, env in job_processes(job_id) if b"RANK" in env and b"dist_tsp/train.py" in cmdline}
 
 
 def job_processes(job_id: str) -> list[tuple[int, bytes, dict[bytes, bytes]]]:
