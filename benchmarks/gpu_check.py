@@ -71,9 +71,8 @@ TSP = [f"loss.{k}={w}" for k, w in zip(LOSS_WEIGHTS, LOSS_PRESETS["tsp"])]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PRECISION = {"no": "fp32", "bf16": "bf16"}  # --mixed_precision: the name in the report
 OPTIONAL = ("wandb", "deepspeed", "torchcodec", "datasets", "matplotlib")
-# What a run says where cuDNN has no kernel for a convolution under train.deterministic=true (the last: cuDNN's v7 API)
-CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution"
-                                  r"|Unable to find a valid cuDNN algorithm")
+# What a run says where cuDNN has no kernel for a convolution under train.deterministic=true
+CUDNN_WITHOUT_KERNEL = re.compile(r"unable to find an engine|CUDNN_STATUS_NOT_SUPPORTED|no deterministic convolution")
 # On a GPU (lent for minutes): seconds before a command is killed, so that one hung run loses one part, not the rest.
 # Several times what each took on an H200; per seed for the protocol. On a CPU commands are not timed out.
 GPU_LIMITS_S = {"run": 240, "teacher": 300, "protocol": 150, "modes": 180}
@@ -141,8 +140,13 @@ def environment(cifar10: Path | None) -> str:
 
 def write_data(folder: Path, cifar10: Path | None, quick: bool) -> list[str]:
     """The data overrides of every run: CIFAR-10 (or random images of its size) as data.name=npz arrays (the
-    batch size aside)."""
+    batch size aside), made once per work folder; a check of other data (--cifar10, --quick) is refused there."""
     folder.mkdir(parents=True, exist_ok=True)
+    source, record = {"cifar10": cifar10 and str(cifar10.resolve()), "quick": quick}, folder / "source.json"
+    if record.is_file() and (made := json.loads(record.read_text())) != source:
+        sys.exit(f"gpu_check.py: error: --work-dir {folder.parent} holds a check of other data ({made}, this one "
+                 f"{source}): give this check another --work-dir, or the same --cifar10 and --quick")
+    record.write_text(json.dumps(source))
     sizes = {"train": 512 if quick else 50_000, "test": 256 if quick else 10_000}
     for split, size in sizes.items():
         path = folder / f"{split}.npz"
@@ -153,7 +157,9 @@ def write_data(folder: Path, cifar10: Path | None, quick: bool) -> list[str]:
             images, labels = rng.integers(0, 256, (size, 32, 32, 3), np.uint8), rng.integers(0, 10, size)
         else:
             images, labels = decode_folder(cifar10 / split, size if quick else None)
-        np.savez(path, images=images, labels=labels, classes=np.array(CIFAR_CLASSES))
+        partial = folder / f"{split}.partial.npz"  # a check cut short leaves no npz that a rerun would take as whole
+        np.savez(partial, images=images, labels=labels, classes=np.array(CIFAR_CLASSES))
+        partial.replace(path)
     return ["data.name=npz", f"data.root={folder}"]
 
 

@@ -54,25 +54,27 @@ def worker(args: argparse.Namespace) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     teacher_args = json.loads(args.teacher_args)
-    teacher_file = args.work_dir / f"{args.teacher}-{'-'.join(f'{k}{v}' for k, v in teacher_args.items())}.pt"
     students = ", ".join(f"{{name: s{i}, model: lenet}}" for i in range(world))
 
-    def config(mode: str):
+    def config(mode: str, teacher_file: Path | None = None):
         return load_config(None, [
             f"students=[{students}]", f"output_dir={args.work_dir / f'W{world}-{mode}'}",
             f"teacher.model={args.teacher}", f"teacher.args={json.dumps(teacher_args)}",
-            f"teacher.checkpoint={teacher_file}", f"teacher.mode={mode}",
+            *([f"teacher.checkpoint={teacher_file}"] if teacher_file else []), f"teacher.mode={mode}",
             f"teacher.cache_dir={args.work_dir / f'cache-W{world}'}", *args.data, f"data.batch_size={args.batch}"])
 
     accelerator, data, _ = start(config(args.modes[0]), trackers=False)  # as a run starts; data for all modes
     placement = Placement(world_size=world, rank=accelerator.process_index, num_students=world)
     groups = Groups.from_mesh(placement.build_mesh(accelerator.device.type))
+    shape = "-".join([args.teacher, *(f"{k}{v}" for k, v in teacher_args.items()), f"{data.num_classes}classes"])
+    teacher_file = args.work_dir / f"{shape}.pt"  # an untrained teacher for the data's classes: its cost is measured
     if accelerator.is_main_process and not teacher_file.is_file():
-        checkpoint.save_atomic({"model": build_model(args.teacher, 10, **teacher_args).state_dict()}, teacher_file)
+        model = build_model(args.teacher, data.num_classes, **teacher_args)
+        checkpoint.save_atomic({"model": model.state_dict()}, teacher_file)
     accelerator.wait_for_everyone()
     rows = []
     for mode in args.modes:
-        cfg = config(mode)
+        cfg = config(mode, teacher_file)
         model, info, _ = prepare_teacher(cfg, data, accelerator, groups)
         source = teacher_logits(cfg, model, info, data, accelerator, groups, StopRequest())
         started = time.perf_counter()
@@ -130,7 +132,8 @@ def main() -> None:
     parser.add_argument("--teacher-args", default=None,
                         help='its constructor arguments as JSON (default: {"depth": 20, "width": 16} for resnet_cifar)')
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="data.* overrides of every run (default: the demo's digits, which need scikit-learn)")
+                        help="data.* overrides of every run: other images than the demo's digits (which need "
+                        "scikit-learn), the teacher made for their classes")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--modes", nargs="+", default=list(TEACHER_MODES), choices=TEACHER_MODES)
     parser.add_argument("--steps", type=int, default=20)

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,7 +31,6 @@ from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedIm
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
-DEFAULT_WORKERS = 4
 DIGITS_FILE = "sklearn/datasets/data/digits.csv.gz"  # as scikit-learn's installed-files list names it
 STATS_SAMPLES = 2000  # a streamed set's normalisation statistics come from at most this many training images
 RESIZE_CHUNK = 1024  # images resized at once when an in-memory dataset is brought to data.image_size
@@ -504,14 +502,7 @@ def _streamed(cfg: DataConfig, images: FolderImages | ArrowImages, labels: torch
         raise DataError(f"data.name={cfg.name} decodes images with TorchCodec, which {streaming.TORCHCODEC_MISSING}: "
                         f"install the torchcodec release made for torch {release} and the FFmpeg libraries it loads "
                         "(or give the images decoded: data.name=npz)")
-    workers = default_workers() if cfg.loader_workers is None else cfg.loader_workers
-    return StreamedImages(images, labels, cfg.image_size, cfg.crop, workers, cfg.loader_timeout_s)
-
-
-def default_workers() -> int:
-    """Loader workers per rank: up to 4, the CPUs this process may use shared among the ranks on its node."""
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // ranks_here))
+    return StreamedImages(images, labels, cfg.image_size, cfg.crop, cfg.loader_workers, cfg.loader_timeout_s)
 
 
 def decode_all(files: StreamedImages, what: str) -> ImageSet:

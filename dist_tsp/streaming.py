@@ -43,6 +43,7 @@ from dist_tsp.errors import UserError
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 _UNSUPPORTED = "Unsupported or unrecognized image format"  # TorchCodec's message for a format it does not read
 PREFETCH_BATCHES = 4  # per worker
+DEFAULT_WORKERS = 4  # per rank, at most (default_workers)
 _SOURCE_LOCATION = re.compile(r"^\w+, \S+:\d+, ")  # "decode_rows, .../DecodeJpeg.cpp:287, " in a decoder's error
 
 
@@ -129,7 +130,7 @@ class StreamedImages:
     labels: torch.Tensor
     image_size: int
     crop: Crop
-    workers: int
+    workers: int | None  # loader workers (None: default_workers() of the process that reads it)
     timeout_s: float  # for the workers to deliver a batch (0: wait for ever)
 
     def __len__(self) -> int:
@@ -161,7 +162,7 @@ class StreamLoader:
     def __init__(self, files: StreamedImages, augmentation: Augmentation | None, device: torch.device, *,
                  persistent: bool) -> None:
         self.device, self.plan = device, _Plan()
-        workers, with_workers = files.workers, {}
+        workers, with_workers = default_workers() if files.workers is None else files.workers, {}
         self.timeout_s = files.timeout_s if workers > 0 else 0.0  # with no workers, nothing can be stopped
         if workers > 0:  # forked, as the module's docstring has them (the default: spawn on macOS, forkserver from
             # Python 3.14)
@@ -356,6 +357,12 @@ def stop_loader_workers() -> None:
         worker.kill()
     for worker in workers:
         worker.join()
+
+
+def default_workers() -> int:
+    """Loader workers per rank: up to 4, the CPUs this process may use shared among the ranks on its node."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(DEFAULT_WORKERS, len(os.sched_getaffinity(0)) // ranks_here))
 
 
 def _collate(samples: list[torch.Tensor | str]) -> torch.Tensor | str:

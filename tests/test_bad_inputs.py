@@ -175,7 +175,7 @@ THROUGH_THE_LAUNCHER = {
     "data the main rank cannot load while the others wait": (
         3, lambda t: ["data.name=cifar10", f"data.root={t}/none", "data.download=false"],
         r"CIFAR-10 not found in .*none and data.download is false"),
-    "an image folder whose first rank on the node finds a class missing from test/": (
+    "an image folder with a class missing from test/": (
         3, lambda t: ["data.name=image_folder", f"data.root={_removed(image_folder(t / 'imgs', 3) / 'test' / 'c1')}"],
         r"imgs: class 'c1' is in train/ but not test/: both splits need the same classes"),
     "a teacher file every rank finds truncated": (

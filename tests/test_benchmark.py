@@ -41,11 +41,12 @@ def test_step_breakdown_quick_mode_prints_a_table_per_configuration(tmp_path):
 
 
 def test_teacher_modes_quick_mode_prints_every_mode_and_a_third_per_rank_when_parameter_sharded(tmp_path):
-    """On the images it is given (the GPU check's, where scikit-learn and its digits may be missing)."""
+    """On the images it is given (the GPU check's, where scikit-learn and its digits may be missing), of any number
+    of classes."""
     rng = np.random.default_rng(0)
     for split, size in (("train", 96), ("test", 32)):
         np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (size, 32, 32, 3), np.uint8),
-                 labels=rng.integers(0, 10, size))
+                 labels=np.arange(size) % 4, classes=np.array(["a", "b", "c", "d"]))
     done = subprocess.run([sys.executable, "benchmarks/teacher_modes.py", "--quick", "--data", "data.name=npz",
                            f"data.root={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TMPDIR": str(tmp_path)})
@@ -268,6 +269,21 @@ def test_a_gpu_check_rerun_in_its_work_folder_redoes_each_part_and_its_protocol_
         assert found == [(part, [], str(tmp_path / "teacher" / "model.pt")) for part in parts], parts
         assert "teacher shared (the teacher part's)" in report or parts == ["teacher"]
         found.clear()
+
+
+def test_a_gpu_checks_work_folder_reuses_its_arrays_and_refuses_a_check_of_other_data(tmp_path, monkeypatch):
+    """A check cut in two, or rerun, in one --work-dir takes the images decoded there, made whole (written aside,
+    then renamed); one with another --cifar10 or --quick would have run on them, under its own report's name."""
+    gpu_check = load_gpu_check(monkeypatch)
+    data = tmp_path / "work" / "data"
+    assert gpu_check.write_data(data, None, quick=True) == ["data.name=npz", f"data.root={data}"]
+    arrays = {path: path.stat().st_mtime_ns for path in data.glob("*.npz")}
+    gpu_check.write_data(data, None, quick=True)
+    assert {path: path.stat().st_mtime_ns for path in data.glob("*.npz")} == arrays
+    assert sorted(path.name for path in arrays) == ["test.npz", "train.npz"]
+    other = r"holds a check of other data \(.*'quick': True.*this one .*'quick': False.*\): give this check another"
+    with pytest.raises(SystemExit, match=other + " --work-dir, or the same --cifar10 and --quick"):
+        gpu_check.write_data(data, None, quick=False)
 
 
 def test_an_interrupted_gpu_check_keeps_its_finished_parts_and_what_the_interrupted_one_measured(tmp_path):

@@ -20,8 +20,8 @@ import pytest
 from dist_tsp.checkpoint import complete_checkpoints
 from dist_tsp.config import load_config
 from tests.runs import ENV, ROOT, TINY, last_step, train_rows
-from tests.test_bad_inputs import image_folder
 from tests.slurm_cluster import LocalSlurm, unavailable
+from tests.test_bad_inputs import image_folder
 
 WHY_NOT = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
