@@ -2,7 +2,7 @@
 floor of the same step written minimally, does bf16 pay, the fast CIFAR teacher, the paper's protocol, the teacher
 modes.
 
-    python benchmarks/gpu_check.py                          # CIFAR-size synthetic data: about 5 min on one H100/H200
+    python benchmarks/gpu_check.py                          # CIFAR-size synthetic data (5 min targeted, unmeasured)
     python benchmarks/gpu_check.py --cifar10 DATA           # CIFAR-10 as an image folder: {train,test}/<class>/*
     python benchmarks/gpu_check.py --cifar10 DATA --seeds 3 # the protocol's 3-seed target
     python benchmarks/gpu_check.py --quick                  # tiny, on any device: on a CPU all but the capture
