@@ -45,7 +45,7 @@ def once_per_node(work: Callable[[], T], timeout: timedelta) -> T:
     if None in nodes:
         nodes = list(range(len(nodes)))
     ranks_by_node = [[rank for rank, other in enumerate(nodes) if other == node] for node in dict.fromkeys(nodes)]
-    node_group, _ = dist.new_subgroups_by_enumeration(ranks_by_node, timeout, backend="gloo")
+    node_group, _ = dist.new_subgroups_by_enumeration(ranks_by_node, timeout=timeout, backend="gloo")
     first = dist.get_process_group_ranks(node_group)[0]
     outcome = [_attempt(work) if dist.get_rank() == first else None]
     dist.broadcast_object_list(outcome, src=first, group=node_group)
