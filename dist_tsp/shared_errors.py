@@ -4,8 +4,8 @@ timeout. Met later by some ranks alone (an image that cannot be decoded), or by 
 is recorded in the launch's store: the ranks that met it say it once, and those whose next collective fails because
 of it exit with its code, quietly. A loader worker lost on one rank (killed for memory) is recorded the same way,
 with its own exit code, and so is another rank's process gone (said once, by the first rank whose collective
-failed). Work done once per node, by its first rank for the others (listing an image folder), stops every rank
-the same way on what it met."""
+failed). Work done once per node (listing an image folder) or first by one rank per node (a download) stops every
+rank the same way on what it met."""
 
 from __future__ import annotations
 
@@ -24,28 +24,32 @@ T = TypeVar("T")
 
 
 def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
-    """`work()` on the main process, then on the others (a download happens once)."""
+    """`work()` on the main process, then on each other node's first rank, then on the other ranks of every node: a
+    download happens once where data.root is shared, once per node where each node has its own, and never by two
+    processes of a node at once. Bad input that the main process or another node's first rank meets stops every
+    rank in one line (naming that node's first rank)."""
     result, problem = _attempt(work) if accelerator.is_main_process else (None, None)
     problem = broadcast_object_list([problem])[0]
     if problem is not None:
         raise SharedUserError(problem)
-    return result if accelerator.is_main_process else work()
+    if accelerator.num_processes == 1:
+        return result
+    firsts = {ranks[0] for ranks in _ranks_by_node()}  # a collective: every rank
+    first_of_node = not accelerator.is_main_process and dist.get_rank() in firsts
+    node_result = on_every_rank(work if first_of_node else lambda: None)
+    if accelerator.is_main_process:
+        return result
+    return node_result if first_of_node else work()
 
 
 def once_per_node(work: Callable[[], T], timeout: timedelta) -> T:
     """`work()` (no collectives in it) once on each node, by its first rank, whose result the node's other ranks
-    receive, e.g. an image folder listed once per node, not by each of its ranks on a shared file system. A node is
-    the ranks of one launcher (torchrun's GROUP_RANK); without it, every rank is its own node. Bad input met on
-    some nodes stops every rank, naming those nodes' ranks, as on_every_rank does. A node's other ranks wait up to
-    `timeout` for its first."""
+    receive, e.g. an image folder listed once per node, not by each of its ranks on a shared file system. Bad input
+    met on some nodes stops every rank, naming those nodes' ranks, as on_every_rank does. A node's other ranks wait
+    up to `timeout` for its first."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return work()
-    nodes = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, os.environ.get("GROUP_RANK"))
-    if None in nodes:
-        nodes = list(range(len(nodes)))
-    ranks_by_node = [[rank for rank, other in enumerate(nodes) if other == node] for node in dict.fromkeys(nodes)]
-    node_group, _ = dist.new_subgroups_by_enumeration(ranks_by_node, timeout=timeout, backend="gloo")
+    node_group, _ = dist.new_subgroups_by_enumeration(_ranks_by_node(), timeout=timeout, backend="gloo")
     first = dist.get_process_group_ranks(node_group)[0]
     outcome = [_attempt(work) if dist.get_rank() == first else None]
     dist.broadcast_object_list(outcome, src=first, group=node_group)
@@ -58,6 +62,16 @@ def once_per_node(work: Callable[[], T], timeout: timedelta) -> T:
         return result
 
     return on_every_rank(received)
+
+
+def _ranks_by_node() -> list[list[int]]:
+    """Every node's ranks (a collective): a node is the ranks of one launcher, which torchrun's GROUP_RANK names;
+    under a launcher that does not, every rank is a node of its own."""
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, os.environ.get("GROUP_RANK"))
+    if None in nodes:
+        nodes = list(range(len(nodes)))
+    return [[rank for rank, other in enumerate(nodes) if other == node] for node in dict.fromkeys(nodes)]
 
 
 def on_every_rank(work: Callable[[], T]) -> T:
