@@ -7,7 +7,7 @@ import os
 import queue as queues
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,16 +24,20 @@ POLL_S = 0.2  # how often the parent looks at the ranks while it waits for their
 FAILURE_GRACE_S = 5.0  # after a rank raised, the others' time to report too (they may wait for it in a collective)
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180,
+                 nodes: Sequence[int | None] | None = None) -> list[Any]:
     """Call `fn(*args)` on `world_size` new processes, with this process's environment, joined in a gloo group as
-    the ranks of one node that torchrun starts; results by rank.
+    torchrun starts them: on one node, or rank r on node nodes[r] (its GROUP_RANK, with LOCAL_RANK and
+    LOCAL_WORLD_SIZE among that node's ranks; None: a launcher that sets no GROUP_RANK); results by rank.
 
     Raises AssertionError, after killing the ranks still running, when a rank raised (with its traceback), exited
     without a result (with its exit code), or when the ranks have not all given their result within `timeout` s."""
     queue = CONTEXT.Queue()
     port = free_port()
-    environment = dict(os.environ)  # now, not the server's from when it started
-    procs = [CONTEXT.Process(target=_entry, args=(fn, rank, world_size, port, queue, environment, args))
+    environment = {k: v for k, v in os.environ.items() if k != "GROUP_RANK"}  # now, not the server's from its start
+    nodes = [0] * world_size if nodes is None else list(nodes)
+    procs = [CONTEXT.Process(target=_entry, args=(fn, rank, world_size, port, queue,
+                                                  {**environment, **torchrun_node(nodes, rank)}, args))
              for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -90,11 +94,17 @@ def _collect(procs: list, queue, timeout: float) -> tuple[dict[int, Any], dict[i
     return results, failures, None
 
 
+def torchrun_node(nodes: list[int | None], rank: int) -> dict[str, str]:
+    """What torchrun tells `rank` of its node, nodes[rank] (None: a launcher that names no GROUP_RANK)."""
+    here = [other for other, node in enumerate(nodes) if node == nodes[rank]]
+    said = {"LOCAL_RANK": str(here.index(rank)), "LOCAL_WORLD_SIZE": str(len(here))}
+    return said if nodes[rank] is None else {**said, "GROUP_RANK": str(nodes[rank])}
+
+
 def _entry(fn, rank: int, world_size: int, port: int, queue, environment: dict[str, str], args) -> None:
     os.environ.clear()
     os.environ.update(environment, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      GROUP_RANK="0")
+                      WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -122,16 +122,15 @@ def test_a_reading_shows_its_progress_bar_on_rank_0_alone_and_only_from_bar_from
     assert run_on_ranks(_bars_hidden, 3) == [[True, False], [True, True], [True, True]]
 
 
-def _downloads_on_nodes(nodes: list[int], log: Path) -> str:
-    """As a rank of node nodes[rank]: a download (the work that logs its start and end) through
-    main_process_first, then one that the first rank of node 1 finds impossible (its own data.root); the line said."""
+def _downloads(log: Path) -> str:
+    """A download (the work that logs its start and end) through main_process_first, then one that node 1 finds
+    impossible (its own data.root); the line said."""
     from accelerate import Accelerator
 
     from dist_tsp.errors import SharedUserError
     from dist_tsp.shared_errors import main_process_first
 
     rank = dist.get_rank()
-    os.environ["GROUP_RANK"] = str(nodes[rank])
     accelerator = Accelerator(cpu=True)
 
     def download() -> int:
@@ -144,7 +143,7 @@ def _downloads_on_nodes(nodes: list[int], log: Path) -> str:
     assert main_process_first(accelerator, download) == rank
 
     def node_1_offline() -> None:
-        if nodes[rank] == 1:
+        if os.environ["GROUP_RANK"] == "1":
             raise DataError("CIFAR-10 not found in data/cifar10 and the download failed (offline?)")
 
     try:
@@ -157,7 +156,7 @@ def _downloads_on_nodes(nodes: list[int], log: Path) -> str:
 def test_a_download_runs_on_rank_0_then_on_each_other_nodes_first_rank_then_on_the_other_ranks(tmp_path):
     """Ranks 0, 1 on node 0 and 2, 3 on node 1, each node with its own data.root: before, ranks 1, 2 and 3 downloaded
     at once after rank 0, two of them into node 1's folder, and bad input there raised on its ranks alone."""
-    said = run_on_ranks(_downloads_on_nodes, 4, [0, 0, 1, 1], tmp_path / "log")
+    said = run_on_ranks(_downloads, 4, tmp_path / "log", nodes=[0, 0, 1, 1])
     lines = (tmp_path / "log").read_text().split("\n")
     assert lines[:4] == ["start 0", "end 0", "start 2", "end 2"], lines
     assert sorted(lines[4:]) == ["", "end 1", "end 3", "start 1", "start 3"], lines

@@ -288,22 +288,16 @@ def test_an_evaluation_read_over_the_ranks_gives_every_rank_the_batches_one_proc
         assert len(alone) == 3 and all(rank[name]["evaluated"] == alone for rank in four_ranks), name
 
 
-def _start_on_nodes(nodes: list[int] | None, roots: list[Path], output_dir: Path, *overrides: str) -> dict:
-    """On each rank, as a rank of node nodes[rank] (torchrun's GROUP_RANK; None: a launcher that does not say)
-    whose copy of the folder is roots[rank]: a run's start-up (process group, seed, data). The one line that refused
-    it, or the dataset it loaded and the folders this rank listed."""
+def _start_from(roots: list[Path], output_dir: Path, *overrides: str) -> dict:
+    """On each rank, from its node's copy of the folder, roots[rank]: a run's start-up (process group, seed, data).
+    The one line that refused it, or the dataset it loaded and the folders this rank listed."""
     from dist_tsp import data
     from dist_tsp.train import start
 
-    rank = dist.get_rank()
-    if nodes is None:
-        os.environ.pop("GROUP_RANK")
-    else:
-        os.environ["GROUP_RANK"] = str(nodes[rank])
     listed, list_image_folder = [], data.list_image_folder
     data.list_image_folder = lambda *args: listed.append(str(args[0])) or list_image_folder(*args)
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"output_dir={output_dir}", "data.name=image_folder",
-                                                       f"data.root={roots[rank]}", *overrides])
+                                                       f"data.root={roots[dist.get_rank()]}", *overrides])
     try:
         _, loaded, identity = start(cfg, trackers=False)
     except SharedUserError as error:
@@ -321,7 +315,7 @@ def test_one_rank_per_node_lists_the_folder_and_every_rank_holds_what_one_proces
     """Ranks 0 and 1 on one node, rank 2 on another: the first rank of each lists the folder (train/ and test/) and
     works out its statistics, and the node's other ranks receive them, not walking the folder again."""
     alone = folder_data(folder, loader_workers=0)
-    got = run_on_ranks(_start_on_nodes, 3, [0, 0, 1], [folder] * 3, tmp_path / "run")
+    got = run_on_ranks(_start_from, 3, [folder] * 3, tmp_path / "run", nodes=[0, 0, 1])
     assert [len(rank["listed"]) for rank in got] == [2, 0, 2], got
     assert all(rank["loaded"] == _contents(alone) for rank in got)
     assert {rank["identity"] for rank in got} == {alone.identity()}
@@ -331,7 +325,7 @@ def test_a_node_whose_copy_of_the_folder_is_bad_stops_every_rank_naming_its_rank
     """Node 1 (ranks 2 and 3) has a copy without test/: its first rank's line, said by every rank with its node's
     ranks; node 0's ranks, whose copy is whole, are stopped too."""
     broken = shutil.copytree(folder, tmp_path / "broken", ignore=shutil.ignore_patterns("test"))
-    said = run_on_ranks(_start_on_nodes, 4, [0, 0, 1, 1], [folder, folder, broken, broken], tmp_path / "run")
+    said = run_on_ranks(_start_from, 4, [folder, folder, broken, broken], tmp_path / "run", nodes=[0, 0, 1, 1])
     lines = {rank.get("refused") for rank in said}
     assert lines == {f"ranks 2, 3: {broken} needs train/ and test/ (or val/) folders holding <class>/ folders"}, said
 
@@ -344,10 +338,11 @@ def test_ranks_whose_copy_of_the_folder_differs_from_rank_0s_are_refused_on_ever
     (copies[0] / "train" / "ant" / "005.jpg").rename(copies[0] / "train" / "bee" / "ant-005.jpg")
     (copies[1] / "train" / "cat" / "006.jpg").unlink()
     imagenet = "data.normalization=imagenet"
-    whole = run_on_ranks(_start_on_nodes, 3, None, [folder] * 3, tmp_path / "run", imagenet)
+    unnamed = [None] * 3  # no GROUP_RANK
+    whole = run_on_ranks(_start_from, 3, [folder] * 3, tmp_path / "run", imagenet, nodes=unnamed)
     assert [len(rank["listed"]) for rank in whole] == [2, 2, 2]
-    said = [rank["refused"] for rank in run_on_ranks(_start_on_nodes, 3, None, [folder, *copies],
-                                                      tmp_path / "run", imagenet)]
+    said = [rank["refused"] for rank in run_on_ranks(_start_from, 3, [folder, *copies], tmp_path / "run", imagenet,
+                                                      nodes=unnamed)]
     assert len(set(said)) == 1 and said[0].startswith("ranks 1, 2 loaded a dataset other than rank 0's (")
     assert said[0].endswith("): every node needs the same data (a node's own copy of data.root may differ)")
     assert said[0].count("96 training, 0 validation and 24 test images in 4 classes") == 2  # rank 1's, rank 0's
