@@ -157,8 +157,11 @@ def test_dotted_override_changes_only_the_key_it_names(tmp_path, file, override)
     assert load_config(path, [override]).to_dict() == expected
 
 
-def test_overrides_may_come_before_and_after_the_config_option():
-    cfg, _ = plan(["train.epochs=3", "--config", str(CONFIGS / "demo.yaml"), "loss.gamma=0.5"], 1, 0)
+def test_overrides_may_come_before_and_after_the_config_option(tmp_path):
+    """In an output_dir of its own: the demo's runs/demo, where a user's demo run left its checkpoints, would be
+    refused as a checkpoint of another run."""
+    cfg, _ = plan(["train.epochs=3", "--config", str(CONFIGS / "demo.yaml"), "loss.gamma=0.5",
+                   f"output_dir={tmp_path}"], 1, 0)
     assert (cfg.train.epochs, cfg.loss.gamma) == (3, 0.5)
 
 
