@@ -191,8 +191,8 @@ class StreamLoader:
         except Exception as error:  # a worker's death, noticed by torch or as a batch was handed over: the run ends
             stop_loader_workers()
             if isinstance(error, (ConnectionError, EOFError)):
-                raise LoaderWorkerLost(f"its connection closed as it handed a batch over: {type(error).__name__}: "
-                                       f"{error}") from error
+                said = ": ".join(filter(None, (type(error).__name__, str(error))))  # EOFError's is often empty
+                raise LoaderWorkerLost(f"its connection closed as it handed a batch over: {said}") from error
             raise
 
 

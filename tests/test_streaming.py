@@ -535,8 +535,8 @@ def test_an_unreadable_or_damaged_shard_a_dataset_dict_or_a_split_without_labels
 
 RERUN = "then rerun the same command to resume from the last checkpoint"
 KILLED = (r"a data loader worker died \((DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|exited "
-          r"unexpectedly)|its connection closed as it handed a batch over: ConnectionResetError: .*)\): if memory "
-          r"ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
+          r"unexpectedly)|its connection closed as it handed a batch over: (ConnectionResetError: .*|EOFError))\): "
+          r"if memory ran out, lower data.loader_workers; if an image crashed its decoder, python -m "
           rf"dist_tsp.check_data names it; {RERUN}")
 STUCK = (r"the data loader's workers delivered no batch in 2 s \(data.loader_timeout_s\): one is stuck: if its decoder "
          r"loops on an image, python -m dist_tsp.check_data names it; if the file system is only slow, raise "
