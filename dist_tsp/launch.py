@@ -61,12 +61,12 @@ def launch(args: list[str]) -> int:
     def pass_on(signum: int, _frame: object) -> None:
         received.setdefault(signum, time.monotonic())
         if agent is not None:
-            _signal_workers(agent, signum)
+            _send(_workers(stop_file, agent), signum)
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, pass_on)
     with tempfile.TemporaryDirectory(prefix="dist-tsp-launch-") as tmp:
         stop_file = Path(tmp) / "stop.json"
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, pass_on)
         env = {**os.environ, STOP_FILE: str(stop_file), "PET_SIGNALS_TO_HANDLE": AGENT_SIGNALS}
         agent = subprocess.Popen([sys.executable, "-c", "from dist_tsp.launch import agent; agent()", *args],
                                  env=env, preexec_fn=_ignore_stop_signals)
@@ -206,28 +206,33 @@ def _wait(agent: subprocess.Popen, received: dict[int, float], stop_file: Path) 
         try:
             code = agent.wait(timeout=1)
             if code < 0:
-                _stop_orphaned(_orphaned_workers(stop_file), signal.Signals(-code).name)
+                _stop_orphaned(_workers(stop_file, agent), signal.Signals(-code).name)
             return code if code >= 0 else 128 - code
         except subprocess.TimeoutExpired:
             pass
         terminated = received.get(signal.SIGTERM)
         if terminated is not None and time.monotonic() - terminated > TERM_GRACE_S:
-            _kill(agent)
+            _kill(agent, stop_file)
             return None
         for signum in list(received):
-            _signal_workers(agent, signum)
+            _send(_workers(stop_file, agent), signum)
 
 
-def _workers(agent: subprocess.Popen) -> list[psutil.Process]:
-    """The processes the agent started: torchrun's workers (not their own children, e.g. compile workers)."""
-    try:
-        return psutil.Process(agent.pid).children()
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _signal_workers(agent: subprocess.Popen, signum: int) -> None:
-    _send(_workers(agent), signum)
+def _workers(stop_file: Path, agent: subprocess.Popen) -> list[psutil.Process]:
+    """The workers of this launch, the agent's children while it runs and orphans once it has gone: the processes but
+    the agent whose environment holds this launch's stop file, and not their own children (loader workers, compile
+    workers, which their worker stops)."""
+    launched = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != agent.pid and process.environ().get(STOP_FILE) == str(stop_file):
+                launched[process.pid] = process
+    workers = []
+    for process in launched.values():
+        with contextlib.suppress(psutil.Error):
+            if process.ppid() not in launched:
+                workers.append(process)
+    return workers
 
 
 def _send(processes: list[psutil.Process], signum: int) -> None:
@@ -258,22 +263,6 @@ def _stop_orphaned(workers: list[psutil.Process], ended_by: str) -> None:
           "the last checkpoint", file=sys.stderr)
 
 
-def _orphaned_workers(stop_file: Path) -> list[psutil.Process]:
-    """The workers of this launch once its agent has gone (no longer its children): the processes whose environment
-    holds this launch's stop file, but not their own children (loader workers, which their worker stops)."""
-    launched = {}
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.environ().get(STOP_FILE) == str(stop_file):
-                launched[process.pid] = process
-    workers = []
-    for process in launched.values():
-        with contextlib.suppress(psutil.Error):
-            if process.ppid() not in launched:
-                workers.append(process)
-    return workers
-
-
 def _running(process: psutil.Process) -> bool:
     """Whether `process` still runs (an exited orphan may wait as a zombie for a parent that never reaps it)."""
     try:
@@ -282,9 +271,9 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def _kill(agent: subprocess.Popen) -> None:
+def _kill(agent: subprocess.Popen, stop_file: Path) -> None:
     """SIGKILL the agent, then its workers: the agent first, so that it reports nothing."""
-    workers = _workers(agent)
+    workers = _workers(stop_file, agent)
     agent.kill()
     agent.wait()
     _kill_all(workers)
