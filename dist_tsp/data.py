@@ -27,7 +27,7 @@ from dist_tsp.checkpoint import written_into
 from dist_tsp.config import STREAMABLE, DataConfig
 from dist_tsp.errors import OutOfSpace, UserError, not_a_file
 from dist_tsp.exchange import all_gather_cat, group_size
-from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, list_image_folder
+from dist_tsp.streaming import EXTENSIONS, ArrowImages, FolderImages, StreamedImages, class_folders, list_image_folder
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SUBSET_SEED = 2024  # data.max_train_samples keeps the same images whatever the run's seed
@@ -473,7 +473,7 @@ def every_class_has_images(split: Path, classes: list[str], labels: torch.Tensor
 
 def held_out_classes(split: Path) -> list[str]:
     """The held-out image folder's class folders (named as train/'s, checked by same_classes)."""
-    if not (classes := sorted(p.name for p in split.iterdir() if p.is_dir())):
+    if not (classes := class_folders(split)):
         raise no_class_folders(split)
     return classes
 

@@ -374,7 +374,7 @@ def _collate(samples: list[torch.Tensor | str]) -> torch.Tensor | str:
 def list_image_folder(split: Path, classes: list[str] | None = None) -> tuple[list[str], np.ndarray, torch.Tensor]:
     """The class folders of `split` (sorted, or `classes` when given), every image file under them (sorted), and
     their labels, without opening any file."""
-    found = sorted(p.name for p in split.iterdir() if p.is_dir()) if classes is None else classes
+    found = class_folders(split) if classes is None else classes
     paths, labels = [], []
     for label, name in enumerate(found):
         folder = split / name
@@ -382,6 +382,21 @@ def list_image_folder(split: Path, classes: list[str] | None = None) -> tuple[li
         paths += [os.fsencode(f"{name}/{f}") for f in files]  # as the file system names them, UTF-8 or not
         labels += [label] * len(files)
     return found, np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.int64)
+
+
+def class_folders(split: Path) -> list[str]:
+    """The names of a split's class folders, sorted (ImageError where it cannot be read)."""
+    with _scan(split) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir())
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry]:
+    """os.scandir(folder), with ImageError where it cannot be read (its images would be left out)."""
+    try:
+        return os.scandir(folder)
+    except OSError as error:
+        raise ImageError(f"folder {folder} cannot be read ({error.strerror}): give this user read access to it") \
+            from None
 
 
 def _walk(folder: Path) -> list[str]:
@@ -392,12 +407,7 @@ def _walk(folder: Path) -> list[str]:
     files, broken, folders = [], [], [""]
     while folders:
         relative = folders.pop()
-        try:
-            entries = os.scandir(folder / relative)
-        except OSError as error:  # its images would be left out
-            raise ImageError(f"folder {folder / relative} cannot be read ({error.strerror}): give this user read "
-                             "access to it") from None
-        with entries:
+        with _scan(folder / relative) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(f"{relative}{entry.name}/")

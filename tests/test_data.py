@@ -20,7 +20,16 @@ from PIL import Image
 from dist_tsp import shards
 from dist_tsp.augmentation import Augmentation
 from dist_tsp.config import DataConfig
-from dist_tsp.data import BAR_FROM_BATCHES, DataError, PeerBatches, digits_arrays, images_of, load_dataset, progress
+from dist_tsp.data import (
+    BAR_FROM_BATCHES,
+    DataError,
+    PeerBatches,
+    digits_arrays,
+    held_out_classes,
+    images_of,
+    load_dataset,
+    progress,
+)
 from dist_tsp.errors import OutOfSpace
 from dist_tsp.evaluation import predict
 from dist_tsp.placement import Placement
@@ -436,17 +445,21 @@ def test_a_folder_lists_nested_images_and_links_to_images_enters_no_linked_folde
     classes, paths, labels = list_image_folder(split)
     assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 1, 1]
     assert paths.tolist() == [b"cat/0.png", b"cat/sub/1.png", b"dog/.2.png", b"dog/4.png"]
-    scandir = os.scandir
+    scandir, unreadable = os.scandir, split / "cat" / "sub"
 
-    def unreadable_sub(path):
-        if Path(path) == split / "cat" / "sub":
+    def scandir_but_the_unreadable(path):
+        if Path(path) == unreadable:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return scandir(path)
 
-    monkeypatch.setattr(os, "scandir", unreadable_sub)
-    with pytest.raises(ImageError, match=rf"^folder {split / 'cat' / 'sub'} cannot be read \(Permission denied\): give "
-                                         r"this user read access to it$"):
+    monkeypatch.setattr(os, "scandir", scandir_but_the_unreadable)
+    one_line = rf"^folder {unreadable} cannot be read \(Permission denied\): give this user read access to it$"
+    with pytest.raises(ImageError, match=one_line):
         list_image_folder(split)
+    unreadable = split  # the split itself: before, PermissionError's traceback
+    for list_classes in (list_image_folder, held_out_classes):
+        with pytest.raises(ImageError, match=rf"^folder {split} cannot be read \(Permission denied\): give this user"):
+            list_classes(split)
 
 
 def test_image_folder_loads_and_resizes_class_folders_into_memory_where_they_fit(tmp_path):
