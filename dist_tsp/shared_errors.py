@@ -5,10 +5,12 @@ is recorded in the launch's store: the ranks that met it say it once, and those 
 of it exit with its code, quietly. A loader worker lost on one rank (killed for memory) is recorded the same way,
 with its own exit code, and so is another rank's process gone (said once, by the first rank whose collective
 failed). Work done once per node (listing an image folder) or first by one rank per node (a download) stops every
-rank the same way on what it met."""
+rank the same way on what it met. What the ranks check before the process group exists (the config, the files it
+names) is agreed through torchrun's store, so that ranks that met nothing do not wait for those that left."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -26,8 +28,9 @@ T = TypeVar("T")
 def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
     """`work()` on the main process, then on each other node's first rank, then on the other ranks of every node: a
     download happens once where data.root is shared, once per node where each node has its own, and never by two
-    processes of a node at once. Bad input that the main process or another node's first rank meets stops every
-    rank in one line (naming that node's first rank)."""
+    processes of a node at once (under torchrun, which names the nodes; under a launcher that does not, every rank is
+    a node of its own, so the ranks but the main process run it at once). Bad input that the main process or another
+    node's first rank meets stops every rank in one line (naming that node's first rank)."""
     result, problem = _attempt(work) if accelerator.is_main_process else (None, None)
     problem = broadcast_object_list([problem])[0]
     if problem is not None:
@@ -49,11 +52,16 @@ def once_per_node(work: Callable[[], T], timeout: timedelta) -> T:
     up to `timeout` for its first."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return work()
-    node_group, _ = dist.new_subgroups_by_enumeration(_ranks_by_node(), timeout=timeout, backend="gloo")
-    first = dist.get_process_group_ranks(node_group)[0]
-    outcome = [_attempt(work) if dist.get_rank() == first else None]
-    dist.broadcast_object_list(outcome, src=first, group=node_group)
-    dist.destroy_process_group(node_group)
+    nodes = _ranks_by_node()
+    if len(nodes) == dist.get_world_size():  # a rank per node: nothing to share
+        return on_every_rank(work)
+    node_group, _ = dist.new_subgroups_by_enumeration(nodes, timeout=timeout, backend="gloo")
+    try:
+        first = dist.get_process_group_ranks(node_group)[0]
+        outcome = [_attempt(work) if dist.get_rank() == first else None]
+        dist.broadcast_object_list(outcome, src=first, group=node_group)
+    finally:
+        dist.destroy_process_group(node_group)
     result, problem = outcome[0]
 
     def received() -> T:
@@ -82,12 +90,36 @@ def on_every_rank(work: Callable[[], T]) -> T:
     result, problem = _attempt(work)
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
+    _stop_if_met(problems)
+    return result
+
+
+def before_the_process_group(work: Callable[[], T], timeout: timedelta) -> T:
+    """`work()` on every rank before the process group exists (checking the config and the files it names), as
+    on_every_rank does, through torchrun's store: bad input met on some ranks only (a node's own copy of a path) stops
+    every rank at once, where the others would wait for them in the process group's rendezvous. Without torchrun's
+    store (one process, another launcher), what a rank meets stops it alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return work()
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    result, problem = _attempt(work)
+    store.set(_key("checked", os.environ["RANK"]), json.dumps(problem))
+    keys = [_key("checked", rank) for rank in range(world_size)]
+    store.wait(keys, timeout)
+    _stop_if_met([json.loads(store.get(key)) for key in keys])
+    return result
+
+
+def _stop_if_met(problems: list[str | None]) -> None:
+    """SharedUserError for the bad input the ranks met (each rank's message, or None), naming them unless all did."""
     met: dict[str, list[int]] = {}
     for rank, message in enumerate(problems):
         if message is not None:
             met.setdefault(message, []).append(rank)
     if not met:
-        return result
+        return
     if list(met.values()) == [list(range(len(problems)))]:
         raise SharedUserError(next(iter(met)))
     raise SharedUserError("; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: {message}"
@@ -120,7 +152,7 @@ def said_by_another_rank_first(message: str, exit_code: int) -> bool:
     store to record it in."""
     store = _store()
     order = _record(store, message, exit_code)
-    return any(store.get(_key(earlier)).decode().split(" ", 1)[1] == _storable(message)
+    return any(store.get(_key("said", earlier)).decode().split(" ", 1)[1] == _storable(message)
                for earlier in range(1, order))
 
 
@@ -140,8 +172,8 @@ def _record(store: dist.Store | None, message: str, exit_code: int) -> int:
     """`message` and `exit_code` recorded in `store`; their place among the records (0: no store)."""
     if store is None:
         return 0
-    order = store.add(_key("count"), 1)
-    store.set(_key(order), f"{exit_code} {_storable(message)}")
+    order = store.add(_key("said", "count"), 1)
+    store.set(_key("said", order), f"{exit_code} {_storable(message)}")
     return order
 
 
@@ -154,9 +186,9 @@ def code_said_by_another_rank() -> int | None:
     """The exit code of what a rank recorded first, if one did: this rank's failed collective is its consequence,
     said by that rank."""
     store = _store()
-    if store is None or not store.check([_key(1)]):
+    if store is None or not store.check([_key("said", 1)]):
         return None
-    return int(store.get(_key(1)).decode().split(" ", 1)[0])
+    return int(store.get(_key("said", 1)).decode().split(" ", 1)[0])
 
 
 def _store() -> dist.Store | None:
@@ -165,12 +197,12 @@ def _store() -> dist.Store | None:
         return None
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.check([_key("count")])
+        store.check([_key("said", "count")])
     except (RuntimeError, ValueError):  # its server was in a process that has gone
         return None
     return store
 
 
-def _key(name: object) -> str:
+def _key(*names: object) -> str:
     """This attempt's key (torchrun restarts its workers with the same store)."""
-    return f"dist-tsp/said/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    return "/".join(["dist-tsp", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), *map(str, names)])

@@ -137,8 +137,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
     timeout = InitProcessGroupKwargs(timeout=startup_timeout(cfg))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg) if trackers else None,
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
-    if accelerator.mixed_precision not in ("no", "bf16"):
-        raise SharedUserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
+    shared_errors.on_every_rank(functools.partial(check_mixed_precision, accelerator))  # each node's own config
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     load = functools.partial(load_dataset, cfg.data, cfg.seed)
@@ -148,6 +147,11 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
     shared_errors.check_same_on_every_rank("loaded a dataset", lambda: identity,
                                            "every node needs the same data (a node's own copy of data.root may differ)")
     return accelerator, data.to(accelerator.device), identity
+
+
+def check_mixed_precision(accelerator: Accelerator) -> None:
+    if accelerator.mixed_precision not in ("no", "bf16"):
+        raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
 
 
 def startup_timeout(cfg: RunConfig) -> timedelta:
@@ -248,9 +252,9 @@ def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
 def main(argv: list[str] | None = None, stop_requested: StopRequest | None = None) -> None:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     in_process = stop_requested is not None  # run by the protocol or a sweep in its own process
-    try:
-        cfg, placement = plan(argv, world_size, rank)
-    except UserError as error:  # every rank sees the same problem
+    try:  # said once, by rank 0, naming the ranks that met it unless all did
+        cfg, placement = shared_errors.before_the_process_group(lambda: plan(argv, world_size, rank), STARTUP_TIMEOUT)
+    except UserError as error:
         _refuse(error, rank, world_size, every_rank=True)
     # The handlers stay while an error below exits: a launcher's SIGTERM to the ranks still running (torchrun sends
     # it once one rank has failed) then only asks for a stop, and each rank exits with its own code.

@@ -199,6 +199,34 @@ def test_dist_tsp_launch_exits_2_with_the_one_line_and_no_torchrun_report(case, 
     assert re.search(message, done.stderr), done.stderr
 
 
+# What rank 1 alone meets, as on a node of its own (Python run in rank 1 before train.py's command), and the one line
+MET_BY_RANK_1 = {
+    "an output_dir it cannot write (its node's copy of the parent read-only)": (
+        'sys.argv = [a if not a.startswith("output_dir=") else "output_dir=/proc/run" for a in sys.argv]',
+        r"^dist-tsp: error: rank 1: output_dir /proc/run: /proc is not writable \(.*\); choose a path you can write$"),
+    "a mixed precision of its own (its node's accelerate config)": (
+        'os.environ["ACCELERATE_MIXED_PRECISION"] = "fp16"',
+        r"^dist-tsp: error: rank 1: mixed_precision=fp16 is not supported: use bf16 or no$"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MET_BY_RANK_1)
+def test_bad_input_one_rank_meets_at_start_up_stops_every_rank_in_one_line_naming_it(case, tmp_path):
+    """Before: rank 1 exited 2 without a word, and the others waited for it (in the process group's rendezvous, or
+    blamed its death on the out-of-memory killer) until torchrun killed them."""
+    on_rank_1, message = MET_BY_RANK_1[case]
+    program = tmp_path / "train_with_rank_1_elsewhere.py"
+    program.write_text(f"import os, sys\nif os.environ['RANK'] == '1':\n    {on_rank_1}\n"
+                       "from dist_tsp.train import command\ncommand()\n")
+    argv = [str(program) if word == TRAIN else word for word in
+            command(["--config", DEMO, f"output_dir={tmp_path / 'run'}", *TINY], 3, launcher="dist-tsp")]
+    done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(message, done.stderr), done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10, **args) -> Path:
     torch.save({"model": build_model(model, num_classes, **args).state_dict(), "num_classes": num_classes}, path)
     return path
