@@ -421,8 +421,8 @@ def resumable(cfg: RunConfig, replicas: int, teacher_sha: str | None = None, tot
 
 def set_aside(output_dir: Path, tensorboard: Path) -> Path | None:
     """Move an earlier attempt's checkpoints, metrics, results, predictions, config, profiles, W&B run id and
-    TensorBoard logs (the folder `tensorboard` in output_dir, where it holds event files) into output_dir/previous-N/;
-    return it (None: there were none)."""
+    TensorBoard logs (the folder `tensorboard`, where it is inside output_dir and holds event files) into
+    output_dir/previous-N/; return it (None: there were none)."""
     names = ("checkpoints", "metrics.jsonl", "results.json", "results.md", "predictions.npz", "config.yaml", "profile",
              "tracker_run_id")
     present = [output_dir / n for n in names if (output_dir / n).exists()]

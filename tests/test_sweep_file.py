@@ -30,14 +30,14 @@ def agent_command(args: dict) -> list[str]:
 
 
 def train_argv(command: list[str], fake_bin, run_id: str) -> list[str]:
-    """Run `command` with a stand-in `accelerate` that prints its arguments; return what train.py would get."""
-    fake = fake_bin / "accelerate"
+    """Run `command` with a stand-in `dist-tsp-launch` that prints its arguments; return what train.py would get."""
+    fake = fake_bin / "dist-tsp-launch"
     fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "WANDB_RUN_ID": run_id}
     argv = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split("\0")
-    assert argv[:4] == ["launch", "--config_file", "configs/accelerate/cpu.yaml", SWEEP["program"]]
-    return argv[4:-1]
+    assert argv[:3] == ["--config_file", "configs/accelerate/cpu.yaml", SWEEP["program"]]
+    return argv[3:-1]
 
 
 def test_grid_is_alpha_by_gamma_with_beta_making_the_weights_sum_to_one():
