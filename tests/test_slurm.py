@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,11 +43,14 @@ class Job:
     """`sbatch --wait` of a template, from the repository root, logging to `log_dir`."""
 
     def __init__(self, cluster: LocalSlurm, log_dir: Path, script: str, *args: str, options: tuple[str, ...] = (),
-                 processes_per_node: int = 3):
+                 processes_per_node: int = 3, path: Path | None = None):
+        """`path`: a folder whose programs come first on the job's PATH."""
         self.cluster, self.log_dir = cluster, log_dir
         command = ["sbatch", "--wait", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1",
                    f"--output={log_dir}/slurm-%A_%a.out", *options, f"slurm/{script}", *args]
         env = {**ENV, **cluster.env, "PROCESSES_PER_NODE": str(processes_per_node)}
+        if path is not None:
+            env["PATH"] = f"{path}{os.pathsep}{env['PATH']}"
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         self.id = self.process.stdout.readline().strip()
@@ -269,3 +273,19 @@ def test_a_failing_task_fails_the_job_without_hanging(cluster, teacher, tmp_path
     # its own exit, or srun's kill when the other node's task, whose rank saw it go, exits first (--kill-on-bad-exit)
     assert re.search(r"node2: task 1: (Exited with exit code 1|Terminated)", log), log[-3000:]
     assert "RuntimeError: Calculated padded input size" in log
+
+
+def test_a_node_whose_task_fails_before_the_rendezvous_ends_the_job_at_once(cluster, teacher, tmp_path):
+    """srun --kill-on-bad-exit=1 kills the other node's task, which waits for it in torchrun's rendezvous (without
+    it, the job would wait for the rendezvous' timeout, 15 min)."""
+    broken = tmp_path / "bin" / "python3"  # node 1's Python cannot start (a node's broken environment)
+    broken.parent.mkdir()
+    broken.write_text('#!/bin/sh\nif [ "$SLURM_NODEID" = 1 ]; then echo "python3: broken on this node" >&2; exit 1\n'
+                      f'fi\nexec {sys.executable} "$@"\n')
+    broken.chmod(0o755)
+    job = Job(cluster, tmp_path, "peer.sh", *run_args(teacher[0], f"output_dir={tmp_path / 'run'}"),
+              options=("--nodes=2",), processes_per_node=1, path=broken.parent)
+    assert job.wait(timeout=120) != 0  # seconds here; without --kill-on-bad-exit=1 it ran on past 240 s
+    log = job.log()
+    assert "python3: broken on this node" in log and "node2: task 1: Exited with exit code 1" in log, job
+    assert re.search(r"node1: task 0: (Terminated|Killed)", log), job
