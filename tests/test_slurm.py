@@ -277,7 +277,7 @@ def test_a_failing_task_fails_the_job_without_hanging(cluster, teacher, tmp_path
 
 def test_a_node_whose_task_fails_before_the_rendezvous_ends_the_job_at_once(cluster, teacher, tmp_path):
     """srun --kill-on-bad-exit=1 kills the other node's task, which waits for it in torchrun's rendezvous (without
-    it, the job would wait for the rendezvous' timeout, 15 min)."""
+    it, the job waits there until the rendezvous times out)."""
     broken = tmp_path / "bin" / "python3"  # node 1's Python cannot start (a node's broken environment)
     broken.parent.mkdir()
     broken.write_text('#!/bin/sh\nif [ "$SLURM_NODEID" = 1 ]; then echo "python3: broken on this node" >&2; exit 1\n'
