@@ -32,6 +32,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or not ours."""
 
 
+# the fix where ranks see different output_dirs: each writes its own files of every checkpoint there
+SHARED_OUTPUT_DIR = "output_dir must be one directory every node sees, on a shared filesystem"
+
+
 def check_writable(folder: Path, what: str) -> None:
     """`folder` must be a directory this process can write into, or creatable (`what` names the setting that chose
     it). A folder to be made is tried by making one beside it, as the permission bits do not tell root (a read-only
@@ -260,6 +264,8 @@ def finalize(directory: Path, manifest: dict[str, Any], keep_last: int) -> Path:
     """Main process, once every rank has written its files: manifest, atomic rename, pruning."""
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
     final = directory.with_name(directory.name.removesuffix(".partial"))
+    if final.is_dir():  # what a pruning that was killed left of it (its manifest goes first): in the way of the rename
+        shutil.rmtree(final)
     os.replace(directory, final)
     for old in [d for d in complete_checkpoints(final.parent.parent) if _prunable(d)][:-keep_last]:
         (old / MANIFEST).unlink(missing_ok=True)  # first: what a kill leaves is never taken for a checkpoint

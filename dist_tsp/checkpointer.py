@@ -86,7 +86,7 @@ class Checkpointer:
         check_same_on_every_rank("would resume from a checkpoint",
                                  lambda: "none" if directory is None else
                                  f"{directory.name} of run {checkpoint.read_manifest(directory).get('tracker_run_id')}",
-                                 "output_dir must be one directory every node sees, on a shared filesystem")
+                                 checkpoint.SHARED_OUTPUT_DIR)
         if directory is None:
             return 0
         step = on_every_rank(lambda: self._load(directory, students, control))

@@ -7,6 +7,7 @@ import argparse
 import functools
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dist_tsp import checkpoint, shared_errors
@@ -180,6 +181,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     # StudentTrainer)
     check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
     check_local_students(cfg, placement, data.num_classes)
+    check_output_dir_shared(cfg, accelerator)
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
     if graph.uses_teacher or teacher_file_found(cfg, accelerator):
@@ -233,6 +235,31 @@ def another_rank_gone(error: RuntimeError) -> str | None:
     return (f"another rank's process ended while this one waited for it (gloo: {closed[0].lower()}): its own error, "
             "if any, is above, and the launcher's report names it with its exit code or signal (SIGKILL: most often "
             "the kernel's out-of-memory killer); rerun the same command to resume from the last checkpoint")
+
+
+def check_output_dir_shared(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """Refuse on every rank, before the teacher, a rank whose output_dir is not the main process's (a node's own
+    folder): the checkpoints the main process completes would lack that rank's files, which only a resume would
+    find. The main process makes a file of a name of its own there, which every rank looks for, then removes it."""
+    if accelerator.num_processes == 1:
+        return
+    name = [f".dist-tsp-shared-{secrets.token_hex(8)}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        with checkpoint.written_into(cfg.output_dir):
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.output_dir / name[0]).touch()
+    mark = cfg.output_dir / broadcast_object_list(name)[0]
+
+    def sees_the_mark() -> None:
+        if not mark.is_file():
+            raise UserError(f"output_dir {cfg.output_dir} is not the main process's here (it lacks {mark.name}, which "
+                            f"the main process just made there): {checkpoint.SHARED_OUTPUT_DIR}")
+
+    try:
+        shared_errors.on_every_rank(sees_the_mark)
+    finally:
+        if accelerator.is_main_process:
+            mark.unlink(missing_ok=True)
 
 
 def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:

@@ -204,6 +204,11 @@ MET_BY_RANK_1 = {
     "an output_dir it cannot write (its node's copy of the parent read-only)": (
         'sys.argv = [a if not a.startswith("output_dir=") else "output_dir=/proc/run" for a in sys.argv]',
         r"^dist-tsp: error: rank 1: output_dir /proc/run: /proc is not writable \(.*\); choose a path you can write$"),
+    "an output_dir of its own (its node's local disk)": (  # before: checkpoints without its files, found on resume
+        'sys.argv = [a + "-own" if a.startswith("output_dir=") else a for a in sys.argv]',
+        r"^dist-tsp: error: rank 1: output_dir .*/run-own is not the main process's here \(it lacks "
+        r"\.dist-tsp-shared-[0-9a-f]{16}, which the main process just made there\): output_dir must be one directory "
+        r"every node sees, on a shared filesystem$"),
     "a mixed precision of its own (its node's accelerate config)": (
         'os.environ["ACCELERATE_MIXED_PRECISION"] = "fp16"',
         r"^dist-tsp: error: rank 1: mixed_precision=fp16 is not supported: use bf16 or no$"),
@@ -224,7 +229,7 @@ def test_bad_input_one_rank_meets_at_start_up_stops_every_rank_in_one_line_namin
     done = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert re.search(message, done.stderr), done.stderr[-3000:]
-    assert not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob("run*/**/*"))  # nothing written, nor left (no teacher trained)
 
 
 def teacher_file(path: Path, model: str = "resnet_cifar", num_classes: int = 10, **args) -> Path:

@@ -368,6 +368,20 @@ def test_pruning_keeps_an_older_checkpoint_whose_manifest_is_damaged_and_goes_on
     assert [d.name for d in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000006"]
 
 
+def test_a_checkpoint_written_again_over_what_a_killed_pruning_left_of_it_completes(tmp_path):
+    """A pruning killed after removing a manifest leaves its folder; a resume from an earlier checkpoint writes that
+    step again. Before: os.replace's 'Directory not empty', a traceback on every rerun."""
+    left = step_dir(tmp_path, 4)
+    left.mkdir(parents=True)
+    (left / "lenet.pt").write_bytes(b"half removed")
+    partial = step_dir(tmp_path, 4, partial=True)
+    partial.mkdir()
+    save_atomic({"model": {}}, partial / "lenet.pt")
+    finalize(partial, manifest_of(4), keep_last=2)
+    assert complete_checkpoints(tmp_path) == [left] and read_manifest(left)["step"] == 4
+    assert torch.load(left / "lenet.pt") == {"model": {}}
+
+
 def test_writing_a_file_removes_the_temporaries_of_its_killed_writers_on_this_host_only(tmp_path):
     """A writer killed mid-write (SIGKILL, out of memory) leaves its temporary file: at ImageNet size a logit cache
     epoch of gigabytes, once per preemption. The next write of the same file removes those of dead processes here."""
