@@ -73,7 +73,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
                 file.flush()
                 os.fsync(file.fileno())
         except BaseException:  # a writer that fails (or is interrupted) leaves no partial file behind
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # where it could not be written (read-only), its own error is said
+                tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
 

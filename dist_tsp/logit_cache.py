@@ -28,10 +28,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dist_tsp.augmentation import Augmentation
-from dist_tsp.checkpoint import try_lock, write_atomic, write_text_atomic
+from dist_tsp.checkpoint import check_writable, try_lock, write_atomic, write_text_atomic
 from dist_tsp.config import RunConfig
 from dist_tsp.data import Batch, Dataset, Normalizer, Samples
-from dist_tsp.errors import Preempted
+from dist_tsp.errors import Preempted, UserError
 from dist_tsp.exchange import all_reduce
 from dist_tsp.run_control import StopVote
 from dist_tsp.teacher_modes import RunTeacher, gathered_logits
@@ -93,11 +93,16 @@ class CacheLayout:
         dense = torch.full((len(rows), self.num_classes), -torch.inf, device=device)
         return dense.scatter_(1, classes, values)
 
+    def array(self, num_rows: int) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and type of the .npy array of `num_rows` rows."""
+        if self.topk is None:
+            return (num_rows, self.num_classes), self.dtype.base
+        return (num_rows,), self.dtype
+
     def write(self, file: BinaryIO, num_rows: int, rows: Iterator[np.ndarray]) -> None:
         """An .npy file of `num_rows` rows, written batch by batch as `rows` yields them."""
-        shape = (num_rows, self.num_classes) if self.topk is None else (num_rows,)
-        descr = self.dtype.base if self.topk is None else self.dtype
-        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(descr),
+        shape, dtype = self.array(num_rows)
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                     "fortran_order": False, "shape": shape})
         for batch in rows:
             file.write(np.ascontiguousarray(batch).tobytes())
@@ -140,10 +145,41 @@ class CachedLogits:
             # finished meanwhile is then seen by every rank, and not computed again.
             all_reduce(exists, self.world, dist.ReduceOp.MIN)
             if not exists.item():
+                self._check_writable(epoch)
                 self._compute(epoch, path)
             if epoch not in self.computed + self.reused:  # not the epoch a resumed run goes on with
                 (self.reused if exists.item() else self.computed).append(epoch)
-        self.current = np.load(path, mmap_mode="r")
+        self.current = self._mapped(path)
+
+    def _check_writable(self, epoch: int) -> None:
+        """Refuse on every rank, before any computes them, an epoch's logits that a writer could not store: a cache
+        folder this run cannot write into is read, until an epoch is missing from it."""
+        writable = True
+        if self.writer:
+            try:
+                check_writable(self.folder, "teacher.cache_dir")
+            except UserError:
+                writable = False
+        agreed = torch.tensor([float(writable)], device=self.device)
+        all_reduce(agreed, self.world, dist.ReduceOp.MIN)
+        if not agreed.item():
+            raise UserError(f"the teacher's logits for epoch {epoch} are not in {self.folder}, which this run cannot "
+                            "write into: give it write access there, or point teacher.cache_dir to a folder it can "
+                            "write")
+
+    def _mapped(self, path: Path) -> np.ndarray:
+        """The epoch's rows, memory-mapped; UserError for a file that is not the whole array this cache holds."""
+        shape, dtype = self.layout.array(len(self.data))
+        try:
+            rows = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:  # ValueError: cut short, or not an .npy file
+            problem = f"{type(error).__name__}: {error}"
+        else:
+            if (rows.shape, rows.dtype) == (shape, dtype):
+                return rows
+            problem = f"an array {rows.shape} of {rows.dtype}, not {shape} of {dtype}"
+        raise UserError(f"teacher logits {path} cannot be read ({problem}): delete it, and the next run computes it "
+                        "again")
 
     @contextmanager
     def _claimed(self, epoch: int) -> Iterator[None]:

@@ -3,8 +3,11 @@ the parameter-sharded modes holding 1/W of the parameters per rank, and the logi
 
 import fcntl
 import json
+import os
 from itertools import islice
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -307,9 +310,8 @@ def test_deepspeed_accelerate_config_without_the_deepspeed_mode_is_refused(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_not_taken(tmp_path):
-    """The epoch a resumed run goes on with was listed twice when its file had gone (a cleaned cache) and was computed
-    again; a forced resume under another cache key took the old cache's lists."""
+def in_process_cache(folder: Path):
+    """A cache of 64 digits' logits, one process (no process group), augmented: a file per epoch."""
     from contextlib import nullcontext
 
     from dist_tsp.config import DataConfig
@@ -318,11 +320,17 @@ def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_no
 
     data = load_dataset(DataConfig(name="digits", max_train_samples=64), seed=0)
     teacher = RunTeacher(build_model("lenet", data.num_classes).eval(), sharded=False, autocast=nullcontext)
-    cache = CachedLogits.under(tmp_path, {"run": 1}, teacher=teacher, data=data.train,
-                               augmentation=data.augmentation(0, enabled=True), normalize=data.normalize,
-                               layout=CacheLayout(data.num_classes, None, "float32"), world=None, batch_size=32,
-                               device=torch.device("cpu"), writer=True, main=True,
-                               stop_vote=StopVote(StopRequest(), None))
+    return CachedLogits.under(folder, {"run": 1}, teacher=teacher, data=data.train,
+                              augmentation=data.augmentation(0, enabled=True), normalize=data.normalize,
+                              layout=CacheLayout(data.num_classes, None, "float32"), world=None, batch_size=32,
+                              device=torch.device("cpu"), writer=True, main=True,
+                              stop_vote=StopVote(StopRequest(), None))
+
+
+def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_not_taken(tmp_path):
+    """The epoch a resumed run goes on with was listed twice when its file had gone (a cleaned cache) and was computed
+    again; a forced resume under another cache key took the old cache's lists."""
+    cache = in_process_cache(tmp_path)
     cache.resume_summary({"path": str(cache.folder), "computed_epochs": [0, 1], "reused_epochs": []})
     cache.start_epoch(1)  # its file is not there: computed again
     assert cache.summary()["computed_epochs"] == [0, 1] and cache.summary()["reused_epochs"] == []
@@ -331,3 +339,27 @@ def test_a_resumed_caches_summary_lists_each_epoch_once_and_another_caches_is_no
     assert cache.summary()["computed_epochs"] == [0, 1, 2] and cache.summary()["reused_epochs"] == []
     cache.resume_summary({"path": str(tmp_path / "another"), "computed_epochs": [7], "reused_epochs": [8]})
     assert cache.summary()["computed_epochs"] == [0, 1, 2]
+
+
+def test_a_damaged_cache_file_or_an_epoch_missing_where_the_run_cannot_write_is_one_line(tmp_path, monkeypatch):
+    """Before: numpy's ValueError (mmap length ...) on every rank; and in a folder this run may only read, the epoch's
+    logits computed, then an OSError's traceback (a read-only file system) on every rerun."""
+    cache = in_process_cache(tmp_path)
+    cache.start_epoch(0)
+    cache.current, path = None, cache.path(0)
+    fix = "delete it, and the next run computes it again$"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match=rf"^teacher logits {path} cannot be read \(ValueError: mmap length is "
+                                        rf"greater than file size\): {fix}"):
+        in_process_cache(tmp_path).start_epoch(0)
+    np.save(path, np.zeros((3, 10), np.float32))
+    with pytest.raises(UserError, match=rf"^teacher logits {path} cannot be read \(an array \(3, 10\) of float32, "
+                                        rf"not \(64, 10\) of float32\): {fix}"):
+        in_process_cache(tmp_path).start_epoch(0)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not Path(p).is_relative_to(cache.folder))
+    with pytest.raises(UserError, match=rf"^the teacher's logits for epoch 1 are not in {cache.folder}, which this "
+                                        "run cannot write into: give it write access there, or point "
+                                        "teacher.cache_dir to a folder it can write$"):
+        in_process_cache(tmp_path).start_epoch(1)
+    assert not cache.path(1).exists()
