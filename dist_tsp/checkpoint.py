@@ -60,9 +60,10 @@ def check_writable(folder: Path, what: str) -> None:
                         "write")
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any], *, replace: bool = True) -> bool:
     """Call `write(file)` on a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the complete new one, and concurrent writers (other processes, other nodes) never clash."""
+    file or the complete new one, and concurrent writers (other processes, other nodes) never clash. With
+    `replace=False` a file already at `path` (another process's) is kept, and False returned."""
     with written_into(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temporaries(path)
@@ -76,7 +77,19 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             with contextlib.suppress(OSError):  # where it could not be written (read-only), its own error is said
                 tmp.unlink(missing_ok=True)
             raise
+        if not replace:
+            try:
+                os.link(tmp, path)  # unlike a rename, fails where a file is there already
+            except FileExistsError:
+                tmp.unlink()
+                return False
+            except OSError:  # a file system without hard links: renamed below, as when replacing
+                pass
+            else:
+                tmp.unlink()
+                return True
         os.replace(tmp, path)
+        return True
 
 
 @contextlib.contextmanager
@@ -132,9 +145,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda file: file.write(text.encode()))
 
 
-def save_atomic(payload: Any, path: Path) -> None:
-    """torch.save to `path` atomically (see write_atomic)."""
-    write_atomic(path, lambda file: torch.save(payload, file))
+def save_atomic(payload: Any, path: Path, *, replace: bool = True) -> bool:
+    """torch.save to `path` atomically (see write_atomic, also for `replace`)."""
+    return write_atomic(path, lambda file: torch.save(payload, file), replace=replace)
 
 
 # What RNG files written before issue 13 hold besides tensors and plain containers: numpy's random state, a

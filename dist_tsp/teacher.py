@@ -108,11 +108,14 @@ def train_teacher(cfg: RunConfig, data: Dataset, accelerator: Accelerator, path:
     started = time.perf_counter()
     if cfg.teacher.epochs > 0:
         _fit(model, cfg, data, accelerator, stop_vote)
-    if accelerator.is_main_process:
-        checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
-                                "args": cfg.teacher.args, "num_classes": data.num_classes}, path)
+    if accelerator.is_main_process:  # a file another run saved meanwhile (sharing teacher.checkpoint) is kept
+        saved = checkpoint.save_atomic({"model": model.state_dict(), "model_name": cfg.teacher.model,
+                                        "args": cfg.teacher.args, "num_classes": data.num_classes}, path,
+                                       replace=False)
         epochs, took = cfg.teacher.epochs, time.perf_counter() - started
-        print(f"teacher: trained {epochs} epoch{'s' * (epochs != 1)} and saved in {took:.1f} s")
+        trained = f"teacher: trained {epochs} epoch{'s' * (epochs != 1)}"
+        print(f"{trained} and saved in {took:.1f} s" if saved else f"{trained} in {took:.1f} s, but another run saved "
+              f"{path} meanwhile: every run that shares it learns from that one, this run too")
     accelerator.wait_for_everyone()
 
 

@@ -23,6 +23,7 @@ from dist_tsp.checkpoint import (
     check_writable,
     complete_checkpoints,
     differences,
+    file_sha256,
     finalize,
     read,
     read_manifest,
@@ -40,12 +41,12 @@ from dist_tsp.config import load_config
 from dist_tsp.data import load_dataset
 from dist_tsp.errors import OutOfSpace, UserError
 from dist_tsp.graph import TeachingGraph
-from dist_tsp.placement import Placement
+from dist_tsp.placement import Groups, Placement
 from dist_tsp.run_control import RunControl, StopRequest
 from dist_tsp.students import build_local_students
 from dist_tsp.tracking import Tracker, persistent_run_id
 from dist_tsp.train import plan
-from tests.runs import TINY, launch, student_state, two_at_a_time
+from tests.runs import ROOT, TINY, launch, student_state, two_at_a_time
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7b9954e" / "run"
 OLD_STEP = OLD / "checkpoints" / "step_00000002"
@@ -412,6 +413,30 @@ def test_a_rewrite_leaves_the_old_file_whole_while_it_writes_and_after_it_fails(
     with pytest.raises(RuntimeError, match="^the writer failed$"):
         write_atomic(path, fails_midway)
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_teacher_another_run_saved_while_this_one_trained_it_is_kept_and_taught_by(tmp_path, monkeypatch, capsys):
+    """Runs that share teacher.checkpoint and start before it exists (a sweep's trials without the teacher job)
+    each train one; before, the last to finish replaced the file, and the earlier runs' checkpoints recorded a
+    teacher that was no longer there (a resume then refused them as another run's)."""
+    from dist_tsp import teacher
+
+    path = tmp_path / "teacher.pt"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [*TINY, f"output_dir={tmp_path}", f"teacher.checkpoint={path}"])
+    data = load_dataset(cfg.data, cfg.seed)
+    fit, theirs = teacher._fit, {}
+
+    def another_run_saves_meanwhile(model, *args):
+        fit(model, *args)
+        other = teacher.build_teacher(cfg, data.num_classes, pretrained=False)
+        save_atomic({"model": other.state_dict(), "num_classes": data.num_classes}, path)
+        theirs["sha256"] = file_sha256(path)
+
+    monkeypatch.setattr(teacher, "_fit", another_run_saves_meanwhile)
+    _, info, _ = teacher.prepare_teacher(cfg, data, Accelerator(cpu=True), Groups.world_only())
+    assert file_sha256(path) == info.sha256 == theirs["sha256"] and not list(tmp_path.glob(".*.tmp"))
+    assert f"but another run saved {path} meanwhile: every run that shares it learns from that one" in \
+        capsys.readouterr().out
 
 
 def test_a_write_that_finds_no_room_is_one_line_whatever_the_writer_raised_and_leaves_no_part(tmp_path):
