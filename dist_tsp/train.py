@@ -240,13 +240,15 @@ def another_rank_gone(error: RuntimeError) -> str | None:
 def check_output_dir_shared(cfg: RunConfig, accelerator: Accelerator) -> None:
     """Refuse on every rank, before the teacher, a rank whose output_dir is not the main process's (a node's own
     folder): the checkpoints the main process completes would lack that rank's files, which only a resume would
-    find. The main process makes a file of a name of its own there, which every rank looks for, then removes it."""
+    find. The main process makes a file of a name of its own there, which every rank looks for, then removes it,
+    leaving the folder's times as they were (a refused run changes nothing)."""
     if accelerator.num_processes == 1:
         return
     name = [f".dist-tsp-shared-{secrets.token_hex(8)}" if accelerator.is_main_process else None]
     if accelerator.is_main_process:
         with checkpoint.written_into(cfg.output_dir):
             cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            times = cfg.output_dir.stat()
             (cfg.output_dir / name[0]).touch()
     mark = cfg.output_dir / broadcast_object_list(name)[0]
 
@@ -260,6 +262,7 @@ def check_output_dir_shared(cfg: RunConfig, accelerator: Accelerator) -> None:
     finally:
         if accelerator.is_main_process:
             mark.unlink(missing_ok=True)
+            os.utime(cfg.output_dir, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def set_aside_earlier_attempt(cfg: RunConfig, accelerator: Accelerator) -> None:
