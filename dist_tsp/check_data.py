@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dist_tsp.config import STREAMABLE, ConfigError, load_config
 from dist_tsp.data import DataError, check_fills_a_batch, load_dataset, normalized
-from dist_tsp.errors import exits_in_one_line
+from dist_tsp.errors import ArgumentParser, exits_in_one_line
 from dist_tsp.streaming import ArrowImages, FolderImages, decoded
 
 CHUNK = 64  # images a worker decodes per task
@@ -136,22 +136,22 @@ def _unreadable(number: int, chunk: tuple[int, int, int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dist_tsp.check_data",
-                                     description=__doc__,
-                                     epilog=f"An image whose reading takes longer than {READ_TIMEOUT_S} s (a decoder "
-                                            "that loops on it,\na file system that stops answering) is named too.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m dist_tsp.check_data",
+                            description=__doc__,
+                            epilog=f"An image whose reading takes longer than {READ_TIMEOUT_S} s (a decoder that "
+                                   "loops on it,\na file system that stops answering) is named too.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run's YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="the run's dotted overrides, e.g. data.root=/datasets/imagenet")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes decoding the images (every CPU this process may use)")
-    args = parser.parse_intermixed_args(argv)
-    if args.config is None and not args.overrides:
-        parser.error("give the run's --config FILE, its key=value overrides, or both")
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers}: give at least 1")
     with exits_in_one_line("dist-tsp check_data", "interrupted (Ctrl-C)"):
+        args = parser.parse_intermixed_args(argv)
+        if args.config is None and not args.overrides:
+            parser.error("give the run's --config FILE, its key=value overrides, or both")
+        if args.workers < 1:
+            parser.error(f"--workers {args.workers}: give at least 1")
         cfg = load_config(args.config, args.overrides)
         if cfg.data.name not in STREAMABLE:
             raise ConfigError(f"data.name={cfg.data.name} is loaded whole and checked as a run starts; check_data "

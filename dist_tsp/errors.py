@@ -1,18 +1,41 @@
 """The base of every error a user can fix: printed as one line, without a traceback; and what each way a run ends
 exits with."""
 
+import argparse
 import contextlib
 import errno
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 
 class UserError(ValueError):
     """Bad input (config, data, checkpoint, launch shape), with a message naming the fix."""
 
     exit_code = 2  # as argparse's: a command that can never work as given
+
+
+def bad_option(message: str) -> NoReturn:
+    """An unknown or malformed option, as argparse words it: a UserError (one line, exit 2, like every other bad
+    input, said where the command says its errors), not argparse's usage and two lines."""
+    raise UserError(f"{message}: see --help")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A command's options, a bad one a UserError (bad_option)."""
+
+    def error(self, message: str) -> NoReturn:
+        bad_option(message)
+
+
+def folder_argument(text: str) -> Path:
+    """An option's folder: an empty one (an unset variable, `--out "$OUT"`) is refused, not taken for the current
+    directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a folder")
+    return Path(text)
 
 
 class SharedUserError(UserError):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from dist_tsp.errors import Preempted, RunStopped, UserError, not_a_file
+from dist_tsp.errors import Preempted, RunStopped, UserError, bad_option, not_a_file
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun --signals-to-handle: its default but SIGTERM (Ctrl-C stops at once)
@@ -119,15 +119,22 @@ def agent() -> None:
 
 
 def check_launch(args: list[str]) -> None:
-    """UserError for launch arguments accelerate would meet with a traceback, or every worker with its own line: an
-    accelerate config file that is not there, fewer than 1 process, a script that is not there."""
+    """UserError for launch arguments accelerate would meet with its usage, a traceback, or every worker with its own
+    line: an option it does not know, an accelerate config file that is not there, fewer than 1 process, a port out
+    of range, a mixed precision other than dist-tsp's, a script that is not there."""
     from accelerate.commands.launch import launch_command_parser
 
-    launch = launch_command_parser().parse_args(args)
+    parser = launch_command_parser()
+    parser.error = bad_option  # one line, as dist-tsp's own options
+    launch = parser.parse_args(args)
     if launch.config_file is not None:
         check_accelerate_config(Path(launch.config_file))
     if launch.num_processes is not None and launch.num_processes < 1:
         raise UserError(f"--num_processes {launch.num_processes}: give at least 1")
+    if launch.main_process_port is not None and not 0 < launch.main_process_port < 2**16:
+        raise UserError(f"--main_process_port {launch.main_process_port}: give a port from 1 to 65535")
+    if launch.mixed_precision not in (None, "no", "bf16"):
+        raise UserError(f"--mixed_precision {launch.mixed_precision}: dist-tsp trains in no (fp32) or bf16")
     script = Path(launch.training_script)
     if not (launch.module or launch.no_python) and not script.is_file():
         raise UserError(f"{script} {not_a_file(script)}: give the script to "

@@ -27,7 +27,7 @@ from dist_tsp import checkpoint, protocol_report, side_by_side
 from dist_tsp.checkpoint import check_writable, write_text_atomic
 from dist_tsp.config import DEFAULT_TEACHER_FILE, LOSS_PRESETS, LOSS_WEIGHTS, RunConfig, load_config
 from dist_tsp.data import load_dataset
-from dist_tsp.errors import UserError
+from dist_tsp.errors import ArgumentParser, UserError, folder_argument
 from dist_tsp.placement import Placement
 from dist_tsp.protocol_report import GridPoint, Row
 
@@ -58,10 +58,10 @@ class Protocol:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="launch/protocol.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="launch/protocol.sh", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run config every run starts from")
-    parser.add_argument("--out", type=Path, default=Path("runs/protocol"), help="the protocol directory")
+    parser.add_argument("--out", type=folder_argument, default=Path("runs/protocol"), help="the protocol directory")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (default 3)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")

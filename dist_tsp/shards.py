@@ -22,7 +22,7 @@ from pathlib import Path
 from dist_tsp.check_data import verify
 from dist_tsp.checkpoint import check_writable, try_lock, written_into
 from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
-from dist_tsp.errors import exits_in_one_line
+from dist_tsp.errors import ArgumentParser, exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
 
 CACHE = ".cache-"  # the prefix of the folder in the output where the Arrow files are built before they are saved
@@ -128,8 +128,8 @@ def _rows(split: Path, paths: list[bytes], labels: list[int]) -> Iterator[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dist_tsp.shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m dist_tsp.shards", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="an image folder: train/<class>/* and test/<class>/* (or val/)")
     parser.add_argument("out", type=Path, help="where the Arrow splits go (out/train, out/test or out/val)")
     parser.add_argument("--max-shard-size", default="1GB", help="the largest .arrow file (default 1GB)")
@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> None:
                              "read, rather than meet it mid-run (about 800 ImageNet-size images/s per process)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes for --verify (every CPU this process may use)")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers}: give at least 1")
     with exits_in_one_line("dist-tsp shards", "interrupted (Ctrl-C): rerun the same command to convert"):
+        args = parser.parse_args(argv)
+        if args.workers < 1:
+            parser.error(f"--workers {args.workers}: give at least 1")
         written = convert(args.folder, args.out, args.max_shard_size, args.workers if args.verify else None)
     print(f"Written: {', '.join(map(str, written))}; train with data.name=arrow data.root={args.out}")
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dist_tsp import side_by_side
 from dist_tsp.checkpoint import check_writable, differences, write_text_atomic
 from dist_tsp.config import RunConfig, load_config
-from dist_tsp.errors import UserError, not_a_file
+from dist_tsp.errors import ArgumentParser, UserError, folder_argument, not_a_file
 from dist_tsp.placement import Placement
 from dist_tsp.report import write_table
 
@@ -182,8 +182,8 @@ def _row(sweep_dir: Path, number: int, overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dist_tsp.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m dist_tsp.sweep", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     every = commands.add_parser("run", help="run every unfinished trial here, then write the table",
                                 usage="python -m dist_tsp.sweep run TRIALS DIR CONFIG [options] [key=value ...] "
@@ -191,20 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     trials_help = "the trials file: one line of key=value overrides per trial (blank and # comment lines skipped)"
     dir_help = "the sweep directory: trial N runs in DIR/trial_N, the table is DIR/sweep.md and DIR/sweep.csv"
     every.add_argument("trials", type=Path, metavar="TRIALS", help=trials_help)
-    every.add_argument("dir", type=Path, metavar="DIR", help=dir_help)
+    every.add_argument("dir", type=folder_argument, metavar="DIR", help=dir_help)
     every.add_argument("config", type=Path, metavar="CONFIG", help="the run config every trial starts from")
     side_by_side.add_options(every, "the sweep's files")
     one = commands.add_parser("trial", help="print trial N's overrides, one per line")
     one.add_argument("trials", type=Path, metavar="TRIALS", help=trials_help)
-    one.add_argument("dir", type=Path, metavar="DIR", help=dir_help)
+    one.add_argument("dir", type=folder_argument, metavar="DIR", help=dir_help)
     one.add_argument("number", type=int, metavar="N", help="the trial's number, counting from 1")
     commands.add_parser("collect", help="write DIR/sweep.md and DIR/sweep.csv").add_argument(
-        "dir", type=Path, metavar="DIR", help=dir_help)
-    args, overrides = parser.parse_known_args(argv)  # key=value words may come before or after the options
-    args.overrides = overrides
-    if args.overrides and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        "dir", type=folder_argument, metavar="DIR", help=dir_help)
     try:
+        args, overrides = parser.parse_known_args(argv)  # key=value words may come before or after the options
+        args.overrides = overrides
+        if args.overrides and args.command != "run":
+            parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
         if args.command == "run":
             print(run(args))
         else:

@@ -30,6 +30,7 @@ from dist_tsp.data import Dataset, check_fills_a_batch, listed_from_disk, load_d
 from dist_tsp.errors import (
     INTERRUPTED,
     INTERRUPTED_EXIT_CODE,
+    ArgumentParser,
     OutOfSpace,
     Preempted,
     RunStopped,
@@ -55,15 +56,8 @@ INTERRUPT_GRACE_S = 1.0  # torchrun passes Ctrl-C to the workers one after the o
 AFTER_ANOTHER_RANK_S = 1.5
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """An unknown or malformed option is a UserError: one line, exit 2, like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}: see --help")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="YAML config file (defaults apply to keys it leaves out)")
     parser.add_argument("--teacher-only", action="store_true",
                         help="the teacher stage alone: train (or load) and evaluate the teacher, save it to "

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_tsp import check_data, protocol, shards, sweep
 from dist_tsp.errors import SharedUserError, UserError
 from dist_tsp.models import build_model
 from dist_tsp.shared_errors import on_every_rank
@@ -379,6 +380,14 @@ BAD_LAUNCHES = {
                                         r"--config\)"),
     "an accelerate config that is no YAML": (["--config_file", "README.md", TRAIN],
                                              r"--config_file README.md is not an accelerate config \(\w+Error: "),
+    # before, accelerate's usage (112 lines) and its error
+    "an option accelerate does not know": (["--config_file", CPU3, "--bogus", TRAIN],
+                                           r"unrecognized arguments: --bogus: see --help$"),
+    # before, tracebacks: an OverflowError as the rendezvous connects, accelerate's FP8 RuntimeError
+    "a port out of range": (["--config_file", CPU3, "--main_process_port", "99999", TRAIN],
+                            r"--main_process_port 99999: give a port from 1 to 65535$"),
+    "a mixed precision dist-tsp does not train in": (["--config_file", CPU3, "--mixed_precision", "fp8", TRAIN],
+                                                     r"--mixed_precision fp8: dist-tsp trains in no \(fp32\) or bf16$"),
 }
 
 
@@ -389,3 +398,33 @@ def test_dist_tsp_launch_refuses_bad_launcher_arguments_in_one_line(case):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr[-3000:]
     assert re.match(f"dist-tsp: error: {message}", done.stderr), done.stderr
+
+
+# dist-tsp's other commands: arguments, and the one line (before: argparse's usage, then its error)
+BAD_OPTIONS = {
+    "protocol without --config": (protocol.main, ["--out", "x"],
+                                  "dist-tsp protocol: error: the following arguments are required: --config: see "
+                                  "--help"),
+    "protocol with an empty --out (an unset variable)": (  # before: the runs wrote into the current directory
+        protocol.main, ["--config", DEMO, "--out", ""],
+        "dist-tsp protocol: error: argument --out: is empty: give a folder: see --help"),
+    "a sweep into an empty DIR": (sweep.main, ["run", "trials.txt", "", DEMO],
+                                  "dist-tsp: error: argument DIR: is empty: give a folder: see --help"),
+    "a sweep trial number that is no number": (sweep.main, ["trial", "trials.txt", "d", "x"],
+                                               "dist-tsp: error: argument N: invalid int value: 'x': see --help"),
+    "shards without its folders": (shards.main, [], "dist-tsp shards: error: the following arguments are required: "
+                                                    "folder, out: see --help"),
+    "check_data with an option it does not know": (check_data.main, ["--bogus"], "dist-tsp check_data: error: "
+                                                                                  "unrecognized arguments: --bogus: "
+                                                                                  "see --help"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS)
+def test_a_bad_option_of_every_command_is_one_line_and_exit_2(case, capsys, tmp_path, monkeypatch):
+    command, argv, line = BAD_OPTIONS[case]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        command(argv)
+    assert (stop.value.code, capsys.readouterr().err) == (2, line + "\n")
+    assert not list(tmp_path.iterdir())
