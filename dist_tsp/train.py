@@ -36,6 +36,7 @@ from dist_tsp.errors import (
     RunStopped,
     SharedUserError,
     UserError,
+    not_a_file,
 )
 from dist_tsp.graph import TeachingGraph
 from dist_tsp.launch import STOP_SIGNALS, hand_over, said_in_one_line
@@ -77,9 +78,9 @@ def plan(argv: list[str] | None, world_size: int, rank: int) -> tuple[RunConfig,
     cfg = load_config(args.config, args.overrides)
     checkpoint.check_writable(cfg.output_dir, f"output_dir {cfg.output_dir}")
     check_teacher_launch(cfg)
-    if cfg.teacher_file.is_dir():
-        raise UserError(f"teacher.checkpoint {cfg.teacher_file} is a directory: point it to the teacher's file "
-                        "(model.pt), or to a path where it is to be saved")
+    if cfg.teacher_file.exists() and not cfg.teacher_file.is_file():  # a device would be replaced by the teacher
+        raise UserError(f"teacher.checkpoint {cfg.teacher_file} {not_a_file(cfg.teacher_file)}: point it to the "
+                        "teacher's file (model.pt), or to a path where it is to be saved")
     uses_teacher = TeachingGraph.from_config(cfg).uses_teacher
     if args.teacher_only or (uses_teacher and not cfg.teacher_file.is_file()):
         # the teacher is made and saved there (teacher.train_teacher): its folder is refused now, not once trained

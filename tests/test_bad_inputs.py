@@ -52,6 +52,8 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["teacher.checkpoint=/etc"], 1,  # before: trained, then an IsADirectoryError and a stray temporary file
      r"teacher.checkpoint /etc is a directory: point it to the teacher's file \(model.pt\), or to a path where it is "
      r"to be saved"),
+    (["teacher.checkpoint=/dev/null"], 1,  # before, as root: a teacher trained, then saved over the device
+     r"teacher.checkpoint /dev/null is not a regular file: point it to the teacher's file \(model.pt\)"),
     (["teacher.mode=cached", "teacher.cache_dir=/etc/hostname"], 1,  # before: a traceback once the teacher trained
      r"teacher.cache_dir /etc/hostname: /etc/hostname is a file, not a directory; choose another path"),
     (["students=[]"], 1, r"'students': List should have at least 1 item"),
