@@ -334,8 +334,9 @@ def _npz(cfg: DataConfig) -> tuple[ImageSet, ImageSet, list[str], bool]:
                             f"{root} with numpy.savez(path, images=..., labels=...)")
         images, labels, named[path.name] = _npz_arrays(path)
         splits.append((path, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels))
-    if len(splits[0][2]) == 0:
-        raise DataError(f"{splits[0][0]} holds no images: save the training images in it")
+    for (path, _, labels), which in zip(splits, ("training", "held-out")):
+        if len(labels) == 0:  # a held-out one failed once the teacher had trained (torch.cat of no batches)
+            raise DataError(f"{path} holds no images: save the {which} images in it")
     given = [names for names in named.values() if names is not None]
     if len(given) == 2 and given[0] != given[1]:
         raise DataError(f"train.npz and {held_out.name} name the classes differently ({given[0]} and {given[1]}): "

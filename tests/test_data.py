@@ -366,6 +366,8 @@ LABELS_MAKE = r"the labels make \(0 to the largest, in either split\)"
     ("cut short", NOT_A_ZIP),
     ("objects", r"train.npz cannot be read as an npz file \(ValueError: Object arrays cannot be loaded"),
     ("no images", r"train.npz holds no images: save the training images in it$"),
+    # before: a crash once the teacher had trained (its test predictions, torch.cat of no batches)
+    ("no test images", r"test.npz holds no images: save the held-out images in it$"),
     ("other class names", r"train.npz and test.npz name the classes differently \(\['a', 'b'\] and \['b', 'a'\]\): "
                           r"save both with the same classes in the same order"),
     # before: accepted, classes the models predict but never learn; a stray label, a head of that many classes
@@ -390,6 +392,9 @@ def test_an_npz_file_damaged_empty_naming_other_classes_or_without_a_class_is_on
         np.savez(train, images=np.array([images[0], None], dtype=object), labels=np.array([0, 1]))
     elif problem == "no images":
         np.savez(train, images=images[:0], labels=np.array([], np.int64))
+    elif problem == "no test images":
+        np.savez(train, images=images, labels=np.array([0, 1]))
+        np.savez(tmp_path / "test.npz", images=images[:0], labels=np.array([], np.int64))
     elif problem == "a named class without training images":
         np.savez(train, images=images, labels=np.array([0, 0]), classes=["b", "a"])
     elif problem in ("a test label past the training ones", "a stray label", "one class"):
