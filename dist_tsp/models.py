@@ -33,6 +33,24 @@ class ModelError(UserError):
     """A model that cannot be built as configured."""
 
 
+def check_logits(model: nn.Module, what: str, num_classes: int, image_size: int) -> None:
+    """ModelError unless `model`, as it trains (dropout, auxiliary heads), maps two blank images of `image_size` to
+    logits [2, num_classes]: one that cannot take the data's images, or returns more than its logits (torchvision's
+    googlenet and inception_v3 with their auxiliary heads), is refused before anything trains."""
+    try:
+        with torch.no_grad():
+            logits = model.train()(torch.zeros(2, 3, image_size, image_size))
+    except Exception as error:  # a kernel larger than the image, a model made for one input size
+        why = " ".join(str(error).split())[:200]
+        raise ModelError(f"{what} cannot take the data's {image_size}x{image_size} images ({type(error).__name__}: "
+                         f"{why}): choose another model, or a data.image_size it takes") from None
+    if not isinstance(logits, torch.Tensor) or logits.shape != (2, num_classes):
+        got = f"a tensor {list(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+        raise ModelError(f"{what} returns {got}, not logits [N, {num_classes}], as it trains: give it the args that "
+                         "make it return its logits alone (torchvision's googlenet and inception_v3: "
+                         "{aux_logits: false})")
+
+
 class UnknownModelError(ModelError):
     """A model name that is neither registered nor a torchvision classification model."""
 

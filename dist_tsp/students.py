@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_tsp import checkpoint
 from dist_tsp.augmentation import mixed_seed
 from dist_tsp.config import RunConfig
-from dist_tsp.models import build_model
+from dist_tsp.models import build_model, check_logits
 from dist_tsp.optim import build_optimizer
 from dist_tsp.placement import Groups, Placement
 from dist_tsp.shared_errors import on_every_rank
@@ -120,15 +120,18 @@ def build_local_students(cfg: RunConfig, placement: Placement, groups: Groups, d
     return students
 
 
-def check_local_students(cfg: RunConfig, placement: Placement, num_classes: int) -> None:
-    """Every rank builds its students on the CPU (the random state put back after) and reads their init files into
-    them, all ranks at once: a model argument or init file that does not fit stops every rank in one line before a
-    teacher trains, not after. (Not on the meta device: some torchvision models read their tensors as they build.)"""
+def check_local_students(cfg: RunConfig, placement: Placement, num_classes: int, image_size: int) -> None:
+    """Every rank builds its students on the CPU (the random state put back after), reads their init files into
+    them and trains each a step's forward on two blank images of the data's size, all ranks at once: a model argument,
+    init file or image size that does not fit stops every rank in one line before a teacher trains, not after. (Not
+    on the meta device: some torchvision models read their tensors as they build.)"""
     def check() -> None:
         for index in placement.local_students:
+            spec = cfg.students[index]
             with torch.random.fork_rng(devices=[]):
-                model = build_model(cfg.students[index].model, num_classes, **cfg.students[index].args)
-            _load_init(model, cfg, index)
+                model = build_model(spec.model, num_classes, **spec.args)
+                _load_init(model, cfg, index)
+                check_logits(model, f"student {spec.name} ({spec.model})", num_classes, image_size)
 
     on_every_rank(check)
 

@@ -175,7 +175,7 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     # the students' batches, models and init files are checked before the teacher trains (else after, in
     # StudentTrainer)
     check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
-    check_local_students(cfg, placement, data.num_classes)
+    check_local_students(cfg, placement, data.num_classes, data.train.image_size)
     check_output_dir_shared(cfg, accelerator)
     teacher, teacher_info, teacher_predictions = None, None, None
     # a teacher file the students do not learn from is still loaded: results.json reports its accuracy

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_tsp.config import load_config
-from dist_tsp.models import UnknownModelError, build_model, model_names
+from dist_tsp.models import ModelError, UnknownModelError, build_model, model_names
 from dist_tsp.placement import Placement
 from dist_tsp.students import check_local_students
 
@@ -125,5 +125,22 @@ def test_the_early_student_check_builds_a_torchvision_model_that_reads_its_tenso
     """RegNet's builder calls .tolist(): on the meta device, where the check first built students, it raised."""
     cfg = load_config("configs/demo.yaml", ["students=[{name: a, model: regnet_y_400mf}, {name: b, model: lenet}]"])
     state = torch.get_rng_state()
-    check_local_students(cfg, Placement(world_size=1, rank=0, num_students=2), num_classes=10)
+    check_local_students(cfg, Placement(world_size=1, rank=0, num_students=2), num_classes=10, image_size=32)
     assert torch.equal(torch.get_rng_state(), state)  # the teacher, built next, draws as before
+
+
+@pytest.mark.parametrize("students, image_size, message", [
+    ("{name: a, model: lenet}", 8, r"^student a \(lenet\) cannot take the data's 8x8 images \(RuntimeError: "
+                                   r"Calculated padded input size .*\): choose another model, or a data.image_size it "
+                                   r"takes$"),
+    ("{name: a, model: googlenet}", 32, r"^student a \(googlenet\) returns a GoogLeNetOutputs, not logits \[N, 10\], "
+                                       r"as it trains: give it the args that make it return its logits alone "
+                                       r"\(torchvision's googlenet and inception_v3: \{aux_logits: false\}\)$"),
+])
+def test_a_student_that_cannot_take_the_datas_images_or_returns_more_than_logits_is_refused_before_the_teacher(
+        students, image_size, message):
+    """Before: their first step's traceback, once the teacher had trained."""
+    cfg = load_config("configs/demo.yaml", [f"students=[{students}, {{name: b, model: lenet}}]"])
+    with pytest.raises(ModelError, match=message):
+        check_local_students(cfg, Placement(world_size=1, rank=0, num_students=2), num_classes=10,
+                             image_size=image_size)
