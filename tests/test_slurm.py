@@ -264,15 +264,16 @@ def test_array_sweep_collects_every_trial_into_one_table(cluster, teacher, tmp_p
 
 def test_a_failing_task_fails_the_job_without_hanging(cluster, teacher, tmp_path):
     started = time.monotonic()
+    # b fails its first step on rank 1: BatchNorm on one value per channel (1x1, one image)
     args = run_args(teacher[0], f"output_dir={tmp_path / 'run'}",
-                    "students=[{name: a, model: lenet}, {name: b, model: inception_v3}]")  # b fails on rank 1
+                    "students=[{name: a, model: lenet}, {name: b, model: resnet18}]", "data.batch_size=1")
     job = Job(cluster, tmp_path, "peer.sh", *args, options=("--nodes=2",), processes_per_node=1)
     assert job.wait() != 0
     assert time.monotonic() - started < 120  # nothing waited for train.collective_timeout_s (600 s)
     log = job.log()
     # its own exit, or srun's kill when the other node's task, whose rank saw it go, exits first (--kill-on-bad-exit)
     assert re.search(r"node2: task 1: (Exited with exit code 1|Terminated)", log), log[-3000:]
-    assert "RuntimeError: Calculated padded input size" in log
+    assert "ValueError: Expected more than 1 value per channel when training" in log
 
 
 def test_a_node_whose_task_fails_before_the_rendezvous_ends_the_job_at_once(cluster, teacher, tmp_path):
