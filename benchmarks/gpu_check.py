@@ -60,8 +60,10 @@ from tabulate import tabulate  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
 from dist_tsp.config import LOSS_PRESETS, LOSS_WEIGHTS, TEACHER_MODES, load_config  # noqa: E402
+from dist_tsp.errors import ArgumentParser, UserError  # noqa: E402
 from dist_tsp.models import build_model  # noqa: E402
 from dist_tsp.report import RESULTS_LINE  # noqa: E402
+from dist_tsp.streaming import EXTENSIONS  # noqa: E402
 
 PARTS = ("correctness", "steps", "teacher", "protocol", "modes")
 RECIPE = ROOT / "configs" / "paper" / "teacher_airbench.yaml"
@@ -81,8 +83,7 @@ GPU_LIMITS_S = {"run": 240, "teacher": 300, "protocol": 150, "modes": 180}
 def main() -> None:
     limits = ("time limits on a GPU: {run} s per training run (correctness, steps), {teacher} s for the teacher,\n"
               "{protocol} s per protocol seed, {modes} s for the modes").format(**GPU_LIMITS_S)
-    parser = argparse.ArgumentParser(description=__doc__, epilog=limits,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, epilog=limits, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar10", type=Path, help="CIFAR-10 as an image folder (train/<class>/*.jpg, test/...)")
     parser.add_argument("--seeds", type=int, default=1, help="protocol seeds (1; 3 for the 3-seed target)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -91,10 +92,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory); a check "
                         "rerun there reuses the decoded images and the teacher part's teacher, and redoes each part "
                         "it runs")
-    args = parser.parse_args()
-    parts = [p for p in args.parts.split(",") if p]
-    if unknown := [p for p in parts if p not in PARTS]:
-        sys.exit(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
+    try:  # before anything is decoded or run, on a GPU lent for minutes
+        args = parser.parse_args()
+        parts = checked(args)
+    except UserError as error:
+        print(f"gpu_check.py: error: {error}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the running command's processes go too
     try:
         with work_dir(args.work_dir, "dist-tsp-gpu-check-") as work:
@@ -103,6 +106,25 @@ def main() -> None:
             run_parts(check, parts, environment(args.cifar10), args.out)
     except KeyboardInterrupt:
         sys.exit(f"gpu_check.py: interrupted (Ctrl-C or SIGTERM); the parts done so far are in {args.out}")
+
+
+def checked(args: argparse.Namespace) -> list[str]:
+    """The parts to run, once the arguments are known good (UserError, naming the fix, for one that is not)."""
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := [p for p in parts if p not in PARTS]:
+        raise UserError(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give at least 1")
+    if args.cifar10 is not None and (missing := next((args.cifar10 / split / name for split in ("train", "test")
+                                                      for name in CIFAR_CLASSES
+                                                      if not (args.cifar10 / split / name).is_dir()), None)):
+        raise UserError(f"--cifar10 {args.cifar10}: {missing} is not a folder: give CIFAR-10 as an image folder, "
+                        "train/<class>/* and test/<class>/* for its 10 classes (as unpack_cifar10.py writes it)")
+    if args.out.is_dir() or not args.out.absolute().parent.is_dir():
+        raise UserError(f"--out {args.out}: give a file in a folder that exists")
+    if args.work_dir is not None and args.work_dir.exists() and not args.work_dir.is_dir():
+        raise UserError(f"--work-dir {args.work_dir} is a file: give a folder")
+    return parts
 
 
 def run_parts(check: GpuCheck, parts: list[str], environment_lines: str, out: Path) -> None:
@@ -167,7 +189,8 @@ def decode_folder(split: Path, limit: int | None) -> tuple[np.ndarray, np.ndarra
     """An image folder's images [N, 32, 32, 3] and labels, decoded with Pillow (every CIFAR class folder)."""
     from PIL import Image
 
-    files = [(path, label) for label, name in enumerate(CIFAR_CLASSES) for path in sorted((split / name).iterdir())]
+    files = [(path, label) for label, name in enumerate(CIFAR_CLASSES) for path in sorted((split / name).iterdir())
+             if path.suffix.lower() in EXTENSIONS]  # not a stray .DS_Store
     files = files[:: max(1, len(files) // limit)][:limit] if limit else files
     with ThreadPoolExecutor() as pool:
         images = list(pool.map(lambda item: np.asarray(Image.open(item[0]).convert("RGB")), files))

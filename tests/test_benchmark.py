@@ -271,6 +271,34 @@ def test_a_gpu_check_rerun_in_its_work_folder_redoes_each_part_and_its_protocol_
         found.clear()
 
 
+# the arguments after --quick, and the one line: before, exit 1, a traceback once the data was decoded, or (--seeds 0)
+# a failed part in a report that ended with exit 0
+BAD_GPU_CHECKS = {
+    "an unknown part": (["--parts", "x"], "--parts: unknown part 'x': choose from correctness, steps, teacher, "
+                                          "protocol, modes"),
+    "no seed": (["--seeds", "0"], "--seeds 0: give at least 1"),
+    "no CIFAR-10 there": (["--cifar10", "nowhere"], "--cifar10 nowhere: nowhere/train/airplane is not a folder: give "
+                                                    "CIFAR-10 as an image folder, train/<class>/* and test/<class>/* "
+                                                    "for its 10 classes (as unpack_cifar10.py writes it)"),
+    "a report in no folder": (["--out", "nowhere/report.md"], "--out nowhere/report.md: give a file in a folder that "
+                                                              "exists"),
+    "a file as the work folder": (["--work-dir", "file"], "--work-dir file is a file: give a folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GPU_CHECKS)
+def test_a_gpu_check_given_bad_arguments_says_so_in_one_line_before_any_work(case, tmp_path, monkeypatch, capsys):
+    gpu_check = load_gpu_check(monkeypatch)
+    arguments, line = BAD_GPU_CHECKS[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").touch()
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--quick", *arguments])
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main()
+    assert (stop.value.code, capsys.readouterr().err) == (2, f"gpu_check.py: error: {line}\n")
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]
+
+
 def test_a_gpu_checks_work_folder_reuses_its_arrays_and_refuses_a_check_of_other_data(tmp_path, monkeypatch):
     """A check cut in two, or rerun, in one --work-dir takes the images decoded there, made whole (written aside,
     then renamed); one with another --cifar10 or --quick would have run on them, under its own report's name."""
