@@ -314,7 +314,7 @@ class RunConfig(Section):
 
     @field_validator("output_dir", mode="before")
     def _not_empty(cls, value: Any) -> Any:
-        if value == "":  # Path("") is the current directory
+        if value in ("", None):  # Path("") is the current directory; `output_dir=` gives None
             raise ValueError("is empty: give a directory, e.g. runs/demo")
         return value
 
@@ -405,10 +405,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             marker = (type(key), key)  # 1 and true are two keys
-            if marker in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
-                                                        key_node.start_mark)
-            with contextlib.suppress(TypeError):  # an unhashable key: the base class says so
+            with contextlib.suppress(TypeError):  # an unhashable key (a list): the base class says so
+                if marker in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
+                                                            key_node.start_mark)
                 seen.add(marker)
         return super().construct_mapping(node, deep=deep)
 
@@ -433,8 +433,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r} is not key=value: write e.g. train.epochs=3")
     try:
         value = yaml.load(text, Loader=_UniqueKeyLoader) if text else None
-    except yaml.YAMLError:
-        raise ConfigError(f"override {override!r} has a value that is not valid YAML") from None
+    except yaml.YAMLError as error:  # a key given twice, an unhashable key: what the loader says
+        problem = getattr(error, "problem", None)
+        raise ConfigError(f"override {override!r} has a value that is not valid YAML"
+                          + (f" ({problem})" if problem else "")) from None
     *parents, leaf = key.split(".")
     node: Any = raw
     model: type[BaseModel] | None = RunConfig  # the section class of `node` (of its items, for a list)
@@ -473,7 +475,7 @@ def _default_section(model: type[BaseModel] | None, part: str) -> dict[str, Any]
 
 
 def _list_index(items: list, part: str, where: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
+    if not (part.isascii() and part.isdigit()) or int(part) >= len(items):  # not '²', which isdigit() takes
         raise ConfigError(f"override key {where}: use a list index from 0 to {len(items) - 1}")
     return int(part)
 

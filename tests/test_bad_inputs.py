@@ -38,6 +38,12 @@ BEFORE_ANY_PROCESS_GROUP = [
     (["train.epoch=3"], 1, r"unknown config key 'train.epoch': allowed keys here are epochs, max_steps"),
     (["train.epochs=three"], 1, r"'train.epochs': Input should be a valid integer"),
     (["train.epochs"], 1, r"override 'train.epochs' is not key=value"),
+    (["output_dir="], 1, r"'output_dir': is empty: give a directory"),  # before: "Input is not a valid path"
+    (["students.²=x"], 1, r"override key students.²: use a list index from 0 to 2"),  # before: int()'s ValueError
+    (["teacher.args={? [a] : 1}"], 1,  # before: a TypeError's traceback
+     r"override 'teacher.args=\{\? \[a\] : 1\}' has a value that is not valid YAML \(found unhashable key\)$"),
+    (["students=[{name: a, name: b, model: lenet}]"], 1,  # before: the reason left out
+     r"has a value that is not valid YAML \(key 'name' is given twice: keep one\)$"),
     (["students.7.model=lenet"], 1, r"override key students.7: use a list index from 0 to 2"),
     (["loss.peer_reduction=max"], 1, r"'loss.peer_reduction': Input should be 'sum' or 'mean'"),
     (["data.val_fraction=1.5"], 1, r"'data.val_fraction': Input should be less than 1"),
