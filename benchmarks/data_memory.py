@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image
-from step_breakdown import print_row, work_dir
+from step_breakdown import arguments, at_least, print_row, work_dir, work_folder
 from tabulate import tabulate
 
 from dist_tsp import checkpoint
+from dist_tsp.errors import ArgumentParser
 from dist_tsp.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +83,15 @@ def peak_memory(command: list[str], log: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="training images per folder")
-    parser.add_argument("--work-dir", type=Path, default=None, help="where folders and runs go (default: a temp dir)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per cell (the median peak is reported)")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[2000, 20000],
+                        help="training images per folder")
+    parser.add_argument("--work-dir", type=work_folder, default=None,
+                        help="where folders and runs go (default: a temp dir)")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="runs per cell (the median peak is reported)")
     parser.add_argument("--only", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="TEACHER",
                         help=f"these rows only ({', '.join(map(repr, VARIANTS))})")
-    args = parser.parse_args()
+    args = arguments(parser)
     with work_dir(args.work_dir, "dist-tsp-memory-") as work:
         teacher = work / "teacher.pt"
         checkpoint.save_atomic({"model": build_model("resnet_cifar", 10, depth=8, width=16).state_dict()}, teacher)

@@ -55,7 +55,16 @@ if missing := [package for name, package in REQUIRED.items() if find_spec(name) 
     sys.exit(f"gpu_check.py: error: {', '.join(missing)} not installed, without which dist-tsp cannot run: install "
              "them, or on a machine without internet carry their wheels (README.md, The GPU check)")
 
-from step_breakdown import profile, run_command, stop_commands, train, work_dir  # noqa: E402
+from step_breakdown import (  # noqa: E402
+    arguments,
+    at_least,
+    profile,
+    run_command,
+    stop_commands,
+    train,
+    work_dir,
+    work_folder,
+)
 from tabulate import tabulate  # noqa: E402
 
 from dist_tsp import checkpoint  # noqa: E402
@@ -85,19 +94,15 @@ def main() -> None:
               "{protocol} s per protocol seed, {modes} s for the modes").format(**GPU_LIMITS_S)
     parser = ArgumentParser(description=__doc__, epilog=limits, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar10", type=Path, help="CIFAR-10 as an image folder (train/<class>/*.jpg, test/...)")
-    parser.add_argument("--seeds", type=int, default=1, help="protocol seeds (1; 3 for the 3-seed target)")
+    parser.add_argument("--seeds", type=at_least(1), default=1, help="protocol seeds (1; 3 for the 3-seed target)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs, on any device")
     parser.add_argument("--out", type=Path, default=Path("gpu_report.md"), help="the markdown report")
-    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory); a check "
-                        "rerun there reuses the decoded images and the teacher part's teacher, and redoes each part "
-                        "it runs")
-    try:  # before anything is decoded or run, on a GPU lent for minutes
-        args = parser.parse_args()
-        parts = checked(args)
-    except UserError as error:
-        print(f"gpu_check.py: error: {error}", file=sys.stderr)
-        sys.exit(UserError.exit_code)
+    parser.add_argument("--work-dir", type=work_folder, help="keep the runs here (default: a temporary directory); a "
+                        "check rerun there reuses the decoded images and the teacher part's teacher, and redoes each "
+                        "part it runs")
+    args = arguments(parser, check_arguments)  # before anything is decoded or run, on a GPU lent for minutes
+    parts = [p for p in args.parts.split(",") if p]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the running command's processes go too
     try:
         with work_dir(args.work_dir, "dist-tsp-gpu-check-") as work:
@@ -108,13 +113,10 @@ def main() -> None:
         sys.exit(f"gpu_check.py: interrupted (Ctrl-C or SIGTERM); the parts done so far are in {args.out}")
 
 
-def checked(args: argparse.Namespace) -> list[str]:
-    """The parts to run, once the arguments are known good (UserError, naming the fix, for one that is not)."""
-    parts = [p for p in args.parts.split(",") if p]
-    if unknown := [p for p in parts if p not in PARTS]:
+def check_arguments(args: argparse.Namespace) -> None:
+    """UserError, naming the fix, for arguments the check would meet late (a part, a folder)."""
+    if unknown := [p for p in args.parts.split(",") if p and p not in PARTS]:
         raise UserError(f"--parts: unknown part {unknown[0]!r}: choose from {', '.join(PARTS)}")
-    if args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: give at least 1")
     if args.cifar10 is not None and (missing := next((args.cifar10 / split / name for split in ("train", "test")
                                                       for name in CIFAR_CLASSES
                                                       if not (args.cifar10 / split / name).is_dir()), None)):
@@ -122,9 +124,6 @@ def checked(args: argparse.Namespace) -> list[str]:
                         "train/<class>/* and test/<class>/* for its 10 classes (as unpack_cifar10.py writes it)")
     if args.out.is_dir() or not args.out.absolute().parent.is_dir():
         raise UserError(f"--out {args.out}: give a file in a folder that exists")
-    if args.work_dir is not None and args.work_dir.exists() and not args.work_dir.is_dir():
-        raise UserError(f"--work-dir {args.work_dir} is a file: give a folder")
-    return parts
 
 
 def run_parts(check: GpuCheck, parts: list[str], environment_lines: str, out: Path) -> None:

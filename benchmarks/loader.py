@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from step_breakdown import print_row, work_dir
+from step_breakdown import arguments, at_least, print_row, work_dir, work_folder
 from tabulate import tabulate
 from torchcodec.decoders import decode_image, decode_jpeg
 
 from dist_tsp.config import DataConfig
 from dist_tsp.data import load_dataset
+from dist_tsp.errors import ArgumentParser
 from dist_tsp.shards import convert
 from dist_tsp.side_by_side import port_of_its_own
 
@@ -102,13 +103,13 @@ def step_share(work: Path, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256, help="ImageNet-size training JPEGs")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers per rank")
-    parser.add_argument("--steps", type=int, default=60, help="steps of the demo run for the data share")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=at_least(1), default=256, help="ImageNet-size training JPEGs")
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1, 2], help="loader workers per rank")
+    parser.add_argument("--steps", type=at_least(1), default=60, help="steps of the demo run for the data share")
     parser.add_argument("--quick", action="store_true", help="48 images, workers 0 and 1, 15 steps")
-    parser.add_argument("--work-dir", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--work-dir", type=work_folder, default=None)
+    args = arguments(parser)
     if args.quick:
         args.images, args.workers, args.steps = 48, [0, 1], 15
     with work_dir(args.work_dir, "dist-tsp-loader-") as work:

@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from step_breakdown import arguments, at_least
 from tabulate import tabulate
 
+from dist_tsp.errors import ArgumentParser, UserError
 from dist_tsp.losses import graph_terms, tsp_loss
 
 WEIGHTS = {"alpha": 0.1, "beta": 0.8, "gamma": 0.1}
@@ -75,12 +77,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_benchmark(args: argparse.Namespace) -> None:
+    if args.gpu and not torch.cuda.is_available():
+        raise UserError("--gpu: no CUDA device here: leave it out to measure on the CPU")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="on one GPU")
     parser.add_argument("--quick", action="store_true", help="one small shape, few repeats (what CI runs)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed repeats per shape (median reported)")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=at_least(1), default=50, help="timed repeats per shape (median reported)")
+    args = arguments(parser, check_benchmark)
     device = torch.device("cuda" if args.gpu else "cpu")
     torch.set_num_threads(1)
     rows = []

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tabulate import tabulate
 
 from dist_tsp import checkpoint
 from dist_tsp.config import LOSS_PRESETS, load_config
+from dist_tsp.errors import ArgumentParser, UserError
 from dist_tsp.models import build_model
 from dist_tsp.profiling import SECTIONS
 from dist_tsp.side_by_side import port_of_its_own
@@ -95,6 +96,37 @@ def _kill(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def arguments(parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], None] = lambda _: None
+              ) -> argparse.Namespace:
+    """A benchmark's arguments (its parser a dist_tsp.errors.ArgumentParser), checked before any work: a bad one,
+    argparse's or a UserError of `check`, is one line, `NAME: error: ...`, and exit 2."""
+    try:
+        args = parser.parse_args()
+        check(args)
+    except UserError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+    return args
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An option's type: an integer of at least `low`."""
+    def number(text: str) -> int:
+        if int(text) < low:  # a ValueError: argparse's 'invalid int value'
+            raise argparse.ArgumentTypeError(f"{text}: give at least {low}")
+        return int(text)
+
+    number.__name__ = "int"
+    return number
+
+
+def work_folder(text: str) -> Path:
+    """--work-dir's type: a folder, made if missing, not a file."""
+    if not text or (Path(text).exists() and not Path(text).is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} is {'empty' if not text else 'a file'}: give a folder")
+    return Path(text)
+
+
 @contextlib.contextmanager
 def work_dir(given: Path | None, prefix: str) -> Iterator[Path]:
     """The --work-dir given (made if missing, kept), else a temporary folder: removed at the end, Ctrl-C included, but
@@ -147,18 +179,18 @@ def table(ranks: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny (what CI runs): the demo's 3 students on W=3, scratch and tsp cached, 5 steps")
     parser.add_argument("--gpu", action="store_true", help="one GPU: fp32 and bf16, and bf16 with the students in the "
                         "default layout or compiled")
-    parser.add_argument("--steps", type=int, default=25, help="steps per configuration (3 are warm-up)")
-    parser.add_argument("--work-dir", type=Path, help="keep the runs here (default: a temporary directory)")
-    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, "
+    parser.add_argument("--steps", type=at_least(4), default=25, help="steps per configuration (3 are warm-up)")
+    parser.add_argument("--work-dir", type=work_folder, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--rounds", type=at_least(1), default=1, help="run every configuration this many times, "
                         "interleaved, and report each number's median (for a machine with noisy neighbours)")
     parser.add_argument("--only", metavar="TEXT", nargs="+", help="run only the configurations whose name contains "
                         "one of the TEXTs, e.g. 'tsp, teacher sharded'")
-    args = parser.parse_args()
+    args = arguments(parser)
     steps = 5 if args.quick else args.steps
     common = [f"train.max_steps={steps}", f"train.log_every={steps}", "train.epochs=100", "train.profile=true",
               "data.batch_size=48"]

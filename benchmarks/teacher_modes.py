@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from step_breakdown import work_dir
+from step_breakdown import arguments, at_least, work_dir, work_folder
 from tabulate import tabulate
 
-from dist_tsp.config import TEACHER_MODES
+from dist_tsp.config import TEACHER_MODES, load_config
+from dist_tsp.errors import ArgumentParser, UserError
 from dist_tsp.side_by_side import port_of_its_own
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,8 +125,21 @@ def launch(world: int, args: argparse.Namespace) -> list[dict]:
     return json.loads((args.work_dir / f"W{world}.json").read_text())
 
 
+def check_benchmark(args: argparse.Namespace) -> None:
+    """What every launched rank would otherwise meet with its own traceback: a teacher or data overrides the runs
+    cannot build."""
+    if args.teacher_args is not None:
+        try:
+            teacher_args = json.loads(args.teacher_args)
+        except ValueError:
+            teacher_args = None
+        if not isinstance(teacher_args, dict):
+            raise UserError(f"--teacher-args {args.teacher_args}: give a JSON object, e.g. '{{\"depth\": 20}}'")
+    load_config(None, ["students=[{name: s0, model: lenet}]", f"teacher.model={args.teacher}", *args.data])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny: W = 3, a small teacher, a few steps (what CI runs)")
     parser.add_argument("--gpu", action="store_true", help="one process per GPU (NCCL)")
     parser.add_argument("--teacher", default="resnet_cifar", help="a registry model (default: ResNet-20 for CIFAR)")
@@ -134,13 +148,14 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
                         help="data.* overrides of every run: other images than the demo's digits (which need "
                         "scikit-learn), the teacher made for their classes")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--worlds", type=at_least(1), nargs="+", default=[1, 2, 3])
     parser.add_argument("--modes", nargs="+", default=list(TEACHER_MODES), choices=TEACHER_MODES)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=128, help="images per step (one peer group's batch)")
-    parser.add_argument("--work-dir", type=Path, help="keep teacher, caches and JSON here (default: a temp folder)")
+    parser.add_argument("--steps", type=at_least(1), default=20)
+    parser.add_argument("--batch", type=at_least(1), default=128, help="images per step (one peer group's batch)")
+    parser.add_argument("--work-dir", type=work_folder,
+                        help="keep teacher, caches and JSON here (default: a temp folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = arguments(parser, check_benchmark)
     if args.worker:
         return worker(args)  # launched by launch(), with its --work-dir
     if args.teacher_args is None:

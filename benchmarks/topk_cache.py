@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from step_breakdown import print_row, work_dir
+from step_breakdown import arguments, at_least, print_row, work_dir, work_folder
 from tabulate import tabulate
+
+from dist_tsp.errors import ArgumentParser, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHES = {"dense float32": [], "top-k float32": ["teacher.cache_topk={k}"],
@@ -49,14 +51,21 @@ def run(args: list[str], log: Path) -> None:
                        stdout=output, stderr=subprocess.STDOUT, check=True)
 
 
+def check_benchmark(args: argparse.Namespace) -> None:
+    if args.k > args.classes:
+        raise UserError(f"--k {args.k}: give at most --classes ({args.classes})")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature:g}: give one above 0")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=3, help="student epochs")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=at_least(2), default=100)
+    parser.add_argument("--k", type=at_least(1), default=10)
+    parser.add_argument("--epochs", type=at_least(1), default=3, help="student epochs")
     parser.add_argument("--temperature", type=float, default=4.0, help="loss.temperature (the demo's: 4)")
-    parser.add_argument("--work-dir", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--work-dir", type=work_folder, default=None)
+    args = arguments(parser, check_benchmark)
     with work_dir(args.work_dir, "dist-tsp-topk-") as work:
         folder = work / "folder"
         if not (folder / "test").is_dir():

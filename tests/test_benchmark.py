@@ -276,13 +276,14 @@ def test_a_gpu_check_rerun_in_its_work_folder_redoes_each_part_and_its_protocol_
 BAD_GPU_CHECKS = {
     "an unknown part": (["--parts", "x"], "--parts: unknown part 'x': choose from correctness, steps, teacher, "
                                           "protocol, modes"),
-    "no seed": (["--seeds", "0"], "--seeds 0: give at least 1"),
+    "no seed": (["--seeds", "0"], "argument --seeds: 0: give at least 1: see --help"),
     "no CIFAR-10 there": (["--cifar10", "nowhere"], "--cifar10 nowhere: nowhere/train/airplane is not a folder: give "
                                                     "CIFAR-10 as an image folder, train/<class>/* and test/<class>/* "
                                                     "for its 10 classes (as unpack_cifar10.py writes it)"),
     "a report in no folder": (["--out", "nowhere/report.md"], "--out nowhere/report.md: give a file in a folder that "
                                                               "exists"),
-    "a file as the work folder": (["--work-dir", "file"], "--work-dir file is a file: give a folder"),
+    "a file as the work folder": (["--work-dir", "file"], "argument --work-dir: 'file' is a file: give a folder: see "
+                                                         "--help"),
 }
 
 
@@ -296,6 +297,27 @@ def test_a_gpu_check_given_bad_arguments_says_so_in_one_line_before_any_work(cas
     with pytest.raises(SystemExit) as stop:
         gpu_check.main()
     assert (stop.value.code, capsys.readouterr().err) == (2, f"gpu_check.py: error: {line}\n")
+    assert [path.name for path in tmp_path.iterdir()] == ["file"]
+
+
+# a benchmark, its bad arguments, and the one line: before, tracebacks (some in every launched rank, with torchrun's
+# report), or a failure once its data was made
+BAD_BENCHMARKS = {
+    "teacher_modes.py": (["--teacher-args", "[1, 2]"],
+                         """--teacher-args [1, 2]: give a JSON object, e.g. '{"depth": 20}'"""),
+    "step_breakdown.py": (["--rounds", "0"], "argument --rounds: 0: give at least 1: see --help"),
+    "topk_cache.py": (["--k", "200"], "--k 200: give at most --classes (100)"),
+    "data_memory.py": (["--work-dir", "file"], "argument --work-dir: 'file' is a file: give a folder: see --help"),
+}
+
+
+@pytest.mark.parametrize("benchmark", BAD_BENCHMARKS)
+def test_a_benchmark_given_bad_arguments_says_so_in_one_line_before_any_work(benchmark, tmp_path):
+    arguments, line = BAD_BENCHMARKS[benchmark]
+    (tmp_path / "file").touch()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / benchmark), *arguments], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f"{benchmark}: error: {line}\n")
     assert [path.name for path in tmp_path.iterdir()] == ["file"]
 
 
