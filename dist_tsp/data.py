@@ -389,9 +389,8 @@ def _image_folder(cfg: DataConfig) -> tuple[Samples, Samples, list[str], bool]:
     every_class_has_images(train_split, classes, train_labels)
     same_classes(root, held_out.name, classes, held_out_classes(held_out))
     _, test_paths, test_labels = list_image_folder(held_out, classes)
-    if len(test_paths) == 0:
-        raise DataError(f"image folder {held_out} has no images ({' '.join(EXTENSIONS)}): put each image in its "
-                        "class folder")
+    if len(test_paths) == 0:  # every training class has images (checked above)
+        raise no_images(held_out)
     train, test = (_streamed(cfg, FolderImages(split, paths), labels)
                    for split, paths, labels in ((train_split, train_paths, train_labels),
                                                 (held_out, test_paths, test_labels)))
@@ -477,6 +476,11 @@ def held_out_classes(split: Path) -> list[str]:
     if not (classes := class_folders(split)):
         raise no_class_folders(split)
     return classes
+
+
+def no_images(split: Path) -> DataError:
+    """An image folder's held-out split without images, and the fix."""
+    return DataError(f"image folder {split} has no images ({' '.join(EXTENSIONS)}): put each image in its class folder")
 
 
 def no_class_folders(split: Path) -> DataError:

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from dist_tsp.check_data import verify
 from dist_tsp.checkpoint import check_writable, try_lock, written_into
-from dist_tsp.data import DataError, every_class_has_images, held_out_classes, same_classes, split_folders
+from dist_tsp.data import (
+    DataError,
+    every_class_has_images,
+    held_out_classes,
+    no_images,
+    same_classes,
+    split_folders,
+)
 from dist_tsp.errors import ArgumentParser, exits_in_one_line
 from dist_tsp.streaming import FolderImages, list_image_folder
 
@@ -35,9 +42,11 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     from datasets.utils.py_utils import convert_file_size_to_int
 
     try:
-        convert_file_size_to_int(max_shard_size)
+        size = convert_file_size_to_int(max_shard_size)
     except ValueError:
-        raise DataError(f"--max-shard-size {max_shard_size!r} is not a size: write e.g. 500MB or 1GB") from None
+        size = 0
+    if size <= 0:
+        raise DataError(f"--max-shard-size {max_shard_size!r} is not a size: write e.g. 500MB or 1GB")
     train, held_out = split_folders(folder, "<class>/ folders")
     _check_output(folder, out, (train, held_out))
     classes, _, labels = list_image_folder(train)
@@ -45,7 +54,7 @@ def convert(folder: Path, out: Path, max_shard_size: str = "1GB", verify_workers
     same_classes(folder, held_out.name, classes, held_out_classes(held_out))
     listed = {split: list_image_folder(split, classes)[1:] for split in (train, held_out)}
     if len(listed[held_out][0]) == 0:  # every training class has images (checked above)
-        raise DataError(f"image folder {held_out} has no images")
+        raise no_images(held_out)
     if verify_workers is not None:
         verify([FolderImages(split, paths) for split, (paths, _) in listed.items()], verify_workers,
                "replace or remove it, then convert again")

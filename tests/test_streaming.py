@@ -675,7 +675,8 @@ def test_shards_written_over_or_inside_the_image_folder_are_refused_in_one_line_
     assert sorted(p.relative_to(images) for p in images.rglob("*")) == before
 
 
-@pytest.mark.parametrize("problem", ["another image folder", "a file", "a split without images", "a bad size"])
+@pytest.mark.parametrize("problem", ["another image folder", "a file", "a split without images", "a bad size",
+                                     "a negative size"])
 def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, shards, tmp_path, capsys, problem):
     """Before, another image folder given as the output lost its images, and a split without images was found
     after the train split of the earlier conversion had been replaced."""
@@ -690,16 +691,18 @@ def test_a_conversion_refused_in_one_line_leaves_the_output_as_it_was(folder, sh
     if problem == "a split without images":
         for image in (images / "test").rglob("*.*"):
             image.unlink()
-    if problem == "a bad size":
-        options = ["--max-shard-size", "banana"]
+    if problem in ("a bad size", "a negative size"):  # before, -5MB was taken
+        options = [f"--max-shard-size={'banana' if problem == 'a bad size' else '-5MB'}"]
     before = files(out) if out.is_dir() else out.read_bytes()
     with pytest.raises(SystemExit):
         main([str(images), str(out), *options])
     said = {"another image folder": f"{out / 'train'} exists and is not a split that python -m dist_tsp.shards wrote: "
                                     "choose another output folder, or remove it",
             "a file": f"the output {out}: {out} is a file, not a directory; choose another path",
-            "a split without images": f"image folder {images / 'test'} has no images",
-            "a bad size": "--max-shard-size 'banana' is not a size: write e.g. 500MB or 1GB"}[problem]
+            "a split without images": f"image folder {images / 'test'} has no images (.jpg .jpeg .png .webp .gif .bmp "
+                                      ".tif .tiff .ppm .pgm): put each image in its class folder",
+            "a bad size": "--max-shard-size 'banana' is not a size: write e.g. 500MB or 1GB",
+            "a negative size": "--max-shard-size '-5MB' is not a size: write e.g. 500MB or 1GB"}[problem]
     assert capsys.readouterr().err.strip() == f"dist-tsp shards: error: {said}"
     assert (files(out) if out.is_dir() else out.read_bytes()) == before
 
