@@ -177,33 +177,34 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
     check_local_students(cfg, placement, data.num_classes, data.train.image_size)
     check_output_dir_shared(cfg, accelerator)
-    teacher, teacher_info, teacher_predictions = None, None, None
-    # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
-    if graph.uses_teacher or teacher_file_found(cfg, accelerator):
-        model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups, stop_requested)
-        teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups, stop_requested)
-    trainer = StudentTrainer(cfg, placement, groups, accelerator, data, data_identity, graph, teacher, teacher_info,
-                             tracker, stop_requested)
-    start_step = trainer.resume()  # refuses another run's checkpoint before anything is moved or overwritten
-    if start_step == 0:
-        set_aside_earlier_attempt(cfg, accelerator)
-    tracker.start()
-    try:
-        if accelerator.is_main_process:
-            save_config(cfg, cfg.output_dir / "config.yaml")
-        groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
-        evaluation = trainer.train(start_step)
-        results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
-        if accelerator.is_main_process:
-            write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
-                              teacher_predictions)
-            write_results(results, cfg.output_dir)
-            print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
-    except BaseException as error:  # what was logged reaches the trackers before main ends the process (and groups)
-        tracker.close(exit_code(error), rerun=isinstance(error, Preempted))
-        raise
-    tracker.finish()
-    return results
+    with output_dir_held(cfg, accelerator):  # another run there is refused while this one runs
+        teacher, teacher_info, teacher_predictions = None, None, None
+        # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
+        if graph.uses_teacher or teacher_file_found(cfg, accelerator):
+            model, teacher_info, teacher_predictions = prepare_teacher(cfg, data, accelerator, groups, stop_requested)
+            teacher = teacher_logits(cfg, model, teacher_info, data, accelerator, groups, stop_requested)
+        trainer = StudentTrainer(cfg, placement, groups, accelerator, data, data_identity, graph, teacher, teacher_info,
+                                 tracker, stop_requested)
+        start_step = trainer.resume()  # refuses another run's checkpoint before anything is moved or overwritten
+        if start_step == 0:
+            set_aside_earlier_attempt(cfg, accelerator)
+        tracker.start()
+        try:
+            if accelerator.is_main_process:
+                save_config(cfg, cfg.output_dir / "config.yaml")
+            groups.set_timeout(timedelta(seconds=cfg.train.collective_timeout_s))
+            evaluation = trainer.train(start_step)
+            results = build_results(cfg, teacher_info, evaluation.accuracies, teacher.summary() if teacher else {})
+            if accelerator.is_main_process:
+                write_predictions(cfg.output_dir, cfg.student_names, evaluation.test_predictions, data.test.labels,
+                                  teacher_predictions)
+                write_results(results, cfg.output_dir)
+                print(f"\n{RESULTS_LINE}{cfg.output_dir}/results.json\n{results_table(results)}")
+        except BaseException as error:  # what was logged reaches the trackers before main ends the process (and groups)
+            tracker.close(exit_code(error), rerun=isinstance(error, Preempted))
+            raise
+        tracker.finish()
+        return results
 
 
 def exit_code(error: BaseException) -> int:
@@ -230,6 +231,25 @@ def another_rank_gone(error: RuntimeError) -> str | None:
     return (f"another rank's process ended while this one waited for it (gloo: {closed[0].lower()}): its own error, "
             "if any, is above, and the launcher's report names it with its exit code or signal (SIGKILL: most often "
             "the kernel's out-of-memory killer); rerun the same command to resume from the last checkpoint")
+
+
+@contextmanager
+def output_dir_held(cfg: RunConfig, accelerator: Accelerator) -> Iterator[None]:
+    """Inside, the main process holds output_dir's lock (the folder's flock, which goes with the process however it
+    ends): a second run in the same output_dir (a command started twice) is refused on every rank, where the two
+    would write each other's checkpoints. On a file system without locks, runs go ahead as before."""
+    folder = None
+    if accelerator.is_main_process:
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        folder = os.open(cfg.output_dir, os.O_RDONLY)
+    try:
+        if not broadcast_object_list([folder is None or checkpoint.try_lock(folder)])[0]:
+            raise SharedUserError(f"output_dir {cfg.output_dir} is in use by another run (its process holds the "
+                                  "folder's lock): wait for that run to end, or give this one another output_dir")
+        yield
+    finally:
+        if folder is not None:
+            os.close(folder)
 
 
 def check_output_dir_shared(cfg: RunConfig, accelerator: Accelerator) -> None:

@@ -343,3 +343,23 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     writer.wait()
     saved = load(path, "student")
     assert saved["version"] >= 1 and bool((saved["model"]["w"] == saved["version"]).all())
+
+
+def test_a_second_run_in_the_output_dir_of_a_run_still_training_is_refused_in_one_line(uninterrupted, tmp_path):
+    """A command started twice: before, both went on writing their checkpoints into the same folders."""
+    run = tmp_path / "run"
+    args = ["--config", "configs/demo.yaml", f"output_dir={run}", *RESUMABLE,
+            f"teacher.checkpoint={uninterrupted}/teacher/model.pt"]
+    first = start(args, pause_after_checkpoint=step_dir(run, 2))
+    deadline = time.monotonic() + 300
+    while process_state(first.pid) != "T":  # stopped once its checkpoint of step 2 is complete
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    before = snapshot(run)
+    second = launch(args, check=False)
+    kill_run(first, run)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"dist-tsp: error: output_dir {run} is in use by another run (its process holds the folder's lock): wait for "
+        "that run to end, or give this one another output_dir")
+    assert snapshot(run) == before
