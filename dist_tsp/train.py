@@ -133,7 +133,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
     timeout = InitProcessGroupKwargs(timeout=startup_timeout(cfg))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker_settings(cfg) if trackers else None,
                               project_dir=str(cfg.output_dir), kwargs_handlers=[timeout])
-    shared_errors.on_every_rank(functools.partial(check_mixed_precision, accelerator))  # each node's own config
+    shared_errors.on_every_rank(functools.partial(check_mixed_precision, accelerator))
     set_seed(cfg.seed)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     load = functools.partial(load_dataset, cfg.data, cfg.seed)
@@ -146,6 +146,7 @@ def start(cfg: RunConfig, trackers: bool) -> tuple[Accelerator, Dataset, str]:
 
 
 def check_mixed_precision(accelerator: Accelerator) -> None:
+    """UserError for a mixed precision dist-tsp does not train in (set by this node's accelerate config)."""
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise UserError(f"mixed_precision={accelerator.mixed_precision} is not supported: use bf16 or no")
 
