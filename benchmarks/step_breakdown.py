@@ -33,7 +33,7 @@ from tabulate import tabulate
 
 from dist_tsp import checkpoint
 from dist_tsp.config import LOSS_PRESETS, load_config
-from dist_tsp.errors import ArgumentParser, UserError
+from dist_tsp.errors import ArgumentParser, UserError, folder_argument
 from dist_tsp.models import build_model
 from dist_tsp.profiling import SECTIONS
 from dist_tsp.side_by_side import port_of_its_own
@@ -121,10 +121,10 @@ def at_least(low: int) -> Callable[[str], int]:
 
 
 def work_folder(text: str) -> Path:
-    """--work-dir's type: a folder, made if missing, not a file."""
-    if not text or (Path(text).exists() and not Path(text).is_dir()):
-        raise argparse.ArgumentTypeError(f"{text!r} is {'empty' if not text else 'a file'}: give a folder")
-    return Path(text)
+    """--work-dir's type: a folder (not empty: folder_argument), made if missing, not a file."""
+    if (folder := folder_argument(text)).exists() and not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file: give a folder")
+    return folder
 
 
 @contextlib.contextmanager

@@ -177,8 +177,8 @@ def run(cfg: RunConfig, placement: Placement, stop_requested: StopRequest) -> di
     # StudentTrainer)
     check_fills_a_batch(len(data.train), cfg.data.batch_size, placement.replicas, "data.batch_size")
     check_local_students(cfg, placement, data.num_classes, data.train.image_size)
-    check_output_dir_shared(cfg, accelerator)
     with output_dir_held(cfg, accelerator):  # another run there is refused while this one runs
+        check_output_dir_shared(cfg, accelerator)
         teacher, teacher_info, teacher_predictions = None, None, None
         # a teacher file the students do not learn from is still loaded: results.json reports its accuracy
         if graph.uses_teacher or teacher_file_found(cfg, accelerator):
@@ -241,7 +241,8 @@ def output_dir_held(cfg: RunConfig, accelerator: Accelerator) -> Iterator[None]:
     would write each other's checkpoints. On a file system without locks, runs go ahead as before."""
     folder = None
     if accelerator.is_main_process:
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.written_into(cfg.output_dir):
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
         folder = os.open(cfg.output_dir, os.O_RDONLY)
     try:
         if not broadcast_object_list([folder is None or checkpoint.try_lock(folder)])[0]:
@@ -256,15 +257,14 @@ def output_dir_held(cfg: RunConfig, accelerator: Accelerator) -> Iterator[None]:
 def check_output_dir_shared(cfg: RunConfig, accelerator: Accelerator) -> None:
     """Refuse on every rank, before the teacher, a rank whose output_dir is not the main process's (a node's own
     folder): the checkpoints the main process completes would lack that rank's files, which only a resume would
-    find. The main process makes a file of a name of its own there, which every rank looks for, then removes it,
-    leaving the folder's times as they were (a refused run changes nothing)."""
+    find. The main process makes a file of a name of its own in its output_dir (made by output_dir_held), which every
+    rank looks for, then removes it, leaving the folder's times as they were (a refused run changes nothing)."""
     if accelerator.num_processes == 1:
         return
     name = [f".dist-tsp-shared-{secrets.token_hex(8)}" if accelerator.is_main_process else None]
     if accelerator.is_main_process:
+        times = cfg.output_dir.stat()
         with checkpoint.written_into(cfg.output_dir):
-            cfg.output_dir.mkdir(parents=True, exist_ok=True)
-            times = cfg.output_dir.stat()
             (cfg.output_dir / name[0]).touch()
     mark = cfg.output_dir / broadcast_object_list(name)[0]
 
